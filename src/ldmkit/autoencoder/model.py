@@ -1,0 +1,250 @@
+"""The first stage: a convolutional autoencoder that maps images to a latent 2^k times smaller per side.
+
+`AutoencoderKL` is the KL-regularised autoencoder of Rombach et al. (2022, §3 and App. G): a
+ResNet encoder/decoder with one self-attention layer in the middle, whose encoder outputs the mean
+and log-variance of a diagonal Gaussian q(z|x). A small KL term toward N(0, I) keeps the latent
+space smooth and roughly unit-scaled; the decoder maps a latent back to an image in [-1, 1].
+With `variational=False` the same network is a plain deterministic autoencoder (no KL, no
+sampling) so the two can be compared on equal terms.
+
+Module names follow diffusers' `AutoencoderKL` (encoder.down_blocks.i.resnets.j, quant_conv, ...)
+so Stable Diffusion weights map one-to-one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ldmkit.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
+
+
+class AutoencoderConfig(BaseModel):
+    """Architecture of the first stage. The downsampling factor is f = 2^(len(channel_mult) - 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_channels: int = Field(3, ge=1, description="image channels")
+    latent_channels: int = Field(4, ge=1, description="channels of z")
+    base_channels: int = Field(64, ge=1, description="width of the first level (SD: 128)")
+    channel_mult: tuple[int, ...] = Field((1, 2, 2), description="width multiplier per level; f = 2^(levels-1)")
+    num_res_blocks: int = Field(1, ge=1, description="ResBlocks per encoder level (decoder uses one more)")
+    mid_attention: bool = Field(True, description="self-attention in the middle block")
+    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (reduced to a divisor for tiny widths)")
+    variational: bool = Field(True, description="KL autoencoder (True) or plain deterministic AE (False)")
+    use_quant_conv: bool = Field(True, description="1x1 convs around the latent, as in SD")
+    # Latent normalisation z' = (z - shift) * scale, measured on the training set after training
+    # (Rombach et al. 2022, §4.3.2 "rescale the latent ... by the component-wise std"); SD v1 uses
+    # scale 0.18215 and shift 0.
+    scaling_factor: float = Field(1.0, gt=0)
+    shift_factor: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoencoderConfig":
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError("channel_mult must be a non-empty list of positive integers")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.base_channels * m for m in self.channel_mult]
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))). Log-variance clamped as in the LDM code for stability."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps  # reparameterisation trick (Kingma & Welling, 2014)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over latent elements: ½ Σ (μ² + σ² − 1 − log σ²)."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class PointPosterior(DiagonalGaussian):
+    """The plain autoencoder's "posterior": a point mass at the encoder output. No sampling, no KL."""
+
+    def __init__(self, mean: torch.Tensor):
+        self.mean = mean
+        self.logvar = torch.full_like(mean, float("-inf"))
+        self.std = torch.zeros_like(mean)
+        self.var = torch.zeros_like(mean)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])
+
+
+class _Level(nn.Module):
+    """One resolution level: ResBlocks, then an optional resolution change."""
+
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, resample: nn.Module | None, up: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResBlock(in_ch if i == 0 else out_ch, out_ch, groups=groups, eps=1e-6) for i in range(n)
+        )
+        # diffusers' names: `downsamplers.0` in the encoder, `upsamplers.0` in the decoder.
+        self._resample_name = "upsamplers" if up else "downsamplers"
+        if resample is not None:
+            setattr(self, self._resample_name, nn.ModuleList([resample]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resnets:
+            x = block(x)
+        resample = getattr(self, self._resample_name, None)
+        return x if resample is None else resample[0](x)
+
+
+class _MidBlock(nn.Module):
+    def __init__(self, ch: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, groups=groups, eps=1e-6), ResBlock(ch, ch, groups=groups, eps=1e-6)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(ch, groups, eps=1e-6)]) if attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """x (B, 3, H, W) → moments (B, 2·z_ch or z_ch, H/f, W/f)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        w, g = cfg.widths, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, w[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        prev = w[0]
+        for i, ch in enumerate(w):
+            last = i == len(w) - 1
+            self.down_blocks.append(
+                _Level(prev, ch, cfg.num_res_blocks, g, None if last else Downsample(ch, asymmetric=True), up=False)
+            )
+            prev = ch
+        self.mid_block = _MidBlock(w[-1], g, cfg.mid_attention)
+        self.conv_norm_out = group_norm(w[-1], g, 1e-6)
+        out = 2 * cfg.latent_channels if cfg.variational else cfg.latent_channels
+        self.conv_out = nn.Conv2d(w[-1], out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, w0, H, W)
+        for level in self.down_blocks:
+            h = level(h)  # (B, w_i, H/2^i, W/2^i)
+        h = self.mid_block(h)  # (B, w_last, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2·z_ch, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """z (B, z_ch, h, w) → image (B, 3, h·f, w·f). One more ResBlock per level than the encoder."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        w, g = list(reversed(cfg.widths)), cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, w[0], 3, padding=1)
+        self.mid_block = _MidBlock(w[0], g, cfg.mid_attention)
+        self.up_blocks = nn.ModuleList()
+        prev = w[0]
+        for i, ch in enumerate(w):
+            last = i == len(w) - 1
+            self.up_blocks.append(_Level(prev, ch, cfg.num_res_blocks + 1, g, None if last else Upsample(ch), up=True))
+            prev = ch
+        self.conv_norm_out = group_norm(w[-1], g, 1e-6)
+        self.conv_out = nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid_block(self.conv_in(z))  # (B, w_last, h, w)
+        for level in self.up_blocks:
+            h = level(h)  # (B, w_i, ..., ...) doubling the resolution except at the last level
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, h·f, w·f)
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised (or, with `variational=False`, plain) autoencoder.
+
+    encode(x) → posterior with .mean, .std, .sample(generator), .kl()
+    decode(z) → image in (roughly) [-1, 1]
+    encode_latents / decode_latents apply the stored latent normalisation, for the second stage.
+    """
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        c = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        moments = 2 * c if config.variational else c
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_quant_conv else None
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def check_input(self, x: torch.Tensor) -> None:
+        from ldmkit.errors import LdmkitError
+
+        f = self.downsample_factor
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise LdmkitError(
+                f"the autoencoder expects images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise LdmkitError(
+                f"image size {tuple(x.shape[-2:])} is not divisible by the autoencoder's factor {f}; "
+                f"resize or crop images to a multiple of {f}"
+            )
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        self.check_input(x)
+        moments = self.encoder(x)  # (B, 2c or c, H/f, W/f)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        if not self.config.variational:
+            return PointPosterior(moments)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, c, H/f, W/f) each
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)  # (B, 3, H, W)
+
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        """Reconstruct x; returns (reconstruction, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    # --- the second stage's view: normalised latents (DESIGN.md "latent scale and shift") ---
+    def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+        post = self.encode(x)
+        z = post.sample(generator) if sample else post.mode()
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z / self.config.scaling_factor + self.config.shift_factor)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The decoder's output conv weight: the adaptive GAN weight (Esser et al., 2021, eq. 7) is
+        computed from gradients with respect to it."""
+        return self.decoder.conv_out.weight
