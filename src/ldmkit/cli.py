@@ -1,0 +1,123 @@
+"""`ldmkit …` command line.
+
+Every command takes --help; bad input ends with one line on stderr and a non-zero exit, never a
+traceback unless --debug (DESIGN.md, "Contracts").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ldmkit.errors import LdmkitError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
+    p.add_argument("--config", default=presets[0], help=f"preset ({', '.join(presets)}) or a YAML/JSON file (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override one field, e.g. optim.steps=200 (repeatable)")
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> int:
+    from ldmkit.train.autoencoder import train_autoencoder
+    from ldmkit.train.config import AUTOENCODER_PRESETS, AutoencoderTrainConfig, load_config
+
+    cfg = load_config(args.config, AutoencoderTrainConfig, AUTOENCODER_PRESETS, args.overrides)
+    if args.data is not None:
+        cfg.data.dataset = args.data
+    if args.skip_bad_images:
+        cfg.data.skip_bad_images = True
+    folder = train_autoencoder(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    meta = json.loads((folder / "config.json").read_text())["meta"]
+    v = meta["val"]
+    print(
+        f"autoencoder saved to {folder}: held-out PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, "
+        f"latent scale {1 / meta['latent_stats']['std']:.4f} shift {meta['latent_stats']['mean']:.4f}, "
+        f"{meta['train_seconds']:.0f} s"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ldmkit.train.checkpoint import read_config
+
+    import ldmkit
+
+    _, kind, _, meta = read_config(args.checkpoint)
+    model = ldmkit.load(args.checkpoint)
+    out = Path(args.out or Path(args.checkpoint) / "evaluation")
+    if kind == "autoencoder":
+        from ldmkit.evaluate.autoencoder import evaluate_autoencoder
+
+        dataset = args.data or meta.get("dataset", "shapes")
+        size = args.size or meta.get("image_size", 32)
+        res = evaluate_autoencoder(model, dataset, size, out, n=args.num_images, seed=args.seed)
+        print(json.dumps(res, indent=2))
+        print(f"report written to {out / 'report.md'}")
+        return 0
+    raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ldmkit.train.config import AUTOENCODER_PRESETS
+
+    p = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion toolkit")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-autoencoder", help="train the first stage (KL autoencoder or plain AE)")
+    _add_config_args(t, list(AUTOENCODER_PRESETS))
+    t.add_argument("--out", required=True, help="output folder (checkpoints, samples, log)")
+    t.add_argument("--data", default=None, help="dataset name or image folder (overrides data.dataset)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files instead of stopping")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_autoencoder)
+
+    e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
+    e.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/evaluation)")
+    e.add_argument("--data", default=None, help="dataset to evaluate on (default: the training dataset)")
+    e.add_argument("--size", type=int, default=None, help="image size (default: the training size)")
+    e.add_argument("--num-images", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    try:
+        return args.func(args)
+    except LdmkitError as e:
+        if args.debug:
+            raise
+        print(f"ldmkit: error: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED if type(e).__name__ == "TrainingInterrupted" else EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("ldmkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - a bug, not the user's fault: still one line
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"ldmkit: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

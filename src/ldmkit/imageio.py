@@ -1,0 +1,50 @@
+"""Tensors ↔ PNG files: single images and labelled grids."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (B, 3, H, W) in [-1, 1] → uint8 (H, W, 3) or (B, H, W, 3)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> Image.Image:
+    """(B, C, H, W) in [-1, 1] → one PIL image with `nrow` images per row and grey padding."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    b, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    arr = to_uint8(images)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 128, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+    img = Image.fromarray(canvas)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    return img
+
+
+def save_png(img: Image.Image, path: str | Path) -> None:
+    """Write a PNG atomically, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> None:
+    save_png(make_grid(images, nrow, upscale=upscale), path)

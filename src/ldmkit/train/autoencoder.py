@@ -1,0 +1,225 @@
+"""`ldmkit train-autoencoder`: the first-stage training loop.
+
+    for step: x → q(z|x) → z ~ q → x̂;  L = rec + kl_weight·KL (+ GAN)  → AdamW
+    every val_every:  held-out PSNR / SSIM, reconstruction grid PNG
+    every ckpt_every: atomic checkpoint (weights, optimizer, step, RNG)
+    at the end:       latent mean/std over many batches → scaling_factor / shift_factor
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ldmkit.autoencoder import AutoencoderKL
+from ldmkit.autoencoder.losses import AutoencoderLoss
+from ldmkit.data import build_dataset
+from ldmkit.errors import LdmkitError
+from ldmkit.evaluate.metrics import psnr, ssim
+from ldmkit.imageio import save_grid
+from ldmkit.train.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
+from ldmkit.train.config import AutoencoderTrainConfig, save_config
+from ldmkit.train.data import TensorData, materialize
+from ldmkit.train.loop import (
+    EMA,
+    GracefulInterrupt,
+    TrainingInterrupted,
+    TrainLog,
+    batch_indices,
+    check_finite,
+    lr_at,
+    rng_state,
+    set_rng_state,
+)
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[TensorData, TensorData]:
+    d = cfg.data
+    train_ds = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length)
+    val_ds = build_dataset(d.dataset, d.size, "val", seed=d.seed, skip_bad=d.skip_bad_images)
+    return materialize(train_ds, desc="train data", progress=progress), materialize(val_ds, d.val_images, "val data", progress)
+
+
+@torch.no_grad()
+def validate(model: AutoencoderKL, val: TensorData, batch_size: int = 64) -> dict[str, float]:
+    """Held-out PSNR/SSIM of posterior-mode reconstructions and KL per latent element."""
+    model.eval()
+    ps, ss, kls, n_el = [], [], [], 0
+    for i in range(0, len(val), batch_size):
+        x = val.images[i : i + batch_size]
+        post = model.encode(x)
+        x_hat = model.decode(post.mode()).clamp(-1, 1)
+        ps.append(psnr(x_hat, x))
+        ss.append(ssim(x_hat, x))
+        kls.append(post.kl())
+        n_el = post.mean[0].numel()
+    model.train()
+    return {
+        "psnr": torch.cat(ps).mean().item(),
+        "ssim": torch.cat(ss).mean().item(),
+        "kl_per_element": (torch.cat(kls).mean() / n_el).item(),
+    }
+
+
+@torch.no_grad()
+def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batch_size: int, seed: int) -> dict:
+    """Per-channel and global mean/std of z ~ q(z|x) over many training batches.
+
+    The second stage wants unit-variance latents (Rombach et al., 2022, §4.3.2 and App. G):
+    scaling_factor = 1/std and shift_factor = mean, stored in the checkpoint config.
+    """
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    zs = []
+    for b in range(min(batches, max(1, len(data) // batch_size))):
+        idx = batch_indices(b, len(data), min(batch_size, len(data)), seed)
+        zs.append(model.encode(data.images[idx]).sample(g))
+    z = torch.cat(zs)  # (N, c, h, w)
+    per_mean = z.mean(dim=(0, 2, 3))
+    per_std = z.std(dim=(0, 2, 3))
+    return {
+        "mean": z.mean().item(),
+        "std": z.std().item(),
+        "channel_mean": per_mean.tolist(),
+        "channel_std": per_std.tolist(),
+        "num_latents": z.shape[0],
+    }
+
+
+def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train, validate, checkpoint, measure latent statistics. Returns the final checkpoint folder."""
+    out = Path(out)
+    if out.exists() and (out / "latest").exists() and not resume:
+        raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    save_config(cfg, out / "train_config.yaml")
+    o = cfg.optim
+    torch.manual_seed(o.seed)
+
+    train, val = load_splits(cfg, progress)
+    model = AutoencoderKL(cfg.model)
+    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    d_opt = None
+    if loss_fn.discriminator is not None:
+        d_opt = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9))
+    ema = None
+    log = TrainLog(out)
+
+    start = 0
+    if resume:
+        folder = resolve(out)
+        state = load_training_state(folder)
+        load_weights(model, folder / WEIGHTS)
+        opt.load_state_dict(state["optimizer"])
+        if d_opt is not None and "disc_optimizer" in state:
+            loss_fn.discriminator.load_state_dict(state["discriminator"])
+            d_opt.load_state_dict(state["disc_optimizer"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        log.truncate_after(start)
+    if o.ema_decay is not None:
+        ema = EMA(model, o.ema_decay)
+        if resume and (resolve(out) / EMA_WEIGHTS).is_file():
+            load_weights(ema.module, resolve(out) / EMA_WEIGHTS)
+            ema.load_state_dict(state.get("ema", {"num_updates": start}))
+
+    def checkpoint(step: int, meta: dict | None = None, final: bool = False) -> Path:
+        state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state()}
+        if d_opt is not None:
+            state.update(discriminator=loss_fn.discriminator.state_dict(), disc_optimizer=d_opt.state_dict())
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return save_checkpoint(
+            out, step, "autoencoder", model, cfg.model, meta=meta or {"step": step},
+            ema=ema.module if ema else None, training_state=state, keep=cfg.logging.keep_checkpoints,
+        )
+
+    model.train()
+    last_layer = model.last_layer_weight()
+    bar = tqdm(total=o.steps, initial=start, desc="autoencoder", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    metrics: dict[str, float] = {}
+    with GracefulInterrupt() as stop:
+        for step in range(start, o.steps):
+            idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)
+            x = train.images[idx]
+            if cfg.data.hflip:
+                flip = torch.rand(x.shape[0]) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
+
+            with autocast(o.precision):
+                x_hat, post = model(x)
+            x_hat = x_hat.float()
+            loss, logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
+            check_finite(loss, step, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            if d_opt is not None and step >= cfg.loss.disc_start:
+                d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat)
+                d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_opt.step()
+                logs.update(d_logs)
+            if ema is not None:
+                ema.update(model)
+
+            done = step + 1
+            if done % cfg.logging.log_every == 0 or done == o.steps:
+                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+            if done % cfg.logging.val_every == 0 or done == o.steps:
+                eval_model = ema.module if ema is not None else model
+                metrics = validate(eval_model, val)
+                log.write(done, **{f"val_{k}": v for k, v in metrics.items()})
+                with torch.no_grad():
+                    xv = val.images[:16]
+                    rec = eval_model.decode(eval_model.encode(xv).mode()).clamp(-1, 1)
+                save_grid(torch.cat([xv, rec]), out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
+            if done % cfg.logging.ckpt_every == 0 and done != o.steps:
+                checkpoint(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics.get('psnr', float('nan')):.1f}")
+            if stop.requested:
+                bar.close()
+                folder = checkpoint(done)
+                raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+    bar.close()
+
+    final_model = ema.module if ema is not None else model
+    stats = latent_statistics(final_model, train, cfg.latent_stat_batches, o.batch_size, cfg.data.seed)
+    # z' = (z − shift)·scale has zero mean and unit variance over the training set.
+    cfg.model.shift_factor = stats["mean"]
+    cfg.model.scaling_factor = 1.0 / max(stats["std"], 1e-8)
+    model.config = cfg.model
+    if ema is not None:
+        ema.module.config = cfg.model
+    save_config(cfg, out / "train_config.yaml")
+    if not metrics:
+        metrics = validate(final_model, val)
+    meta = {
+        "step": o.steps,
+        "latent_stats": stats,
+        "val": metrics,
+        "train_seconds": round(time.time() - t0, 1),
+        "dataset": cfg.data.dataset,
+        "image_size": cfg.data.size,
+    }
+    log.plot(["loss", "rec", "kl", "val_psnr", "val_ssim"], out / "loss.png")
+    return checkpoint(o.steps, meta=meta, final=True)

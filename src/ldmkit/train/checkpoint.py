@@ -1,0 +1,200 @@
+"""Checkpoint folders: written atomically, found by `latest`, loaded by kind.
+
+A training output folder looks like
+
+    OUT/latest                           text file naming the newest complete checkpoint
+    OUT/checkpoints/step_00001200/       one checkpoint = one folder:
+        config.json                      {"kind", "config" (typed model config), "meta" (latent stats, ...)}
+        model.safetensors                weights
+        ema.safetensors                  EMA weights (when training keeps an EMA)
+        training_state.pt                optimizer, step, RNG, data position (for --resume)
+
+A checkpoint folder is first written under a temporary name and renamed into place, then `latest`
+is replaced with `os.replace`; both are atomic on POSIX file systems, so a crash at any moment
+leaves the previous checkpoint as "latest" and never a half-written one (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ldmkit.errors import LdmkitError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+STATE = "training_state.pt"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How to rebuild a module from its saved config: `build(config, meta) -> nn.Module`."""
+
+    config_cls: type[BaseModel]
+    build: Callable[[BaseModel, dict], nn.Module]
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(name: str, config_cls: type[BaseModel], build: Callable[[BaseModel, dict], nn.Module]) -> None:
+    KINDS[name] = Kind(config_cls, build)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; contiguous clones make every tensor its own.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    kind: str,
+    module: nn.Module,
+    config: BaseModel,
+    meta: dict[str, Any] | None = None,
+    ema: nn.Module | None = None,
+    training_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under OUT/checkpoints/, point OUT/latest at it, prune old ones."""
+    out_dir = Path(out_dir)
+    ckpts = out_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=f".{name}."))
+    try:
+        doc = {"kind": kind, "config": config.model_dump(mode="json"), "meta": meta or {}, "step": step}
+        (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
+        save_file(_state_dict(module), str(tmp / WEIGHTS))
+        if ema is not None:
+            save_file(_state_dict(ema), str(tmp / EMA_WEIGHTS))
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE)
+        final = ckpts / name
+        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(out_dir / "latest", name + "\n")
+    if keep > 0:
+        old = sorted(p for p in ckpts.glob("step_*") if p.is_dir())[:-keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a training output folder whose `latest` names one."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / "checkpoints" / latest.read_text().strip()
+        if (target / CONFIG).is_file():
+            return target
+        raise LdmkitError(f"{latest} names {target.name}, which is missing or incomplete; delete `latest` or point it at a folder in {path / 'checkpoints'}")
+    if not path.exists():
+        raise LdmkitError(f"checkpoint {path} does not exist; give a checkpoint folder or a training output folder")
+    raise LdmkitError(f"{path} is not an ldmkit checkpoint (no {CONFIG} and no `latest`); give the folder `ldmkit train*` wrote")
+
+
+def read_config(path: str | Path) -> tuple[Path, str, BaseModel, dict]:
+    """(checkpoint folder, kind, typed config, meta), validated."""
+    folder = resolve(path)
+    try:
+        doc = json.loads((folder / CONFIG).read_text())
+        kind = doc["kind"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LdmkitError(f"{folder / CONFIG} is corrupt ({type(e).__name__}); restore it from another checkpoint") from e
+    if kind not in KINDS:
+        _register_builtin_kinds()
+    if kind not in KINDS:
+        raise LdmkitError(f"{folder} holds a '{kind}', which this ldmkit cannot load (known: {', '.join(sorted(KINDS))})")
+    try:
+        cfg = KINDS[kind].config_cls.model_validate(doc["config"])
+    except ValidationError as e:
+        raise LdmkitError(f"{folder / CONFIG}: invalid config ({_first_error(e)})") from e
+    return folder, kind, cfg, doc.get("meta", {})
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
+    """Load safetensors weights, naming missing/unexpected/mis-shaped keys instead of half-loading."""
+    try:
+        sd = load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise LdmkitError(f"cannot read weights {file} ({type(e).__name__}: {e}); the file is damaged, use another checkpoint") from e
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
+    if strict and (missing or unexpected or shapes):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} keys of the wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
+        raise LdmkitError(f"weights {file} do not match the config: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=strict)
+
+
+def load(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
+    folder, kind, cfg, meta = read_config(path)
+    module = KINDS[kind].build(cfg, meta)
+    file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
+    if not file.is_file():
+        raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
+    load_weights(module, file)
+    return module.to(device).eval()
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    file = folder / STATE
+    if not file.is_file():
+        raise LdmkitError(f"{folder} has no {STATE}, so it cannot be resumed; start a new run or pick a training checkpoint")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise LdmkitError(f"cannot read {file} ({type(e).__name__}); resume from an earlier checkpoint") from e
+
+
+def _register_builtin_kinds() -> None:
+    """Import the modules that register kinds (kept lazy so `import ldmkit` stays light)."""
+    import ldmkit.autoencoder  # noqa: F401
+    try:
+        import ldmkit.pipeline  # noqa: F401
+    except ImportError:
+        pass

@@ -1,0 +1,188 @@
+"""Typed, validated training configs, named presets, and loading from YAML/JSON with overrides.
+
+A config is a pydantic model with `extra="forbid"`, so a misspelt key is an error that names the
+key, not a silently ignored setting. Presets are plain factory functions in a dict (STYLE.md #3);
+`--config NAME` picks a preset, `--config FILE` reads YAML or JSON, and `--set a.b=value`
+overrides single fields.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ldmkit.autoencoder.losses import AutoencoderLossConfig
+from ldmkit.autoencoder.model import AutoencoderConfig
+from ldmkit.errors import LdmkitError
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("shapes", description="built-in name (shapes, digits, faces, photos) or a folder of images")
+    size: int = Field(32, ge=8, description="image side in pixels")
+    seed: int = Field(0, description="dataset generation / split seed")
+    length: int | None = Field(None, ge=1, description="items in the training split (procedural datasets)")
+    val_images: int = Field(256, ge=1, description="held-out images used for validation metrics")
+    skip_bad_images: bool = Field(False, description="skip unreadable files in a folder instead of stopping")
+    hflip: bool = Field(False, description="random horizontal flips (not for `shapes`: positions are labels)")
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="global batch size")
+    lr: float = Field(2e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up")
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (None: off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the forward pass")
+    seed: int = 0
+
+
+class LoggingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    log_every: int = Field(25, ge=1)
+    val_every: int = Field(500, ge=1, description="validation metrics + image grid")
+    ckpt_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class AutoencoderTrainConfig(BaseModel):
+    """Everything `ldmkit train-autoencoder` needs. Saved with every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: AutoencoderConfig = AutoencoderConfig()
+    loss: AutoencoderLossConfig = AutoencoderLossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    logging: LoggingConfig = LoggingConfig()
+    latent_stat_batches: int = Field(50, ge=1, description="batches used to measure latent mean/std")
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+def ae_shapes() -> AutoencoderTrainConfig:
+    """shapes 32x32, f=4, 4 latent channels. Tuned to pass 30 dB held-out PSNR in < 5 CPU minutes."""
+    return AutoencoderTrainConfig(
+        model=AutoencoderConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4),
+        data=DataConfig(dataset="shapes", size=32),
+        optim=OptimConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=50),
+        logging=LoggingConfig(val_every=500, ckpt_every=500),
+    )
+
+
+def ae_faces() -> AutoencoderTrainConfig:
+    cfg = ae_shapes()
+    cfg.data = DataConfig(dataset="faces", size=32, hflip=True)
+    return cfg
+
+
+def ae_photos() -> AutoencoderTrainConfig:
+    cfg = ae_shapes()
+    cfg.data = DataConfig(dataset="photos", size=32, hflip=True)
+    return cfg
+
+
+def ae_digits() -> AutoencoderTrainConfig:
+    cfg = ae_shapes()
+    cfg.data = DataConfig(dataset="digits", size=32)
+    return cfg
+
+
+def ae_tiny() -> AutoencoderTrainConfig:
+    """A seconds-long run for tests and smoke checks."""
+    return AutoencoderTrainConfig(
+        model=AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4),
+        data=DataConfig(dataset="shapes", size=16, length=64, val_images=16),
+        optim=OptimConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=1),
+        logging=LoggingConfig(log_every=2, val_every=3, ckpt_every=3),
+        latent_stat_batches=2,
+    )
+
+
+AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderTrainConfig]] = {
+    "shapes": ae_shapes,
+    "faces": ae_faces,
+    "photos": ae_photos,
+    "digits": ae_digits,
+    "tiny": ae_tiny,
+}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise LdmkitError(f"override '{item}' is not KEY=VALUE (e.g. --set optim.steps=100)")
+        key, value = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return nested
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validation_message(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{where}: {loc}: {err['msg']}{more}"
+
+
+def load_config(spec: str, cls: type[C], presets: dict[str, Callable[[], C]], overrides: list[str] | None = None) -> C:
+    """A preset name or a YAML/JSON file (which may name a `preset:` to start from), plus overrides."""
+    if spec in presets:
+        base = presets[spec]().model_dump(mode="json")
+        where = f"preset '{spec}'"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise LdmkitError(f"config '{spec}' is neither a preset ({', '.join(presets)}) nor a file")
+        try:
+            text = path.read_text()
+            doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            raise LdmkitError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from e
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise LdmkitError(f"config {path} must be a mapping of sections (model:, data:, ...), got {type(doc).__name__}")
+        preset = doc.pop("preset", None)
+        if preset is not None and preset not in presets:
+            raise LdmkitError(f"config {path}: unknown preset '{preset}' (known: {', '.join(presets)})")
+        base = _merge(presets[preset]().model_dump(mode="json"), doc) if preset else doc
+        where = f"config {path}"
+    merged = _merge(base, _parse_overrides(overrides))
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as e:
+        raise LdmkitError(validation_message(e, where)) from e
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
