@@ -1,0 +1,84 @@
+"""The Conditioner: a batch of raw conditions → `Cond`, with per-route condition dropout.
+
+Classifier-free guidance (Ho & Salimans, 2022) needs one model that is both conditional and
+unconditional; it is trained by replacing each condition with its "null" value with probability
+p_route, independently per route (so text and label can be guided separately). Null values:
+the empty caption "" for text (as Stable Diffusion), the extra class index `num_classes` for labels.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ldmkit.conditioning.cond import Cond
+from ldmkit.conditioning.text import CachedTextEncoder, build_text_encoder
+from ldmkit.errors import LdmkitError
+
+
+class ConditionerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text_encoder: str | None = Field(None, description="'minilm' (bundled), a local folder, or None: no text route")
+    num_classes: int = Field(0, ge=0, description="class-label route (0: off)")
+    drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training")
+    drop_label: float = Field(0.1, ge=0, le=1, description="P(label → null class) in training")
+
+
+class Conditioner(nn.Module):
+    def __init__(self, cfg: ConditionerConfig, text_encoder: CachedTextEncoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        # The text encoder is frozen and not part of the checkpoint (it is rebuilt from its name).
+        self._text = text_encoder if text_encoder is not None else (build_text_encoder(cfg.text_encoder) if cfg.text_encoder else None)
+
+    @property
+    def context_dim(self) -> int | None:
+        return self._text.dim if self._text is not None else None
+
+    @property
+    def text_encoder(self) -> CachedTextEncoder | None:
+        return self._text
+
+    def forward(
+        self,
+        texts: list[str] | None = None,
+        labels: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        train: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Cond:
+        """Build the Cond for a batch. In training, drop each route per sample with its probability."""
+        n = batch_size or (len(texts) if texts is not None else (labels.shape[0] if labels is not None else 0))
+        cond = Cond()
+        if self._text is not None:
+            if texts is None:
+                texts = [""] * n
+            if len(texts) != n:
+                raise LdmkitError(f"got {len(texts)} captions for a batch of {n}")
+            if train and self.cfg.drop_text > 0:
+                keep = torch.rand(n, generator=generator) >= self.cfg.drop_text
+                texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
+            cond.context, cond.context_mask = self._text(list(texts))
+        elif texts is not None and any(texts):
+            raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
+        if self.cfg.num_classes:
+            null = self.cfg.num_classes
+            if labels is None:
+                labels = torch.full((n,), null, dtype=torch.long)
+            labels = labels.long().clone()
+            if ((labels < -1) | (labels > null)).any():
+                raise LdmkitError(f"class labels must be in 0..{null - 1} (or -1 for none), got {labels.tolist()}")
+            labels[labels < 0] = null
+            if train and self.cfg.drop_label > 0:
+                drop = torch.rand(n, generator=generator) < self.cfg.drop_label
+                labels[drop] = null
+            cond.labels = labels
+        elif labels is not None and (labels >= 0).any():
+            raise LdmkitError("this model has no class conditioning; train it with num_classes > 0 to use labels")
+        return cond
+
+    def uncond(self, batch_size: int) -> Cond:
+        """Every route at its null value: the unconditional branch of guidance."""
+        return self.forward(texts=[""] * batch_size if self._text is not None else None, labels=None, batch_size=batch_size)

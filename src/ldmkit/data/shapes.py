@@ -1,0 +1,192 @@
+"""`shapes`: procedural images of one coloured shape on black, with caption, class, mask and edges.
+
+Every conditioning route can be trained *and measured* on it: the caption names three attributes
+(shape, colour, position) that `ldmkit.evaluate.attributes` can read back from a generated image,
+the class id names two of them, and the mask and edge map are exact ground truth for
+concatenation and ControlNet conditioning.
+
+Item i is a pure function of (seed, split, i), so runs are reproducible without storing anything.
+Items come in blocks of 72: each block is a shuffled copy of all 72 (shape, colour, position)
+combinations, so every prefix of 72·k items is perfectly balanced; only the jitter is random.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from ldmkit.errors import LdmkitError
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {  # name -> RGB, in class-id order
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 220, 220),
+}
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cells of a 2x2 grid
+NUM_CLASSES = len(SHAPES) * len(COLOURS)  # class id = shape_index * 6 + colour_index
+
+# All 72 combinations; index k <-> caption all_captions()[k], and label = k // len(POSITIONS).
+COMBOS = tuple((s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS)
+
+SUPERSAMPLE = 4  # draw at 4x and box-average: coverage comes in steps of 1/16
+RADIUS = (0.18, 0.21)  # circle radius as a fraction of the side (uniform); 0.2 without jitter
+CENTRE_JITTER = 0.02  # max shift of the centre from its cell centre, fraction of the side
+# With radius + jitter <= 0.23 < 0.25 no shape is ever clipped by the image border.
+
+
+def caption(shape: str, colour: str, position: str) -> str:
+    return f"a {colour} {shape} in the {position}"
+
+
+def label(shape: str, colour: str) -> int:
+    return SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+
+
+def all_captions() -> list[str]:
+    """The 72 captions, in `COMBOS` order (shape, then colour, then position)."""
+    return [caption(*combo) for combo in COMBOS]
+
+
+@functools.cache
+def _caption_table() -> dict[str, tuple[str, str, str]]:
+    return {caption(*combo): combo for combo in COMBOS}
+
+
+def parse_caption(text: str) -> tuple[str, str, str]:
+    """'a red circle in the top left' -> ('circle', 'red', 'top left'); LdmkitError outside the vocabulary."""
+    combo = _caption_table().get(" ".join(text.lower().split()))
+    if combo is None:
+        raise LdmkitError(
+            f"caption {text!r} is not a shapes caption: write 'a {{colour}} {{shape}} in the {{position}}' with "
+            f"colour in {', '.join(COLOURS)}, shape in {', '.join(SHAPES)}, position in {', '.join(POSITIONS)}"
+        )
+    return combo
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> tuple[str, list[tuple[float, float]]]:
+    """Geometry in pixel units (continuous, pixel i spans [i, i+1)): ('ellipse', bbox) or ('polygon', points)."""
+    if shape == "circle":
+        return "ellipse", [(cx - r, cy - r), (cx + r, cy + r)]
+    if shape == "square":
+        h = r * math.sqrt(math.pi) / 2  # same area as the circle
+        return "polygon", [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        # Upward-pointing, same 2r x 2r bounding box as the circle (so it fills half of it; area 2r^2).
+        return "polygon", [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    raise LdmkitError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (mask minus its 4-neighbour erosion); 1 pixel wide."""
+    m = np.pad(mask, 1, constant_values=False)
+    interior = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask & ~interior
+
+
+def render_shape(
+    shape: str, colour: str, position: str, size: int = 32, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one anti-aliased shape on black.
+
+    Returns (image uint8 (size, size, 3), mask bool (size, size), edge bool (size, size)). The mask is
+    coverage > 1/2, the edge its 1-pixel boundary; mask pixels off the edge are exactly the palette
+    colour and only pixels touching the outline are blended with black. `rng=None` gives the nominal,
+    jitter-free drawing (centred in its cell, radius 0.2·size); a Generator draws centre and size jitter.
+    """
+    if size < 16:
+        raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
+    if colour not in COLOURS:
+        raise LdmkitError(f"unknown colour {colour!r}: choose one of {', '.join(COLOURS)}")
+    if position not in POSITIONS:
+        raise LdmkitError(f"unknown position {position!r}: choose one of {', '.join(POSITIONS)}")
+    row, col = divmod(POSITIONS.index(position), 2)
+    cx, cy, r = (0.25 + 0.5 * col) * size, (0.25 + 0.5 * row) * size, 0.2 * size
+    if rng is not None:
+        dx, dy = rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, size=2) * size
+        cx, cy, r = cx + dx, cy + dy, rng.uniform(*RADIUS) * size
+
+    # Supersampled binary drawing -> box average = fractional coverage of each output pixel.
+    f = SUPERSAMPLE
+    canvas = Image.new("L", (size * f, size * f), 0)
+    kind, points = _outline(shape, cx, cy, r)
+    # PIL fills a sub-pixel when its centre is inside; shift by half a sub-pixel to match [i, i+1) pixels.
+    points = [(x * f - 0.5, y * f - 0.5) for x, y in points]
+    draw = ImageDraw.Draw(canvas)
+    if kind == "ellipse":
+        draw.ellipse(points, fill=255)
+    else:
+        draw.polygon(points, fill=255)
+    sub = np.asarray(canvas, dtype=np.float32).reshape(size, f, size, f)
+    coverage = sub.mean(axis=(1, 3)) / 255.0  # (size, size) in [0, 1]
+
+    mask = coverage > 0.5
+    edge = _boundary(mask)
+    # Inside the outline coverage is already 1 (so the colour is exact); pin it anyway so the contract
+    # "interior == palette colour" holds even for a sliver pixel next to a sharp corner.
+    coverage[mask & ~edge] = 1.0
+    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    image = np.rint(coverage[..., None] * rgb).astype(np.uint8)  # (size, size, 3)
+    return image, mask, edge
+
+
+@functools.lru_cache(maxsize=256)
+def _block_order(seed: int, split_id: int, block: int) -> np.ndarray:
+    """The shuffled order of the 72 combinations in one block of items."""
+    # Stream tag 0 = block order, 1 = per-item jitter, so the two never share random numbers.
+    return np.random.default_rng([seed, split_id, 0, block]).permutation(len(COMBOS))
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ShapesDataset(Dataset):
+    """Procedural coloured shapes; items are dicts image/text/label/mask/edge (see module docstring).
+
+    `length` defaults to 7,200 for train and 720 for val (100 and 10 of each combination). The split
+    only changes the random stream: val images have the same captions but never the same jitter.
+    """
+
+    name = "shapes"
+    num_classes = NUM_CLASSES
+
+    def __init__(self, size: int = 32, length: int | None = None, seed: int = 0, split: str = "train"):
+        if split not in ("train", "val"):
+            raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
+        if size < 16:
+            raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
+        self.size, self.seed, self.split = size, int(seed), split
+        self._split_id = 0 if split == "train" else 1
+        self.length = length if length is not None else (7200 if split == "train" else 720)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def combo(self, index: int) -> tuple[str, str, str]:
+        """(shape, colour, position) of item `index`, without rendering it."""
+        block, k = divmod(index, len(COMBOS))
+        return COMBOS[_block_order(self.seed, self._split_id, block)[k]]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        shape, colour, position = self.combo(index)
+        rng = np.random.default_rng([self.seed, self._split_id, 1, index])
+        image, mask, edge = render_shape(shape, colour, position, self.size, rng)
+        return {
+            "image": _to_tensor(image),  # (3, H, W) in [-1, 1]
+            "text": caption(shape, colour, position),
+            "label": label(shape, colour),
+            "mask": torch.from_numpy(mask).float()[None],  # (1, H, W) in {0, 1}
+            "edge": torch.from_numpy(edge).float()[None],  # (1, H, W) in {0, 1}
+        }
