@@ -111,7 +111,8 @@ class AutoencoderLoss(nn.Module):
         err = (x - x_hat).abs() if self.cfg.reconstruction == "l1" else (x - x_hat).pow(2)
         rec = err.flatten(1).mean(1)
         if self.perceptual is not None:
-            rec = rec + self.cfg.perceptual_weight * self.perceptual(x.contiguous(), x_hat.contiguous()).flatten(1).mean(1)
+            d = self.perceptual(x.contiguous(), x_hat.contiguous())
+            rec = rec + self.cfg.perceptual_weight * d.reshape(x.shape[0], -1).mean(1)
         return rec
 
     def generator_loss(
