@@ -43,6 +43,51 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ldmkit.train.config import DIFFUSION_PRESETS, DiffusionTrainConfig, load_config
+    from ldmkit.train.diffusion import train_diffusion
+
+    cfg = load_config(args.config, DiffusionTrainConfig, DIFFUSION_PRESETS, args.overrides)
+    if args.autoencoder:
+        cfg.autoencoder = args.autoencoder
+    if args.data is not None:
+        cfg.data.dataset = args.data
+    if args.skip_bad_images:
+        cfg.data.skip_bad_images = True
+    folder = train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"diffusion model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import ldmkit
+    from ldmkit.sample import read_prompts_file, sample_to_folder
+    from ldmkit.train.checkpoint import read_config
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    _, kind, _, _ = read_config(args.checkpoint)
+    if kind != "latent_diffusion":
+        raise LdmkitError(f"{args.checkpoint} holds a '{kind}', not a diffusion model; give the folder `ldmkit train` wrote")
+    ldm = ldmkit.load(args.checkpoint)
+    paths = sample_to_folder(
+        ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
+        num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ldmkit.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, progress=not args.quiet, seeds=args.seeds)
+    print(f"demo finished; report: {report}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ldmkit.train.checkpoint import read_config
 
@@ -79,6 +124,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files instead of stopping")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_autoencoder)
+
+    from ldmkit.diffusion.samplers import SAMPLERS
+    from ldmkit.train.config import DIFFUSION_PRESETS
+
+    d = sub.add_parser("demo", help="train a first stage and a text-to-image LDM on `shapes`, sample, report")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
+    d.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny models")
+    d.add_argument("--seeds", type=int, default=3, help="samples per caption for the accuracy figures")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser("train", help="train the second stage (U-Net denoiser in the latent space)")
+    _add_config_args(tr, list(DIFFUSION_PRESETS))
+    tr.add_argument("--out", required=True, help="output folder (checkpoints, samples, log)")
+    tr.add_argument("--autoencoder", default=None, help="first-stage checkpoint folder (overrides `autoencoder:`)")
+    tr.add_argument("--data", default=None, help="dataset name or image folder (overrides data.dataset)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files instead of stopping")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw images from a diffusion checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
+    s.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ... and grid.png")
+    s.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    s.add_argument("--prompts-file", help="a text file with one prompt per line")
+    s.add_argument("--label", type=int, action="append", help="a class label (repeatable; one per prompt if both)")
+    s.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt/label")
+    s.add_argument("--num-samples", type=int, default=16, help="samples for an unconditional model")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")

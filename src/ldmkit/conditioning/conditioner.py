@@ -30,8 +30,10 @@ class Conditioner(nn.Module):
     def __init__(self, cfg: ConditionerConfig, text_encoder: CachedTextEncoder | None = None):
         super().__init__()
         self.cfg = cfg
-        # The text encoder is frozen and not part of the checkpoint (it is rebuilt from its name).
-        self._text = text_encoder if text_encoder is not None else (build_text_encoder(cfg.text_encoder) if cfg.text_encoder else None)
+        # The text encoder is frozen and not part of the checkpoint (it is rebuilt from its name),
+        # so it is kept out of the module tree: not in state_dict(), not moved by .to().
+        text = text_encoder if text_encoder is not None else (build_text_encoder(cfg.text_encoder) if cfg.text_encoder else None)
+        self.__dict__["_text"] = text
 
     @property
     def context_dim(self) -> int | None:

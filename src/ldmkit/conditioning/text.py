@@ -77,7 +77,10 @@ class MiniLMTextEncoder(CachedTextEncoder):
             raise LdmkitError(f"text encoder folder {path} does not exist")
         import logging
 
+        from transformers.utils import logging as hf_logging
+
         logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every start
         self.model = SentenceTransformer(path, device="cpu")
         self.model.eval().requires_grad_(False)
         self.max_length = max_length

@@ -3,6 +3,7 @@
 from ldmkit.layers.attention import Attention, SpatialSelfAttention
 from ldmkit.layers.embeddings import TimestepEmbedding, timestep_embedding
 from ldmkit.layers.resnet import Downsample, ResBlock, Upsample, group_norm
+from ldmkit.layers.transformer import GEGLU, FeedForward, SpatialTransformer, TransformerBlock
 
 __all__ = [
     "Attention",
@@ -13,4 +14,8 @@ __all__ = [
     "ResBlock",
     "Upsample",
     "group_norm",
+    "GEGLU",
+    "FeedForward",
+    "SpatialTransformer",
+    "TransformerBlock",
 ]

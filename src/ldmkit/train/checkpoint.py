@@ -73,7 +73,7 @@ def save_checkpoint(
     module: nn.Module,
     config: BaseModel,
     meta: dict[str, Any] | None = None,
-    ema: nn.Module | None = None,
+    ema: nn.Module | dict[str, torch.Tensor] | None = None,
     training_state: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
@@ -88,7 +88,8 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
         save_file(_state_dict(module), str(tmp / WEIGHTS))
         if ema is not None:
-            save_file(_state_dict(ema), str(tmp / EMA_WEIGHTS))
+            ema_sd = _state_dict(ema) if isinstance(ema, nn.Module) else {k: v.detach().cpu().contiguous().clone() for k, v in ema.items()}
+            save_file(ema_sd, str(tmp / EMA_WEIGHTS))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
         final = ckpts / name

@@ -186,3 +186,100 @@ def load_config(spec: str, cls: type[C], presets: dict[str, Callable[[], C]], ov
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# --- the second stage ----------------------------------------------------------------------------
+
+from ldmkit.conditioning.conditioner import ConditionerConfig  # noqa: E402
+from ldmkit.pipeline import DiffusionConfig  # noqa: E402
+from ldmkit.unet import UNetConfig  # noqa: E402
+
+
+class SampleConfig(BaseModel):
+    """How periodic sample grids (and the demo's samples) are drawn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(25, ge=1)
+    sampler: str = Field("dpmpp_2m", description="ddpm | ddim | dpmpp_2m | euler | euler_a")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale (1 = off)")
+    prompts: list[str] | None = Field(None, description="captions for sample grids (default: from the data)")
+    num: int = Field(16, ge=1, description="images in each periodic grid")
+
+
+class DiffusionTrainConfig(BaseModel):
+    """Everything `ldmkit train` needs. Saved with every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    autoencoder: str = Field("", description="first-stage checkpoint folder (from `ldmkit train-autoencoder`)")
+    unet: UNetConfig
+    conditioner: ConditionerConfig = ConditionerConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-3, ema_decay=0.999, grad_clip=1.0)
+    logging: LoggingConfig = LoggingConfig(val_every=1000, ckpt_every=1000)
+    sample: SampleConfig = SampleConfig()
+
+
+def _small_unet(**kw) -> UNetConfig:
+    base = dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
+                attention_levels=(1,), mid_attention=True, num_heads=4, norm_groups=16, emb_mode="scale_shift")
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def ldm_shapes_text() -> DiffusionTrainConfig:
+    """Text-to-image on shapes 32x32: MiniLM tokens into cross-attention over 8x8x4 latents."""
+    return DiffusionTrainConfig(
+        unet=_small_unet(context_dim=384, attention_levels=(0, 1)),
+        conditioner=ConditionerConfig(text_encoder="minilm", drop_text=0.1),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="shapes", size=32),
+        optim=OptimConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+        sample=SampleConfig(guidance=2.0),
+    )
+
+
+def ldm_digits_class() -> DiffusionTrainConfig:
+    """Class-conditional digits: the label embedding added to the time embedding."""
+    return DiffusionTrainConfig(
+        unet=_small_unet(num_classes=10),
+        conditioner=ConditionerConfig(num_classes=10, drop_label=0.1),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="digits", size=32),
+        optim=OptimConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+        sample=SampleConfig(guidance=2.0),
+    )
+
+
+def ldm_faces() -> DiffusionTrainConfig:
+    """Unconditional faces."""
+    return DiffusionTrainConfig(
+        unet=_small_unet(),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="faces", size=32, hflip=True),
+        optim=OptimConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+    )
+
+
+def ldm_tiny() -> DiffusionTrainConfig:
+    """Seconds-long run for tests: text + labels on a 16x16 shapes subset."""
+    return DiffusionTrainConfig(
+        unet=UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(1,), mid_attention=False, num_heads=2, norm_groups=4, context_dim=384,
+                        num_classes=18),
+        conditioner=ConditionerConfig(text_encoder="minilm", num_classes=18),
+        data=DataConfig(dataset="shapes", size=16, length=64, val_images=16),
+        optim=OptimConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9),
+        logging=LoggingConfig(log_every=2, val_every=3, ckpt_every=3),
+        sample=SampleConfig(steps=3, num=4),
+    )
+
+
+DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
+    "shapes-text": ldm_shapes_text,
+    "digits-class": ldm_digits_class,
+    "faces": ldm_faces,
+    "tiny": ldm_tiny,
+}

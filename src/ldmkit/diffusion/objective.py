@@ -1,0 +1,99 @@
+"""The denoising training loss (Ho et al. 2020, eq. 14 "L_simple"), kept apart from the network.
+
+    t ~ U{0, …, T-1},  ε ~ N(0, I) (+ offset noise),  z_t = α_t x0 + σ_t ε
+    loss = mean_b  w(t_b) · mean ‖target_b - model(z_t, t)_b‖²
+
+Weightings w(t):
+    uniform: 1
+    min_snr: Min-SNR-γ (Hang et al. 2023), written for each prediction type so every one equals
+             min(SNR, γ) on the x0 scale (‖ε̂ - ε‖² = SNR ‖x̂0 - x0‖², ‖v̂ - v‖² = (SNR + 1) ‖x̂0 - x0‖²):
+                 eps: min(SNR, γ) / SNR    v: min(SNR, γ) / (SNR + 1)    x0: min(SNR, γ)
+Offset noise (Guttenberg 2023): ε += offset · N(0, 1) of shape (B, C, 1, 1), one value per image
+and channel, so the model learns to change the mean brightness of an image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ldmkit.diffusion.parameterization import canonical_prediction_type, target
+from ldmkit.diffusion.schedules import NoiseSchedule, expand_like, q_sample
+from ldmkit.errors import LdmkitError
+
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+@dataclass
+class ObjectiveTerms:
+    """Per-sample pieces of one loss evaluation, for logging loss against t."""
+
+    loss: torch.Tensor  # (B,) weighted per-sample MSE
+    t: torch.Tensor  # (B,) int64 timesteps drawn
+    weight: torch.Tensor  # (B,) w(t)
+
+
+class DiffusionObjective:
+    """`objective(model_fn, x0, **model_kwargs)` -> scalar loss; model_fn(z_t, t, **model_kwargs)
+    returns the raw network output for `prediction_type`."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction_type: str = "eps",
+        weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+    ):
+        if weighting not in WEIGHTINGS:
+            raise LdmkitError(f"unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if min_snr_gamma <= 0:
+            raise LdmkitError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        if offset_noise < 0:
+            raise LdmkitError(f"offset_noise must be zero or positive, got {offset_noise}")
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        self.weighting = weighting
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t), float64, shaped like t."""
+        snr = self.schedule.snr(t)
+        if self.weighting == "uniform":
+            return torch.ones_like(snr)
+        gamma = self.min_snr_gamma
+        if self.prediction_type == "eps":
+            return (gamma / snr).clamp(max=1.0)  # = min(SNR, γ)/SNR, and 1 at SNR = 0
+        if self.prediction_type == "v":
+            return snr.clamp(max=gamma) / (snr + 1.0)
+        return snr.clamp(max=gamma)
+
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """ε ~ N(0, I), plus offset · N(0, 1) per (sample, channel) when offset_noise > 0."""
+        device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        if self.offset_noise > 0:
+            shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
+            noise = noise + self.offset_noise * torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
+        return noise.to(x0.device)
+
+    def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs):
+        """One loss evaluation, per sample: `ObjectiveTerms(loss (B,), t (B,), weight (B,))`."""
+        device = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
+        t = t.to(x0.device)  # (B,)
+        noise = self.sample_noise(x0, generator)  # (B, C, H, W)
+        z_t = q_sample(self.schedule, x0, t, noise)  # (B, C, H, W)
+        alpha = expand_like(self.schedule.alpha(t), x0)  # (B, 1, 1, 1)
+        sigma = expand_like(self.schedule.sigma(t), x0)  # (B, 1, 1, 1)
+        goal = target(self.prediction_type, x0, noise, z_t, alpha, sigma)  # (B, C, H, W)
+        pred = model_fn(z_t, t, **model_kwargs)  # (B, C, H, W)
+        mse = (pred.float() - goal.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+        weight = self.weights(t).to(device=mse.device, dtype=mse.dtype)  # (B,)
+        return ObjectiveTerms(loss=weight * mse, t=t, weight=weight)
+
+    def __call__(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs):
+        """Scalar loss: the batch mean of the weighted per-sample MSE."""
+        return self.terms(model_fn, x0, generator, **model_kwargs).loss.mean()

@@ -1,0 +1,90 @@
+"""What the network predicts, and the one denoiser interface every sampler calls.
+
+With z_t = α_t x0 + σ_t ε and α_t² + σ_t² = 1 (variance preserving), a network can predict
+
+    eps: ε                                   (Ho et al. 2020)
+    v:   v = α_t ε - σ_t x0                  (Salimans & Ho 2022, eq. in §4 "v-parameterization")
+    x0:  x0
+
+and any one of them gives the other two:
+
+    eps: x0 = (z_t - σ_t ε̂) / α_t
+    v:   x0 = α_t z_t - σ_t v̂,   ε = σ_t z_t + α_t v̂
+    x0:  ε  = (z_t - α_t x̂0) / σ_t
+
+v stays well defined when α_t = 0 (zero terminal SNR); eps does not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ldmkit.diffusion.schedules import NoiseSchedule, expand_like
+from ldmkit.errors import LdmkitError
+
+PREDICTION_TYPES = ("eps", "v", "x0")
+# diffusers' names for the same things, accepted so its configs can be read as they are
+_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> raw network output
+
+
+def canonical_prediction_type(name: str) -> str:
+    """"eps" | "v" | "x0" (diffusers' "epsilon" | "v_prediction" | "sample" accepted)."""
+    name = _ALIASES.get(name, name)
+    if name not in PREDICTION_TYPES:
+        raise LdmkitError(f"unknown prediction type {name!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+    return name
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """v = α_t ε - σ_t x0 (Salimans & Ho 2022)."""
+    return alpha * noise - sigma * x0
+
+
+def target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, z_t: torch.Tensor, alpha, sigma):
+    """The training target for a prediction type (z_t is unused, kept for a uniform signature)."""
+    kind = canonical_prediction_type(prediction_type)
+    if kind == "eps":
+        return noise
+    if kind == "v":
+        return v_target(x0, noise, alpha, sigma)
+    return x0
+
+
+def to_x0_eps(prediction_type: str, pred: torch.Tensor, z_t: torch.Tensor, alpha, sigma):
+    """Raw network output -> (x̂0, ε̂). alpha, sigma broadcast against z_t."""
+    kind = canonical_prediction_type(prediction_type)
+    if kind == "eps":
+        return (z_t - sigma * pred) / alpha, pred
+    if kind == "v":
+        return alpha * z_t - sigma * pred, sigma * z_t + alpha * pred
+    return pred, (z_t - alpha * pred) / sigma
+
+
+class Denoiser:
+    """D(z_t, t) -> (x̂0, ε̂): a network of any prediction type seen through one interface.
+
+    model_fn(z_t, t) returns the raw network output, t an int64 tensor (B,). Conditioning (text,
+    labels, guidance) is bound into model_fn by the caller, so samplers never see it.
+    """
+
+    def __init__(self, model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: str = "eps"):
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        if self.prediction_type == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
+            raise LdmkitError(
+                "a zero-terminal-SNR schedule cannot be sampled with eps-prediction (x0 is undefined at "
+                "SNR 0); use a v- or x0-prediction model"
+            )
+
+    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
+        t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
+        alpha = expand_like(self.schedule.alpha(t), z_t)  # (B, 1, …)
+        sigma = expand_like(self.schedule.sigma(t), z_t)  # (B, 1, …)
+        pred = self.model_fn(z_t, t)  # (B, …) raw network output
+        return to_x0_eps(self.prediction_type, pred, z_t, alpha, sigma)

@@ -1,0 +1,192 @@
+"""Samplers: stateless functions with one signature (after k-diffusion's `sample_*`).
+
+    sample_X(denoiser, x, timesteps, *, generator=None, callback=None, **opts) -> x0
+
+- denoiser: a `Denoiser`; D(z_t, t) -> (x̂0, ε̂). Its `schedule` gives ᾱ_t; nothing else is read.
+- x: the initial noise z_T ~ N(0, I) (variance-preserving, so no extra scaling).
+- timesteps: descending integer timesteps, e.g. from `make_timesteps`.
+- generator: every noise draw goes through it, so one seed gives one sample.
+- callback(i, t, x, x0_hat): after step i at timestep t; x is the new state (variance-preserving
+  z, whatever space the solver works in), x0_hat the denoiser's estimate at this step.
+
+Step i goes from timesteps[i] to timesteps[i+1]; the step after the last timestep goes to
+ᾱ = `final_alpha_cumprod` (default 1, i.e. "t = -1", noise-free), so the result is x̂0 of the last
+denoiser call for the deterministic samplers. This is diffusers' `set_alpha_to_one=True` (DDIM)
+and `final_sigmas_type="zero"` (DPM-Solver++, Euler); pass final_alpha_cumprod=ᾱ_0 for
+`set_alpha_to_one=False`.
+
+Symbols: a = ᾱ_t of the current step, a' = ᾱ of the next (less noisy) one; α = sqrt(a), σ = sqrt(1-a).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ldmkit.diffusion.parameterization import Denoiser
+from ldmkit.diffusion.schedules import randn_like
+from ldmkit.errors import LdmkitError
+
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def _alpha_bars(denoiser: Denoiser, timesteps, final_alpha_cumprod: float) -> tuple[list[int], list[float]]:
+    """Timesteps as ints and ᾱ at each of them plus the final target: n + 1 values."""
+    schedule = denoiser.schedule
+    ts = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+    if not ts:
+        raise LdmkitError("no sampling timesteps given; ask for at least one step")
+    if any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.num_timesteps or ts[-1] < 0:
+        raise LdmkitError(
+            f"sampling timesteps must be strictly decreasing within 0 … {schedule.num_timesteps - 1}; "
+            "build them with make_timesteps"
+        )
+    if not 0.0 < final_alpha_cumprod <= 1.0:
+        raise LdmkitError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
+    return ts, [float(schedule.alphas_cumprod[t]) for t in ts] + [float(final_alpha_cumprod)]
+
+
+def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0):
+    """Ancestral sampling from the DDPM posterior q(z_{t'} | z_t, x0) (Ho et al. 2020, eq. 6-7).
+
+    For strided timesteps the chain t -> t' has β = 1 - a/a' and α = a/a' (its single-step
+    parameters), so μ̃ = sqrt(a') β/(1-a) x̂0 + sqrt(α)(1-a')/(1-a) z_t and β̃ = (1-a')/(1-a) β.
+    """
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    for i, t in enumerate(ts):
+        a, a_next = ab[i], ab[i + 1]
+        x0, _ = denoiser(x, t)
+        beta = 1.0 - a / a_next  # β of the strided step
+        mean = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_next) / (1 - a)) * x  # eq. 7
+        var = (1 - a_next) / (1 - a) * beta  # β̃, eq. 7
+        x = mean + math.sqrt(var) * randn_like(x, generator) if var > 0 else mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_ddim(denoiser, x, timesteps, *, generator=None, callback=None, eta=0.0, final_alpha_cumprod=1.0):
+    """DDIM (Song et al. 2021, eq. 12, with σ_t(η) of eq. 16). eta=0: deterministic; eta=1: the
+    DDPM posterior variance (ancestral)."""
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    for i, t in enumerate(ts):
+        a, a_next = ab[i], ab[i + 1]
+        x0, eps = denoiser(x, t)
+        s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))  # σ_t(η), eq. 16
+        # eq. 12: sqrt(a') x̂0  +  "direction pointing to x_t"  +  σ_t ε_t
+        x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - s * s, 0.0)) * eps
+        if s > 0:
+            x = x + s * randn_like(x, generator)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _half_log_snr(a: float) -> float:
+    """λ = log(α/σ) = ½ log(a / (1-a)); ±inf at the ends (zero terminal SNR, the noise-free end)."""
+    if a <= 0.0:
+        return -math.inf
+    if a >= 1.0:
+        return math.inf
+    return 0.5 * (math.log(a) - math.log1p(-a))
+
+
+def sample_dpmpp_2m(
+    denoiser, x, timesteps, *, generator=None, callback=None, lower_order_final=True, final_alpha_cumprod=1.0
+):
+    """DPM-Solver++(2M): multistep second order in λ with data prediction (Lu et al. 2022,
+    Algorithm 2). Each step, with h = λ' - λ and r = h_prev / h:
+
+        D = (1 + 1/(2r)) x̂0_i - 1/(2r) x̂0_{i-1}        (first step, and some last steps: D = x̂0_i)
+        z' = (σ'/σ) z - α' (e^{-h} - 1) D
+
+    The last step is first order when it ends at σ' = 0 (h = ∞) or, with lower_order_final, when
+    fewer than 15 steps are taken (diffusers' stability rule). `generator` is unused (deterministic).
+    """
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    n = len(ts)
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        a, a_next = ab[i], ab[i + 1]
+        x0, _ = denoiser(x, t)
+        h = _half_log_snr(a_next) - _half_log_snr(a)  # step in λ; ∞ at either end of a VP schedule
+        last = i == n - 1
+        if x0_prev is None or (last and (a_next >= 1.0 or (lower_order_final and n < 15))):
+            d = x0  # first order == DDIM
+        else:
+            r = h_prev / h
+            d = x0 + (x0 - x0_prev) / (2 * r)  # (1 + 1/(2r)) x̂0_i - 1/(2r) x̂0_{i-1}
+        x = (math.sqrt(1 - a_next) / math.sqrt(1 - a)) * x - (math.sqrt(a_next) * math.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# Euler samplers (Karras et al. 2022) work on the variance-exploding ODE. Change of variables:
+# the VP state z_t = α x0 + σ_vp ε becomes x = z_t / α = x0 + σ ε with σ = σ_vp/α = sqrt((1-a)/a),
+# the data blurred by N(0, σ² I) as in Karras's p(x; σ), and z_t = α x = x / sqrt(σ² + 1). The
+# probability-flow ODE (Karras eq. 1 with σ(t) = t, score (D - x)/σ² from eq. 3) is
+# dx/dσ = (x - D(x; σ))/σ = ε̂. We step in x and return to
+# z after every step. σ = ∞ at a zero-terminal-SNR step, so the update x + (σ' - σ) d is evaluated
+# in its equal form D + σ' d, which stays finite.
+
+
+def _ve_sigma(a: float) -> float:
+    """σ = sqrt((1 - ᾱ)/ᾱ), the VE noise level of a VP timestep."""
+    return math.inf if a <= 0.0 else math.sqrt((1 - a) / a)
+
+
+def sample_euler(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0):
+    """Euler's method on the probability-flow ODE in σ (Karras et al. 2022, Algorithm 2 without
+    churn or the 2nd-order correction). On the discrete VP timesteps this gives the same
+    trajectory as DDIM with eta=0. `generator` is unused (deterministic)."""
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    for i, t in enumerate(ts):
+        a_next = ab[i + 1]
+        x0, d = denoiser(x, t)  # d = (x - D)/σ = ε̂, the ODE derivative dx/dσ
+        x_ve = x0 + _ve_sigma(a_next) * d  # = x + (σ' - σ) d
+        x = math.sqrt(a_next) * x_ve  # back to z = α' x
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def sample_euler_ancestral(
+    denoiser, x, timesteps, *, generator=None, callback=None, eta=1.0, final_alpha_cumprod=1.0
+):
+    """Euler ancestral (k-diffusion's `sample_euler_ancestral`, after Karras et al. 2022): an Euler
+    step down to σ_down, then fresh noise σ_up, with σ_down² + σ_up² = σ'² and
+    σ_up = min(σ', η σ' sqrt(1 - σ'²/σ²)) (the DDPM posterior variance in σ units when η = 1)."""
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    for i, t in enumerate(ts):
+        a, a_next = ab[i], ab[i + 1]
+        x0, d = denoiser(x, t)
+        s, s_next = _ve_sigma(a), _ve_sigma(a_next)
+        s_up = min(s_next, eta * s_next * math.sqrt(max(1.0 - (s_next / s) ** 2, 0.0)))
+        s_down = math.sqrt(s_next**2 - s_up**2)
+        x_ve = x0 + s_down * d  # = x + (σ_down - σ) d
+        if s_up > 0:
+            x_ve = x_ve + s_up * randn_like(x, generator)
+        x = math.sqrt(a_next) * x_ve  # back to z = α' x
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+}
+
+
+def get_sampler(name: str) -> Callable[..., torch.Tensor]:
+    """The sampler function registered under `name`."""
+    if name not in SAMPLERS:
+        raise LdmkitError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

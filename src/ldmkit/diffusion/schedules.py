@@ -1,0 +1,162 @@
+"""Discrete-time variance-preserving noise schedules (DDPM family, T training timesteps).
+
+Symbols (Ho et al. 2020; Kingma et al. 2021):
+
+    β_t                  noise added at step t (betas)
+    ᾱ_t = Π_{s≤t}(1-β_s) cumulative signal fraction (alphas_cumprod)
+    α_t = sqrt(ᾱ_t)      signal scale     σ_t = sqrt(1-ᾱ_t)   noise scale
+    z_t = α_t x0 + σ_t ε                  the forward process q(z_t | x0)   (DDPM eq. 4)
+    SNR(t) = α_t² / σ_t² = ᾱ_t / (1-ᾱ_t)   λ_t = log(α_t / σ_t) = ½ log SNR(t)
+
+Timesteps are integers 0 … T-1 (0 is the least noisy). The schedule is stored in float64 on the CPU;
+values are gathered there and moved to the caller's tensor with `expand_like`, so a schedule never
+needs to be "moved to a device".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldmkit.errors import LdmkitError
+
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) values -> (B, 1, …, 1) with x's dtype and device, so they broadcast against x."""
+    v = v.to(dtype=x.dtype).to(x.device)  # cast on the CPU first: some devices have no float64
+    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, I) noise shaped like x, drawn on the generator's device (then moved), so a seed gives
+    the same numbers whatever device x lives on."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """β_t and ᾱ_t for t = 0 … T-1 (float64, CPU). Build one with `make_schedule`."""
+
+    betas: torch.Tensor  # (T,) β_t
+    alphas_cumprod: torch.Tensor  # (T,) ᾱ_t
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        if betas.ndim != 1 or len(betas) == 0 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise LdmkitError("betas must be a non-empty 1-D sequence of values in (0, 1]")
+        return cls(betas=betas, alphas_cumprod=torch.cumprod(1.0 - betas, dim=0))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    def _gather(self, values: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        return values[t.long().cpu()].to(t.device)  # index on the CPU, return on t's device
+
+    def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """ᾱ_t, float64, shaped like t."""
+        return self._gather(self.alphas_cumprod, t)
+
+    def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
+        """α_t = sqrt(ᾱ_t)."""
+        return self.alpha_bar(t).sqrt()
+
+    def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+        """σ_t = sqrt(1 - ᾱ_t)."""
+        return (1.0 - self.alpha_bar(t)).sqrt()
+
+    def snr(self, t: torch.Tensor | int) -> torch.Tensor:
+        """SNR(t) = ᾱ_t / (1 - ᾱ_t); 0 at a zero-terminal-SNR last step."""
+        a = self.alpha_bar(t)
+        return a / (1.0 - a)
+
+
+def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    # Nichol & Dhariwal 2021 eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2),
+    # β_t = 1 - ᾱ_t/ᾱ_{t-1} clipped at 0.999 to avoid the singularity at t = T.
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def rescale_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 Algorithm 1: shift and scale sqrt(ᾱ) so sqrt(ᾱ_{T-1}) = 0 (SNR 0 at the last
+    step) while sqrt(ᾱ_0) is unchanged, then turn ᾱ back into β."""
+    sqrt_ab = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+def make_schedule(
+    kind: str = "scaled_linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    rescale_zero_terminal_snr: bool = False,
+) -> NoiseSchedule:
+    """Build a schedule by name. `linear`: β linearly spaced (DDPM); `scaled_linear`: sqrt(β)
+    linearly spaced (Stable Diffusion, the default with 0.00085 … 0.012); `cosine`: Nichol & Dhariwal
+    (ignores beta_start/beta_end; diffusers calls it "squaredcos_cap_v2").
+    `rescale_zero_terminal_snr` applies Lin et al. 2024 (pair it with v-prediction and "trailing")."""
+    if num_timesteps < 1:
+        raise LdmkitError(f"num_timesteps must be at least 1, got {num_timesteps}")
+    T = num_timesteps
+    if kind == "linear":
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    elif kind in ("cosine", "squaredcos_cap_v2"):
+        betas = _cosine_betas(T)
+    else:
+        raise LdmkitError(f"unknown noise schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+    if rescale_zero_terminal_snr:
+        betas = rescale_to_zero_terminal_snr(betas)
+    return NoiseSchedule.from_betas(betas)
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z_t = α_t x0 + σ_t ε (DDPM eq. 4), t: (B,) integer timesteps."""
+    return expand_like(schedule.alpha(t), x0) * x0 + expand_like(schedule.sigma(t), x0) * noise
+
+
+def make_timesteps(
+    schedule: NoiseSchedule, num_steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """Descending int64 sampling timesteps, the `timestep_spacing` conventions of diffusers'
+    DDIMScheduler / DDPMScheduler (Lin et al. 2024, Table 2):
+
+    leading:  k · (T // n) + steps_offset for k = n-1 … 0   (SD 1.x: steps_offset=1 -> 981 … 1)
+    trailing: round(T - k · T/n) - 1 for k = 0 … n-1         (always starts at T-1; steps_offset unused)
+    linspace: round(linspace(0, T-1, n)) reversed            (steps_offset unused)
+
+    Use "trailing" with a zero-terminal-SNR schedule so the first step sees SNR 0.
+    """
+    T = schedule.num_timesteps
+    if not 1 <= num_steps <= T:
+        raise LdmkitError(f"number of sampling steps must be between 1 and {T}, got {num_steps}")
+    if spacing == "leading":
+        ratio = T // num_steps
+        steps = [k * ratio + steps_offset for k in reversed(range(num_steps))]
+    elif spacing == "trailing":
+        # np.arange's float arithmetic, as diffusers does, so ties (x.5) round the same way; diffusers
+        # can return n + 1 values ending in -1 (e.g. n = 61); we keep the first n.
+        steps = (np.round(np.arange(T, 0, -T / num_steps)) - 1).astype(np.int64)[:num_steps].tolist()
+    elif spacing == "linspace":
+        steps = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64).tolist()
+    else:
+        raise LdmkitError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    if steps[0] >= T or steps[-1] < 0:
+        raise LdmkitError(f"steps_offset={steps_offset} puts timesteps outside 0 … {T - 1}; lower it")
+    return torch.tensor(steps, dtype=torch.int64)

@@ -1,0 +1,82 @@
+"""`ldmkit sample`: draw images from a trained LatentDiffusion and write them as PNGs.
+
+Writes OUT/0000.png, OUT/0001.png, … (one per sample, prompts in order, `num_per_prompt` each)
+and OUT/grid.png (DESIGN.md contract). The same seed and arguments give the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ldmkit.errors import LdmkitError
+from ldmkit.imageio import save_grid, save_png, to_uint8
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LdmkitError(f"prompts file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise LdmkitError(f"prompts file {path} is not UTF-8 text; give one prompt per line") from None
+    except OSError as e:
+        raise LdmkitError(f"cannot read prompts file {path}: {e.strerror}") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise LdmkitError(f"prompts file {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def sample_to_folder(
+    ldm,
+    out: str | Path,
+    prompts: list[str] | None = None,
+    labels: list[int] | None = None,
+    num_per_prompt: int = 1,
+    num_samples: int | None = None,
+    steps: int = 25,
+    sampler: str = "dpmpp_2m",
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[Path]:
+    """Sample and write PNGs; returns the written paths (grid last)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if prompts and labels and len(prompts) != len(labels):
+        raise LdmkitError(f"got {len(prompts)} prompts and {len(labels)} labels; give one label per prompt or none")
+    base = len(prompts) if prompts else len(labels) if labels else (num_samples or 1)
+    rep = num_per_prompt if (prompts or labels) else 1
+    texts = [p for p in prompts for _ in range(rep)] if prompts else None
+    labs = [lab for lab in labels for _ in range(rep)] if labels else None
+    total = base * rep
+    images = []
+    bar = tqdm(total=total, desc="sampling", disable=not progress, unit="img")
+    for i in range(0, total, batch_size):
+        j = min(total, i + batch_size)
+        # One seed per batch, derived from --seed: the same arguments give the same images.
+        imgs = ldm.sample(
+            texts=texts[i:j] if texts else None,
+            labels=labs[i:j] if labs else None,
+            num_samples=j - i,
+            steps=steps, sampler=sampler, guidance=guidance, seed=seed + i,
+        )
+        images.append(imgs)
+        bar.update(j - i)
+    bar.close()
+    images = torch.cat(images)
+    from PIL import Image
+
+    paths = []
+    for k, img in enumerate(images):
+        p = out / f"{k:04d}.png"
+        save_png(Image.fromarray(to_uint8(img)), p)
+        paths.append(p)
+    save_grid(images, out / "grid.png", nrow=rep if rep > 1 else None, upscale=max(1, 128 // images.shape[-1]))
+    paths.append(out / "grid.png")
+    return paths

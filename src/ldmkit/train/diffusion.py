@@ -1,0 +1,242 @@
+"""`ldmkit train`: the second-stage training loop.
+
+    once:     load the frozen first stage; encode the training set to q(z|x) = N(μ, σ²) and keep
+              μ, σ in memory (the latent cache); captions are encoded once by the text encoder cache
+    per step: z0 = (μ + σ ε − shift)·scale, conditions dropped per route, L = w(t)‖target − unet‖²
+              AdamW with warm-up and cosine decay, gradient clipping, EMA of the U-Net
+    periodic: sample grid with the EMA weights, atomic checkpoint (weights, EMA, optimizer, step)
+
+Every random draw of step k comes from a generator seeded by (seed, k), so a resumed run repeats
+the uninterrupted run's sequence exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ldmkit.autoencoder import AutoencoderKL
+from ldmkit.conditioning import Conditioner
+from ldmkit.data import build_dataset
+from ldmkit.errors import LdmkitError
+from ldmkit.imageio import save_grid
+from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
+from ldmkit.train.autoencoder import autocast
+from ldmkit.train.checkpoint import (
+    EMA_WEIGHTS,
+    WEIGHTS,
+    load_training_state,
+    load_weights,
+    read_config,
+    resolve,
+    save_checkpoint,
+)
+from ldmkit.train.config import DiffusionTrainConfig, save_config
+from ldmkit.train.data import TensorData, materialize
+from ldmkit.train.loop import EMA, GracefulInterrupt, TrainingInterrupted, TrainLog, batch_indices, check_finite, lr_at
+
+
+def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
+    """The trained autoencoder, checked to carry the latent statistics the second stage needs."""
+    if not path:
+        raise LdmkitError("no first stage given: set `autoencoder:` in the config (a folder from `ldmkit train-autoencoder`)")
+    folder, kind, cfg, meta = read_config(path)
+    if kind != "autoencoder":
+        raise LdmkitError(f"{folder} holds a '{kind}', not an autoencoder; point `autoencoder:` at a first-stage checkpoint")
+    if "latent_stats" not in meta and cfg.scaling_factor == 1.0 and cfg.shift_factor == 0.0:
+        raise LdmkitError(
+            f"{folder} has no measured latent scale (training did not finish); finish it with "
+            "`ldmkit train-autoencoder --resume` or set model.scaling_factor by hand"
+        )
+    model = AutoencoderKL(cfg)
+    load_weights(model, folder / (EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else WEIGHTS))
+    return model.eval().requires_grad_(False), meta
+
+
+def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, conditioner: Conditioner) -> LatentDiffusionConfig:
+    """Fill what follows from the parts (latent channels, context width, classes) and check the rest."""
+    u = cfg.unet.model_copy()
+    c = ae.config.latent_channels
+    if u.in_channels != c or u.out_channels != c:
+        u = u.model_copy(update={"in_channels": c, "out_channels": c})
+    if conditioner.context_dim is not None:
+        if u.context_dim is None:
+            raise LdmkitError("the conditioner has a text encoder but unet.context_dim is unset; set it to "
+                              f"{conditioner.context_dim} (the encoder's width)")
+        if u.context_dim != conditioner.context_dim:
+            raise LdmkitError(f"unet.context_dim is {u.context_dim} but the text encoder gives {conditioner.context_dim}-d tokens")
+    elif u.context_dim is not None:
+        raise LdmkitError("unet.context_dim is set but conditioner.text_encoder is not; set text_encoder: minilm")
+    if u.num_classes != cfg.conditioner.num_classes:
+        raise LdmkitError(f"unet.num_classes ({u.num_classes}) and conditioner.num_classes ({cfg.conditioner.num_classes}) differ")
+    f = ae.downsample_factor
+    if cfg.data.size % f or (cfg.data.size // f) % u.size_multiple:
+        raise LdmkitError(
+            f"image size {cfg.data.size} gives {cfg.data.size // f}x{cfg.data.size // f} latents, not divisible by the "
+            f"U-Net's {u.size_multiple}; use a size that is a multiple of {f * u.size_multiple}"
+        )
+    return LatentDiffusionConfig(autoencoder=ae.config, unet=u, conditioner=cfg.conditioner,
+                                 diffusion=cfg.diffusion, image_size=cfg.data.size)
+
+
+@torch.no_grad()
+def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, progress: bool = True):
+    """Posterior mean and std of every training image: (N, c, h, w) each."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(data), batch_size), desc="encoding latents", disable=not progress, leave=False):
+        x = data.images[i : i + batch_size]
+        if x.shape[-1] % ae.downsample_factor:
+            raise LdmkitError(f"image size {x.shape[-1]} is not divisible by the autoencoder's factor {ae.downsample_factor}")
+        post = ae.encode(x)
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple[list[str] | None, torch.Tensor | None]:
+    """Conditions for periodic sample grids: the configured prompts, else the first distinct ones of the data."""
+    texts = labels = None
+    if cfg.conditioner.text_encoder:
+        texts = list(cfg.sample.prompts or [])
+        if not texts:
+            seen = dict.fromkeys(data.texts)
+            texts = list(seen)[:n]
+        texts = (texts * n)[:n]
+    if cfg.conditioner.num_classes:
+        labels = torch.arange(n) % cfg.conditioner.num_classes
+    return texts, labels
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                    time_limit: float | None = None) -> Path:
+    """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
+    training early at a step boundary — the same checkpoint logic applies."""
+    out = Path(out)
+    if out.exists() and (out / "latest").exists() and not resume:
+        raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    save_config(cfg, out / "train_config.yaml")
+    o = cfg.optim
+    torch.manual_seed(o.seed)
+
+    ae, ae_meta = load_first_stage(cfg.autoencoder)
+    conditioner = Conditioner(cfg.conditioner)
+    model_cfg = resolve_model_config(cfg, ae, conditioner)
+    ldm = LatentDiffusion(model_cfg, conditioner=conditioner)
+    ldm.autoencoder.load_state_dict(ae.state_dict())
+
+    d = cfg.data
+    data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
+                       desc="train data", progress=progress)
+    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress)
+    if cfg.conditioner.num_classes and (data.labels < 0).all():
+        raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
+    if cfg.conditioner.text_encoder and not any(data.texts):
+        raise LdmkitError(f"dataset '{d.dataset}' has no captions, but the config asks for text conditioning")
+    if cfg.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
+        distinct = sorted(set(data.texts) | {""})
+        for i in range(0, len(distinct), 512):
+            conditioner.text_encoder(distinct[i : i + 512])
+
+    unet = ldm.unet
+    opt = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    ema = EMA(unet, o.ema_decay) if o.ema_decay else None
+    log = TrainLog(out)
+    start = 0
+    if resume:
+        folder = resolve(out)
+        state = load_training_state(folder)
+        load_weights(ldm, folder / WEIGHTS)
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        if ema is not None and (folder / EMA_WEIGHTS).is_file():
+            tmp = LatentDiffusion(model_cfg, conditioner=conditioner)
+            load_weights(tmp, folder / EMA_WEIGHTS)
+            ema.module.load_state_dict(tmp.unet.state_dict())
+            ema.load_state_dict(state.get("ema", {"num_updates": start}))
+        log.truncate_after(start)
+
+    def ema_state() -> dict | None:
+        if ema is None:
+            return None
+        sd = ldm.state_dict()
+        sd.update({f"unet.{k}": v for k, v in ema.module.state_dict().items()})
+        return sd
+
+    def checkpoint(step: int, meta: dict | None = None) -> Path:
+        state = {"step": step, "optimizer": opt.state_dict()}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return save_checkpoint(out, step, "latent_diffusion", ldm, model_cfg, meta=meta or {"step": step},
+                               ema=ema_state(), training_state=state, keep=cfg.logging.keep_checkpoints)
+
+    def sample_grid(step: int) -> None:
+        n = cfg.sample.num
+        texts, labels = sample_prompts(cfg, data, n)
+        net = ema.module if ema is not None else unet
+        live, ldm.unet = ldm.unet, net
+        try:
+            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
+                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0)
+        finally:
+            ldm.unet = live
+        save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
+
+    ldm.train()
+    t0 = time.time()
+    bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not progress, dynamic_ncols=True)
+    step = start
+    with GracefulInterrupt() as stop:
+        for step in range(start, o.steps):
+            g = step_generator(o.seed, step)
+            idx = batch_indices(step, len(data), o.batch_size, d.seed)
+            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)  # z ~ q(z|x), fresh each step
+            z0 = (z - ldm.autoencoder.config.shift_factor) * ldm.autoencoder.config.scaling_factor
+            if d.hflip:
+                flip = torch.rand(z0.shape[0], generator=g) < 0.5
+                z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+            batch = data.batch(idx)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
+            with autocast(o.precision):
+                loss = ldm.loss(z0, texts=batch["text"], labels=batch["label"], generator=g)
+            check_finite(loss, step, out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(unet)
+            done = step + 1
+            if done % cfg.logging.log_every == 0 or done == o.steps:
+                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            if done % cfg.logging.val_every == 0 and done != o.steps:
+                sample_grid(done)
+            if done % cfg.logging.ckpt_every == 0 and done != o.steps:
+                checkpoint(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if stop.requested:
+                bar.close()
+                folder = checkpoint(done)
+                raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+            if time_limit is not None and time.time() - t0 > time_limit:
+                step = done
+                break
+        else:
+            step = o.steps
+    bar.close()
+    sample_grid(step)
+    log.plot(["loss"], out / "loss.png")
+    meta = {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": d.dataset,
+            "autoencoder": str(resolve(cfg.autoencoder)), "autoencoder_val": ae_meta.get("val")}
+    return checkpoint(step, meta=meta)
