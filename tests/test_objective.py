@@ -20,7 +20,8 @@ SCHEDULE = make_schedule("scaled_linear")
 
 def _batch(seed=0, shape=(6, 3, 4, 4)):
     g = torch.Generator().manual_seed(seed)
-    x0, noise = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    x0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(shape, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 1, 250, 500, 900, 999])
     alpha, sigma = expand_like(SCHEDULE.alpha(t), x0), expand_like(SCHEDULE.sigma(t), x0)
     return x0, noise, q_sample(SCHEDULE, x0, t, noise), alpha, sigma

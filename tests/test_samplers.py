@@ -190,8 +190,9 @@ def test_dpmpp_2m_matches_diffusers(steps, final):
     schedule = make_schedule("scaled_linear")
     model_fn, z_T = _parity_setup(schedule)
     ts = make_timesteps(schedule, steps, "leading", steps_offset=1)
-    ref = diffusers.DPMSolverMultistepScheduler(**KW, algorithm_type="dpmsolver++", solver_order=2,
-                                                final_sigmas_type=final)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        **KW, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type=final
+    )
     ref.set_timesteps(timesteps=ts.tolist())  # its own "leading"/"linspace" differ from DDIM's
     final_ab = 1.0 if final == "zero" else float(schedule.alphas_cumprod[0])
     ours = _ours(sample_dpmpp_2m, model_fn, schedule, "eps", z_T, ts, final_alpha_cumprod=final_ab)
@@ -208,11 +209,13 @@ def test_dpmpp_2m_zero_terminal_snr_v_matches_diffusers():
     schedule = NoiseSchedule(betas=schedule.betas, alphas_cumprod=abar)
     model_fn, z_T = _parity_setup(schedule, "v")
     ts = make_timesteps(schedule, 50, "trailing")
-    ref = diffusers.DPMSolverMultistepScheduler(**KW, timestep_spacing="trailing", rescale_betas_zero_snr=True,
-                                                prediction_type="v_prediction")
+    ref = diffusers.DPMSolverMultistepScheduler(
+        **KW, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
     ref.set_timesteps(50)
     assert torch.equal(ref.timesteps, ts)
-    assert _max_diff(_ours(sample_dpmpp_2m, model_fn, schedule, "v", z_T, ts), _theirs(ref, model_fn, z_T)) < 1e-4
+    ours = _ours(sample_dpmpp_2m, model_fn, schedule, "v", z_T, ts)
+    assert _max_diff(ours, _theirs(ref, model_fn, z_T)) < 1e-4
 
 
 def test_euler_samplers_match_diffusers():
@@ -224,7 +227,8 @@ def test_euler_samplers_match_diffusers():
     ref = diffusers.EulerDiscreteScheduler(**KW, timestep_spacing="leading", steps_offset=1)
     ref.set_timesteps(50)
     assert torch.equal(ref.timesteps.long(), ts)
-    assert _max_diff(_ours(sample_euler, model_fn, schedule, "eps", z_T, ts), _theirs(ref, model_fn, z_T, ve=True)) < 1e-4
+    ours = _ours(sample_euler, model_fn, schedule, "eps", z_T, ts)
+    assert _max_diff(ours, _theirs(ref, model_fn, z_T, ve=True)) < 1e-4
     ref = diffusers.EulerAncestralDiscreteScheduler(**KW, timestep_spacing="leading", steps_offset=1)
     ref.set_timesteps(50)
     ours = _ours(sample_euler_ancestral, model_fn, schedule, "eps", z_T, ts, generator=torch.Generator().manual_seed(3))

@@ -6,7 +6,8 @@
 Weightings w(t):
     uniform: 1
     min_snr: Min-SNR-γ (Hang et al. 2023), written for each prediction type so every one equals
-             min(SNR, γ) on the x0 scale (‖ε̂ - ε‖² = SNR ‖x̂0 - x0‖², ‖v̂ - v‖² = (SNR + 1) ‖x̂0 - x0‖²):
+             min(SNR, γ) on the x0 scale, since ‖ε̂ - ε‖² = SNR ‖x̂0 - x0‖² and
+             ‖v̂ - v‖² = (SNR + 1) ‖x̂0 - x0‖²:
                  eps: min(SNR, γ) / SNR    v: min(SNR, γ) / (SNR + 1)    x0: min(SNR, γ)
 Offset noise (Guttenberg 2023): ε += offset · N(0, 1) of shape (B, C, 1, 1), one value per image
 and channel, so the model learns to change the mean brightness of an image.
@@ -76,7 +77,8 @@ class DiffusionObjective:
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         if self.offset_noise > 0:
             shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
-            noise = noise + self.offset_noise * torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
+            offset = torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
+            noise = noise + self.offset_noise * offset
         return noise.to(x0.device)
 
     def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs):

@@ -59,7 +59,8 @@ def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None, final_
         a, a_next = ab[i], ab[i + 1]
         x0, _ = denoiser(x, t)
         beta = 1.0 - a / a_next  # β of the strided step
-        mean = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_next) / (1 - a)) * x  # eq. 7
+        # μ̃(z_t, x̂0), eq. 7
+        mean = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_next) / (1 - a)) * x
         var = (1 - a_next) / (1 - a) * beta  # β̃, eq. 7
         x = mean + math.sqrt(var) * randn_like(x, generator) if var > 0 else mean
         if callback is not None:
