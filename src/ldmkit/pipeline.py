@@ -43,6 +43,7 @@ class DiffusionConfig(BaseModel):
     min_snr_gamma: float = Field(5.0, gt=0)
     offset_noise: float = Field(0.0, ge=0)
     timestep_spacing: str = Field("trailing", description="sampling timesteps: leading | trailing | linspace")
+    steps_offset: int = Field(0, ge=0, description="added to 'leading' timesteps (SD v1: 1)")
 
 
 class LatentDiffusionConfig(BaseModel):
@@ -149,7 +150,8 @@ class LatentDiffusion(nn.Module):
         if seed is not None:
             g.manual_seed(seed)
         z = torch.randn((n, *self.latent_shape), generator=g).to(device)
-        timesteps = make_timesteps(self.schedule, steps, self.config.diffusion.timestep_spacing)
+        d = self.config.diffusion
+        timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
         return z0 if return_latents else self.decode(z0)
 
