@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    import warnings
+
+    # Warnings meant for the user (e.g. skipped unreadable images) as one plain line each.
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"ldmkit: warning: {msg}\n"
     try:
         return args.func(args)
     except LdmkitError as e:

@@ -1,0 +1,205 @@
+"""Training loops end to end on tiny configs: checkpoints, exact resume after SIGKILL, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ldmkit
+from ldmkit.cli import main
+from ldmkit.errors import LdmkitError
+from ldmkit.train.checkpoint import resolve
+
+FAST_AE = ["--config", "tiny", "--quiet"]
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def trained_ae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ae")
+    assert main(["train-autoencoder", "--out", str(out), *FAST_AE]) == 0
+    return out
+
+
+def test_autoencoder_run_writes_everything(trained_ae):
+    folder = resolve(trained_ae)
+    doc = json.loads((folder / "config.json").read_text())
+    assert doc["kind"] == "autoencoder"
+    stats = doc["meta"]["latent_stats"]
+    assert len(stats["channel_mean"]) == doc["config"]["latent_channels"]
+    # the stored scale/shift normalise the measured latents
+    assert abs(doc["config"]["scaling_factor"] - 1 / stats["std"]) < 1e-6
+    assert abs(doc["config"]["shift_factor"] - stats["mean"]) < 1e-6
+    assert (trained_ae / "log.jsonl").is_file() and (trained_ae / "loss.png").is_file()
+    assert list((trained_ae / "samples").glob("recon_*.png"))
+    assert "val" in doc["meta"] and doc["meta"]["val"]["psnr"] > 0
+
+
+def test_checkpoint_load_gives_identical_outputs(trained_ae):
+    a, b = ldmkit.load(trained_ae), ldmkit.load(trained_ae)
+    assert not a.training
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(a.decode(a.encode(x).mean), b.decode(b.encode(x).mean))
+    sd = load_file(str(resolve(trained_ae) / "model.safetensors"))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_rerun_without_resume_is_refused(trained_ae, capsys):
+    rc, _, err = run_cli(["train-autoencoder", "--out", str(trained_ae), *FAST_AE], capsys)
+    assert rc == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+
+
+def _kill_when_checkpointed(cmd: list[str], out: Path, timeout: float = 120) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "latest").exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: only atomic writes can save us
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_autoencoder_run_resumes_exactly(tmp_path):
+    sets = ["--set", "optim.steps=30", "--set", "logging.ckpt_every=10", "--set", "logging.val_every=100"]
+    ref = tmp_path / "ref"
+    assert main(["train-autoencoder", "--out", str(ref), *FAST_AE, *sets]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ldmkit.cli", "train-autoencoder", "--out", str(out), *FAST_AE, *sets]
+    _kill_when_checkpointed(cmd, out)
+    assert main(["train-autoencoder", "--out", str(out), "--resume", *FAST_AE, *sets]) == 0
+    a = load_file(str(resolve(ref) / "model.safetensors"))
+    b = load_file(str(resolve(out) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines() if "loss" in ln]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
+
+
+@pytest.mark.slow
+def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
+    sets = ["--set", "optim.steps=8", "--set", "logging.ckpt_every=4", "--set", "logging.val_every=100"]
+    base = ["train", "--config", "tiny", "--autoencoder", str(trained_ae), "--quiet", *sets]
+    ref = tmp_path / "ref"
+    assert main([*base, "--out", str(ref)]) == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ldmkit.cli", *base, "--out", str(out)]
+    _kill_when_checkpointed(cmd, out)
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    a = load_file(str(resolve(ref) / "ema.safetensors"))
+    b = load_file(str(resolve(out) / "ema.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    ldm = ldmkit.load(ref)
+    s1 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
+    s2 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
+    s3 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=8)
+    assert s1.shape == (1, 3, 16, 16) and torch.equal(s1, s2) and not torch.equal(s1, s3)
+
+    samples = tmp_path / "samples"
+    rc, out_, err = run_cli(["sample", "--checkpoint", str(ref), "--out", str(samples), "--prompt", "a red circle in the top left",
+                             "--prompt", "a blue square in the top right", "--label", "0", "--label", "4",
+                             "--num-per-prompt", "2", "--steps", "2", "--quiet"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in samples.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
+
+
+def test_bad_config_key_and_value(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: tiny\noptim:\n  stepz: 3\n")
+    rc, _, err = run_cli(["train-autoencoder", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert rc == 2 and "optim.stepz" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(["train-autoencoder", *FAST_AE, "--set", "optim.lr=-1", "--out", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "optim.lr" in err
+    rc, _, err = run_cli(["train-autoencoder", "--config", "nonexistent.yaml", "--out", str(tmp_path / "o3")], capsys)
+    assert rc == 2 and "neither a preset" in err
+    cfg.write_text("model: [1, 2\n")
+    rc, _, err = run_cli(["train-autoencoder", "--config", str(cfg), "--out", str(tmp_path / "o4")], capsys)
+    assert rc == 2 and "cannot parse" in err
+
+
+def test_resume_without_checkpoint_and_missing_checkpoint(tmp_path, capsys):
+    rc, _, err = run_cli(["train-autoencoder", *FAST_AE, "--out", str(tmp_path / "new"), "--resume"], capsys)
+    assert rc == 2 and "not an ldmkit checkpoint" in err
+    rc, _, err = run_cli(["evaluate", "--checkpoint", str(tmp_path / "nothing")], capsys)
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = run_cli(["sample", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "s")], capsys)
+    assert rc == 2 and "does not exist" in err
+
+
+def test_corrupt_weights_and_mismatched_checkpoint(trained_ae, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(resolve(trained_ae), bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LdmkitError, match="damaged"):
+        ldmkit.load(bad)
+    doc = json.loads((bad / "config.json").read_text())
+    shutil.copy(resolve(trained_ae) / "model.safetensors", bad / "model.safetensors")
+    doc["config"]["latent_channels"] = 8
+    (bad / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(LdmkitError, match="do not match the config"):
+        ldmkit.load(bad)
+    rc, _, err = run_cli(["train", "--config", "tiny", "--autoencoder", str(tmp_path / "nope"), "--out", str(tmp_path / "d"), "--quiet"], capsys)
+    assert rc == 2 and "does not exist" in err
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, capsys):
+    rc, _, err = run_cli(["train-autoencoder", *FAST_AE, "--set", "optim.lr=1e30", "--set", "optim.grad_clip=null",
+                          "--set", "optim.steps=20", "--out", str(tmp_path / "nan")], capsys)
+    assert rc == 2 and "loss became" in err and "--resume" in err
+
+
+def test_bad_prompts_file(trained_ae, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    rc, _, err = run_cli(["sample", "--checkpoint", str(trained_ae), "--out", str(tmp_path / "s"), "--prompts-file", str(empty)], capsys)
+    assert rc == 2 and "no prompts" in err
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    rc, _, err = run_cli(["sample", "--checkpoint", str(trained_ae), "--out", str(tmp_path / "s"), "--prompts-file", str(binary)], capsys)
+    assert rc == 2 and "UTF-8" in err
+    rc, _, err = run_cli(["sample", "--checkpoint", str(trained_ae), "--out", str(tmp_path / "s"), "--prompt", "x"], capsys)
+    assert rc == 2 and "not a diffusion model" in err
+
+
+def test_corrupt_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(20):
+        Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(folder / f"{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    base = ["train-autoencoder", *FAST_AE, "--data", str(folder), "--set", "data.val_images=2", "--set", "optim.batch_size=4",
+            "--set", "optim.steps=2"]
+    rc, _, err = run_cli([*base, "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "broken.png" in err and "--skip-bad-images" in err
+    rc, _, err = run_cli([*base, "--out", str(tmp_path / "o2"), "--skip-bad-images"], capsys)
+    assert rc == 0, err
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ["train-autoencoder", "train", "sample", "evaluate", "demo"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage" in capsys.readouterr().out
