@@ -11,7 +11,8 @@ followed by a spatial transformer (self-attention + cross-attention on `context`
 levels have one more ResBlock, which consumes the skip produced by the resolution change.
 Conditioning routes (DESIGN.md table): concatenation (`concat`), timestep-embedding modulation
 (`emb_mode`), cross-attention (`context`), label embedding added to the time embedding
-(`class_labels`), ControlNet/adapter residuals (`down_residuals`, `mid_residual`).
+(`class_labels`), ControlNet residuals (`down_residuals`, `mid_residual`) and T2I-Adapter features
+(`adapter_residuals`, added at the end of each encoder level).
 
 Module and parameter names mirror diffusers' `UNet2DConditionModel` (conv_in, time_embedding,
 class_embedding, down_blocks.i.{resnets, attentions, downsamplers}, mid_block, up_blocks.i.{…,
@@ -225,13 +226,20 @@ class DownBlock(nn.Module):
             self.downsamplers = nn.ModuleList([Downsample(ch) if cfg.multiscale else nn.Identity()])
 
     def forward(
-        self, h: torch.Tensor, emb: torch.Tensor | None, context: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor | None,
+        context: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
             h = resnet(h, emb)  # (B, C_i, H_i, W_i)
             if self.attentions is not None:
                 h = self.attentions[j](h, context, mask)  # (B, C_i, H_i, W_i)
+            if residual is not None and j == len(self.resnets) - 1:
+                h = h + residual  # (B, C_i, H_i, W_i) adapter feature: into the skip and the next level
             skips.append(h)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)  # (B, C_i, H_i/2, W_i/2)
@@ -345,6 +353,10 @@ class UNet(nn.Module):
         conv_in's output, then per level each ResBlock(+transformer) output and the downsampled output."""
         return list(self._skip_info)
 
+    def level_channels(self) -> list[tuple[int, int]]:
+        """(channels, downsample factor) of each encoder level, in the order `adapter_residuals` takes them."""
+        return [(ch, 2**i if self.config.multiscale else 1) for i, ch in enumerate(self.config.widths)]
+
     def encoder_modules(self) -> dict[str, nn.Module]:
         """The encoder half (what a ControlNet deep-copies): conv_in, embeddings, down_blocks, mid_block."""
         parts = {"conv_in": self.conv_in, "time_embedding": self.time_embedding}
@@ -380,21 +392,27 @@ class UNet(nn.Module):
         concat: torch.Tensor | None = None,
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        adapter_residuals: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, in_channels, H, W) noisy latent; t scalar or (B,) timesteps (int or float);
         context (B, M, context_dim) tokens for cross-attention, context_mask (B, M) bool, True = attend;
         class_labels (B,) long in [0, num_classes] (num_classes = null); concat (B, concat_channels, H, W);
         down_residuals one tensor per skip (see `skip_channels`), mid_residual like the middle output
-        (ControlNet / adapter). Returns (B, out_channels, H, W)."""
+        (ControlNet); adapter_residuals one tensor per encoder level (see `level_channels`), added to the
+        output of the level's last ResBlock(+transformer) before it is stored as a skip and downsampled
+        (T2I-Adapter, Mou et al., 2023; = diffusers' `down_intrablock_additional_residuals` when every level
+        but the last has attention, as in SD 1.x/2.x; see ldmkit.control). Returns (B, out_channels, H, W)."""
         self._check_inputs(x, context, context_mask, class_labels, concat, down_residuals, mid_residual)
+        self._check_adapter_residuals(x, adapter_residuals)
         emb = self.embed(t, class_labels, x)  # (B, 4·C0) or None
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_in + C_cat, H, W)
         h = self.conv_in(x)  # (B, C0, H, W)
 
         skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, emb, context, context_mask)  # (B, C_i, H/2^(i+1), W/2^(i+1)), last: H/2^i
+        for i, block in enumerate(self.down_blocks):
+            r = None if adapter_residuals is None else adapter_residuals[i]  # (B, C_i, H/2^i, W/2^i)
+            h, block_skips = block(h, emb, context, context_mask, r)  # (B, C_i, H/2^(i+1), W/2^(i+1)), last: H/2^i
             skips += block_skips
         if down_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_residuals)]  # ControlNet: one residual per skip
@@ -463,6 +481,20 @@ class UNet(nn.Module):
             want = (b, c.widths[-1], hgt // f, wid // f)
             if tuple(mid_residual.shape) != want:
                 raise LdmkitError(f"mid_residual must be {want}, got {tuple(mid_residual.shape)}")
+
+    def _check_adapter_residuals(self, x: torch.Tensor, adapter_residuals) -> None:
+        if adapter_residuals is None:
+            return
+        levels = self.level_channels()
+        if len(adapter_residuals) != len(levels):
+            raise LdmkitError(
+                f"adapter_residuals needs {len(levels)} tensors (one per encoder level), got {len(adapter_residuals)}"
+            )
+        b, _, hgt, wid = x.shape
+        for i, (r, (ch, f)) in enumerate(zip(adapter_residuals, levels)):
+            want = (b, ch, hgt // f, wid // f)
+            if tuple(r.shape) != want:
+                raise LdmkitError(f"adapter_residuals[{i}] must be {want}, got {tuple(r.shape)}")
 
 
 def init_weights(unet: UNet, zero_init: bool) -> None:

@@ -5,7 +5,8 @@
 | context (+mask)| cross-attention on tokens              | transformer blocks (K, V)    |
 | labels         | class embedding added to time embedding| every ResBlock (add / FiLM)  |
 | concat         | channel concatenation                  | conv_in input channels       |
-| down_residuals / mid_residual | ControlNet / adapter    | skip connections / middle    |
+| down_residuals / mid_residual | ControlNet              | skip connections / middle    |
+| adapter_residuals | T2I-Adapter                         | end of each encoder level    |
 
 The U-Net never inspects a batch; the Conditioner builds a Cond and `unet_kwargs()` maps it.
 """
@@ -26,6 +27,7 @@ class Cond:
     concat: torch.Tensor | None = None  # (B, C, h, w) at latent resolution
     down_residuals: list[torch.Tensor] | None = None
     mid_residual: torch.Tensor | None = None
+    adapter_residuals: list[torch.Tensor] | None = None  # one per U-Net level
 
     def unet_kwargs(self) -> dict:
         return {
@@ -35,6 +37,7 @@ class Cond:
             "concat": self.concat,
             "down_residuals": self.down_residuals,
             "mid_residual": self.mid_residual,
+            "adapter_residuals": self.adapter_residuals,
         }
 
     def to(self, device: torch.device | str) -> "Cond":

@@ -195,7 +195,5 @@ def load_training_state(folder: Path) -> dict[str, Any]:
 def _register_builtin_kinds() -> None:
     """Import the modules that register kinds (kept lazy so `import ldmkit` stays light)."""
     import ldmkit.autoencoder  # noqa: F401
-    try:
-        import ldmkit.pipeline  # noqa: F401
-    except ImportError:
-        pass
+    import ldmkit.control  # noqa: F401
+    import ldmkit.pipeline  # noqa: F401
