@@ -178,7 +178,7 @@ def test_bad_prompts_file(trained_ae, tmp_path, capsys):
     rc, _, err = run_cli(["sample", "--checkpoint", str(trained_ae), "--out", str(tmp_path / "s"), "--prompts-file", str(binary)], capsys)
     assert rc == 2 and "UTF-8" in err
     rc, _, err = run_cli(["sample", "--checkpoint", str(trained_ae), "--out", str(tmp_path / "s"), "--prompt", "x"], capsys)
-    assert rc == 2 and "not a diffusion model" in err
+    assert rc == 2 and "not a diffusion model" in err, err
 
 
 def test_corrupt_image_folder(tmp_path, capsys):
@@ -198,7 +198,7 @@ def test_corrupt_image_folder(tmp_path, capsys):
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ["train-autoencoder", "train", "sample", "evaluate", "demo"]:
+    for cmd in ["train-autoencoder", "train", "sample", "evaluate", "demo", "convert"]:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0

@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 
 
 def load(path, ema: bool = True, device="cpu"):
-    """Return the module a checkpoint folder holds (autoencoder, LatentDiffusion, ...) in eval mode."""
-    from ldmkit.train.checkpoint import load as _load
+    """Return the module a checkpoint holds (autoencoder, LatentDiffusion, ControlNet, ...) in eval
+    mode: an ldmkit checkpoint folder, a diffusers model or pipeline folder, or an original
+    Stable Diffusion single file."""
+    from ldmkit.interop.convert import load_any
 
-    return _load(path, ema=ema, device=device)
+    return load_any(path, ema=ema, device=device)

@@ -60,23 +60,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import ldmkit
     from ldmkit.sample import read_prompts_file, sample_to_folder
-    from ldmkit.train.checkpoint import read_config
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
-    _, kind, _, _ = read_config(args.checkpoint)
-    if kind != "latent_diffusion":
-        raise LdmkitError(f"{args.checkpoint} holds a '{kind}', not a diffusion model; give the folder `ldmkit train` wrote")
-    ldm = ldmkit.load(args.checkpoint)
+    from ldmkit.interop.convert import load_any
+    from ldmkit.pipeline import LatentDiffusion
+
+    ldm = load_any(args.checkpoint, config=args.config)
+    if not isinstance(ldm, LatentDiffusion):
+        raise LdmkitError(f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; give the folder `ldmkit train` wrote or an SD pipeline")
     paths = sample_to_folder(
         ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
         num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
         seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
     )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldmkit.interop.convert import convert
+
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    print(convert(args.src, args.dst, args.format, config=args.config, overwrite=args.overwrite, dtype=dtype))
     return 0
 
 
@@ -158,8 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--config", default=None, help="diffusers pipeline folder with the configs of a bare single file")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("convert", help="convert between ldmkit, diffusers and original Stable Diffusion formats")
+    c.add_argument("--from", dest="src", required=True, help="ldmkit folder, diffusers model/pipeline folder, or .safetensors/.ckpt")
+    c.add_argument("--to", dest="dst", required=True, help="output folder (ldmkit, diffusers) or file (original)")
+    c.add_argument("--format", required=True, choices=["ldmkit", "diffusers", "original"], help="output format")
+    c.add_argument("--config", default=None, help="diffusers folder with configs for a single file without them")
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype of the output")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
