@@ -190,6 +190,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
             ldm.unet = live
         save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
 
+    use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
     ldm.train()
     t0 = time.time()
     bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not progress, dynamic_ncols=True)
@@ -207,7 +208,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
             with autocast(o.precision):
-                loss = ldm.loss(z0, texts=batch["text"], labels=batch["label"], generator=g)
+                loss = ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                labels=batch["label"] if use_labels else None, generator=g)
             check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()
