@@ -38,10 +38,19 @@ from ldmkit.train.loop import (
 )
 
 
-def autocast(precision: str):
+def autocast(precision: str, device: torch.device | str = "cpu"):
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LdmkitError(f"optim.device is {name} but no CUDA device is available; use optim.device=cpu")
+    return dev
 
 
 def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[TensorData, TensorData]:
@@ -55,9 +64,10 @@ def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[Ten
 def validate(model: AutoencoderKL, val: TensorData, batch_size: int = 64) -> dict[str, float]:
     """Held-out PSNR/SSIM of posterior-mode reconstructions and KL per latent element."""
     model.eval()
+    device = next(model.parameters()).device
     ps, ss, kls, n_el = [], [], [], 0
     for i in range(0, len(val), batch_size):
-        x = val.images[i : i + batch_size]
+        x = val.images[i : i + batch_size].to(device)
         post = model.encode(x)
         x_hat = model.decode(post.mode()).clamp(-1, 1)
         ps.append(psnr(x_hat, x))
@@ -80,11 +90,12 @@ def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batc
     scaling_factor = 1/std and shift_factor = mean, stored in the checkpoint config.
     """
     model.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     zs = []
     for b in range(min(batches, max(1, len(data) // batch_size))):
         idx = batch_indices(b, len(data), min(batch_size, len(data)), seed)
-        zs.append(model.encode(data.images[idx]).sample(g))
+        x = data.images[idx].to(next(model.parameters()).device)
+        zs.append(model.encode(x).sample(g).cpu())
     z = torch.cat(zs)  # (N, c, h, w)
     per_mean = z.mean(dim=(0, 2, 3))
     per_std = z.std(dim=(0, 2, 3))
@@ -109,8 +120,9 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
     torch.manual_seed(o.seed)
 
     train, val = load_splits(cfg, progress)
-    model = AutoencoderKL(cfg.model)
-    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels)
+    device = pick_device(o.device)
+    model = AutoencoderKL(cfg.model).to(device)
+    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     d_opt = None
     if loss_fn.discriminator is not None:
@@ -155,14 +167,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
             idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)
-            x = train.images[idx]
+            x = train.images[idx].to(device)
             if cfg.data.hflip:
-                flip = torch.rand(x.shape[0]) < 0.5
+                flip = (torch.rand(x.shape[0]) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
 
-            with autocast(o.precision):
+            with autocast(o.precision, device):
                 x_hat, post = model(x)
             x_hat = x_hat.float()
             loss, logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
@@ -189,9 +201,9 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
                 metrics = validate(eval_model, val)
                 log.write(done, **{f"val_{k}": v for k, v in metrics.items()})
                 with torch.no_grad():
-                    xv = val.images[:16]
+                    xv = val.images[:16].to(device)
                     rec = eval_model.decode(eval_model.encode(xv).mode()).clamp(-1, 1)
-                save_grid(torch.cat([xv, rec]), out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
+                save_grid(torch.cat([xv, rec]).cpu(), out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
             if done % cfg.logging.ckpt_every == 0 and done != o.steps:
                 checkpoint(done)
             bar.update(1)

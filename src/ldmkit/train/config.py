@@ -45,6 +45,7 @@ class OptimConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (None: off)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the forward pass")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = 0
 
 

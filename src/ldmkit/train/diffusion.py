@@ -24,7 +24,7 @@ from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
-from ldmkit.train.autoencoder import autocast
+from ldmkit.train.autoencoder import autocast, pick_device
 from ldmkit.train.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -87,7 +87,7 @@ def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, p
     """Posterior mean and std of every training image: (N, c, h, w) each."""
     means, stds = [], []
     for i in tqdm(range(0, len(data), batch_size), desc="encoding latents", disable=not progress, leave=False):
-        x = data.images[i : i + batch_size]
+        x = data.images[i : i + batch_size].to(next(ae.parameters()).device)
         if x.shape[-1] % ae.downsample_factor:
             raise LdmkitError(f"image size {x.shape[-1]} is not divisible by the autoencoder's factor {ae.downsample_factor}")
         post = ae.encode(x)
@@ -136,6 +136,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
     d = cfg.data
     data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
                        desc="train data", progress=progress)
+    device = pick_device(o.device)
+    ldm.to(device)
     mean, std = encode_dataset(ldm.autoencoder, data, progress=progress)
     if cfg.conditioner.num_classes and (data.labels < 0).all():
         raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
@@ -199,15 +201,17 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
         for step in range(start, o.steps):
             g = step_generator(o.seed, step)
             idx = batch_indices(step, len(data), o.batch_size, d.seed)
-            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)  # z ~ q(z|x), fresh each step
+            idx_d = idx.to(device)
+            noise = torch.randn(mean[idx_d].shape, generator=g).to(device)
+            z = mean[idx_d] + std[idx_d] * noise  # z ~ q(z|x), fresh each step
             z0 = (z - ldm.autoencoder.config.shift_factor) * ldm.autoencoder.config.scaling_factor
             if d.hflip:
-                flip = torch.rand(z0.shape[0], generator=g) < 0.5
+                flip = (torch.rand(z0.shape[0], generator=g) < 0.5).to(device)
                 z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
             batch = data.batch(idx)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            with autocast(o.precision):
+            with autocast(o.precision, device):
                 loss = ldm.loss(z0, texts=batch["text"] if use_text else None,
                                 labels=batch["label"] if use_labels else None, generator=g)
             check_finite(loss, step, out)
