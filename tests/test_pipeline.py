@@ -159,3 +159,22 @@ def test_same_seed_same_images_for_every_sampler():
         b = ldm.sample(texts=["x"], labels=[0], steps=3, sampler=sampler, seed=5, guidance=2.0)
         assert torch.equal(a, b), sampler
         assert a.shape == (1, 3, 16, 16) and a.abs().max() <= 1
+
+
+def test_pooled_text_vector_route():
+    ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4)
+    unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_levels=(1,), num_heads=2, norm_groups=4, context_dim=8, vector_dim=8, zero_init=False)
+    cond_cfg = ConditionerConfig(text_encoder="test", pooled_text=True)
+    ldm = LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, image_size=16),
+                          conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder())).eval()
+    cond = ldm.conditioner(texts=["red circle", "blue"])
+    # the vector is the mean of the real tokens
+    torch.testing.assert_close(cond.vector[1], cond.context[1, 0])
+    torch.testing.assert_close(cond.vector[0], cond.context[0, :2].mean(0))
+    z, t = torch.randn(2, *ldm.latent_shape), torch.tensor([10, 10])
+    out = ldm.unet(z, t, **cond.unet_kwargs())
+    no_vec = ldm.unet(z, t, **{**cond.unet_kwargs(), "vector": torch.zeros_like(cond.vector)})
+    assert not torch.allclose(out, no_vec)  # the vector reaches the output
+    with pytest.raises(LdmkitError, match="vector"):
+        ldm.unet(z, t, **{**cond.unet_kwargs(), "vector": None})

@@ -244,6 +244,7 @@ class ControlNet(nn.Module):
         self.conv_in = nn.Conv2d(u.in_channels + u.concat_channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], u.time_embed_dim) if u.use_time_modulation else None
         self.class_embedding = nn.Embedding(u.num_classes + 1, u.time_embed_dim) if u.num_classes else None
+        self.vector_embedding = TimestepEmbedding(u.vector_dim, u.time_embed_dim) if u.vector_dim else None
         self.controlnet_cond_embedding = HintEncoder(config.hint_channels, config.hint_widths, widths[0])
         self.down_blocks = nn.ModuleList(DownBlock(u, i, widths[max(i - 1, 0)]) for i in range(u.num_levels))
         self.mid_block = MidBlock(u)
@@ -279,7 +280,8 @@ class ControlNet(nn.Module):
         # `UNet.embed` and `UNet._check_inputs` read only these attributes: the copy runs the base
         # model's own code for the embedding and the input checks, not a duplicate that could drift.
         return SimpleNamespace(
-            config=self.config.unet, time_embedding=self.time_embedding, class_embedding=self.class_embedding
+            config=self.config.unet, time_embedding=self.time_embedding, class_embedding=self.class_embedding,
+            vector_embedding=self.vector_embedding,
         )
 
     def forward(
@@ -292,6 +294,7 @@ class ControlNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         concat: torch.Tensor | None = None,
         scale: float | None = None,
+        vector: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x, t, context, context_mask, class_labels, concat: exactly what the base U-Net gets.
         control_image (B or 1, hint_channels, f·H, f·W) in [0, 1] (see `prepare_control_image`);
@@ -299,12 +302,13 @@ class ControlNet(nn.Module):
         Returns down_residuals (one per `UNet.skip_channels()` entry) and mid_residual."""
         base = self._base_view()
         UNet._check_inputs(base, x, context, context_mask, class_labels, concat, None, None)
+        UNet._check_vector(base, x, vector)
         cfg = self.config
         b, _, hgt, wid = x.shape
         f = cfg.latent_factor
         hint = prepare_control_image(control_image, cfg.hint_channels, (f * hgt, f * wid), b, like=x)
 
-        emb = UNet.embed(base, t, class_labels, x)  # (B, 4·C0) or None
+        emb = UNet.embed(base, t, class_labels, x, vector)  # (B, 4·C0) or None
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_in + C_cat, H, W)
         h = self.conv_in(x) + self.controlnet_cond_embedding(hint)  # (B, C0, H, W)

@@ -76,6 +76,9 @@ class UNetConfig(BaseModel):
     num_classes: int = Field(
         0, ge=0, description="labels embedded and added to the time embedding; 0 = none; label num_classes = null"
     )
+    vector_dim: int = Field(
+        0, ge=0, description="a (B, vector_dim) condition (pooled text, scalars) through an MLP into the time embedding"
+    )
     # ---- ablation switches (all True = the standard LDM U-Net)
     use_skip_connections: bool = Field(True, description="off: the decoder gets no encoder features")
     use_attention: bool = Field(True, description="off: no transformer anywhere (so no cross-attention)")
@@ -115,6 +118,8 @@ class UNetConfig(BaseModel):
             raise ValueError(f"context_dim is set but {what}: text/context would have no route into the model")
         if self.num_classes and not self.use_time_modulation:
             raise ValueError("num_classes > 0 needs use_time_modulation: labels are added to the time embedding")
+        if self.vector_dim and not self.use_time_modulation:
+            raise ValueError("vector_dim > 0 needs use_time_modulation: the vector is added to the time embedding")
         return self
 
     @property
@@ -319,6 +324,9 @@ class UNet(nn.Module):
         # One extra row, index num_classes, is the "no label" class that classifier-free guidance
         # trains by dropping labels (Ho & Salimans, 2022).
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.time_embed_dim) if cfg.num_classes else None
+        # A global vector condition (e.g. the pooled caption embedding, as Imagen and SDXL add to the
+        # time embedding) reaches every ResBlock through the same modulation path as t.
+        self.vector_embedding = TimestepEmbedding(cfg.vector_dim, cfg.time_embed_dim) if cfg.vector_dim else None
 
         # Encoder; `skips` records (channels, downsample factor) of every tensor the decoder will take.
         skips = [(widths[0], 1)]
@@ -360,13 +368,16 @@ class UNet(nn.Module):
     def encoder_modules(self) -> dict[str, nn.Module]:
         """The encoder half (what a ControlNet deep-copies): conv_in, embeddings, down_blocks, mid_block."""
         parts = {"conv_in": self.conv_in, "time_embedding": self.time_embedding}
-        parts |= {"class_embedding": self.class_embedding, "down_blocks": self.down_blocks, "mid_block": self.mid_block}
+        parts |= {"class_embedding": self.class_embedding, "vector_embedding": self.vector_embedding}
+        parts |= {"down_blocks": self.down_blocks, "mid_block": self.mid_block}
         return {k: m for k, m in parts.items() if m is not None}
 
     # ---- forward
 
-    def embed(self, t: torch.Tensor | float, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-        """The embedding every ResBlock receives: MLP(sinusoids(t)) + label embedding. (B, 4·C0) or None."""
+    def embed(
+        self, t: torch.Tensor | float, class_labels: torch.Tensor | None, x: torch.Tensor, vector: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The embedding every ResBlock receives: MLP(sinusoids(t)) + label embedding + MLP(vector). (B, 4·C0) or None."""
         if self.time_embedding is None:
             return None  # time-agnostic ablation
         b = x.shape[0]
@@ -380,6 +391,8 @@ class UNet(nn.Module):
         emb = self.time_embedding(feats.to(x.dtype))  # (B, 4·C0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels)  # (B, 4·C0)
+        if self.vector_embedding is not None:
+            emb = emb + self.vector_embedding(vector.to(emb.dtype))  # (B, 4·C0)
         return emb
 
     def forward(
@@ -393,8 +406,9 @@ class UNet(nn.Module):
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         adapter_residuals: Sequence[torch.Tensor] | None = None,
+        vector: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, in_channels, H, W) noisy latent; t scalar or (B,) timesteps (int or float);
+        """x (B, in_channels, H, W) noisy latent; vector (B, vector_dim) global condition; t scalar or (B,) timesteps (int or float);
         context (B, M, context_dim) tokens for cross-attention, context_mask (B, M) bool, True = attend;
         class_labels (B,) long in [0, num_classes] (num_classes = null); concat (B, concat_channels, H, W);
         down_residuals one tensor per skip (see `skip_channels`), mid_residual like the middle output
@@ -404,7 +418,8 @@ class UNet(nn.Module):
         but the last has attention, as in SD 1.x/2.x; see ldmkit.control). Returns (B, out_channels, H, W)."""
         self._check_inputs(x, context, context_mask, class_labels, concat, down_residuals, mid_residual)
         self._check_adapter_residuals(x, adapter_residuals)
-        emb = self.embed(t, class_labels, x)  # (B, 4·C0) or None
+        self._check_vector(x, vector)
+        emb = self.embed(t, class_labels, x, vector)  # (B, 4·C0) or None
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_in + C_cat, H, W)
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -426,6 +441,15 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, skips, emb, context, context_mask)  # (B, C_i, H/2^i, W/2^i), i = L-1 … 0
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+
+    def _check_vector(self, x: torch.Tensor, vector: torch.Tensor | None) -> None:
+        c = self.config
+        if vector is not None and not c.vector_dim:
+            raise LdmkitError("got a vector condition, but this U-Net has no vector route (vector_dim is 0)")
+        if vector is None and c.vector_dim:
+            raise LdmkitError(f"this U-Net takes a ({x.shape[0]}, {c.vector_dim}) vector condition; pass vector")
+        if vector is not None and tuple(vector.shape) != (x.shape[0], c.vector_dim):
+            raise LdmkitError(f"vector must be ({x.shape[0]}, {c.vector_dim}), got {tuple(vector.shape)}")
 
     def _check_inputs(self, x, context, context_mask, class_labels, concat, down_residuals, mid_residual) -> None:
         """Turn a condition the model has no route for into one clear LdmkitError."""

@@ -4,6 +4,7 @@
 | -------------- | -------------------------------------- | ---------------------------- |
 | context (+mask)| cross-attention on tokens              | transformer blocks (K, V)    |
 | labels         | class embedding added to time embedding| every ResBlock (add / FiLM)  |
+| vector         | MLP(vector) added to time embedding    | every ResBlock (add / FiLM)  |
 | concat         | channel concatenation                  | conv_in input channels       |
 | down_residuals / mid_residual | ControlNet              | skip connections / middle    |
 | adapter_residuals | T2I-Adapter                         | end of each encoder level    |
@@ -24,6 +25,7 @@ class Cond:
     context: torch.Tensor | None = None  # (B, M, D)
     context_mask: torch.Tensor | None = None  # (B, M) bool, True = real token
     labels: torch.Tensor | None = None  # (B,) long; index num_classes is the null class
+    vector: torch.Tensor | None = None  # (B, D) global vector (pooled caption, scalars) → time embedding
     concat: torch.Tensor | None = None  # (B, C, h, w) at latent resolution
     down_residuals: list[torch.Tensor] | None = None
     mid_residual: torch.Tensor | None = None
@@ -34,6 +36,7 @@ class Cond:
             "context": self.context,
             "context_mask": self.context_mask,
             "class_labels": self.labels,
+            "vector": self.vector,
             "concat": self.concat,
             "down_residuals": self.down_residuals,
             "mid_residual": self.mid_residual,

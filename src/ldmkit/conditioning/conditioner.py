@@ -21,6 +21,7 @@ class ConditionerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text_encoder: str | None = Field(None, description="'minilm' (bundled), a local folder, or None: no text route")
+    pooled_text: bool = Field(False, description="also give the mean caption token as a vector (time-embedding route)")
     num_classes: int = Field(0, ge=0, description="class-label route (0: off)")
     drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training")
     drop_label: float = Field(0.1, ge=0, le=1, description="P(label → null class) in training")
@@ -63,6 +64,10 @@ class Conditioner(nn.Module):
                 keep = torch.rand(n, generator=generator) >= self.cfg.drop_text
                 texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
             cond.context, cond.context_mask = self._text(list(texts))
+            if self.cfg.pooled_text:
+                # Mean over real tokens: all-MiniLM-L6-v2's own sentence embedding is this mean pooling.
+                m = cond.context_mask[..., None].to(cond.context.dtype)  # (B, M, 1)
+                cond.vector = (cond.context * m).sum(1) / m.sum(1).clamp_min(1)  # (B, D)
         elif texts is not None and any(texts):
             raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
         if self.cfg.num_classes:

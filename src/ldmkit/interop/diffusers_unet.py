@@ -158,6 +158,8 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     ]
     if cfg.context_dim is None:
         problems.append("context_dim=None (diffusers' CrossAttn blocks need a cross_attention_dim)")
+    if cfg.vector_dim:
+        problems.append(f"vector_dim={cfg.vector_dim} (no diffusers equivalent for a vector added beside the labels)")
     if problems:
         raise LdmkitError("this U-Net has no diffusers UNet2DConditionModel equivalent: " + ", ".join(problems))
     n = cfg.num_levels

@@ -70,6 +70,12 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
             raise LdmkitError(f"unet.context_dim is {u.context_dim} but the text encoder gives {conditioner.context_dim}-d tokens")
     elif u.context_dim is not None:
         raise LdmkitError("unet.context_dim is set but conditioner.text_encoder is not; set text_encoder: minilm")
+    want_vector = conditioner.context_dim if (cfg.conditioner.pooled_text and conditioner.context_dim) else 0
+    if cfg.conditioner.pooled_text and not want_vector:
+        raise LdmkitError("conditioner.pooled_text needs a text encoder (conditioner.text_encoder)")
+    if u.vector_dim != want_vector:
+        raise LdmkitError(f"unet.vector_dim is {u.vector_dim} but the conditioner gives "
+                          + (f"{want_vector}-d pooled captions" if want_vector else "no vector; set conditioner.pooled_text"))
     if u.num_classes != cfg.conditioner.num_classes:
         raise LdmkitError(f"unet.num_classes ({u.num_classes}) and conditioner.num_classes ({cfg.conditioner.num_classes}) differ")
     f = ae.downsample_factor
