@@ -70,8 +70,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
+        ema_p = [e for e in self.module.parameters()]
+        live_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, live_p, 1 - d)  # one fused kernel per dtype/device, not one per tensor
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
 
