@@ -203,3 +203,33 @@ def test_help_for_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_report_and_layout(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc, _, err = run_cli(["demo", "--quick", "--out", str(out), "--seeds", "1", "--quiet"], capsys)
+    assert rc == 0, err
+    assert (out / "autoencoder" / "latest").is_file() and (out / "diffusion" / "latest").is_file()
+    report = (out / "report.md").read_text()
+    assert "colour" in report and "diffusion_eval/text_samples.png" in report
+    res = json.loads((out / "results.json").read_text())
+    assert res["attributes"]["n"] == 72 and 0 <= res["attributes"]["colour"] <= 1
+    assert (out / "diffusion_eval" / "text_samples.png").is_file()
+    assert (out / "autoencoder_eval" / "reconstructions.png").is_file()
+    assert isinstance(ldmkit.load(out / "diffusion"), torch.nn.Module)
+    # a second run finds both stages finished and only re-evaluates
+    rc, _, err = run_cli(["demo", "--quick", "--out", str(out), "--seeds", "1", "--quiet"], capsys)
+    assert rc == 0, err
+
+
+def test_evaluate_diffusion_checkpoint(trained_ae, tmp_path, capsys):
+    ldm_out = tmp_path / "ldm"
+    assert main(["train", "--config", "tiny", "--autoencoder", str(trained_ae), "--quiet", "--out", str(ldm_out),
+                 "--set", "optim.steps=2"]) == 0
+    rc, out, err = run_cli(["evaluate", "--checkpoint", str(ldm_out), "--out", str(tmp_path / "ev"), "--seeds", "1",
+                            "--steps", "2"], capsys)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["text"]["n"] == 72 and res["label"]["n"] == 18
+    assert (tmp_path / "ev" / "label_samples.png").is_file()

@@ -60,17 +60,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from ldmkit.interop.convert import load_any
+    from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_prompts_file, sample_to_folder
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
-    from ldmkit.interop.convert import load_any
-    from ldmkit.pipeline import LatentDiffusion
 
     ldm = load_any(args.checkpoint, config=args.config)
     if not isinstance(ldm, LatentDiffusion):
-        raise LdmkitError(f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; give the folder `ldmkit train` wrote or an SD pipeline")
+        raise LdmkitError(
+            f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
+            "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
+        )
     paths = sample_to_folder(
         ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
         num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
@@ -112,6 +115,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = args.data or meta.get("dataset", "shapes")
         size = args.size or meta.get("image_size", 32)
         res = evaluate_autoencoder(model, dataset, size, out, n=args.num_images, seed=args.seed)
+        print(json.dumps(res, indent=2))
+        print(f"report written to {out / 'report.md'}")
+        return 0
+    if kind == "latent_diffusion":
+        from ldmkit.evaluate.diffusion import evaluate_diffusion
+
+        res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance)
         print(json.dumps(res, indent=2))
         print(f"report written to {out / 'report.md'}")
         return 0
@@ -188,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, default=None, help="image size (default: the training size)")
     e.add_argument("--num-images", type=int, default=256)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seeds", type=int, default=2, help="diffusion: samples per caption/label")
+    e.add_argument("--steps", type=int, default=25, help="diffusion: sampling steps")
+    e.add_argument("--guidance", type=float, default=2.0, help="diffusion: guidance scale")
     e.set_defaults(func=cmd_evaluate)
     return p
 
