@@ -72,20 +72,19 @@ def detect_format(path: str | Path) -> str:
 def _load_ldmkit(path: Path, ema: bool, device) -> nn.Module:
     """`ldmkit.train.checkpoint.load`, except that a CLIP text encoder path that has moved with the
     checkpoint folder (written by `convert` as FOLDER/text_encoder) is found again."""
-    from ldmkit.train.checkpoint import EMA_WEIGHTS, KINDS, WEIGHTS, load_weights, read_config
+    from ldmkit.train.checkpoint import load
 
-    folder, kind, cfg, meta = read_config(path)
-    if kind == "latent_diffusion":
+    def relocate_text_encoder(folder: Path, kind: str, cfg):
+        if kind != "latent_diffusion":
+            return cfg
         name = cfg.conditioner.text_encoder
         local = folder / "text_encoder"
         if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
-            cfg = cfg.model_copy(update={"conditioner": cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})})
-    module = KINDS[kind].build(cfg, meta)
-    file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
-    if not file.is_file():
-        raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
-    load_weights(module, file)
-    return module.to(device).eval()
+            cond = cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})
+            cfg = cfg.model_copy(update={"conditioner": cond})
+        return cfg
+
+    return load(path, ema=ema, device=device, adjust_config=relocate_text_encoder)
 
 
 def load_any(path: str | Path, config=None, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:

@@ -33,6 +33,7 @@ from ldmkit.train.loop import (
     batch_indices,
     check_finite,
     lr_at,
+    start_run,
     rng_state,
     set_rng_state,
 )
@@ -110,11 +111,7 @@ def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batc
 
 def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train, validate, checkpoint, measure latent statistics. Returns the final checkpoint folder."""
-    out = Path(out)
-    if out.exists() and (out / "latest").exists() and not resume:
-        raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
+    out = start_run(out, resume)
     save_config(cfg, out / "train_config.yaml")
     o = cfg.optim
     torch.manual_seed(o.seed)

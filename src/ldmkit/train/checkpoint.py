@@ -171,9 +171,17 @@ def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
     module.load_state_dict(sd, strict=strict)
 
 
-def load(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
-    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
+def load(
+    path: str | Path,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    adjust_config: Callable[[Path, str, BaseModel], BaseModel] | None = None,
+) -> nn.Module:
+    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`.
+    `adjust_config(folder, kind, config)` may rewrite the config first (e.g. relocate assets)."""
     folder, kind, cfg, meta = read_config(path)
+    if adjust_config is not None:
+        cfg = adjust_config(folder, kind, cfg)
     module = KINDS[kind].build(cfg, meta)
     file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
     if not file.is_file():

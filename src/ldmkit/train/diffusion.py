@@ -36,7 +36,16 @@ from ldmkit.train.checkpoint import (
 )
 from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.train.data import TensorData, materialize
-from ldmkit.train.loop import EMA, GracefulInterrupt, TrainingInterrupted, TrainLog, batch_indices, check_finite, lr_at
+from ldmkit.train.loop import (
+    EMA,
+    GracefulInterrupt,
+    TrainingInterrupted,
+    TrainLog,
+    batch_indices,
+    check_finite,
+    lr_at,
+    start_run,
+)
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
@@ -124,11 +133,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
                     time_limit: float | None = None) -> Path:
     """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
     training early at a step boundary — the same checkpoint logic applies."""
-    out = Path(out)
-    if out.exists() and (out / "latest").exists() and not resume:
-        raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
+    out = start_run(out, resume)
     save_config(cfg, out / "train_config.yaml")
     o = cfg.optim
     torch.manual_seed(o.seed)

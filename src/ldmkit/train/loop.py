@@ -17,6 +17,18 @@ from torch import nn
 from ldmkit.errors import LdmkitError
 
 
+# --- run folder ----------------------------------------------------------------------------------
+
+
+def start_run(out: str | Path, resume: bool) -> Path:
+    """Create OUT (and OUT/samples), refusing to overwrite an earlier run unless resuming."""
+    out = Path(out)
+    if (out / "latest").exists() and not resume:
+        raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    return out
+
+
 # --- data order ----------------------------------------------------------------------------------
 
 
