@@ -189,3 +189,19 @@ def test_convert_refuses_bad_requests(sd_folder, tmp_path):
         load_any(sd_folder, config=sd_folder)
     with pytest.raises(LdmkitError, match="has no ldmkit checkpoint form"):
         convert(sd_folder / "unet", tmp_path / "u", "ldmkit")
+
+
+def test_second_stage_trains_on_a_diffusers_vae(sd_folder, tmp_path):
+    """The common research workflow: a converted SD VAE as the frozen first stage of `ldmkit train`."""
+    from ldmkit.cli import main
+
+    for source in (sd_folder / "vae", sd_folder):  # a VAE folder, or a whole pipeline (its VAE is used)
+        out = tmp_path / f"ldm-{source.name}"
+        rc = main(["train", "--config", "tiny", "--autoencoder", str(source), "--out", str(out), "--quiet",
+                   "--set", "optim.steps=2"])
+        assert rc == 0
+        ldm = load_any(out)
+        vae = load_any(sd_folder / "vae")
+        assert ldm.autoencoder.config.scaling_factor == vae.config.scaling_factor
+        for k, v in vae.state_dict().items():
+            assert torch.equal(ldm.autoencoder.state_dict()[k], v), k

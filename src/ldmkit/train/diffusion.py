@@ -49,20 +49,34 @@ from ldmkit.train.loop import (
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
-    """The trained autoencoder, checked to carry the latent statistics the second stage needs."""
+    """The trained first stage, checked to carry the latent scale the second stage needs.
+
+    `path` is an ldmkit autoencoder checkpoint, or any autoencoder `ldmkit.load` reads: a diffusers
+    `AutoencoderKL` folder (e.g. Stable Diffusion's `vae/`, whose config holds scaling_factor), a
+    whole diffusers pipeline folder (its VAE is used) or an original SD single file."""
     if not path:
         raise LdmkitError("no first stage given: set `autoencoder:` in the config (a folder from `ldmkit train-autoencoder`)")
-    folder, kind, cfg, meta = read_config(path)
-    if kind != "autoencoder":
-        raise LdmkitError(f"{folder} holds a '{kind}', not an autoencoder; point `autoencoder:` at a first-stage checkpoint")
-    if "latent_stats" not in meta and cfg.scaling_factor == 1.0 and cfg.shift_factor == 0.0:
-        raise LdmkitError(
-            f"{folder} has no measured latent scale (training did not finish); finish it with "
-            "`ldmkit train-autoencoder --resume` or set model.scaling_factor by hand"
-        )
-    model = AutoencoderKL(cfg)
-    load_weights(model, folder / (EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else WEIGHTS))
-    return model.eval().requires_grad_(False), meta
+    from ldmkit.interop.convert import detect_format, load_any
+
+    fmt = detect_format(path)
+    if fmt == "ldmkit":
+        folder, kind, cfg, meta = read_config(path)
+        if kind != "autoencoder":
+            raise LdmkitError(f"{folder} holds a '{kind}', not an autoencoder; point `autoencoder:` at a first-stage checkpoint")
+        if "latent_stats" not in meta and cfg.scaling_factor == 1.0 and cfg.shift_factor == 0.0:
+            raise LdmkitError(
+                f"{folder} has no measured latent scale (training did not finish); finish it with "
+                "`ldmkit train-autoencoder --resume` or set model.scaling_factor by hand"
+            )
+        model = AutoencoderKL(cfg)
+        load_weights(model, folder / (EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else WEIGHTS))
+        return model.eval().requires_grad_(False), meta
+    module = load_any(path)
+    if isinstance(module, LatentDiffusion):
+        module = module.autoencoder  # a whole SD pipeline or single file: train on its VAE
+    if not isinstance(module, AutoencoderKL):
+        raise LdmkitError(f"{path} holds a {type(module).__name__}, not an autoencoder; point `autoencoder:` at a VAE")
+    return module.eval().requires_grad_(False), {"source": str(path), "format": fmt}
 
 
 def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, conditioner: Conditioner) -> LatentDiffusionConfig:
@@ -255,5 +269,5 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
     sample_grid(step)
     log.plot(["loss"], out / "loss.png")
     meta = {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": d.dataset,
-            "autoencoder": str(resolve(cfg.autoencoder)), "autoencoder_val": ae_meta.get("val")}
+            "autoencoder": str(cfg.autoencoder), "autoencoder_val": ae_meta.get("val")}
     return checkpoint(step, meta=meta)
