@@ -58,7 +58,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,6 +99,7 @@ def save_checkpoint(
             save_file(ema_sd, str(tmp / EMA_WEIGHTS))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         final = ckpts / name
         if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
             shutil.rmtree(final)
