@@ -48,6 +48,8 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, M, d)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, M, d)
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing to hide: let SDPA take its unmasked (faster) kernel
         if mask is not None:  # (B, M) True = attend; padding tokens of a text encoder are False
             mask = mask[:, None, None, :].to(torch.bool)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, N, d)

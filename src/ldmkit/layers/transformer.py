@@ -125,7 +125,9 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             t = block(t, context, context_mask)  # (B, HW, inner)
         if self.use_linear_projection:
-            t = self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+            t = self.proj_out(t).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
         else:
-            t = self.proj_out(t.reshape(b, h, w, -1).permute(0, 3, 1, 2))  # (B, C, H, W)
+            # contiguous: a permuted (channels-last-strided) input sends the 1x1 conv, and the
+            # ResBlocks after it, down a slower layout path on CPU
+            t = self.proj_out(t.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
         return x + t  # (B, C, H, W)
