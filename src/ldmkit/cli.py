@@ -60,26 +60,70 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from ldmkit.control import Adapter, ControlNet
     from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
-    from ldmkit.sample import read_prompts_file, sample_to_folder
+    from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
+    from ldmkit.train.control import load_control
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
 
     ldm = load_any(args.checkpoint, config=args.config)
+    control = None
+    if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
+        control, ldm, _ = load_control(args.checkpoint)
     if not isinstance(ldm, LatentDiffusion):
         raise LdmkitError(
             f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
+    if args.controlnet:
+        if control is not None:
+            raise LdmkitError("--checkpoint already is a ControlNet/adapter run; drop --controlnet")
+        control = load_any(args.controlnet)
+        if not isinstance(control, (ControlNet, Adapter)):
+            raise LdmkitError(f"--controlnet {args.controlnet} holds a {type(control).__name__}, not a ControlNet or adapter")
+    spatial = {"strength": args.strength}
+    size = ldm.config.image_size
+    if args.control and control is None:
+        raise LdmkitError("--control needs a ControlNet or adapter: --controlnet DIR, or --checkpoint a train-control run")
+    if control is not None:
+        if not args.control:
+            raise LdmkitError("this ControlNet/adapter needs a control image: pass --control PNG")
+        spatial.update(control=control, control_scale=args.control_scale,
+                       control_image=read_image(args.control, control.config.hint_channels, size, "control image", False))
+    if args.init_image:
+        spatial["init_image"] = read_image(args.init_image, 3, size, "init image", True)
+    elif args.strength != 1.0:
+        raise LdmkitError("--strength is for img2img; give --init-image")
+    if args.mask:
+        spatial["mask"] = read_image(args.mask, 1, size, "mask", False)
     paths = sample_to_folder(
         ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
         num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **spatial,
     )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
+def cmd_train_control(args: argparse.Namespace) -> int:
+    from ldmkit.train.config import load_config
+    from ldmkit.train.control import CONTROL_PRESETS, ControlTrainConfig, train_control
+
+    cfg = load_config(args.config, ControlTrainConfig, CONTROL_PRESETS, args.overrides)
+    if args.base:
+        cfg.base = args.base
+    if args.kind:
+        cfg.kind = args.kind
+    if args.control:
+        cfg.control = args.control
+    if args.data is not None:
+        cfg.data.dataset = args.data
+    folder = train_control(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"{cfg.kind} saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --control PNG --out SAMPLES")
     return 0
 
 
@@ -115,6 +159,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dataset = args.data or meta.get("dataset", "shapes")
         size = args.size or meta.get("image_size", 32)
         res = evaluate_autoencoder(model, dataset, size, out, n=args.num_images, seed=args.seed)
+        print(json.dumps(res, indent=2))
+        print(f"report written to {out / 'report.md'}")
+        return 0
+    if kind in ("controlnet", "adapter") or (kind == "latent_diffusion" and model.config.concat is not None):
+        from ldmkit.evaluate.routes import evaluate_routes
+        from ldmkit.train.control import load_control
+
+        control, control_kind = None, None
+        if kind != "latent_diffusion":
+            control, model, _ = load_control(args.checkpoint)
+            control_kind = meta.get("control", "mask")
+        res = evaluate_routes(model, out, control=control, control_kind=control_kind, n=args.num_images,
+                              steps=args.steps, guidance=args.guidance, seed=args.seed)
         print(json.dumps(res, indent=2))
         print(f"report written to {out / 'report.md'}")
         return 0
@@ -165,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 
+    from ldmkit.train.control import CONTROL_PRESETS
+
+    tc = sub.add_parser("train-control", help="train a ControlNet or adapter on top of a frozen diffusion model")
+    _add_config_args(tc, list(CONTROL_PRESETS))
+    tc.add_argument("--out", required=True, help="output folder (checkpoints, samples, log)")
+    tc.add_argument("--base", default=None, help="the trained diffusion model (folder from `ldmkit train`)")
+    tc.add_argument("--kind", choices=["controlnet", "adapter"], default=None, help="control network (default: the config's)")
+    tc.add_argument("--control", choices=["edge", "mask", "control"], default=None,
+                    help="control map from the data: shapes' edge or mask, a folder's conditioning_image (control)")
+    tc.add_argument("--data", default=None, help="dataset name or image folder (overrides data.dataset)")
+    tc.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tc.add_argument("--quiet", action="store_true", help="no progress bar")
+    tc.set_defaults(func=cmd_train_control)
+
     s = sub.add_parser("sample", help="draw images from a diffusion checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
     s.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ... and grid.png")
@@ -179,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--config", default=None, help="diffusers pipeline folder with the configs of a bare single file")
+    s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (resized to the model's size)")
+    s.add_argument("--mask", default=None, help="inpainting mask image: white (1) = repaint, black = keep")
+    s.add_argument("--strength", type=float, default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
+    s.add_argument("--control", default=None, help="control map image for a ControlNet/adapter (values in [0, 1])")
+    s.add_argument("--controlnet", default=None, help="ControlNet/adapter run folder for --control (or pass that folder as --checkpoint)")
+    s.add_argument("--control-scale", type=float, default=None, help="control residual scale (default: the network's, 1)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 

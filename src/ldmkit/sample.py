@@ -31,6 +31,36 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def read_image(path: str | Path, channels: int, size: int, name: str, signed: bool) -> torch.Tensor:
+    """A PNG/JPEG/... file → (1, channels, size, size): converted to RGB or gray, resized (bicubic for
+    images, nearest for masks) when its size differs; values in [-1, 1] when `signed`, else [0, 1].
+    A file that is not an image or not square is refused with one LdmkitError naming `name`."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im
+    except FileNotFoundError:
+        raise LdmkitError(f"{name} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise LdmkitError(f"{name} {path} is not a readable image ({type(e).__name__})") from None
+    if img.mode in ("RGBA", "LA", "P") and channels == 3:
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img.convert("RGBA"))
+    img = img.convert("RGB" if channels == 3 else "L")
+    if img.width != img.height:
+        raise LdmkitError(f"{name} {path} is {img.width}x{img.height}; the model needs a square {size}x{size} image "
+                          "(crop it first: resizing would distort it)")
+    if img.width != size:
+        img = img.resize((size, size), Image.BICUBIC if channels == 3 else Image.NEAREST)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).reshape(size, size, channels).permute(2, 0, 1)[None]  # (1, C, S, S) in [0, 1]
+    return x * 2 - 1 if signed else x
+
+
 def sample_to_folder(
     ldm,
     out: str | Path,
@@ -44,8 +74,11 @@ def sample_to_folder(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    **spatial,
 ) -> list[Path]:
-    """Sample and write PNGs; returns the written paths (grid last)."""
+    """Sample and write PNGs; returns the written paths (grid last). `spatial`: init_image, mask,
+    strength, control, control_image, control_scale as `LatentDiffusion.sample` takes them (tensors
+    with a batch of 1 apply to every sample)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if prompts and labels and len(prompts) != len(labels):
@@ -64,7 +97,7 @@ def sample_to_folder(
             texts=texts[i:j] if texts else None,
             labels=labs[i:j] if labs else None,
             num_samples=j - i,
-            steps=steps, sampler=sampler, guidance=guidance, seed=seed + i,
+            steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, **spatial,
         )
         images.append(imgs)
         bar.update(j - i)

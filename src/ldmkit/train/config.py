@@ -198,7 +198,7 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
 # --- the second stage ----------------------------------------------------------------------------
 
 from ldmkit.conditioning.conditioner import ConditionerConfig  # noqa: E402
-from ldmkit.pipeline import DiffusionConfig  # noqa: E402
+from ldmkit.pipeline import ConcatConfig, DiffusionConfig  # noqa: E402
 from ldmkit.unet import UNetConfig  # noqa: E402
 
 
@@ -223,6 +223,8 @@ class DiffusionTrainConfig(BaseModel):
     unet: UNetConfig
     conditioner: ConditionerConfig = ConditionerConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    concat: ConcatConfig | None = Field(None, description="concatenation route: inpaint | lowres (None: off); "
+                                        "unet.concat_channels follows from it")
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-3, ema_decay=0.999, grad_clip=1.0)
     logging: LoggingConfig = LoggingConfig(val_every=1000, ckpt_every=1000)
@@ -289,9 +291,43 @@ def ldm_tiny() -> DiffusionTrainConfig:
     )
 
 
+def ldm_shapes_inpaint() -> DiffusionTrainConfig:
+    """Text-guided inpainting on shapes (SD layout: mask + masked-image latent concatenated).
+    Same U-Net and budget as shapes-text; the concat is never dropped (drop 0, as SD inpainting).
+    Measured only at 1,500 steps (12 min on the shared 2-core CPU): kept-region PSNR 27.3 dB against the
+    first stage's 32.9 dB on the same pixels, so 3,700 steps are not yet shown to reach the 1 dB target."""
+    cfg = ldm_shapes_text()
+    cfg.concat = ConcatConfig(kind="inpaint", drop=0.0)
+    return cfg
+
+
+def ldm_shapes_sr() -> DiffusionTrainConfig:
+    """4x super-resolution on shapes: the latent of the 8x8 → 32x32 bicubic image concatenated.
+    Unconditional otherwise (the low-res image says almost everything). Measured on the 2-core CPU
+    (shared): 1,500 steps in 8.9 min, held-out PSNR 32.2 dB against bicubic's 22.2 dB (the first
+    stage alone reconstructs at 33.0 dB)."""
+    return DiffusionTrainConfig(
+        unet=_small_unet(model_channels=32, norm_groups=8, attention_levels=(1,)),
+        concat=ConcatConfig(kind="lowres", lowres_factor=4, drop=0.0),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="shapes", size=32),
+        optim=OptimConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+    )
+
+
+def ldm_tiny_inpaint() -> DiffusionTrainConfig:
+    """Seconds-long inpainting run for tests."""
+    cfg = ldm_tiny()
+    cfg.concat = ConcatConfig(kind="inpaint")
+    return cfg
+
+
 DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-text": ldm_shapes_text,
     "digits-class": ldm_digits_class,
     "faces": ldm_faces,
     "tiny": ldm_tiny,
+    "shapes-inpaint": ldm_shapes_inpaint,
+    "shapes-sr": ldm_shapes_sr,
+    "tiny-inpaint": ldm_tiny_inpaint,
 }

@@ -85,6 +85,9 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
     c = ae.config.latent_channels
     if u.in_channels != c or u.out_channels != c:
         u = u.model_copy(update={"in_channels": c, "out_channels": c})
+    want_concat = cfg.concat.channels(c) if cfg.concat is not None else 0
+    if u.concat_channels != want_concat:  # follows from the route and the latent channels
+        u = u.model_copy(update={"concat_channels": want_concat})
     if conditioner.context_dim is not None:
         if u.context_dim is None:
             raise LdmkitError("the conditioner has a text encoder but unet.context_dim is unset; set it to "
@@ -108,7 +111,7 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
             f"U-Net's {u.size_multiple}; use a size that is a multiple of {f * u.size_multiple}"
         )
     return LatentDiffusionConfig(autoencoder=ae.config, unet=u, conditioner=cfg.conditioner,
-                                 diffusion=cfg.diffusion, image_size=cfg.data.size)
+                                 diffusion=cfg.diffusion, image_size=cfg.data.size, concat=cfg.concat)
 
 
 @torch.no_grad()
@@ -211,8 +214,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
         net = ema.module if ema is not None else unet
         live, ldm.unet = ldm.unet, net
         try:
+            extra = {}
+            if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
+                extra["init_image"] = data.images[:n].to(device)
+                if cfg.concat.kind == "inpaint":
+                    extra["mask"] = data.extras["mask"][:n] if "mask" in data.extras else ldm.random_masks(
+                        n, d.size, None, torch.Generator().manual_seed(0))
             imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
-                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0)
+                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
         finally:
             ldm.unet = live
         save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
@@ -230,15 +239,21 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
             noise = torch.randn(mean[idx_d].shape, generator=g).to(device)
             z = mean[idx_d] + std[idx_d] * noise  # z ~ q(z|x), fresh each step
             z0 = (z - ldm.autoencoder.config.shift_factor) * ldm.autoencoder.config.scaling_factor
+            batch = data.batch(idx)
             if d.hflip:
                 flip = (torch.rand(z0.shape[0], generator=g) < 0.5).to(device)
                 z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
-            batch = data.batch(idx)
+                if cfg.concat is not None:  # the spatial condition flips with its latent
+                    fl = flip.cpu()[:, None, None, None]
+                    batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
+                    if "mask" in batch:
+                        batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
             with autocast(o.precision, device):
                 loss = ldm.loss(z0, texts=batch["text"] if use_text else None,
-                                labels=batch["label"] if use_labels else None, generator=g)
+                                labels=batch["label"] if use_labels else None, generator=g,
+                                images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"))
             check_finite(loss, step, out)
             opt.zero_grad(set_to_none=True)
             loss.backward()

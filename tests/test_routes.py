@@ -1,0 +1,213 @@
+"""Concatenation routes (inpainting, super-resolution), img2img strength and control at sampling time."""
+
+import pytest
+import torch
+
+from ldmkit.autoencoder import AutoencoderConfig
+from ldmkit.conditioning import Conditioner, ConditionerConfig
+from ldmkit.control import Adapter, ControlNet
+from ldmkit.errors import LdmkitError
+from ldmkit.pipeline import ConcatConfig, DiffusionConfig, LatentDiffusion, LatentDiffusionConfig
+from ldmkit.unet import UNetConfig
+from test_pipeline import HashTextEncoder
+
+SIZE = 16
+
+
+def make(concat=None, channel_mult=(1, 2), text=True, drop=0.0, **unet_kw) -> LatentDiffusion:
+    ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, scaling_factor=0.7, shift_factor=0.1)
+    cc = ConcatConfig(kind=concat, drop=drop) if concat else None
+    unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=channel_mult, num_res_blocks=1,
+                      attention_levels=(1,), mid_attention=True, num_heads=2, norm_groups=4, zero_init=False,
+                      context_dim=8 if text else None, **{"concat_channels": cc.channels(4) if cc else 0, **unet_kw})
+    cond_cfg = ConditionerConfig(text_encoder="test" if text else None)
+    cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, concat=cc,
+                                diffusion=DiffusionConfig(), image_size=SIZE)
+    torch.manual_seed(0)
+    return LatentDiffusion(cfg, conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)).eval()
+
+
+def images(n=2, seed=0):
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def box(y0, y1, x0, x1, n=2):
+    m = torch.zeros(n, 1, SIZE, SIZE)
+    m[..., y0:y1, x0:x1] = 1
+    return m
+
+
+KW = dict(steps=3, sampler="ddim", seed=1, return_latents=True)
+
+
+@pytest.mark.parametrize("channel_mult", [(1, 2), (1, 2, 2)])
+@pytest.mark.parametrize("kind", ["inpaint", "lowres"])
+def test_concat_shapes_at_every_injection_point(kind, channel_mult):
+    ldm = make(kind, channel_mult)
+    x, m = images(), box(2, 8, 2, 8)
+    c = ldm.concat_condition(x, m)
+    h = SIZE // 4
+    assert c.shape == (2, 5 if kind == "inpaint" else 4, h, h)
+    if kind == "inpaint":
+        assert c[:, 0].sum() > 0 and set(c[:, 0].unique().tolist()) <= {0.0, 1.0}  # the mask channel comes first (SD)
+    z = torch.randn(2, 4, h, h)
+    loss = ldm.loss(z, texts=["a", "b"], images=x, masks=m, generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    # a ControlNet copied from a concat U-Net takes the same concat and fits every skip connection
+    net = ControlNet.from_unet(ldm.unet, hint_channels=1, latent_factor=4)
+    down, mid = net(z, torch.tensor([5, 5]), torch.rand(2, 1, SIZE, SIZE), context=torch.randn(2, 3, 8), concat=c)
+    assert [d.shape[1] for d in down] == [ch for ch, _ in ldm.unet.skip_channels()]
+    out = ldm.unet(z, torch.tensor([5, 5]), context=torch.randn(2, 3, 8), concat=c, down_residuals=down, mid_residual=mid)
+    assert out.shape == z.shape
+    assert ldm.sample(texts=["a", "b"], init_image=x, mask=m if kind == "inpaint" else None, **KW).shape == z.shape
+
+
+def test_inpaint_output_follows_mask_and_kept_pixels_only():
+    ldm = make("inpaint")
+    x, m = images(), box(2, 8, 2, 8)
+    a = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
+    assert torch.equal(a, ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW))
+    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=x, mask=box(6, 14, 6, 14), **KW))
+    y = x.clone()
+    y[..., 8:, 8:] = -x[..., 8:, 8:]  # change kept pixels → a different condition
+    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=y, mask=m, **KW))
+    y = torch.where(m.bool(), -x, x)  # change only pixels inside the hole → the same condition
+    assert torch.equal(a, ldm.sample(texts=["a", "b"], init_image=y, mask=m, **KW))
+
+
+def test_lowres_output_follows_the_low_resolution_image_only():
+    ldm = make("lowres")
+    x = images()
+    a = ldm.sample(texts=["a", "b"], init_image=x, **KW)
+    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=images(seed=5), **KW))
+    # detail that averages out in the 4x4 area downsampling is invisible to the route
+    checker = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None]) % 2 * 0.2 - 0.1
+    same = ldm.degrade(x + checker)
+    assert torch.allclose(same, ldm.degrade(x), atol=1e-6)
+
+
+def test_dropping_every_condition_equals_the_unconditional_branch():
+    ldm = make("inpaint", drop=0.5)
+    ldm.conditioner.cfg = ldm.conditioner.cfg.model_copy(update={"drop_text": 1.0})
+    ldm.config.concat.drop = 1.0
+    g = torch.Generator().manual_seed(0)
+    cond = ldm.conditioner(texts=["a b", "c"], batch_size=2, train=True, generator=g)
+    unc = ldm.conditioner.uncond(2)
+    assert torch.equal(cond.context, unc.context) and torch.equal(cond.context_mask, unc.context_mask)
+    assert not ldm.concat_condition(images(), box(2, 8, 2, 8), train=True, generator=g).any()
+    # guidance 0 is the unconditional branch alone: every condition (concat included) is gone
+    ldm.config.concat.drop = 0.5
+    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
+    b = ldm.sample(texts=["x y", "z"], init_image=images(seed=3), mask=box(0, 16, 0, 16), guidance=0.0, **KW)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sd_style_inpainting_guidance_keeps_the_concat_in_both_branches():
+    ldm = make("inpaint", drop=0.0)
+    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
+    b = ldm.sample(texts=["a", "b"], init_image=images(seed=3), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
+    assert not torch.allclose(a, b)
+
+
+def test_img2img_strength_zero_is_the_encode_decode_and_one_ignores_the_image():
+    ldm = make(None)
+    x = images()
+    z0 = ldm.sample(texts=["a", "b"], init_image=x, strength=0.0, **KW)
+    ae = ldm.autoencoder
+    assert torch.allclose(z0, (ae.encode(x).mean - ae.config.shift_factor) * ae.config.scaling_factor)
+    img = ldm.sample(texts=["a", "b"], init_image=x, strength=0.0, steps=3, seed=1)
+    assert torch.allclose(img, ldm.decode(z0))
+    full = ldm.sample(texts=["a", "b"], **KW)
+    assert torch.equal(full, ldm.sample(texts=["a", "b"], init_image=x, strength=1.0, **KW))
+    half = ldm.sample(texts=["a", "b"], init_image=x, strength=0.5, steps=4, sampler="ddim", seed=1, return_latents=True)
+    assert not torch.allclose(half, full[:, :, :, :]) and not torch.allclose(half, z0)
+
+
+def test_random_training_masks_follow_their_modes():
+    ldm = make("inpaint")
+    g = torch.Generator().manual_seed(0)
+    ds = box(3, 9, 4, 7, n=64)
+    for modes, check in [((1, 0, 0, 0), lambda m: ((m.mean((1, 2, 3)) >= 1 / 16 - 0.05) & (m.mean((1, 2, 3)) <= 9 / 16 + 0.05)).all()),
+                         ((0, 1, 0, 0), lambda m: torch.equal(m, ds)),
+                         ((0, 0, 1, 0), lambda m: bool((m == 1).all())),
+                         ((0, 0, 0, 1), lambda m: bool((m == 0).all()))]:
+        ldm.config.concat.mask_modes = modes
+        assert check(ldm.random_masks(64, SIZE, ds, g))
+
+
+def test_bad_images_and_masks_give_one_clear_error():
+    ldm = make("inpaint")
+    x, m = images(), box(2, 8, 2, 8)
+    ok = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
+    # convertible: an RGB mask, a batch of 1, a different square size
+    assert torch.allclose(ok, ldm.sample(texts=["a", "b"], init_image=x, mask=m.expand(-1, 3, -1, -1), **KW), atol=1e-6)
+    ldm.sample(texts=["a", "b"], init_image=x[:1], mask=m[:1], **KW)
+    ldm.sample(texts=["a", "b"], init_image=torch.rand(1, 3, 32, 32) * 2 - 1, mask=torch.ones(1, 1, 8, 8), **KW)
+    bad = [dict(init_image=x, mask=torch.ones(2, 5, SIZE, SIZE)),  # channels
+           dict(init_image=torch.rand(2, 3, 16, 20), mask=m),  # aspect
+           dict(init_image=x, mask=torch.ones(3, 1, SIZE, SIZE)),  # batch
+           dict(init_image=(x * 127).to(torch.uint8), mask=m),  # dtype
+           dict(init_image=x[0, 0], mask=m),  # rank
+           dict(init_image=x),  # no mask
+           dict(mask=m)]  # no image
+    for kw in bad:
+        with pytest.raises(LdmkitError):
+            ldm.sample(texts=["a", "b"], **KW, **kw)
+
+
+def test_a_model_without_the_route_refuses_its_input_by_name():
+    ldm = make(None)
+    with pytest.raises(LdmkitError, match="inpainting"):
+        ldm.sample(texts=["a"], init_image=images(1), mask=box(0, 4, 0, 4, n=1), **KW)
+    with pytest.raises(LdmkitError, match="ControlNet"):
+        ldm.sample(texts=["a"], control_image=torch.rand(1, 1, SIZE, SIZE), **KW)
+    with pytest.raises(LdmkitError, match="strength"):
+        ldm.sample(texts=["a"], init_image=images(1), strength=1.5, **KW)
+    with pytest.raises(LdmkitError, match="concat"):
+        make(None, concat_channels=3)
+
+
+@pytest.mark.parametrize("cls", [ControlNet, Adapter])
+def test_control_at_initialisation_leaves_samples_unchanged_and_trained_control_changes_them(cls):
+    ldm = make(None)
+    net = cls.from_unet(ldm.unet, hint_channels=1, latent_factor=4)
+    ctrl = torch.rand(1, 1, SIZE, SIZE)
+    base = ldm.sample(texts=["a", "b"], guidance=2.0, **KW)
+    assert torch.allclose(base, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW), atol=1e-6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW)
+    assert not torch.allclose(base, a)
+    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=1 - ctrl, **KW))
+    assert torch.allclose(base, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, control_scale=0.0, **KW), atol=1e-6)
+
+
+def test_route_metrics_on_known_inputs():
+    from ldmkit.evaluate.routes import iou, masked_psnr, shape_mask
+
+    m = box(2, 8, 2, 8)
+    img = torch.where(m.bool(), torch.tensor([0.8, -0.7, -0.7])[None, :, None, None], torch.tensor(-1.0))
+    assert torch.equal(shape_mask(img), m)
+    assert torch.allclose(iou(m, m), torch.ones(2)) and torch.allclose(iou(m, box(2, 8, 2, 5)), torch.full((2,), 0.5))
+    noisy = img + 0.2 * m  # error only inside the mask: the kept region is perfect
+    assert (masked_psnr(noisy, img, 1 - m) > 90).all()
+    assert torch.allclose(masked_psnr(noisy, img, m), torch.full((2,), 20.0), atol=1e-3)  # 0.1 on [0, 1] → 20 dB
+
+
+@pytest.mark.parametrize("cls", [ControlNet, Adapter])
+def test_bad_control_images_give_one_clear_error(cls):
+    ldm = make(None)
+    net = cls.from_unet(ldm.unet, hint_channels=1, latent_factor=4)
+    ldm.sample(texts=["a", "b"], control=net, control_image=torch.rand(3, 32, 32), guidance=2.0, **KW)  # RGB, 2x: converted
+    for bad in (torch.rand(1, 5, SIZE, SIZE), torch.rand(1, 1, SIZE, 24), torch.rand(3, 1, SIZE, SIZE),
+                torch.zeros(1, 1, SIZE, SIZE, dtype=torch.uint8)):
+        with pytest.raises(LdmkitError, match="control image"):
+            ldm.sample(texts=["a", "b"], control=net, control_image=bad, guidance=2.0, **KW)
+
+
+def test_a_unet_in_the_sd_inpainting_layout_is_read_as_the_inpaint_route():
+    cfg = make(None, text=False).config
+    unet = cfg.unet.model_copy(update={"concat_channels": 5})  # e.g. a converted SD inpainting U-Net (in_channels 9)
+    cfg = LatentDiffusionConfig.model_validate({**cfg.model_dump(), "unet": unet.model_dump()})
+    assert cfg.concat.kind == "inpaint" and cfg.concat.drop == 0.0
