@@ -233,3 +233,21 @@ def test_evaluate_diffusion_checkpoint(trained_ae, tmp_path, capsys):
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["text"]["n"] == 72 and res["label"]["n"] == 18
     assert (tmp_path / "ev" / "label_samples.png").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ldmkit.cli", "train-autoencoder", "--out", str(out), *FAST_AE,
+           "--set", "optim.steps=100000", "--set", "logging.ckpt_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "log.jsonl").exists():  # training has started
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at step" in err and "--resume" in err
+    step = json.loads((resolve(out) / "config.json").read_text())["step"]
+    assert step > 0  # the checkpoint written on the way out is the latest one

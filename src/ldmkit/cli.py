@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import LdmkitError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -293,14 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     # Warnings meant for the user (e.g. skipped unreadable images) as one plain line each.
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"ldmkit: warning: {msg}\n"
+    plain_format, warnings.formatwarning = warnings.formatwarning, lambda msg, cat, *a, **k: f"ldmkit: warning: {msg}\n"
     try:
         return args.func(args)
     except LdmkitError as e:
         if args.debug:
             raise
         print(f"ldmkit: error: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED if type(e).__name__ == "TrainingInterrupted" else EXIT_USER_ERROR
+        return EXIT_INTERRUPTED if isinstance(e, TrainingInterrupted) else EXIT_USER_ERROR
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else ""
         print(f"ldmkit: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

@@ -8,3 +8,7 @@ Messages say what is wrong and what to do about it.
 
 class LdmkitError(Exception):
     """A problem the user can fix; printed as one line by the CLI."""
+
+
+class TrainingInterrupted(LdmkitError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (exit code 130)."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import LdmkitError, TrainingInterrupted  # noqa: F401 - re-exported for the loops
 
 
 # --- run folder ----------------------------------------------------------------------------------
@@ -176,10 +176,6 @@ class GracefulInterrupt:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-class TrainingInterrupted(LdmkitError):
-    """Raised after an interrupt once the checkpoint is safely written."""
 
 
 def check_finite(loss: torch.Tensor, step: int, out_dir: Path) -> None:
