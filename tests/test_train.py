@@ -251,3 +251,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert "interrupted at step" in err and "--resume" in err
     step = json.loads((resolve(out) / "config.json").read_text())["step"]
     assert step > 0  # the checkpoint written on the way out is the latest one
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
+def test_example_configs_validate(path):
+    from ldmkit.train.config import (AUTOENCODER_PRESETS, DIFFUSION_PRESETS, AutoencoderTrainConfig,
+                                     DiffusionTrainConfig, load_config)
+
+    if "ae" in path.stem:
+        load_config(str(path), AutoencoderTrainConfig, AUTOENCODER_PRESETS)
+    else:
+        load_config(str(path), DiffusionTrainConfig, DIFFUSION_PRESETS)
