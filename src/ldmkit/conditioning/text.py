@@ -14,6 +14,7 @@ first few steps — the LDM recipe of precomputing conditioning, at no memory co
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from ldmkit.errors import LdmkitError
 
 
-class CachedTextEncoder(nn.Module):
+class CachedTextEncoder(nn.Module, ABC):
     """Base: subclasses implement `_encode(texts) -> (tokens (B, M, D), mask (B, M))`."""
 
     dim: int
@@ -31,8 +32,9 @@ class CachedTextEncoder(nn.Module):
         super().__init__()
         self._cache: dict[str, torch.Tensor] = {}
 
+    @abstractmethod
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Encode uncached captions: tokens (B, M, D) and a (B, M) mask of real tokens."""
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

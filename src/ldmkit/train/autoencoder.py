@@ -28,14 +28,15 @@ from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,
-    TrainingInterrupted,
     TrainLog,
     batch_indices,
     check_finite,
     lr_at,
-    start_run,
+    optimizer_step,
     rng_state,
     set_rng_state,
+    start_run,
+    stop_if_requested,
 )
 
 
@@ -176,16 +177,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
             x_hat = x_hat.float()
             loss, logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
             check_finite(loss, step, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
+            optimizer_step(loss, opt, model.parameters(), o.grad_clip)
             if d_opt is not None and step >= cfg.loss.disc_start:
                 d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat)
-                d_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                d_opt.step()
+                optimizer_step(d_loss, d_opt, loss_fn.discriminator.parameters(), None)
                 logs.update(d_logs)
             if ema is not None:
                 ema.update(model)
@@ -205,10 +200,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
                 checkpoint(done)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics.get('psnr', float('nan')):.1f}")
-            if stop.requested:
-                bar.close()
-                folder = checkpoint(done)
-                raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+            stop_if_requested(stop, bar, done, checkpoint)
     bar.close()
 
     final_model = ema.module if ema is not None else model

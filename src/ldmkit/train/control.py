@@ -32,7 +32,18 @@ from ldmkit.train.autoencoder import autocast, pick_device
 from ldmkit.train.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
 from ldmkit.train.data import TensorData, materialize
-from ldmkit.train.loop import EMA, GracefulInterrupt, TrainingInterrupted, TrainLog, batch_indices, check_finite, lr_at, start_run
+from ldmkit.train.loop import (
+    EMA,
+    GracefulInterrupt,
+    TrainLog,
+    batch_indices,
+    check_finite,
+    lr_at,
+    optimizer_step,
+    periodic,
+    start_run,
+    stop_if_requested,
+)
 
 
 class ControlTrainConfig(BaseModel):
@@ -205,26 +216,14 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
                 kw = cond.unet_kwargs()
                 loss = ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, g)
             check_finite(loss, step, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), o.grad_clip)
-            opt.step()
+            optimizer_step(loss, opt, net.parameters(), o.grad_clip)
             if ema is not None:
                 ema.update(net)
             done = step + 1
-            if done % cfg.logging.log_every == 0 or done == o.steps:
-                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-            if done % cfg.logging.val_every == 0 and done != o.steps:
-                sample_grid(done)
-            if done % cfg.logging.ckpt_every == 0 and done != o.steps:
-                checkpoint(done)
+            periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if stop.requested:
-                bar.close()
-                folder = checkpoint(done)
-                raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+            stop_if_requested(stop, bar, done, checkpoint)
             if time_limit is not None and time.time() - t0 > time_limit:
                 step = done
                 break

@@ -39,12 +39,14 @@ from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,
-    TrainingInterrupted,
     TrainLog,
     batch_indices,
     check_finite,
     lr_at,
+    optimizer_step,
+    periodic,
     start_run,
+    stop_if_requested,
 )
 
 
@@ -255,26 +257,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
                                 labels=batch["label"] if use_labels else None, generator=g,
                                 images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"))
             check_finite(loss, step, out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), o.grad_clip)
-            opt.step()
+            optimizer_step(loss, opt, unet.parameters(), o.grad_clip)
             if ema is not None:
                 ema.update(unet)
             done = step + 1
-            if done % cfg.logging.log_every == 0 or done == o.steps:
-                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-            if done % cfg.logging.val_every == 0 and done != o.steps:
-                sample_grid(done)
-            if done % cfg.logging.ckpt_every == 0 and done != o.steps:
-                checkpoint(done)
+            periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if stop.requested:
-                bar.close()
-                folder = checkpoint(done)
-                raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+            stop_if_requested(stop, bar, done, checkpoint)
             if time_limit is not None and time.time() - t0 > time_limit:
                 step = done
                 break

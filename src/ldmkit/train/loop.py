@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldmkit.errors import LdmkitError, TrainingInterrupted  # noqa: F401 - re-exported for the loops
+from ldmkit.errors import LdmkitError, TrainingInterrupted
 
 
 # --- run folder ----------------------------------------------------------------------------------
@@ -176,6 +176,34 @@ class GracefulInterrupt:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, grad_clip: float | None) -> None:
+    """Backward, optional gradient-norm clipping, step: the update every loop here makes."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def stop_if_requested(stop: GracefulInterrupt, bar, done: int, checkpoint) -> None:
+    """After a SIGINT/SIGTERM: write a checkpoint at step `done`, then raise TrainingInterrupted."""
+    if stop.requested:
+        bar.close()
+        folder = checkpoint(done)
+        raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
+
+
+def periodic(done: int, total: int, logging, log: TrainLog, loss: torch.Tensor, opt, sample_grid, checkpoint) -> None:
+    """The second-stage loops' bookkeeping after step `done`: log line, sample grid, checkpoint
+    (the last two skipped at the final step, which the loop writes itself)."""
+    if done % logging.log_every == 0 or done == total:
+        log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+    if done % logging.val_every == 0 and done != total:
+        sample_grid(done)
+    if done % logging.ckpt_every == 0 and done != total:
+        checkpoint(done)
 
 
 def check_finite(loss: torch.Tensor, step: int, out_dir: Path) -> None:
