@@ -72,7 +72,22 @@ def test_inpaint_output_follows_mask_and_kept_pixels_only():
     y[..., 8:, 8:] = -x[..., 8:, 8:]  # change kept pixels → a different condition
     assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=y, mask=m, **KW))
     y = torch.where(m.bool(), -x, x)  # change only pixels inside the hole → the same condition
-    assert torch.equal(a, ldm.sample(texts=["a", "b"], init_image=y, mask=m, **KW))
+    free = dict(KW, keep_known=False)  # the network route alone (pinning reads the whole image's latent)
+    assert torch.equal(ldm.sample(texts=["a", "b"], init_image=x, mask=m, **free),
+                       ldm.sample(texts=["a", "b"], init_image=y, mask=m, **free))
+
+
+def test_inpaint_pins_untouched_latent_cells_to_the_image_latent():
+    ldm = make("inpaint")
+    x, m = images(), box(2, 8, 2, 8)  # pixels 2..7 → latent cells 0..1 at f=4
+    z = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)  # return_latents
+    known = ldm.encode_mean(x)
+    keep = torch.ones_like(z[:, :1], dtype=torch.bool)
+    keep[..., :2, :2] = False
+    assert torch.equal(z[keep.expand_as(z)], known[keep.expand_as(z)])
+    assert not torch.allclose(z[..., :2, :2], known[..., :2, :2])  # the hole is generated, not copied
+    free = ldm.sample(texts=["a", "b"], init_image=x, mask=m, keep_known=False, **KW)
+    assert not torch.allclose(free[keep.expand_as(z)], known[keep.expand_as(z)])
 
 
 def test_lowres_output_follows_the_low_resolution_image_only():
@@ -97,15 +112,17 @@ def test_dropping_every_condition_equals_the_unconditional_branch():
     assert not ldm.concat_condition(images(), box(2, 8, 2, 8), train=True, generator=g).any()
     # guidance 0 is the unconditional branch alone: every condition (concat included) is gone
     ldm.config.concat.drop = 0.5
-    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
-    b = ldm.sample(texts=["x y", "z"], init_image=images(seed=3), mask=box(0, 16, 0, 16), guidance=0.0, **KW)
+    free = dict(KW, keep_known=False)  # the network alone, without pinning kept cells to the image
+    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
+    b = ldm.sample(texts=["x y", "z"], init_image=images(seed=3), mask=box(0, 16, 0, 16), guidance=0.0, **free)
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_sd_style_inpainting_guidance_keeps_the_concat_in_both_branches():
     ldm = make("inpaint", drop=0.0)
-    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
-    b = ldm.sample(texts=["a", "b"], init_image=images(seed=3), mask=box(2, 8, 2, 8), guidance=0.0, **KW)
+    free = dict(KW, keep_known=False)
+    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
+    b = ldm.sample(texts=["a", "b"], init_image=images(seed=3), mask=box(2, 8, 2, 8), guidance=0.0, **free)
     assert not torch.allclose(a, b)
 
 

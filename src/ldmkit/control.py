@@ -515,13 +515,15 @@ def controlled_unet(
     Residuals already in the kwargs (another control route in the Cond) are added to, not replaced.
     """
     keys = ("context", "context_mask", "class_labels", "concat")
+    # `control` may be a DistributedDataParallel wrapper in training: call the wrapper, ask the module
+    bare = control.module if isinstance(control, nn.parallel.DistributedDataParallel) else control
 
     def fn(x: torch.Tensor, t: torch.Tensor | float, **kw) -> torch.Tensor:
-        if isinstance(control, Adapter):
+        if isinstance(bare, Adapter):
             new = {"adapter_residuals": control(control_image, x, scale)}
         else:
             ckw = {k: kw.get(k) for k in keys}
-            if isinstance(control, MultiControlNet):
+            if isinstance(bare, MultiControlNet):
                 down, mid = control(x, t, control_image, **ckw, scales=scale)
             else:
                 down, mid = control(x, t, control_image, **ckw, scale=scale)

@@ -38,10 +38,11 @@ from ldmkit.conditioning import Cond, Conditioner, ConditionerConfig, cat_conds
 from ldmkit.control import Adapter, ControlNet, MultiControlNet, _convert_channels, controlled_unet
 from ldmkit.diffusion.guidance import classifier_free_guidance
 from ldmkit.diffusion.objective import DiffusionObjective
-from ldmkit.diffusion.parameterization import Denoiser
+from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
 from ldmkit.diffusion.schedules import make_schedule, make_timesteps, q_sample
 from ldmkit.errors import LdmkitError
+from ldmkit.rng import BatchRandom
 from ldmkit.train.checkpoint import register_kind
 from ldmkit.unet import UNet, UNetConfig
 
@@ -158,12 +159,14 @@ class LatentDiffusion(nn.Module):
         small = F.avg_pool2d(images, s)  # (B, 3, H/s, W/s)
         return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
-    def random_masks(self, n: int, size: int, masks: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def random_masks(self, n: int, size: int, masks: torch.Tensor | None,
+                     generator: torch.Generator | BatchRandom | None) -> torch.Tensor:
         """SD-inpainting-style training masks (n, 1, size, size) in {0, 1}: a random rectangle, the
         dataset's own mask (a rectangle when there is none), everything, or nothing."""
         probs = torch.tensor(self.config.concat.mask_modes, dtype=torch.float)
-        mode = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)  # (n,)
-        corners = torch.rand(n, 4, generator=generator)  # (n, 4): y0, x0, h, w fractions
+        r = BatchRandom.of(generator, n)
+        mode = r.multinomial(probs).cpu()  # (n,)
+        corners = r.rand(4).cpu()  # (n, 4): y0, x0, h, w fractions
         out = torch.zeros(n, 1, size, size)
         ar = torch.arange(size)
         for i in range(n):
@@ -180,7 +183,7 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def concat_condition(self, images: torch.Tensor, masks: torch.Tensor | None = None, train: bool = False,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
         """The concat tensor (B, concat_channels, h, w) for images (B, 3, H, W) in [-1, 1].
 
         inpaint: `masks` (B, 1, H, W), 1 = repaint; in training they are drawn by `random_masks`
@@ -200,7 +203,7 @@ class LatentDiffusion(nn.Module):
         else:
             concat = self.encode_mean(self.degrade(images))  # (B, c, h, w)
         if train and cc.drop > 0:
-            keep = (torch.rand(n, generator=generator) >= cc.drop).to(concat.device)
+            keep = (BatchRandom.of(generator, n).rand() >= cc.drop).to(concat.device)
             concat = concat * keep[:, None, None, None].to(concat.dtype)
         return concat
 
@@ -233,20 +236,25 @@ class LatentDiffusion(nn.Module):
         latents: torch.Tensor,
         texts: list[str] | None = None,
         labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | BatchRandom | None = None,
         images: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        unet: nn.Module | None = None,
     ) -> torch.Tensor:
         """Denoising loss on normalised latents z0 (B, c, h, w), conditions dropped per route.
         `images` (B, 3, H, W) in [-1, 1] (and the dataset's `masks` (B, 1, H, W), optional) feed the
-        concatenation route; its random masks and dropout come from `generator` too."""
+        concatenation route; its random masks and dropout come from `generator` too (a BatchRandom
+        when the batch is one piece of a larger one). `unet` is the module to call when it is not
+        `self.unet` itself: a DistributedDataParallel/FSDP wrapper of it, or a ControlNet-driven one."""
+        unet = self.unet if unet is None else unet
+        generator = BatchRandom.of(generator, latents.shape[0]) if generator is not None else None
         cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator)
         cond = cond.to(latents.device)
         if self.config.concat is not None:
             if images is None:
                 raise LdmkitError(f"the '{self.config.concat.kind}' concat route needs the batch's images")
             cond.concat = self.concat_condition(images.to(latents.device), masks, train=True, generator=generator)
-        return self.objective(lambda z, t: self.unet(z, t, **cond.unet_kwargs()), latents, generator)
+        return self.objective(lambda z, t: unet(z, t, **cond.unet_kwargs()), latents, generator)
 
     # --- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,13 +275,16 @@ class LatentDiffusion(nn.Module):
         control: ControlNet | MultiControlNet | Adapter | None = None,
         control_image: torch.Tensor | list[torch.Tensor] | None = None,
         control_scale: float | list[float] | None = None,
+        keep_known: bool = True,
         **sampler_opts,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1]. B = len(texts) or len(labels) or num_samples.
 
         init_image (B or 1, 3, H, W) in [-1, 1]: the concat route's source (inpaint / lowres) and the
         img2img start (`strength` in [0, 1]: 1 = from pure noise, 0 = the encode-decode of the image).
-        mask (B or 1, 1, H, W) in [0, 1], 1 = repaint: inpainting models only. control: a ControlNet /
+        mask (B or 1, 1, H, W) in [0, 1], 1 = repaint: inpainting models only; with `keep_known` the latent
+        cells the mask does not touch are pinned to the image's own latent (blended latent diffusion),
+        so only the decoder's reach past the hole changes kept pixels. control: a ControlNet /
         MultiControlNet / Adapter for this model's U-Net with `control_image` (B or 1, C, f·h, f·w) in
         [0, 1] and `control_scale`; it acts on both branches of guidance.
 
@@ -341,6 +352,11 @@ class LatentDiffusion(nn.Module):
                 return classifier_free_guidance(lambda *_: e_c, lambda *_: e_u, guidance)(z_t, t)
 
         denoiser = Denoiser(fn, self.schedule, self.config.diffusion.prediction_type)
+        known = keep = None
+        if cc is not None and cc.kind == "inpaint" and keep_known:
+            known = self.encode_mean(image)  # (B, c, h, w)
+            keep = 1 - F.adaptive_max_pool2d(m, self.latent_shape[1:])  # (B, 1, h, w): cells the hole misses
+            denoiser = KnownRegionDenoiser(denoiser, known, keep)
         d = self.config.diffusion
         timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
         if image is not None and strength < 1.0:
@@ -351,6 +367,8 @@ class LatentDiffusion(nn.Module):
                 return z_init if return_latents else self.decode(z_init)
             z = q_sample(self.schedule, z_init, timesteps[:1].expand(n).to(device), z)
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
+        if known is not None:  # samplers whose last step keeps a little noise end exactly on the known cells
+            z0 = torch.lerp(z0, known, keep)
         return z0 if return_latents else self.decode(z0)
 
 

@@ -9,14 +9,22 @@ sampling) so the two can be compared on equal terms.
 
 Module names follow diffusers' `AutoencoderKL` (encoder.down_blocks.i.resnets.j, quant_conv, ...)
 so Stable Diffusion weights map one-to-one.
+
+Memory savers (none changes a parameter name or the default behaviour): tiled and sliced
+encode/decode (`AutoencoderKL.enable_tiling`, `enable_slicing`), and gradient checkpointing of each
+encoder/decoder level and the mid blocks (`AutoencoderKL.gradient_checkpointing = True`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ldmkit.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
 
@@ -93,6 +101,15 @@ class PointPosterior(DiagonalGaussian):
         return self.mean.new_zeros(self.mean.shape[0])
 
 
+def _maybe_checkpoint(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """module(x), recomputed in the backward pass instead of storing its activations when `enabled`
+    (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"). Only while training with
+    autograd on; the non-reentrant variant also works when `x` itself needs no gradient."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
 class _Level(nn.Module):
     """One resolution level: ResBlocks, then an optional resolution change."""
 
@@ -145,12 +162,14 @@ class Encoder(nn.Module):
         self.conv_norm_out = group_norm(w[-1], g, 1e-6)
         out = 2 * cfg.latent_channels if cfg.variational else cfg.latent_channels
         self.conv_out = nn.Conv2d(w[-1], out, 3, padding=1)
+        self.gradient_checkpointing = False  # set through AutoencoderKL.gradient_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
         h = self.conv_in(x)  # (B, w0, H, W)
         for level in self.down_blocks:
-            h = level(h)  # (B, w_i, H/2^i, W/2^i)
-        h = self.mid_block(h)  # (B, w_last, H/f, W/f)
+            h = _maybe_checkpoint(level, h, ckpt)  # (B, w_i, H/2^i, W/2^i)
+        h = _maybe_checkpoint(self.mid_block, h, ckpt)  # (B, w_last, H/f, W/f)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 2·z_ch, H/f, W/f)
 
 
@@ -170,12 +189,103 @@ class Decoder(nn.Module):
             prev = ch
         self.conv_norm_out = group_norm(w[-1], g, 1e-6)
         self.conv_out = nn.Conv2d(w[-1], cfg.in_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # set through AutoencoderKL.gradient_checkpointing
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_in(z))  # (B, w_last, h, w)
+        ckpt = self.gradient_checkpointing
+        h = _maybe_checkpoint(self.mid_block, self.conv_in(z), ckpt)  # (B, w_last, h, w)
         for level in self.up_blocks:
-            h = level(h)  # (B, w_i, ..., ...) doubling the resolution except at the last level
+            h = _maybe_checkpoint(level, h, ckpt)  # (B, w_i, ..., ...) doubling the resolution except at the last level
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, h·f, w·f)
+
+
+class Tiling(NamedTuple):
+    """Tile side and overlap of tiled encode/decode, both in latent pixels (image pixels / f)."""
+
+    tile_latent: int
+    overlap_latent: int
+
+
+def _check_tiling(tile_latent: int, overlap_latent: int) -> Tiling:
+    from ldmkit.errors import LdmkitError
+
+    if isinstance(tile_latent, bool) or not isinstance(tile_latent, int) or tile_latent < 1:
+        raise LdmkitError(f"tile_latent must be a positive integer (latent pixels per tile side), got {tile_latent!r}")
+    if isinstance(overlap_latent, bool) or not isinstance(overlap_latent, int) or not 0 <= overlap_latent < tile_latent:
+        raise LdmkitError(
+            f"overlap_latent must be an integer with 0 <= overlap_latent < tile_latent, got overlap_latent="
+            f"{overlap_latent!r} for tile_latent={tile_latent}; use a smaller overlap (about a quarter of the tile)"
+        )
+    return Tiling(tile_latent, overlap_latent)
+
+
+class _Span(NamedTuple):
+    """One tile along one axis, in latent pixels: [start, end), overlapping its neighbours by `left`/`right`."""
+
+    start: int
+    end: int
+    left: int
+    right: int
+
+
+def _tile_spans(length: int, tile: int, overlap: int) -> list[_Span]:
+    """The fewest tiles of side `tile` covering [0, length) with neighbours overlapping by at least
+    `overlap`, spread evenly so that every tile is full-sized (no thin last tile): n tiles need
+    (n - 1)·(tile - overlap) + tile >= length."""
+    if length <= tile:
+        return [_Span(0, length, 0, 0)]
+    n = -(-(length - overlap) // (tile - overlap))  # ceil; n >= 2
+    # integer strides differ by at most one and never exceed tile - overlap, so overlaps stay >= overlap
+    starts = [k * (length - tile) // (n - 1) for k in range(n)]
+    ends = [a + tile for a in starts]
+    return [
+        _Span(starts[k], ends[k], ends[k - 1] - starts[k] if k > 0 else 0, ends[k] - starts[k + 1] if k < n - 1 else 0)
+        for k in range(n)
+    ]
+
+
+def _feather(span: _Span, scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Blend weights along one axis of a tile's output, `scale` output pixels per latent pixel: 1 inside,
+    rising linearly over the overlap with the previous tile and falling over the next. Where exactly two
+    tiles overlap, their ramps (i+1)/(o+1) and (o-i)/(o+1) sum to 1, a linear cross-fade."""
+    w = torch.ones((span.end - span.start) * scale, device=device, dtype=torch.float64)
+    left, right = span.left * scale, span.right * scale
+    if left:
+        w[:left] = torch.arange(1, left + 1, device=device, dtype=torch.float64) / (left + 1)
+    if right:
+        ramp = torch.arange(right, 0, -1, device=device, dtype=torch.float64) / (right + 1)
+        w[-right:] = torch.minimum(w[-right:], ramp)  # a tile thinner than both overlaps: keep the smaller
+    return w.to(dtype)
+
+
+def _tiled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling, in_scale: int, out_scale: int
+) -> torch.Tensor:
+    """fn applied to overlapping tiles of x and blended with feathered weights.
+
+    The grid is laid out in latent pixels; x has `in_scale` pixels per latent pixel (f for images, 1 for
+    latents) and fn's output `out_scale` (1 for moments, f for images). Each output pixel is the
+    weighted mean Σ w_k·fn(tile_k) / Σ w_k of the tiles covering it, accumulated in one buffer of the
+    output's size, so at most one tile's activations are alive at a time.
+    """
+    rows = _tile_spans(x.shape[-2] // in_scale, *tiling)
+    cols = _tile_spans(x.shape[-1] // in_scale, *tiling)
+    if len(rows) == len(cols) == 1:
+        return fn(x)  # one tile: exactly the untiled computation
+    out, weight = None, None
+    for r in rows:
+        for c in cols:
+            y = fn(x[..., r.start * in_scale : r.end * in_scale, c.start * in_scale : c.end * in_scale])  # (B, C', t·s, t·s)
+            if out is None:
+                size = (rows[-1].end * out_scale, cols[-1].end * out_scale)
+                out = y.new_zeros(*y.shape[:2], *size)  # (B, C', H', W')
+                weight = y.new_zeros(size)  # (H', W')
+            w = torch.outer(_feather(r, out_scale, y.device, y.dtype), _feather(c, out_scale, y.device, y.dtype))
+            rs = slice(r.start * out_scale, r.end * out_scale)
+            cs = slice(c.start * out_scale, c.end * out_scale)
+            out[..., rs, cs] += y * w
+            weight[rs, cs] += w
+    return out / weight  # weight is 1 wherever at most two tiles meet; dividing makes any overlap a mean
 
 
 class AutoencoderKL(nn.Module):
@@ -184,6 +294,28 @@ class AutoencoderKL(nn.Module):
     encode(x) → posterior with .mean, .std, .sample(generator), .kl()
     decode(z) → image in (roughly) [-1, 1]
     encode_latents / decode_latents apply the stored latent normalisation, for the second stage.
+
+    Memory savers, all off by default (then encode/decode are exactly the plain computation):
+
+    - `enable_slicing(slice_size)`: encode/decode a batch `slice_size` images at a time. Every layer
+      acts on each image alone (GroupNorm included), so peak activation memory follows the chunk,
+      not the batch, and results are bit-identical to the whole-batch call wherever the convolution
+      kernel does not depend on the batch size. Known exceptions (measured): on CPU PyTorch sends a
+      batch of one small image (< 20480 elements) to its native convolution, not oneDNN (~1e-6 off);
+      cuDNN picks its algorithm by batch size, so on a GPU chunks of one differ by ~1e-5, and with
+      TF32 convolutions (PyTorch's default) any chunk size differs by TF32's rounding (~1e-2).
+    - `enable_tiling(tile_latent, overlap_latent)`: inputs wider or taller than `tile_latent` latent
+      pixels are processed in overlapping tiles (`tiled_encode` / `tiled_decode`), whose outputs are
+      cross-faded linearly over the overlap. Activation memory then follows the tile area, not the
+      image area (and the mid block's self-attention, quadratic in area, follows the tile). This is
+      the tiling of diffusers' `AutoencoderKL.enable_tiling` (there: 64-latent tiles, 25 % overlap),
+      and it is an approximation: GroupNorm statistics and the mid attention see one tile, not the
+      whole image, and zero padding at tile borders differs from the neighbouring pixels, hence the
+      overlap and feathering to hide seams. Tile colours can still drift a little on large images.
+    - `gradient_checkpointing = True`: recompute each encoder/decoder level and mid block in the
+      backward pass (training only); same gradients, activation memory ~ one level instead of all.
+
+    All three are plain attributes, not parameters: the state_dict and diffusers' key names are unchanged.
     """
 
     def __init__(self, config: AutoencoderConfig):
@@ -195,6 +327,37 @@ class AutoencoderKL(nn.Module):
         moments = 2 * c if config.variational else c
         self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_quant_conv else None
+        self.tiling: Tiling | None = None  # set by enable_tiling
+        self.slice_size: int | None = None  # set by enable_slicing
+
+    # --- memory savers ---
+    def enable_tiling(self, tile_latent: int = 64, overlap_latent: int = 16) -> None:
+        """Tile encode/decode (and so encode_latents/decode_latents) of inputs larger than `tile_latent`
+        latent pixels per side; neighbouring tiles overlap by at least `overlap_latent`. The defaults are
+        diffusers' for Stable Diffusion (512-pixel image tiles at f = 8, 25 % overlap)."""
+        self.tiling = _check_tiling(tile_latent, overlap_latent)
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def enable_slicing(self, slice_size: int = 1) -> None:
+        """Encode/decode batches `slice_size` images at a time (same results, less peak memory)."""
+        from ldmkit.errors import LdmkitError
+
+        if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
+            raise LdmkitError(f"slice_size must be a positive integer (images per chunk), got {slice_size!r}")
+        self.slice_size = slice_size
+
+    def disable_slicing(self) -> None:
+        self.slice_size = None
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing and self.decoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = bool(enabled)
 
     @property
     def downsample_factor(self) -> int:
@@ -215,16 +378,55 @@ class AutoencoderKL(nn.Module):
             )
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x), sliced and/or tiled if `enable_slicing` / `enable_tiling` are on."""
         self.check_input(x)
+        if self.slice_size is None or x.shape[0] <= self.slice_size:
+            return self._posterior(self._encode_moments(x))
+        chunks = [self._encode_moments(xs) for xs in x.split(self.slice_size)]
+        return self._posterior(torch.cat(chunks))  # (B, 2c or c, H/f, W/f)
+
+    def tiled_encode(self, x: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 16) -> DiagonalGaussian:
+        """encode(x) in overlapping image tiles of tile_latent·f pixels; the moments (mean and
+        log-variance) are blended over the overlaps in latent space. Ignores the tiling/slicing switches."""
+        self.check_input(x)
+        tiling = _check_tiling(tile_latent, overlap_latent)
+        f = self.downsample_factor
+        return self._posterior(_tiled_apply(self._encode_tile, x, tiling, in_scale=f, out_scale=1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, c, h, w) → image (B, 3, h·f, w·f), sliced and/or tiled if the switches are on."""
+        if self.slice_size is None or z.shape[0] <= self.slice_size:
+            return self._decode(z)
+        return torch.cat([self._decode(zs) for zs in z.split(self.slice_size)])  # (B, 3, H, W)
+
+    def tiled_decode(self, z: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 16) -> torch.Tensor:
+        """decode(z) in overlapping latent tiles of side tile_latent, blended in pixel space with linear
+        ramps over the overlaps (overlap_latent·f pixels). A tile at least as large as z gives exactly
+        decode(z). Ignores the tiling/slicing switches."""
+        tiling = _check_tiling(tile_latent, overlap_latent)
+        return _tiled_apply(self._decode_tile, z, tiling, in_scale=1, out_scale=self.downsample_factor)
+
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiling is None:
+            return self._encode_tile(x)
+        return _tiled_apply(self._encode_tile, x, self.tiling, in_scale=self.downsample_factor, out_scale=1)
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2c or c, H/f, W/f)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def _posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         if not self.config.variational:
             return PointPosterior(moments)
         mean, logvar = moments.chunk(2, dim=1)  # (B, c, H/f, W/f) each
         return DiagonalGaussian(mean, logvar)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.tiling is None:
+            return self._decode_tile(z)
+        return _tiled_apply(self._decode_tile, z, self.tiling, in_scale=1, out_scale=self.downsample_factor)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)  # (B, 3, H, W)
@@ -242,6 +444,7 @@ class AutoencoderKL(nn.Module):
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of encode_latents; goes through decode, so the tiling/slicing switches apply."""
         return self.decode(z / self.config.scaling_factor + self.config.shift_factor)
 
     def last_layer_weight(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from ldmkit.conditioning.cond import Cond
 from ldmkit.conditioning.text import CachedTextEncoder, build_text_encoder
 from ldmkit.errors import LdmkitError
+from ldmkit.rng import BatchRandom
 
 
 class ConditionerConfig(BaseModel):
@@ -50,7 +51,7 @@ class Conditioner(nn.Module):
         labels: torch.Tensor | None = None,
         batch_size: int | None = None,
         train: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | BatchRandom | None = None,
     ) -> Cond:
         """Build the Cond for a batch. In training, drop each route per sample with its probability."""
         n = batch_size or (len(texts) if texts is not None else (labels.shape[0] if labels is not None else 0))
@@ -61,7 +62,7 @@ class Conditioner(nn.Module):
             if len(texts) != n:
                 raise LdmkitError(f"got {len(texts)} captions for a batch of {n}")
             if train and self.cfg.drop_text > 0:
-                keep = torch.rand(n, generator=generator) >= self.cfg.drop_text
+                keep = BatchRandom.of(generator, n).rand() >= self.cfg.drop_text
                 texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
             cond.context, cond.context_mask = self._text(list(texts))
             if self.cfg.pooled_text:
@@ -79,7 +80,7 @@ class Conditioner(nn.Module):
                 raise LdmkitError(f"class labels must be in 0..{null - 1} (or -1 for none), got {labels.tolist()}")
             labels[labels < 0] = null
             if train and self.cfg.drop_label > 0:
-                drop = torch.rand(n, generator=generator) < self.cfg.drop_label
+                drop = (BatchRandom.of(generator, n).rand() < self.cfg.drop_label).cpu()
                 labels[drop] = null
             cond.labels = labels
         elif labels is not None and (labels >= 0).any():

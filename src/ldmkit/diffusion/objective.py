@@ -22,6 +22,7 @@ import torch
 from ldmkit.diffusion.parameterization import canonical_prediction_type, target
 from ldmkit.diffusion.schedules import NoiseSchedule, expand_like, q_sample
 from ldmkit.errors import LdmkitError
+from ldmkit.rng import BatchRandom
 
 WEIGHTINGS = ("uniform", "min_snr")
 
@@ -71,21 +72,27 @@ class DiffusionObjective:
             return snr.clamp(max=gamma) / (snr + 1.0)
         return snr.clamp(max=gamma)
 
-    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_noise(self, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
         """ε ~ N(0, I), plus offset · N(0, 1) per (sample, channel) when offset_noise > 0."""
-        device = generator.device if generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        if generator is None:
+            noise = torch.randn_like(x0)
+            offset = (torch.randn(x0.shape[:2] + (1,) * (x0.ndim - 2), device=x0.device, dtype=x0.dtype)
+                      if self.offset_noise > 0 else None)
+        else:
+            r = BatchRandom.of(generator, x0.shape[0])
+            noise = r.randn(*x0.shape[1:], dtype=x0.dtype)
+            offset = r.randn(x0.shape[1], *(1,) * (x0.ndim - 2), dtype=x0.dtype) if self.offset_noise > 0 else None
         if self.offset_noise > 0:
-            shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
-            offset = torch.randn(shape, generator=generator, device=device, dtype=x0.dtype)
-            noise = noise + self.offset_noise * offset
+            noise = noise + self.offset_noise * offset.to(noise.device)  # (B, C, 1, 1) broadcast
         return noise.to(x0.device)
 
-    def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs):
+    def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None, **model_kwargs):
         """One loss evaluation, per sample: `ObjectiveTerms(loss (B,), t (B,), weight (B,))`."""
-        device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
-        t = t.to(x0.device)  # (B,)
+        if generator is None:
+            t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        else:
+            generator = BatchRandom.of(generator, x0.shape[0])  # the same draws however the batch is split
+            t = generator.randint(self.schedule.num_timesteps).to(x0.device)  # (B,)
         noise = self.sample_noise(x0, generator)  # (B, C, H, W)
         z_t = q_sample(self.schedule, x0, t, noise)  # (B, C, H, W)
         alpha = expand_like(self.schedule.alpha(t), x0)  # (B, 1, 1, 1)
@@ -96,6 +103,6 @@ class DiffusionObjective:
         weight = self.weights(t).to(device=mse.device, dtype=mse.dtype)  # (B,)
         return ObjectiveTerms(loss=weight * mse, t=t, weight=weight)
 
-    def __call__(self, model_fn, x0: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs):
+    def __call__(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None, **model_kwargs):
         """Scalar loss: the batch mean of the weighted per-sample MSE."""
         return self.terms(model_fn, x0, generator, **model_kwargs).loss.mean()

@@ -88,3 +88,32 @@ class Denoiser:
         sigma = expand_like(self.schedule.sigma(t), z_t)  # (B, 1, …)
         pred = self.model_fn(z_t, t)  # (B, …) raw network output
         return to_x0_eps(self.prediction_type, pred, z_t, alpha, sigma)
+
+
+class KnownRegionDenoiser:
+    """A denoiser whose prediction is pinned to a known clean latent where `keep` = 1.
+
+    Blended latent diffusion (Avrahami et al., 2023, §3): for inpainting, the latent cells that the
+    mask does not touch are known. Replacing x̂0 there by the known latent z_known (and re-deriving
+    ε̂ = (z_t − α_t x̂0)/σ_t so the two stay consistent) makes every sampler's trajectory end on
+    z_known in those cells, while the network still generates the hole in their context. Without
+    it the kept cells are regenerated from the masked-image latent and drift from the original.
+    known (B, c, h, w); keep (B, 1, h, w) in {0, 1}.
+    """
+
+    def __init__(self, denoiser: Denoiser, known: torch.Tensor, keep: torch.Tensor):
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.prediction_type = denoiser.prediction_type
+        self.known = known
+        self.keep = keep
+
+    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = self.denoiser(z_t, t)
+        t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
+        t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
+        alpha = expand_like(self.schedule.alpha(t), z_t)  # (B, 1, …)
+        sigma = expand_like(self.schedule.sigma(t), z_t)
+        x0 = torch.lerp(x0, self.known.to(x0.dtype), self.keep)  # keep = 1 → the known latent
+        eps = torch.lerp(eps, (z_t - alpha * x0) / sigma, self.keep)
+        return x0, eps

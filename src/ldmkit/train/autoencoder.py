@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoder import AutoencoderKL
@@ -22,27 +22,47 @@ from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.metrics import psnr, ssim
 from ldmkit.imageio import save_grid
+from ldmkit.rng import BatchRandom
 from ldmkit.train.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
 from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,
+    Stepper,
     TrainLog,
+    apply_memory_format,
     batch_indices,
-    check_finite,
     lr_at,
-    optimizer_step,
     rng_state,
-    set_rng_state,
     start_run,
     stop_if_requested,
 )
 
 
+class _Reconstruct(nn.Module):
+    """x → q(z|x) → z = μ + σ·ε → x̂ with the noise ε given, as one module for DDP to wrap: the
+    trainer draws ε for the global batch (`BatchRandom`), so the run does not depend on the split."""
+
+    def __init__(self, ae: AutoencoderKL):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor):
+        post = self.ae.encode(x)
+        z = post.mean + post.std * noise if self.ae.config.variational else post.mode()  # reparameterisation
+        return self.ae.decode(z), post
+
+
 def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The forward pass's autocast: weights, gradients and optimizer state stay float32 either way."""
+    device = torch.device(device)
     if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise LdmkitError("optim.precision=fp16 needs a CUDA device (on CPU use bf16)")
+        return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -111,33 +131,52 @@ def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batc
 
 
 def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train, validate, checkpoint, measure latent statistics. Returns the final checkpoint folder."""
-    out = start_run(out, resume)
-    save_config(cfg, out / "train_config.yaml")
+    """Train, validate, checkpoint, measure latent statistics. Returns the final checkpoint folder.
+    Under torchrun every process calls this (see `ldmkit.train.distributed`)."""
+    from ldmkit.train.distributed import cleanup, setup
+
+    dist_info, device = setup(cfg.optim.device)
+    try:
+        return _train_autoencoder(cfg, Path(out), resume, progress, dist_info, device)
+    finally:
+        cleanup(dist_info)
+
+
+def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, progress: bool, dist_info, device) -> Path:
+    from ldmkit.train.diffusion import step_generator
+    from ldmkit.train.distributed import wrap
+
+    main = dist_info.main
+    if main:
+        start_run(out, resume)
+        save_config(cfg, out / "train_config.yaml")
+    dist_info.barrier()
     o = cfg.optim
+    if o.distributed == "fsdp" and dist_info.enabled:
+        raise LdmkitError("optim.distributed=fsdp is for the second stage; an autoencoder fits one device, use ddp")
     torch.manual_seed(o.seed)
 
-    train, val = load_splits(cfg, progress)
-    device = pick_device(o.device)
+    train, val = load_splits(cfg, progress and main)
     model = AutoencoderKL(cfg.model).to(device)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
+    disc = loss_fn.discriminator
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     d_opt = None
-    if loss_fn.discriminator is not None:
-        d_opt = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9))
+    if disc is not None:
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9))
     ema = None
-    log = TrainLog(out)
+    log = TrainLog(out, enabled=main)
 
     start = 0
+    state: dict = {}
     if resume:
         folder = resolve(out)
         state = load_training_state(folder)
         load_weights(model, folder / WEIGHTS)
         opt.load_state_dict(state["optimizer"])
         if d_opt is not None and "disc_optimizer" in state:
-            loss_fn.discriminator.load_state_dict(state["discriminator"])
+            disc.load_state_dict(state["discriminator"])
             d_opt.load_state_dict(state["disc_optimizer"])
-        set_rng_state(state["rng"])
         start = int(state["step"])
         log.truncate_after(start)
     if o.ema_decay is not None:
@@ -145,50 +184,82 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
         if resume and (resolve(out) / EMA_WEIGHTS).is_file():
             load_weights(ema.module, resolve(out) / EMA_WEIGHTS)
             ema.load_state_dict(state.get("ema", {"num_updates": start}))
+    apply_memory_format(model, o)
+    trained = wrap(_Reconstruct(model), dist_info, device)
+    if disc is not None:
+        loss_fn.discriminator = wrap(disc, dist_info, device)  # `disc` stays the bare module for checkpoints
+    stepper = Stepper(trained, opt, model.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
+                      out, o.precision)
+    d_stepper = Stepper(loss_fn.discriminator, d_opt, disc.parameters(), None, o.batch_size, o.grad_accum, dist_info,
+                        device, out, o.precision) if disc is not None else None
+    if resume:
+        stepper.load_state_dict(state.get("stepper", {}))
 
     def checkpoint(step: int, meta: dict | None = None, final: bool = False) -> Path:
-        state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state()}
-        if d_opt is not None:
-            state.update(discriminator=loss_fn.discriminator.state_dict(), disc_optimizer=d_opt.state_dict())
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        return save_checkpoint(
-            out, step, "autoencoder", model, cfg.model, meta=meta or {"step": step},
-            ema=ema.module if ema else None, training_state=state, keep=cfg.logging.keep_checkpoints,
-        )
+        folder = out / "checkpoints" / f"step_{step:08d}"
+        if main:
+            state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(), "stepper": stepper.state_dict()}
+            if d_opt is not None:
+                state.update(discriminator=disc.state_dict(), disc_optimizer=d_opt.state_dict())
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            folder = save_checkpoint(
+                out, step, "autoencoder", model, cfg.model, meta=meta or {"step": step},
+                ema=ema.module if ema else None, training_state=state, keep=cfg.logging.keep_checkpoints,
+            )
+        dist_info.barrier()
+        return folder
 
     model.train()
     last_layer = model.last_layer_weight()
-    bar = tqdm(total=o.steps, initial=start, desc="autoencoder", disable=not progress, dynamic_ncols=True)
+    latent_shape = None
+    bar = tqdm(total=o.steps, initial=start, desc="autoencoder", disable=not (progress and main), dynamic_ncols=True)
     t0 = time.time()
     metrics: dict[str, float] = {}
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
-            idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)
-            x = train.images[idx].to(device)
-            if cfg.data.hflip:
-                flip = (torch.rand(x.shape[0]) < 0.5).to(device)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)  # the global batch
+            logs: dict[str, float] = {}
+            pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
+                nonlocal latent_shape
+                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
+                x = train.images[idx[lo:hi]].to(device)
+                if cfg.data.hflip:
+                    flip = (r.rand() < 0.5).to(device)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                if o.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if latent_shape is None:
+                    with torch.no_grad():
+                        latent_shape = model.encode(x[:1]).mean.shape[1:]
+                noise = r.randn(*latent_shape).to(device)
+                with autocast(o.precision, device):
+                    x_hat, post = trained(x, noise)
+                x_hat = x_hat.float()
+                loss, piece_logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
+                logs.update(piece_logs)
+                pieces.append((x, x_hat.detach()))
+                return loss
+
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
+            loss, (interrupted,) = stepper(step, piece_loss, (stop.requested,))
+            if d_stepper is not None and step >= cfg.loss.disc_start:
+                def d_piece_loss(lo: int, hi: int) -> torch.Tensor:
+                    d_loss, d_logs = loss_fn.discriminator_loss(*pieces.pop(0))
+                    logs.update(d_logs)
+                    return d_loss
 
-            with autocast(o.precision, device):
-                x_hat, post = model(x)
-            x_hat = x_hat.float()
-            loss, logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
-            check_finite(loss, step, out)
-            optimizer_step(loss, opt, model.parameters(), o.grad_clip)
-            if d_opt is not None and step >= cfg.loss.disc_start:
-                d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat)
-                optimizer_step(d_loss, d_opt, loss_fn.discriminator.parameters(), None)
-                logs.update(d_logs)
+                d_stepper(step, d_piece_loss)
             if ema is not None:
                 ema.update(model)
 
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == o.steps:
                 log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
-            if done % cfg.logging.val_every == 0 or done == o.steps:
+            if main and (done % cfg.logging.val_every == 0 or done == o.steps):
                 eval_model = ema.module if ema is not None else model
                 metrics = validate(eval_model, val)
                 log.write(done, **{f"val_{k}": v for k, v in metrics.items()})
@@ -200,7 +271,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
                 checkpoint(done)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics.get('psnr', float('nan')):.1f}")
-            stop_if_requested(stop, bar, done, checkpoint)
+            stop_if_requested(interrupted, bar, done, checkpoint)
     bar.close()
 
     final_model = ema.module if ema is not None else model
@@ -211,7 +282,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
     model.config = cfg.model
     if ema is not None:
         ema.module.config = cfg.model
-    save_config(cfg, out / "train_config.yaml")
+    if main:
+        save_config(cfg, out / "train_config.yaml")
     if not metrics:
         metrics = validate(final_model, val)
     meta = {

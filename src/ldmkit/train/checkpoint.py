@@ -68,16 +68,17 @@ def _umask() -> int:
     return mask
 
 
-def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage; contiguous clones make every tensor its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    sd = module.state_dict() if isinstance(module, nn.Module) else module
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
 
 
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
     kind: str,
-    module: nn.Module,
+    module: nn.Module | dict[str, torch.Tensor],
     config: BaseModel,
     meta: dict[str, Any] | None = None,
     ema: nn.Module | dict[str, torch.Tensor] | None = None,
@@ -95,8 +96,7 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
         save_file(_state_dict(module), str(tmp / WEIGHTS))
         if ema is not None:
-            ema_sd = _state_dict(ema) if isinstance(ema, nn.Module) else {k: v.detach().cpu().contiguous().clone() for k, v in ema.items()}
-            save_file(ema_sd, str(tmp / EMA_WEIGHTS))
+            save_file(_state_dict(ema), str(tmp / EMA_WEIGHTS))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders

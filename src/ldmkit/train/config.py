@@ -30,6 +30,9 @@ class DataConfig(BaseModel):
     val_images: int = Field(256, ge=1, description="held-out images used for validation metrics")
     skip_bad_images: bool = Field(False, description="skip unreadable files in a folder instead of stopping")
     hflip: bool = Field(False, description="random horizontal flips (not for `shapes`: positions are labels)")
+    latent_cache: str | None = Field(
+        None, description="second stage: folder for the on-disk latent cache, keyed by the autoencoder's weights, "
+        "the images and the augmentation (None: encode in memory at every start)")
 
 
 class OptimConfig(BaseModel):
@@ -44,7 +47,12 @@ class OptimConfig(BaseModel):
     schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up")
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (None: off)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the forward pass")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast for the forward pass: bf16 (CPU/GPU) or fp16 with a gradient scaler (GPU only)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (batch_size is the global batch)")
+    gradient_checkpointing: bool = Field(False, description="recompute block activations in backward: less memory, ~30 % more time")
+    channels_last: bool = Field(False, description="NHWC memory format for the trained convolutions (faster on some hardware)")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: replicate (DDP) or shard (FSDP) the trained model")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     seed: int = 0
 
@@ -267,6 +275,28 @@ def ldm_digits_class() -> DiffusionTrainConfig:
     )
 
 
+def ldm_shapes_class() -> DiffusionTrainConfig:
+    """Class-conditional shapes, 18 classes (label = shape·6 + colour; position left free): the label
+    embedding added to the time embedding, which every ResBlock takes as FiLM/AdaGN scale and shift."""
+    return DiffusionTrainConfig(
+        unet=_small_unet(model_channels=32, norm_groups=8, attention_levels=(1,), num_classes=18),
+        conditioner=ConditionerConfig(num_classes=18, drop_label=0.1),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="shapes", size=32),
+        optim=OptimConfig(steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999),
+        sample=SampleConfig(guidance=2.0),
+    )
+
+
+def ldm_shapes_class_bias() -> DiffusionTrainConfig:
+    """shapes-class with the other injection: the (time + label) embedding is a per-channel bias added
+    inside each ResBlock (SD's `add`) instead of a scale-shift; everything else identical, so the two
+    presets compare the routes."""
+    cfg = ldm_shapes_class()
+    cfg.unet = cfg.unet.model_copy(update={"emb_mode": "add"})
+    return cfg
+
+
 def ldm_faces() -> DiffusionTrainConfig:
     """Unconditional faces."""
     return DiffusionTrainConfig(
@@ -325,6 +355,8 @@ def ldm_tiny_inpaint() -> DiffusionTrainConfig:
 DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-text": ldm_shapes_text,
     "digits-class": ldm_digits_class,
+    "shapes-class": ldm_shapes_class,
+    "shapes-class-bias": ldm_shapes_class_bias,
     "faces": ldm_faces,
     "tiny": ldm_tiny,
     "shapes-inpaint": ldm_shapes_inpaint,

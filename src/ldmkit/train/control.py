@@ -28,18 +28,19 @@ from ldmkit.control import Adapter, ControlNet, controlled_unet
 from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.train.autoencoder import autocast, pick_device
+from ldmkit.rng import BatchRandom
+from ldmkit.train.autoencoder import autocast
 from ldmkit.train.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
 from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,
+    Stepper,
     TrainLog,
+    apply_memory_format,
     batch_indices,
-    check_finite,
     lr_at,
-    optimizer_step,
     periodic,
     start_run,
     stop_if_requested,
@@ -134,22 +135,39 @@ def control_maps(data: TensorData, which: str, dataset: str) -> torch.Tensor:
 
 def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
                   time_limit: float | None = None) -> Path:
-    """Train a ControlNet/adapter; returns the final checkpoint folder."""
-    from ldmkit.train.diffusion import encode_dataset, step_generator
+    """Train a ControlNet/adapter; returns the final checkpoint folder. Under torchrun every process
+    calls this (see `ldmkit.train.distributed`)."""
+    from ldmkit.train.distributed import cleanup, setup
 
-    out = start_run(out, resume)
-    save_config(cfg, out / "train_config.yaml")
+    dist_info, device = setup(cfg.optim.device)
+    try:
+        return _train_control(cfg, Path(out), resume, progress, time_limit, dist_info, device)
+    finally:
+        cleanup(dist_info)
+
+
+def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: bool, time_limit: float | None,
+                   dist_info, device) -> Path:
+    from ldmkit.train.diffusion import encode_dataset, step_generator
+    from ldmkit.train.distributed import check_in_sync, wrap
+
+    main = dist_info.main
+    if main:
+        start_run(out, resume)
+        save_config(cfg, out / "train_config.yaml")
+    dist_info.barrier()
     o, d = cfg.optim, cfg.data
+    if o.distributed == "fsdp" and dist_info.enabled:
+        raise LdmkitError("optim.distributed=fsdp is not supported for ControlNet/adapter training; use ddp")
     torch.manual_seed(o.seed)
     ldm, base_folder = load_base(cfg.base)
     if d.size != ldm.config.image_size:
         raise LdmkitError(f"data.size is {d.size} but the base model was trained at {ldm.config.image_size}")
     data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
-                       desc="train data", progress=progress)
+                       desc="train data", progress=progress and main)
     maps = control_maps(data, cfg.control, d.dataset)
-    device = pick_device(o.device)
     ldm.to(device)
-    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress)
+    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress and main, cache=d.latent_cache)
     net = build_control(cfg.kind, ldm, maps.shape[1]).to(device)
     cc = ldm.config.conditioner
     use_text, use_labels = bool(cc.text_encoder), bool(cc.num_classes)
@@ -159,30 +177,45 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
             ldm.conditioner.text_encoder(distinct[i : i + 512])
 
     opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    ema = EMA(net, o.ema_decay) if o.ema_decay else None
-    log = TrainLog(out)
+    log = TrainLog(out, enabled=main)
     start = 0
+    state: dict = {}
     if resume:
         folder = resolve(out)
         state = load_training_state(folder)
         load_weights(net, folder / WEIGHTS)
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        if ema is not None and (folder / EMA_WEIGHTS).is_file():
-            load_weights(ema.module, folder / EMA_WEIGHTS)
-            ema.load_state_dict(state.get("ema", {"num_updates": start}))
         log.truncate_after(start)
+    ema = EMA(net, o.ema_decay) if o.ema_decay else None
+    if resume and ema is not None and (folder / EMA_WEIGHTS).is_file():
+        load_weights(ema.module, folder / EMA_WEIGHTS)
+        ema.load_state_dict(state.get("ema", {"num_updates": start}))
+    apply_memory_format(net, o)
+    if o.channels_last:
+        ldm.unet.to(memory_format=torch.channels_last)
+    trained = wrap(net, dist_info, device)
+    stepper = Stepper(trained, opt, net.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
+                      out, o.precision)
+    if resume:
+        stepper.load_state_dict(state.get("stepper", {}))
     base_meta = {"base": str(base_folder.resolve()), "control": cfg.control, "dataset": d.dataset}
 
     def checkpoint(step: int, meta: dict | None = None) -> Path:
-        state = {"step": step, "optimizer": opt.state_dict()}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        return save_checkpoint(out, step, cfg.kind, net, net.config, meta={**base_meta, "step": step, **(meta or {})},
-                               ema=ema.module if ema is not None else None, training_state=state,
-                               keep=cfg.logging.keep_checkpoints)
+        folder = out / "checkpoints" / f"step_{step:08d}"
+        if main:
+            state = {"step": step, "optimizer": opt.state_dict(), "stepper": stepper.state_dict()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            folder = save_checkpoint(out, step, cfg.kind, net, net.config, meta={**base_meta, "step": step, **(meta or {})},
+                                     ema=ema.module if ema is not None else None, training_state=state,
+                                     keep=cfg.logging.keep_checkpoints)
+        dist_info.barrier()
+        return folder
 
     def sample_grid(step: int) -> None:
+        if not main:
+            return
         n = cfg.sample.num
         texts, labels = sample_prompts_for(ldm, cfg, data, n)
         ctrl = maps[:n].to(device)
@@ -192,39 +225,45 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
         save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]), out / "samples" / f"samples_{step:08d}.png",
                   nrow=n, upscale=2)
 
+    shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
     net.train()
     t0 = time.time()
-    bar = tqdm(total=o.steps, initial=start, desc=cfg.kind, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=start, desc=cfg.kind, disable=not (progress and main), dynamic_ncols=True)
     step = start
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
-            g = step_generator(o.seed, step)
-            idx = batch_indices(step, len(data), o.batch_size, d.seed)
-            idx_d = idx.to(device)
-            noise = torch.randn(mean[idx_d].shape, generator=g).to(device)
-            z = mean[idx_d] + std[idx_d] * noise  # z ~ q(z|x), fresh each step
-            z0 = (z - ldm.autoencoder.config.shift_factor) * ldm.autoencoder.config.scaling_factor
-            batch = data.batch(idx)
-            hint = maps[idx].to(device)  # (B, C, H, W) in [0, 1]
+            idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
+
+            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
+                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)  # draws independent of the split
+                rows = idx[lo:hi]
+                rows_d = rows.to(device)
+                z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(device)  # z ~ q(z|x), fresh each step
+                z0 = (z - shift) * scale
+                batch = data.batch(rows)
+                hint = maps[rows].to(device)  # (b, C, H, W) in [0, 1]
+                if o.channels_last:
+                    z0 = z0.contiguous(memory_format=torch.channels_last)
+                with autocast(o.precision, device):
+                    cond = ldm.conditioner(texts=batch["text"] if use_text else None,
+                                           labels=batch["label"] if use_labels else None,
+                                           batch_size=z0.shape[0], train=True, generator=r).to(device)
+                    fn = controlled_unet(ldm.unet, trained, hint)
+                    kw = cond.unet_kwargs()
+                    return ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, r)
+
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            with autocast(o.precision, device):
-                cond = ldm.conditioner(texts=batch["text"] if use_text else None,
-                                       labels=batch["label"] if use_labels else None,
-                                       batch_size=z0.shape[0], train=True, generator=g).to(device)
-                fn = controlled_unet(ldm.unet, net, hint)
-                kw = cond.unet_kwargs()
-                loss = ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, g)
-            check_finite(loss, step, out)
-            optimizer_step(loss, opt, net.parameters(), o.grad_clip)
+            out_of_time = time_limit is not None and time.time() - t0 > time_limit
+            loss, (interrupted, out_of_time) = stepper(step, piece_loss, (stop.requested, out_of_time))
             if ema is not None:
                 ema.update(net)
             done = step + 1
             periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            stop_if_requested(stop, bar, done, checkpoint)
-            if time_limit is not None and time.time() - t0 > time_limit:
+            stop_if_requested(interrupted, bar, done, checkpoint)
+            if out_of_time:
                 step = done
                 break
         else:
@@ -232,7 +271,8 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
     bar.close()
     sample_grid(step)
     log.plot(["loss"], out / "loss.png")
-    return checkpoint(step, meta={"train_seconds": round(time.time() - t0, 1)})
+    return checkpoint(step, meta={"train_seconds": round(time.time() - t0, 1), "world_size": dist_info.world,
+                                  "rank_weight_sums": check_in_sync(net, dist_info)})
 
 
 def sample_prompts_for(ldm, cfg: ControlTrainConfig, data: TensorData, n: int):

@@ -24,7 +24,8 @@ from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
-from ldmkit.train.autoencoder import autocast, pick_device
+from ldmkit.rng import BatchRandom
+from ldmkit.train.autoencoder import autocast
 from ldmkit.train.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
@@ -36,14 +37,26 @@ from ldmkit.train.checkpoint import (
 )
 from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.train.data import TensorData, materialize
+from ldmkit.train.latent_cache import cached_latents, encode_batches
+from ldmkit.train.distributed import (
+    Dist,
+    check_in_sync,
+    cleanup,
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_optimizer_state,
+    setup,
+    wrap,
+)
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,
+    Stepper,
     TrainLog,
+    apply_memory_format,
     batch_indices,
-    check_finite,
     lr_at,
-    optimizer_step,
     periodic,
     start_run,
     stop_if_requested,
@@ -116,18 +129,20 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
                                  diffusion=cfg.diffusion, image_size=cfg.data.size, concat=cfg.concat)
 
 
-@torch.no_grad()
-def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, progress: bool = True):
-    """Posterior mean and std of every training image: (N, c, h, w) each."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), batch_size), desc="encoding latents", disable=not progress, leave=False):
-        x = data.images[i : i + batch_size].to(next(ae.parameters()).device)
-        if x.shape[-1] % ae.downsample_factor:
-            raise LdmkitError(f"image size {x.shape[-1]} is not divisible by the autoencoder's factor {ae.downsample_factor}")
-        post = ae.encode(x)
-        means.append(post.mean)
-        stds.append(post.std)
-    return torch.cat(means), torch.cat(stds)
+def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, progress: bool = True,
+                   cache: str | None = None):
+    """Posterior mean and std of every training image, (N, c, h, w) each, on the AE's device; read
+    from / written to the on-disk latent cache when `cache` names a folder."""
+    device = next(ae.parameters()).device
+    if data.images.shape[-1] % ae.downsample_factor:
+        raise LdmkitError(f"image size {data.images.shape[-1]} is not divisible by the autoencoder's factor "
+                          f"{ae.downsample_factor}")
+    if cache:
+        mean, std = cached_latents(ae, data.images, cache, batch_size=batch_size, progress=progress)
+        return mean.to(device), std.to(device)
+    with torch.no_grad():
+        parts = list(encode_batches(ae, data.images, batch_size, progress))
+    return torch.cat([m for m, _ in parts]).to(device), torch.cat([s for _, s in parts]).to(device)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -151,9 +166,23 @@ def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple
 def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
                     time_limit: float | None = None) -> Path:
     """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
-    training early at a step boundary — the same checkpoint logic applies."""
-    out = start_run(out, resume)
-    save_config(cfg, out / "train_config.yaml")
+    training early at a step boundary — the same checkpoint logic applies. Under torchrun every
+    process calls this; see `ldmkit.train.distributed`."""
+    o = cfg.optim
+    dist_info, device = setup(o.device)
+    try:
+        return _train_diffusion(cfg, Path(out), resume, progress, time_limit, dist_info, device)
+    finally:
+        cleanup(dist_info)
+
+
+def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progress: bool, time_limit: float | None,
+                     dist_info: Dist, device: torch.device) -> Path:
+    main = dist_info.main
+    if main:
+        start_run(out, resume)
+        save_config(cfg, out / "train_config.yaml")
+    dist_info.barrier()
     o = cfg.optim
     torch.manual_seed(o.seed)
 
@@ -165,10 +194,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
 
     d = cfg.data
     data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
-                       desc="train data", progress=progress)
-    device = pick_device(o.device)
+                       desc="train data", progress=progress and main)
     ldm.to(device)
-    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress)
+    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress and main, cache=d.latent_cache)
     if cfg.conditioner.num_classes and (data.labels < 0).all():
         raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
     if cfg.conditioner.text_encoder and not any(data.texts):
@@ -179,38 +207,54 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
             conditioner.text_encoder(distinct[i : i + 512])
 
     unet = ldm.unet
-    opt = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    ema = EMA(unet, o.ema_decay) if o.ema_decay else None
-    log = TrainLog(out)
     start = 0
+    state: dict = {}
     if resume:
         folder = resolve(out)
         state = load_training_state(folder)
         load_weights(ldm, folder / WEIGHTS)
-        opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
-        if ema is not None and (folder / EMA_WEIGHTS).is_file():
-            tmp = LatentDiffusion(model_cfg, conditioner=conditioner)
-            load_weights(tmp, folder / EMA_WEIGHTS)
-            ema.module.load_state_dict(tmp.unet.state_dict())
-            ema.load_state_dict(state.get("ema", {"num_updates": start}))
+    ema = EMA(unet, o.ema_decay) if o.ema_decay else None  # from the (resumed) live weights, before sharding
+    if resume and ema is not None and (folder / EMA_WEIGHTS).is_file():
+        tmp = LatentDiffusion(model_cfg, conditioner=conditioner)
+        load_weights(tmp, folder / EMA_WEIGHTS)
+        ema.module.load_state_dict(tmp.unet.state_dict())
+        ema.load_state_dict(state.get("ema", {"num_updates": start}))
+    apply_memory_format(unet, o)
+    trained = wrap(unet, dist_info, device, o.distributed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    stepper = Stepper(trained, opt, unet.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
+                      out, o.precision)
+    if resume:
+        load_optimizer_state(unet, opt, state["optimizer"])
+        stepper.load_state_dict(state.get("stepper", {}))
+    log = TrainLog(out, enabled=main)
+    if resume:
         log.truncate_after(start)
 
-    def ema_state() -> dict | None:
-        if ema is None:
-            return None
-        sd = ldm.state_dict()
-        sd.update({f"unet.{k}": v for k, v in ema.module.state_dict().items()})
+    def with_unet(unet_sd: dict) -> dict:
+        sd = {k: v for k, v in ldm.state_dict().items() if not k.startswith("unet.")}
+        sd.update({f"unet.{k}": v for k, v in unet_sd.items()})
         return sd
 
     def checkpoint(step: int, meta: dict | None = None) -> Path:
-        state = {"step": step, "optimizer": opt.state_dict()}
+        # gathering sharded weights/optimizer state is collective: every rank runs this, rank 0 writes
+        weights = with_unet(full_state_dict(unet))
+        train_state = {"step": step, "optimizer": full_optimizer_state(unet, opt), "stepper": stepper.state_dict()}
         if ema is not None:
-            state["ema"] = ema.state_dict()
-        return save_checkpoint(out, step, "latent_diffusion", ldm, model_cfg, meta=meta or {"step": step},
-                               ema=ema_state(), training_state=state, keep=cfg.logging.keep_checkpoints)
+            train_state["ema"] = ema.state_dict()
+        folder = out / "checkpoints" / f"step_{step:08d}"
+        if main:
+            folder = save_checkpoint(out, step, "latent_diffusion", weights, model_cfg, meta=meta or {"step": step},
+                                     ema=with_unet(ema.module.state_dict()) if ema is not None else None,
+                                     training_state=train_state, keep=cfg.logging.keep_checkpoints)
+        dist_info.barrier()
+        return folder
 
     def sample_grid(step: int) -> None:
+        # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone
+        if not (main or (ema is None and is_sharded(unet))):
+            return
         n = cfg.sample.num
         texts, labels = sample_prompts(cfg, data, n)
         net = ema.module if ema is not None else unet
@@ -226,46 +270,56 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
                               sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
         finally:
             ldm.unet = live
-        save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
+        if main:
+            save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
 
     use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
+    shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
     ldm.train()
     t0 = time.time()
-    bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not (progress and main), dynamic_ncols=True)
     step = start
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
-            g = step_generator(o.seed, step)
-            idx = batch_indices(step, len(data), o.batch_size, d.seed)
-            idx_d = idx.to(device)
-            noise = torch.randn(mean[idx_d].shape, generator=g).to(device)
-            z = mean[idx_d] + std[idx_d] * noise  # z ~ q(z|x), fresh each step
-            z0 = (z - ldm.autoencoder.config.shift_factor) * ldm.autoencoder.config.scaling_factor
-            batch = data.batch(idx)
-            if d.hflip:
-                flip = (torch.rand(z0.shape[0], generator=g) < 0.5).to(device)
-                z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
-                if cfg.concat is not None:  # the spatial condition flips with its latent
-                    fl = flip.cpu()[:, None, None, None]
-                    batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
-                    if "mask" in batch:
-                        batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
+            idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
+
+            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
+                # Every draw is made for the whole global batch and sliced to rows [lo, hi), so the
+                # result does not depend on how many processes / micro-batches share the batch.
+                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
+                rows = idx[lo:hi]
+                rows_d = rows.to(device)
+                z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(device)  # z ~ q(z|x), fresh each step
+                z0 = (z - shift) * scale
+                batch = data.batch(rows)
+                if d.hflip:
+                    flip = (r.rand() < 0.5).to(device)
+                    z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+                    if cfg.concat is not None:  # the spatial condition flips with its latent
+                        fl = flip.cpu()[:, None, None, None]
+                        batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
+                        if "mask" in batch:
+                            batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
+                if o.channels_last:
+                    z0 = z0.contiguous(memory_format=torch.channels_last)
+                with autocast(o.precision, device):
+                    return ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                    labels=batch["label"] if use_labels else None, generator=r,
+                                    images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"),
+                                    unet=trained)
+
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            with autocast(o.precision, device):
-                loss = ldm.loss(z0, texts=batch["text"] if use_text else None,
-                                labels=batch["label"] if use_labels else None, generator=g,
-                                images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"))
-            check_finite(loss, step, out)
-            optimizer_step(loss, opt, unet.parameters(), o.grad_clip)
+            out_of_time = time_limit is not None and time.time() - t0 > time_limit
+            loss, (interrupted, out_of_time) = stepper(step, piece_loss, (stop.requested, out_of_time))
             if ema is not None:
                 ema.update(unet)
             done = step + 1
             periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            stop_if_requested(stop, bar, done, checkpoint)
-            if time_limit is not None and time.time() - t0 > time_limit:
+            stop_if_requested(interrupted, bar, done, checkpoint)
+            if out_of_time:
                 step = done
                 break
         else:
@@ -274,5 +328,6 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
     sample_grid(step)
     log.plot(["loss"], out / "loss.png")
     meta = {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": d.dataset,
-            "autoencoder": str(cfg.autoencoder), "autoencoder_val": ae_meta.get("val")}
+            "autoencoder": str(cfg.autoencoder), "autoencoder_val": ae_meta.get("val"), "world_size": dist_info.world,
+            "rank_weight_sums": check_in_sync(unet, dist_info)}
     return checkpoint(step, meta=meta)

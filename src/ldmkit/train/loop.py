@@ -32,13 +32,13 @@ def start_run(out: str | Path, resume: bool) -> Path:
 # --- data order ----------------------------------------------------------------------------------
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """Indices of the batch used at optimizer step `step`, a pure function of (step, seed).
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch used at optimizer step `step`, a pure function of (step, seed).
 
     Each epoch is a fresh permutation seeded by (seed, epoch); the last partial batch is dropped.
     Because the order depends only on the step, resuming from a checkpoint's step continues the
-    exact same sequence of batches (the "data position" is the step), and `rank/world` shard the
-    global batch across processes.
+    exact same sequence of batches (the "data position" is the step) on any number of processes;
+    each process trains its rows of it (`distributed.micro_batches`).
     """
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -47,7 +47,19 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
     idx = perm[k * batch_size : (k + 1) * batch_size]
-    return idx[rank::world]
+    return idx
+
+
+def apply_memory_format(model: nn.Module, optim) -> None:
+    """`optim.channels_last`: NHWC weights (inputs follow in the loops), which oneDNN / cuDNN
+    convolutions run without layout conversions; `optim.gradient_checkpointing`: the model's own
+    switch (U-Net and autoencoder recompute each block's activations in the backward pass)."""
+    if optim.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if optim.gradient_checkpointing:
+        if not hasattr(model, "set_gradient_checkpointing"):
+            raise LdmkitError(f"{type(model).__name__} has no gradient checkpointing; set optim.gradient_checkpointing=false")
+        model.set_gradient_checkpointing(True)
 
 
 # --- learning rate -------------------------------------------------------------------------------
@@ -83,7 +95,8 @@ class EMA:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_p = [e for e in self.module.parameters()]
-        live_p = [p.detach() for p in model.parameters()]
+        # FSDP-sharded live weights are gathered whole: this EMA keeps a full copy on every rank.
+        live_p = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_p, live_p, 1 - d)  # one fused kernel per dtype/device, not one per tensor
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
@@ -178,18 +191,63 @@ class GracefulInterrupt:
             signal.signal(s, h)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, grad_clip: float | None) -> None:
-    """Backward, optional gradient-norm clipping, step: the update every loop here makes."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+class Stepper:
+    """One optimizer step of a global batch: micro-batches on this rank, gradients averaged across
+    ranks, the loss and stop requests agreed by all ranks, NaN check, clipping, update.
+
+    `piece_loss(lo, hi)` returns the mean loss of rows [lo, hi) of the step's global batch; the
+    pieces are equal, so weighting each by 1/accum (and DDP's average over ranks) gives the gradient
+    of the global batch mean — the same update as one process with the whole batch.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, params, grad_clip: float | None,
+                 batch_size: int, accum: int, dist, device: torch.device, out_dir: Path, precision: str = "fp32"):
+        from ldmkit.train.distributed import StepSync, micro_batches
+
+        self.model, self.opt, self.params, self.grad_clip = model, opt, list(params), grad_clip
+        self.pieces = micro_batches(batch_size, dist, accum)
+        self.sync = StepSync(dist, device)
+        self.out_dir = out_dir
+        # fp16's 5-bit exponent underflows small gradients: scale the loss up, unscale before clipping,
+        # skip steps whose gradients overflowed (Micikevicius et al., 2018). bf16 needs none of it.
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    def __call__(self, step: int, piece_loss, flags: tuple[bool, ...] = ()) -> tuple[torch.Tensor, tuple[bool, ...]]:
+        """Run step `step`; returns (global mean loss, each flag OR-ed over the ranks)."""
+        from ldmkit.train.distributed import no_sync
+
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, (lo, hi) in enumerate(self.pieces):
+            with no_sync(self.model, last=i == len(self.pieces) - 1):
+                loss = piece_loss(lo, hi)
+                scaled = loss / len(self.pieces)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total = total + loss.detach().float()
+        loss, flags = self.sync(total / len(self.pieces), flags)
+        check_finite(loss, step, self.out_dir)  # before the update: the weights stay those of step − 1
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        return loss, flags
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
-def stop_if_requested(stop: GracefulInterrupt, bar, done: int, checkpoint) -> None:
-    """After a SIGINT/SIGTERM: write a checkpoint at step `done`, then raise TrainingInterrupted."""
-    if stop.requested:
+def stop_if_requested(requested: bool, bar, done: int, checkpoint) -> None:
+    """After a SIGINT/SIGTERM on any rank: write a checkpoint at step `done`, raise TrainingInterrupted."""
+    if requested:
         bar.close()
         folder = checkpoint(done)
         raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
