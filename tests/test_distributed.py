@@ -99,3 +99,12 @@ def test_two_processes_equal_one_and_resume_on_another_world_size(tiny_ae, tmp_p
     _torchrun(2, _train_args(tiny_ae, split, 2))
     assert main([*_train_args(tiny_ae, split, 4), "--resume"]) == 0
     _assert_close(_weights(one), _weights(split))
+
+    # FSDP: parameters and optimizer state sharded over 2 processes, checkpoints gathered whole; the
+    # same run again, resumed from a sharded run's checkpoint
+    fsdp = tmp_path / "fsdp"
+    _torchrun(2, _train_args(tiny_ae, fsdp, 2, "--set", "optim.distributed=fsdp"))
+    res = _torchrun(2, [*_train_args(tiny_ae, fsdp, 4, "--set", "optim.distributed=fsdp"), "--resume"])
+    assert res.stdout.count("saved to") == 1  # rank 0 alone reports
+    _assert_close(_weights(one), _weights(fsdp))
+    _assert_close(_weights(one, "ema.safetensors"), _weights(fsdp, "ema.safetensors"))

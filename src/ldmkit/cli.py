@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports; the others keep stderr only
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     import warnings
 
     # Warnings meant for the user (e.g. skipped unreadable images) as one plain line each.

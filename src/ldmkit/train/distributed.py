@@ -187,15 +187,17 @@ class StepSync:
 def check_in_sync(module: nn.Module, d: Dist) -> list[float]:
     """Every rank's float64 sum of |weights| (one all-gather); raises if the replicas drifted apart —
     a bug (e.g. a rank-dependent draw) that would otherwise only show as a worse model."""
+    sharded = is_sharded(module)  # then each rank holds a different piece by design: sums, no check
     total = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
     for p in module.parameters():
-        total += p.detach().double().abs().sum()
-    if not d.enabled or is_sharded(module):  # sharded: each rank holds a different piece by design
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.detach().double().abs().sum()
+    if not d.enabled:
         return [total.item()]
     sums = [torch.zeros_like(total) for _ in range(d.world)]
     dist.all_gather(sums, total)
     sums = [float(s) for s in sums]
-    if any(s != sums[0] for s in sums):
+    if not sharded and any(s != sums[0] for s in sums):
         raise LdmkitError(f"the {d.world} processes hold different weights (|w| sums {sums}); this is a bug, please report it")
     return sums
 

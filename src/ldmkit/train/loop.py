@@ -57,9 +57,12 @@ def apply_memory_format(model: nn.Module, optim) -> None:
     if optim.channels_last:
         model.to(memory_format=torch.channels_last)
     if optim.gradient_checkpointing:
-        if not hasattr(model, "set_gradient_checkpointing"):
+        if hasattr(model, "set_gradient_checkpointing"):
+            model.set_gradient_checkpointing(True)
+        elif hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing = True
+        else:
             raise LdmkitError(f"{type(model).__name__} has no gradient checkpointing; set optim.gradient_checkpointing=false")
-        model.set_gradient_checkpointing(True)
 
 
 # --- learning rate -------------------------------------------------------------------------------
