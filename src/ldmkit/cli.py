@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ldmkit.control import Adapter, ControlNet
+    from ldmkit.control import Adapter, ControlNet, MultiControlNet
     from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
@@ -71,29 +71,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += read_prompts_file(args.prompts_file)
 
     ldm = load_any(args.checkpoint, config=args.config)
-    control = None
+    nets = []
     if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
-        control, ldm, _ = load_control(args.checkpoint)
+        net, ldm, _ = load_control(args.checkpoint)
+        nets.append(net)
     if not isinstance(ldm, LatentDiffusion):
         raise LdmkitError(
             f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
-    if args.controlnet:
-        if control is not None:
-            raise LdmkitError("--checkpoint already is a ControlNet/adapter run; drop --controlnet")
-        control = load_any(args.controlnet)
-        if not isinstance(control, (ControlNet, Adapter)):
-            raise LdmkitError(f"--controlnet {args.controlnet} holds a {type(control).__name__}, not a ControlNet or adapter")
-    spatial = {"strength": args.strength}
+    for path in args.controlnet or []:
+        net = load_any(path)
+        if not isinstance(net, (ControlNet, Adapter)):
+            raise LdmkitError(f"--controlnet {path} holds a {type(net).__name__}, not a ControlNet or adapter")
+        nets.append(net)
+    spatial = {"strength": args.strength, "keep_known": args.keep_known}
     size = ldm.config.image_size
-    if args.control and control is None:
+    maps, scales = list(args.control or []), list(args.control_scale or [])
+    if maps and not nets:
         raise LdmkitError("--control needs a ControlNet or adapter: --controlnet DIR, or --checkpoint a train-control run")
-    if control is not None:
-        if not args.control:
-            raise LdmkitError("this ControlNet/adapter needs a control image: pass --control PNG")
-        spatial.update(control=control, control_scale=args.control_scale,
-                       control_image=read_image(args.control, control.config.hint_channels, size, "control image", False))
+    if nets:
+        if len(maps) != len(nets):
+            raise LdmkitError(f"{len(nets)} ControlNet/adapter(s) but {len(maps)} --control image(s); give one per network, in order")
+        if scales and len(scales) not in (1, len(nets)):
+            raise LdmkitError(f"{len(scales)} --control-scale values for {len(nets)} networks; give one, or one per network")
+        images = [read_image(m, n.config.hint_channels, size, "control image", False) for m, n in zip(maps, nets)]
+        if len(nets) == 1:
+            spatial.update(control=nets[0], control_image=images[0], control_scale=scales[0] if scales else None)
+        else:
+            if any(isinstance(n, Adapter) for n in nets):
+                raise LdmkitError("several control networks can only be ControlNets (their residuals are summed); "
+                                  "use one adapter at a time")
+            spatial.update(control=MultiControlNet(nets), control_image=images,
+                           control_scale=(scales * len(nets) if len(scales) == 1 else scales) or None)
     if args.init_image:
         spatial["init_image"] = read_image(args.init_image, 3, size, "init image", True)
     elif args.strength != 1.0:
@@ -253,9 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (resized to the model's size)")
     s.add_argument("--mask", default=None, help="inpainting mask image: white (1) = repaint, black = keep")
     s.add_argument("--strength", type=float, default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
-    s.add_argument("--control", default=None, help="control map image for a ControlNet/adapter (values in [0, 1])")
-    s.add_argument("--controlnet", default=None, help="ControlNet/adapter run folder for --control (or pass that folder as --checkpoint)")
-    s.add_argument("--control-scale", type=float, default=None, help="control residual scale (default: the network's, 1)")
+    s.add_argument("--control", action="append", default=None,
+                   help="control map image (values in [0, 1]); one per ControlNet/adapter, in order (repeatable)")
+    s.add_argument("--controlnet", action="append", default=None,
+                   help="ControlNet/adapter run folder (repeatable: several ControlNets are summed; or pass one as --checkpoint)")
+    s.add_argument("--control-scale", type=float, action="append", default=None,
+                   help="control residual scale, one for all or one per network (default: each network's, 1)")
+    s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 
