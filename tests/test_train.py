@@ -102,10 +102,14 @@ def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
     cmd = [sys.executable, "-m", "ldmkit.cli", *base, "--out", str(out)]
     _kill_when_checkpointed(cmd, out)
     assert main([*base, "--out", str(out), "--resume"]) == 0
-    a = load_file(str(resolve(ref) / "ema.safetensors"))
-    b = load_file(str(resolve(out) / "ema.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(resolve(ref) / name))
+        b = load_file(str(resolve(out) / name))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    # the same sequence of losses: the killed run's log (cut back to its checkpoint) plus the resumed steps
+    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa: E731
+    assert losses(out) == losses(ref)
 
     ldm = ldmkit.load(ref)
     s1 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
