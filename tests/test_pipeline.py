@@ -34,11 +34,11 @@ class HashTextEncoder(CachedTextEncoder):
         return out, mask
 
 
-def make_ldm(text=True, classes=4, prediction="eps", zero_init=False) -> LatentDiffusion:
+def make_ldm(text=True, classes=4, prediction="eps", zero_init=False, emb_mode="add") -> LatentDiffusion:
     ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, scaling_factor=0.7, shift_factor=0.1)
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                       attention_levels=(1,), mid_attention=True, num_heads=2, norm_groups=4,
-                      context_dim=8 if text else None, num_classes=classes, zero_init=zero_init)
+                      context_dim=8 if text else None, num_classes=classes, zero_init=zero_init, emb_mode=emb_mode)
     cond_cfg = ConditionerConfig(text_encoder="test" if text else None, num_classes=classes)
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg,
                                 diffusion=DiffusionConfig(prediction_type=prediction), image_size=16)
@@ -91,8 +91,9 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_is_unconditional()
     assert not torch.allclose(a, c)
 
 
-def test_each_route_changes_the_output():
-    ldm = make_ldm()
+@pytest.mark.parametrize("emb_mode", ["add", "scale_shift"])  # the label as a bias, or as FiLM scale-shift
+def test_each_route_changes_the_output(emb_mode):
+    ldm = make_ldm(emb_mode=emb_mode)
     z = torch.randn(1, *ldm.latent_shape)
     t = torch.tensor([500])
 
