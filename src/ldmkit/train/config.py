@@ -277,7 +277,9 @@ def ldm_digits_class() -> DiffusionTrainConfig:
 
 def ldm_shapes_class() -> DiffusionTrainConfig:
     """Class-conditional shapes, 18 classes (label = shape·6 + colour; position left free): the label
-    embedding added to the time embedding, which every ResBlock takes as FiLM/AdaGN scale and shift."""
+    embedding added to the time embedding, which every ResBlock takes as FiLM/AdaGN scale and shift.
+    Measured (`ldmkit evaluate --seeds 8`, 144 samples): colour 100 %, shape 93.1 % after 3,000 steps
+    in 588 s on the shared 2-core CPU."""
     return DiffusionTrainConfig(
         unet=_small_unet(model_channels=32, norm_groups=8, attention_levels=(1,), num_classes=18),
         conditioner=ConditionerConfig(num_classes=18, drop_label=0.1),
@@ -291,7 +293,7 @@ def ldm_shapes_class() -> DiffusionTrainConfig:
 def ldm_shapes_class_bias() -> DiffusionTrainConfig:
     """shapes-class with the other injection: the (time + label) embedding is a per-channel bias added
     inside each ResBlock (SD's `add`) instead of a scale-shift; everything else identical, so the two
-    presets compare the routes."""
+    presets compare the routes. Measured the same way: colour 100 %, shape 92.4 %."""
     cfg = ldm_shapes_class()
     cfg.unet = cfg.unet.model_copy(update={"emb_mode": "add"})
     return cfg
