@@ -15,8 +15,9 @@ SIZE = 16
 
 
 def make(concat=None, channel_mult=(1, 2), text=True, drop=0.0, **unet_kw) -> LatentDiffusion:
+    """concat: None, "inpaint", "lowres" (encoded) or "lowres-rgb" (the RGB pixels on the latent grid)."""
     ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, scaling_factor=0.7, shift_factor=0.1)
-    cc = ConcatConfig(kind=concat, drop=drop) if concat else None
+    cc = ConcatConfig(kind=concat.split("-")[0], drop=drop, lowres_encode=concat != "lowres-rgb") if concat else None
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=channel_mult, num_res_blocks=1,
                       attention_levels=(1,), mid_attention=True, num_heads=2, norm_groups=4, zero_init=False,
                       context_dim=8 if text else None, **{"concat_channels": cc.channels(4) if cc else 0, **unet_kw})
@@ -41,13 +42,15 @@ KW = dict(steps=3, sampler="ddim", seed=1, return_latents=True)
 
 
 @pytest.mark.parametrize("channel_mult", [(1, 2), (1, 2, 2)])
-@pytest.mark.parametrize("kind", ["inpaint", "lowres"])
+@pytest.mark.parametrize("kind", ["inpaint", "lowres", "lowres-rgb"])
 def test_concat_shapes_at_every_injection_point(kind, channel_mult):
     ldm = make(kind, channel_mult)
     x, m = images(), box(2, 8, 2, 8)
     c = ldm.concat_condition(x, m)
     h = SIZE // 4
-    assert c.shape == (2, 5 if kind == "inpaint" else 4, h, h)
+    assert c.shape == (2, {"inpaint": 5, "lowres": 4, "lowres-rgb": 3}[kind], h, h)
+    if kind == "lowres-rgb":  # s = f = 4: the area-downsampled pixels themselves
+        torch.testing.assert_close(c, torch.nn.functional.avg_pool2d(x, 4))
     if kind == "inpaint":
         assert c[:, 0].sum() > 0 and set(c[:, 0].unique().tolist()) <= {0.0, 1.0}  # the mask channel comes first (SD)
     z = torch.randn(2, 4, h, h)
@@ -90,15 +93,15 @@ def test_inpaint_pins_untouched_latent_cells_to_the_image_latent():
     assert not torch.allclose(free[keep.expand_as(z)], known[keep.expand_as(z)])
 
 
-def test_lowres_output_follows_the_low_resolution_image_only():
-    ldm = make("lowres")
+@pytest.mark.parametrize("kind", ["lowres", "lowres-rgb"])
+def test_lowres_output_follows_the_low_resolution_image_only(kind):
+    ldm = make(kind)
     x = images()
     a = ldm.sample(texts=["a", "b"], init_image=x, **KW)
     assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=images(seed=5), **KW))
     # detail that averages out in the 4x4 area downsampling is invisible to the route
     checker = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None]) % 2 * 0.2 - 0.1
-    same = ldm.degrade(x + checker)
-    assert torch.allclose(same, ldm.degrade(x), atol=1e-6)
+    assert torch.allclose(ldm.concat_condition(x + checker), ldm.concat_condition(x), atol=1e-5)
 
 
 def test_dropping_every_condition_equals_the_unconditional_branch():

@@ -14,7 +14,9 @@ Concatenation routes (`LatentDiffusionConfig.concat`, Rombach et al. §4.3 / §4
              latent cell that touches the hole is repainted; masked pixels are set to 0 (mid-grey in
              [-1, 1]) before encoding, as diffusers' inpainting pipeline does.
     lowres:  U-Net input = [z_t (c) | E(up(down_s(x))) (c)]: area-downsample by s, bicubic upsample back,
-             encode (super-resolution; any degradation works the same way).
+             encode (super-resolution; any degradation works the same way). With lowres_encode=False
+             the low-resolution RGB image itself, resized to the latent grid, is concatenated (3
+             channels; the SD x4 upscaler's layout, where s = f and no resize is needed).
     The encoded condition uses the posterior mean and the checkpoint's latent scale/shift.
 
 img2img / SDEdit (Meng et al., 2022) works for every model: `sample(init_image=, strength=s)` keeps
@@ -73,6 +75,8 @@ class ConcatConfig(BaseModel):
     kind: Literal["inpaint", "lowres"] = Field(description="inpaint: mask + masked-image latent (c + 1 channels); "
                                                "lowres: latent of the degraded image (c channels)")
     lowres_factor: int = Field(4, ge=2, description="lowres: downsampling factor s of the degradation")
+    lowres_encode: bool = Field(True, description="lowres: concatenate the latent of the degraded image (c channels) "
+                                "or, False, the low-resolution RGB image resized to the latent grid (3 channels)")
     drop: float = Field(0.1, ge=0, le=1, description="P(concat → zeros) in training. With drop > 0 the unconditional "
                         "branch of guidance gets zeros; with 0 both branches keep the concat (SD inpainting)")
     mask_modes: tuple[float, float, float, float] = Field(
@@ -80,7 +84,9 @@ class ConcatConfig(BaseModel):
         "P(everything: unconditional fill), P(nothing: keep all)")
 
     def channels(self, latent_channels: int) -> int:
-        return latent_channels + 1 if self.kind == "inpaint" else latent_channels
+        if self.kind == "inpaint":
+            return latent_channels + 1
+        return latent_channels if self.lowres_encode else 3
 
 
 class LatentDiffusionConfig(BaseModel):
@@ -200,8 +206,12 @@ class LatentDiffusion(nn.Module):
             masked = images * (1 - masks)  # (B, 3, H, W): the hole at 0 (mid-grey)
             small = F.adaptive_max_pool2d(masks, self.latent_shape[1:])  # (B, 1, h, w)
             concat = torch.cat([small, self.encode_mean(masked)], dim=1)  # (B, 1 + c, h, w)
-        else:
+        elif cc.lowres_encode:
             concat = self.encode_mean(self.degrade(images))  # (B, c, h, w)
+        else:  # the low-resolution pixels themselves on the latent grid (B, 3, h, w)
+            small = F.avg_pool2d(images, cc.lowres_factor)
+            concat = small if small.shape[-2:] == self.latent_shape[1:] else F.interpolate(
+                small, size=self.latent_shape[1:], mode="bicubic", align_corners=False)
         if train and cc.drop > 0:
             keep = (BatchRandom.of(generator, n).rand() >= cc.drop).to(concat.device)
             concat = concat * keep[:, None, None, None].to(concat.dtype)
