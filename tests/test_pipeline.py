@@ -189,3 +189,18 @@ def test_evaluate_reports_digit_fidelity_for_ten_class_models(tmp_path):
     assert res["digits"]["n"] == 40 and 0 <= res["digits"]["accuracy"] <= 1  # at least 4 per class
     assert res["digits"]["classifier_accuracy"] > 0.9  # the judge itself reads real digits
     assert (tmp_path / "digit_samples.png").is_file() and "digits" in (tmp_path / "report.md").read_text()
+
+
+def test_first_stage_stays_float32_under_float16_autocast():
+    """SD's VAE overflows float16 (diffusers' force_upcast): under fp16 autocast the autoencoder runs
+    in its float32 weights; bf16 autocast (float32's range) is left alone."""
+    ldm = make_ldm(text=False)
+    z = torch.randn(1, *ldm.latent_shape)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    ref_img, ref_z = ldm.decode(z), ldm.encode_mean(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        img, zz = ldm.decode(z), ldm.encode_mean(x)
+    assert img.dtype == torch.float32 and torch.equal(img, ref_img) and torch.equal(zz, ref_z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ldm.decode(z)
+    assert low.dtype == torch.bfloat16  # bf16 autocast does reach the decoder

@@ -28,6 +28,7 @@ ignored unless a concatenation route reads it).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Literal
 
 import torch
@@ -145,7 +146,20 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode_latents(latents).clamp(-1, 1)
+        with self._first_stage_precision(latents) as dtype:
+            return self.autoencoder.decode_latents(latents.to(dtype)).clamp(-1, 1)
+
+    @contextlib.contextmanager
+    def _first_stage_precision(self, x: torch.Tensor):
+        """Run the autoencoder in its own weight dtype under float16 autocast: SD's VAE overflows
+        float16 activations (diffusers' `force_upcast`). bfloat16 has float32's range and is kept."""
+        dtype = next(self.autoencoder.parameters()).dtype
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+            with torch.autocast(kind, enabled=False):
+                yield dtype
+        else:
+            yield dtype
 
     def model_fn(self, cond: Cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The U-Net with `cond` bound: (z_t, t) → raw prediction."""
@@ -157,7 +171,8 @@ class LatentDiffusion(nn.Module):
     def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised posterior mean (B, c, h, w) of images (B, 3, H, W) in [-1, 1]: (μ − shift)·scale."""
         ae = self.autoencoder
-        return (ae.encode(images).mean - ae.config.shift_factor) * ae.config.scaling_factor  # (B, c, h, w)
+        with self._first_stage_precision(images) as dtype:
+            return (ae.encode(images.to(dtype)).mean - ae.config.shift_factor) * ae.config.scaling_factor  # (B, c, h, w)
 
     def degrade(self, images: torch.Tensor) -> torch.Tensor:
         """The lowres route's degradation: area-downsample by s, bicubic upsample back. (B, 3, H, W)."""
