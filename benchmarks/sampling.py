@@ -20,7 +20,10 @@ like its pipelines, passes none.
 
 A case is CONFIG:BATCH:LATENT_RES; the image is LATENT_RES x f pixels (f = 4 for demo and tiny,
 8 for mid). Images/s is the median over alternated repeats; peak MiB is the growth of peak RSS
-during one sampling call in a fresh process per side.
+during one sampling call in a fresh process per side. FLOPs are those each side executes
+(`torch.utils.flop_counter`, whole call): ldmkit projects the constant text tokens to cross-attention
+K/V once per call instead of once per step, so it executes fewer; the "FLOPs ldmkit / diffusers"
+column shows by how much, and GFLOP/s is each side's own executed FLOPs over its own time.
 """
 
 from __future__ import annotations
@@ -116,14 +119,18 @@ def prompts_for(batch: int) -> list[str]:
 
 
 def memory_child(spec: dict) -> None:
+    """Fresh process: build both sides, drop the other side's networks, then the peak RSS growth
+    of one sampling call (both sides are built and dropped alike, so neither measures on the other's
+    freed pages; `common.RssPeak` also hands freed memory back to the OS first)."""
     torch.set_num_threads(spec["threads"])
     ldm = build_ldm(spec["config"], spec["res"])
     prompts = prompts_for(spec["batch"])
+    unet, vae, make_scheduler = diffusers_side(ldm, "cpu")
     if spec["side"] == "ldmkit":
+        del unet, vae
         run = lambda: ldm.sample(texts=prompts, steps=spec["steps"], sampler=spec["sampler"], guidance=spec["guidance"])  # noqa: E731
     else:
-        unet, vae, make_scheduler = diffusers_side(ldm, "cpu")
-        ldm.unet = None  # drop the ldmkit U-Net before the baseline
+        ldm.unet = ldm.autoencoder = None  # the diffusers loop reads only the text encoder and config of ldm
         run = lambda: diffusers_sample(unet, vae, make_scheduler(spec["sampler"]), ldm, prompts, spec["steps"], spec["guidance"])  # noqa: E731
     ldm.conditioner.text_encoder(prompts + [""])  # encode (cache) captions before measuring
     with common.RssPeak() as p:
@@ -191,12 +198,13 @@ def main() -> None:
             row += [f"{ips[s]:.2f} ±{100 * common.spread(times[s]):.0f}%" for s in fns]
             row.append(f"**{ips['ldmkit'] / ips['diffusers']:.2f}**")
             row += [f"{flops[s] / med[s] / 1e9:.1f} ({100 * flops[s] / med[s] / peak:.0f}%)" for s in fns]
+            row.append(f"{flops['ldmkit'] / flops['diffusers']:.2f}")
             row += [f"{mem[s]:.0f}" for s in fns]
             row.append(f"{diff:.1e}")
             rows.append(row)
             print(f"  done {name}:{batch}:{res} {sampler}", file=sys.stderr, flush=True)
     header = ["U-Net", "sampler", "batch", "image", "ldmkit images/s", "diffusers images/s", "ratio",
-              "ldmkit GFLOP/s (% fp32 peak)", "diffusers GFLOP/s (% fp32 peak)", "ldmkit peak MiB",
+              "ldmkit GFLOP/s (% fp32 peak)", "diffusers GFLOP/s (% fp32 peak)", "FLOPs ldmkit / diffusers", "ldmkit peak MiB",
               "diffusers peak MiB", "max |Δ pixel|"]  # fmt: skip
     print(f"Sampling, {args.steps} steps, CFG {args.guidance} (batched uncond/cond), + decode, fp32; median of "
           f"{args.repeats} alternated runs after {args.warmup} warm-up; ratio = ldmkit / diffusers images/s; "

@@ -19,6 +19,9 @@ growth of the peak resident set over two training steps (the first allocates Ada
 the RSS with the model, optimizer and inputs built, each side in its own fresh process.
 `--context-mask` also passes an all-True token mask (ldmkit: `context_mask`, diffusers:
 `encoder_attention_mask`), as ldmkit's own training loop does with its text encoders.
+`--gradient-checkpointing` turns on activation checkpointing on both sides (ldmkit:
+`unet.set_gradient_checkpointing(True)`, diffusers: `enable_gradient_checkpointing()`); the FLOP count
+then includes the recomputed forward passes.
 
 Prints Markdown tables; every figure comes from this run.
 """
@@ -75,12 +78,23 @@ def make_step(side: str, model, inputs, precision: str, device: str, context_mas
     return step, forward_backward, opt
 
 
+def set_checkpointing(side: str, model, enabled: bool) -> None:
+    """Activation (gradient) checkpointing on one side, each through its own switch."""
+    if not enabled:
+        return
+    if side == "ldmkit":
+        model.set_gradient_checkpointing(True)
+    else:
+        model.enable_gradient_checkpointing()
+
+
 def memory_child(spec: dict) -> None:
     """Fresh process: build one side, then the peak RSS growth over two training steps."""
     torch.set_num_threads(spec["threads"])
     ours, theirs = common.build_unets(spec["config"], "cpu")
     model = ours if spec["side"] == "ldmkit" else theirs
     del ours, theirs  # the other side's weights are freed before the baseline is taken
+    set_checkpointing(spec["side"], model, spec.get("checkpointing", False))
     inputs = make_inputs(spec["config"], spec["batch"], spec["res"], "cpu")
     step, _, _ = make_step(spec["side"], model, inputs, spec["precision"], "cpu", spec["context_mask"])
     with common.RssPeak() as p:
@@ -99,6 +113,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--context-mask", action="store_true", help="pass an all-True token mask to both sides")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--peak-sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -120,6 +135,8 @@ def main() -> None:
     rows = []
     for name, batch, res in cases:
         ours, theirs = common.build_unets(name, args.device)
+        set_checkpointing("ldmkit", ours, args.gradient_checkpointing)
+        set_checkpointing("diffusers", theirs, args.gradient_checkpointing)
         inputs = make_inputs(name, batch, res, args.device)
         nparams = sum(q.numel() for q in ours.parameters())
         for precision in args.precisions:
@@ -135,8 +152,8 @@ def main() -> None:
                 if args.no_memory or args.device != "cpu":
                     mem[side] = float("nan")
                     continue
-                spec = dict(side=side, config=name, batch=batch, res=res, precision=precision,
-                            threads=args.threads, context_mask=args.context_mask)  # fmt: skip
+                spec = dict(side=side, config=name, batch=batch, res=res, precision=precision, threads=args.threads,
+                            context_mask=args.context_mask, checkpointing=args.gradient_checkpointing)  # fmt: skip
                 mem[side] = common.child_peak_rss(__file__, ["--_memory-child", json.dumps(spec)])
             med = {s: common.median(v) for s, v in times.items()}
             sps = {s: batch / med[s] for s in med}
@@ -156,7 +173,8 @@ def main() -> None:
               "ldmkit GFLOP/s (% peak)", "diffusers GFLOP/s (% peak)", "ldmkit peak MiB", "diffusers peak MiB"]  # fmt: skip
     print(f"Training step (fwd + bwd + AdamW), median of {args.repeats} alternated steps after {args.warmup} "
           f"warm-up; ratio = ldmkit / diffusers samples/s; peak MiB = peak RSS growth over two steps "
-          f"in a fresh process{'; context mask on' if args.context_mask else ''}.")  # fmt: skip
+          f"in a fresh process{'; context mask on' if args.context_mask else ''}"
+          f"{'; gradient checkpointing on both sides' if args.gradient_checkpointing else ''}.")  # fmt: skip
     print()
     print(common.markdown_table(header, rows))
 

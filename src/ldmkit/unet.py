@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ldmkit.errors import LdmkitError
 from ldmkit.layers import Downsample, ResBlock, TimestepEmbedding, Upsample, group_norm, timestep_embedding
@@ -291,14 +292,15 @@ class UpBlock(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        skips: list[torch.Tensor] | None,
+        skips: Sequence[torch.Tensor] | None,
         emb: torch.Tensor | None,
         context: torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """`skips`: this level's skips in encoder order (num_res_blocks + 1 of them), or None."""
         for j, resnet in enumerate(self.resnets):
             if skips is not None:
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_i, W_i), last skip first
+                h = torch.cat([h, skips[-1 - j]], dim=1)  # (B, C + C_skip, H_i, W_i), last skip first
             h = resnet(h, emb)  # (B, C_i, H_i, W_i)
             if self.attentions is not None:
                 h = self.attentions[j](h, context, mask)  # (B, C_i, H_i, W_i)
@@ -353,6 +355,21 @@ class UNet(nn.Module):
         self.conv_norm_out = group_norm(widths[0], cfg.norm_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
         init_weights(self, cfg.zero_init)
+        # A training-time memory/compute trade, not architecture: neither in the config nor in the state dict.
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> UNet:
+        """Recompute each down/mid/up block's activations in the backward pass instead of keeping them
+        (`torch.utils.checkpoint`, non-reentrant; Chen et al., 2016): activation memory falls to roughly the
+        block inputs at the cost of a second forward pass. Only in training mode with autograd on; the loss
+        and gradients are those of the plain forward."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def _block(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     # ---- structure other modules (ControlNet, adapters) build on
 
@@ -420,6 +437,8 @@ class UNet(nn.Module):
         self._check_adapter_residuals(x, adapter_residuals)
         self._check_vector(x, vector)
         emb = self.embed(t, class_labels, x, vector)  # (B, 4·C0) or None
+        if context_mask is not None and bool(context_mask.all()):
+            context_mask = None  # nothing masked: checked once here, not in every attention layer
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C_in + C_cat, H, W)
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -427,19 +446,20 @@ class UNet(nn.Module):
         skips = [h]
         for i, block in enumerate(self.down_blocks):
             r = None if adapter_residuals is None else adapter_residuals[i]  # (B, C_i, H/2^i, W/2^i)
-            h, block_skips = block(h, emb, context, context_mask, r)  # (B, C_i, H/2^(i+1), W/2^(i+1)), last: H/2^i
+            h, block_skips = self._block(block, h, emb, context, context_mask, r)  # (B, C_i, H/2^(i+1), W/2^(i+1))
             skips += block_skips
         if down_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_residuals)]  # ControlNet: one residual per skip
 
-        h = self.mid_block(h, emb, context, context_mask)  # (B, C_last, H/f, W/f)
+        h = self._block(self.mid_block, h, emb, context, context_mask)  # (B, C_last, H/f, W/f)
         if mid_residual is not None:
             h = h + mid_residual  # (B, C_last, H/f, W/f)
 
-        if not self.config.use_skip_connections:
-            skips = None  # ablation: the decoder sees only the bottleneck
+        n, use_skips = self.config.num_res_blocks + 1, self.config.use_skip_connections
         for block in self.up_blocks:
-            h = block(h, skips, emb, context, context_mask)  # (B, C_i, H/2^i, W/2^i), i = L-1 … 0
+            level_skips, skips = skips[-n:], skips[:-n]  # the last n skips on the stack belong to this level
+            level_skips = level_skips if use_skips else None  # no-skip ablation: only the bottleneck goes up
+            h = self._block(block, h, level_skips, emb, context, context_mask)  # (B, C_i, H/2^i, W/2^i)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 
     def _check_vector(self, x: torch.Tensor, vector: torch.Tensor | None) -> None:
