@@ -46,10 +46,10 @@ def _weights(out, name="model.safetensors"):
     return load_file(str(resolve(out) / name))
 
 
-def _assert_close(a, b, atol=2e-5):
+def _assert_close(a, b, atol=2e-5):  # atol=0: bit-identical
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst < atol, f"largest weight difference {worst}"
+    assert worst <= atol if atol == 0 else worst < atol, f"largest weight difference {worst}"
 
 
 def test_batch_random_slices_match_the_whole_batch():
@@ -108,3 +108,22 @@ def test_two_processes_equal_one_and_resume_on_another_world_size(tiny_ae, tmp_p
     assert res.stdout.count("saved to") == 1  # rank 0 alone reports
     _assert_close(_weights(one), _weights(fsdp))
     _assert_close(_weights(one, "ema.safetensors"), _weights(fsdp, "ema.safetensors"))
+
+
+def test_latent_cache_is_built_once_and_gives_the_same_run(tiny_ae, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    set_cache = ["--set", f"data.latent_cache={cache}"]
+    assert main(_train_args(tiny_ae, tmp_path / "plain", 2)) == 0
+    assert main(_train_args(tiny_ae, tmp_path / "a", 2, *set_cache)) == 0
+    (key,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert (key / "index.json").is_file() and list(key.glob("shard_*.safetensors"))
+    _assert_close(_weights(tmp_path / "plain"), _weights(tmp_path / "a"))
+
+    import ldmkit.train.latent_cache as lc
+
+    def no_encoding(*a, **k):
+        raise AssertionError("the cache should have been read, not rebuilt")
+
+    monkeypatch.setattr(lc, "encode_batches", no_encoding)
+    assert main(_train_args(tiny_ae, tmp_path / "b", 2, *set_cache)) == 0
+    _assert_close(_weights(tmp_path / "a"), _weights(tmp_path / "b"), atol=0)
