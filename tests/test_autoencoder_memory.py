@@ -29,16 +29,23 @@ def model(seed: int = 0, **kw) -> AutoencoderKL:
 
 
 @pytest.mark.parametrize("variational", [True, False])
-def test_sliced_decode_and_encode_equal_the_whole_batch_exactly(variational):
+def test_sliced_decode_and_encode_equal_the_whole_batch(variational):
+    # Equal up to float32 rounding, not bitwise: oneDNN may pick another convolution algorithm (and
+    # summation order) for another batch size, and did on a loaded CI machine.
     m = model(variational=variational)
     z, x = torch.randn(6, 4, 8, 8), torch.randn(6, 3, 32, 32)
+    close = dict(rtol=0, atol=1e-5)
     with torch.no_grad():
         plain, post = m.decode(z), m.encode(x)
         for n in (2, 3, 4):  # chunks 2+2+2, 3+3, 4+2; chunks of one: next test
             m.enable_slicing(n)
-            assert torch.equal(m.decode(z), plain), n
+            torch.testing.assert_close(m.decode(z), plain, **close)
             sliced = m.encode(x)
-            assert torch.equal(sliced.mean, post.mean) and torch.equal(sliced.logvar, post.logvar), n
+            torch.testing.assert_close(sliced.mean, post.mean, **close)
+            if variational:
+                torch.testing.assert_close(sliced.logvar, post.logvar, **close)
+            else:
+                assert torch.equal(sliced.logvar, post.logvar)  # a point posterior: −inf everywhere
 
 
 def test_sliced_decode_in_chunks_of_one_matches_up_to_kernel_rounding():

@@ -299,8 +299,9 @@ class AutoencoderKL(nn.Module):
 
     - `enable_slicing(slice_size)`: encode/decode a batch `slice_size` images at a time. Every layer
       acts on each image alone (GroupNorm included), so peak activation memory follows the chunk,
-      not the batch, and results are bit-identical to the whole-batch call wherever the convolution
-      kernel does not depend on the batch size. Known exceptions (measured): on CPU PyTorch sends a
+      not the batch, and results equal the whole-batch call up to float rounding (bitwise only where
+      the convolution kernel does not depend on the batch size; oneDNN's choice can, e.g. under load).
+      Known exceptions (measured): on CPU PyTorch sends a
       batch of one small image (< 20480 elements) to its native convolution, not oneDNN (~1e-6 off);
       cuDNN picks its algorithm by batch size, so on a GPU chunks of one differ by ~1e-5, and with
       TF32 convolutions (PyTorch's default) any chunk size differs by TF32's rounding (~1e-2).
