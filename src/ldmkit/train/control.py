@@ -28,22 +28,18 @@ from ldmkit.control import Adapter, ControlNet, controlled_unet
 from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.rng import BatchRandom
 from ldmkit.train.autoencoder import autocast
 from ldmkit.train.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
 from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
-    GracefulInterrupt,
     Stepper,
     TrainLog,
     apply_memory_format,
     batch_indices,
-    lr_at,
-    periodic,
+    run_steps,
     start_run,
-    stop_if_requested,
 )
 
 
@@ -148,7 +144,7 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
 
 def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: bool, time_limit: float | None,
                    dist_info, device) -> Path:
-    from ldmkit.train.diffusion import encode_dataset, step_generator
+    from ldmkit.train.diffusion import encode_dataset, sample_latents
     from ldmkit.train.distributed import check_in_sync, wrap
 
     main = dist_info.main
@@ -229,45 +225,28 @@ def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: b
     net.train()
     t0 = time.time()
     bar = tqdm(total=o.steps, initial=start, desc=cfg.kind, disable=not (progress and main), dynamic_ncols=True)
-    step = start
-    with GracefulInterrupt() as stop:
-        for step in range(start, o.steps):
-            idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
 
-            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
-                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)  # draws independent of the split
-                rows = idx[lo:hi]
-                rows_d = rows.to(device)
-                z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(device)  # z ~ q(z|x), fresh each step
-                z0 = (z - shift) * scale
-                batch = data.batch(rows)
-                hint = maps[rows].to(device)  # (b, C, H, W) in [0, 1]
-                if o.channels_last:
-                    z0 = z0.contiguous(memory_format=torch.channels_last)
-                with autocast(o.precision, device):
-                    cond = ldm.conditioner(texts=batch["text"] if use_text else None,
-                                           labels=batch["label"] if use_labels else None,
-                                           batch_size=z0.shape[0], train=True, generator=r).to(device)
-                    fn = controlled_unet(ldm.unet, trained, hint)
-                    kw = cond.unet_kwargs()
-                    return ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, r)
+    def piece_loss_at(step: int):
+        idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
 
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            out_of_time = time_limit is not None and time.time() - t0 > time_limit
-            loss, (interrupted, out_of_time) = stepper(step, piece_loss, (stop.requested, out_of_time))
-            if ema is not None:
-                ema.update(net)
-            done = step + 1
-            periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            stop_if_requested(interrupted, bar, done, checkpoint)
-            if out_of_time:
-                step = done
-                break
-        else:
-            step = o.steps
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            r, rows, z0 = sample_latents(mean, std, idx, lo, hi, o, step, shift, scale)
+            batch = data.batch(rows)
+            hint = maps[rows].to(device)  # (b, C, H, W) in [0, 1]
+            if o.channels_last:
+                z0 = z0.contiguous(memory_format=torch.channels_last)
+            with autocast(o.precision, device):
+                cond = ldm.conditioner(texts=batch["text"] if use_text else None,
+                                       labels=batch["label"] if use_labels else None,
+                                       batch_size=z0.shape[0], train=True, generator=r).to(device)
+                fn = controlled_unet(ldm.unet, trained, hint)
+                kw = cond.unet_kwargs()
+                return ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, r)
+
+        return piece_loss
+
+    step = run_steps(start, o, cfg.logging, stepper, opt, piece_loss_at, ema, net, log, bar, sample_grid, checkpoint,
+                     t0, time_limit)
     bar.close()
     sample_grid(step)
     log.plot(["loss"], out / "loss.png")

@@ -51,15 +51,12 @@ from ldmkit.train.distributed import (
 )
 from ldmkit.train.loop import (
     EMA,
-    GracefulInterrupt,
     Stepper,
     TrainLog,
     apply_memory_format,
     batch_indices,
-    lr_at,
-    periodic,
+    run_steps,
     start_run,
-    stop_if_requested,
 )
 
 
@@ -147,6 +144,19 @@ def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, p
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, optim, step: int,
+                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor, torch.Tensor]:
+    """Rows [lo, hi) of step `step`'s global batch `idx`: (the step's BatchRandom, the rows' dataset
+    indices, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made for the whole
+    global batch and sliced, so the result does not depend on how many processes / micro-batches share
+    the batch; the step's later draws continue from the returned BatchRandom."""
+    r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
+    rows = idx[lo:hi]
+    rows_d = rows.to(mean.device)
+    z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(mean.device)
+    return r, rows, (z - shift) * scale
 
 
 def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple[list[str] | None, torch.Tensor | None]:
@@ -278,52 +288,33 @@ def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progres
     ldm.train()
     t0 = time.time()
     bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not (progress and main), dynamic_ncols=True)
-    step = start
-    with GracefulInterrupt() as stop:
-        for step in range(start, o.steps):
-            idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
 
-            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
-                # Every draw is made for the whole global batch and sliced to rows [lo, hi), so the
-                # result does not depend on how many processes / micro-batches share the batch.
-                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
-                rows = idx[lo:hi]
-                rows_d = rows.to(device)
-                z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(device)  # z ~ q(z|x), fresh each step
-                z0 = (z - shift) * scale
-                batch = data.batch(rows)
-                if d.hflip:
-                    flip = (r.rand() < 0.5).to(device)
-                    z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
-                    if cfg.concat is not None:  # the spatial condition flips with its latent
-                        fl = flip.cpu()[:, None, None, None]
-                        batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
-                        if "mask" in batch:
-                            batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
-                if o.channels_last:
-                    z0 = z0.contiguous(memory_format=torch.channels_last)
-                with autocast(o.precision, device):
-                    return ldm.loss(z0, texts=batch["text"] if use_text else None,
-                                    labels=batch["label"] if use_labels else None, generator=r,
-                                    images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"),
-                                    unet=trained)
+    def piece_loss_at(step: int):
+        idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
 
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            out_of_time = time_limit is not None and time.time() - t0 > time_limit
-            loss, (interrupted, out_of_time) = stepper(step, piece_loss, (stop.requested, out_of_time))
-            if ema is not None:
-                ema.update(unet)
-            done = step + 1
-            periodic(done, o.steps, cfg.logging, log, loss, opt, sample_grid, checkpoint)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            stop_if_requested(interrupted, bar, done, checkpoint)
-            if out_of_time:
-                step = done
-                break
-        else:
-            step = o.steps
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            r, rows, z0 = sample_latents(mean, std, idx, lo, hi, o, step, shift, scale)
+            batch = data.batch(rows)
+            if d.hflip:
+                flip = (r.rand() < 0.5).to(z0.device)
+                z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+                if cfg.concat is not None:  # the spatial condition flips with its latent
+                    fl = flip.cpu()[:, None, None, None]
+                    batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
+                    if "mask" in batch:
+                        batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
+            if o.channels_last:
+                z0 = z0.contiguous(memory_format=torch.channels_last)
+            with autocast(o.precision, device):
+                return ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                labels=batch["label"] if use_labels else None, generator=r,
+                                images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"),
+                                unet=trained)
+
+        return piece_loss
+
+    step = run_steps(start, o, cfg.logging, stepper, opt, piece_loss_at, ema, unet, log, bar, sample_grid, checkpoint,
+                     t0, time_limit)
     bar.close()
     sample_grid(step)
     log.plot(["loss"], out / "loss.png")

@@ -267,6 +267,30 @@ def periodic(done: int, total: int, logging, log: TrainLog, loss: torch.Tensor, 
         checkpoint(done)
 
 
+def run_steps(start: int, optim, logging, stepper: "Stepper", opt: torch.optim.Optimizer, piece_loss_at,
+              ema: "EMA | None", live: nn.Module, log: TrainLog, bar, sample_grid, checkpoint,
+              t0: float, time_limit: float | None) -> int:
+    """The second-stage loops' steps from `start`: LR, one `stepper` step over `piece_loss_at(step)`,
+    EMA of `live`, bookkeeping (`periodic`), and stopping on a signal (checkpoint + TrainingInterrupted)
+    or after `time_limit` seconds since `t0`, agreed by all ranks. Returns the step reached."""
+    with GracefulInterrupt() as stop:
+        for step in range(start, optim.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, optim.lr, optim.warmup_steps, optim.steps, optim.schedule)
+            out_of_time = time_limit is not None and time.time() - t0 > time_limit
+            loss, (interrupted, out_of_time) = stepper(step, piece_loss_at(step), (stop.requested, out_of_time))
+            if ema is not None:
+                ema.update(live)
+            done = step + 1
+            periodic(done, optim.steps, logging, log, loss, opt, sample_grid, checkpoint)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            stop_if_requested(interrupted, bar, done, checkpoint)
+            if out_of_time:
+                return done
+    return optim.steps
+
+
 def check_finite(loss: torch.Tensor, step: int, out_dir: Path) -> None:
     if not torch.isfinite(loss):
         latest = out_dir / "latest"
