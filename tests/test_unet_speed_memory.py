@@ -308,3 +308,15 @@ def test_gradient_checkpointing_with_bf16_autocast():
     torch.testing.assert_close(loss_ckpt, loss, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_clear_context_cache_frees_the_kv_and_changes_nothing():
+    cfg = tiny()
+    unet = UNet(cfg).eval()
+    kw = batch(cfg)
+    with torch.no_grad():
+        out = unet(**kw)
+        assert all(a._kv_cache is not None for a in cross_attentions(unet))
+        unet.clear_context_cache()
+        assert all(a._kv_cache is None for a in cross_attentions(unet))
+        assert torch.equal(unet(**kw), out)

@@ -45,6 +45,7 @@ from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
 from ldmkit.diffusion.schedules import make_schedule, make_timesteps, q_sample
 from ldmkit.errors import LdmkitError
+from ldmkit.layers.attention import clear_context_cache
 from ldmkit.rng import BatchRandom
 from ldmkit.train.checkpoint import register_kind
 from ldmkit.unet import UNet, UNetConfig
@@ -394,6 +395,9 @@ class LatentDiffusion(nn.Module):
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
         if known is not None:  # samplers whose last step keeps a little noise end exactly on the known cells
             z0 = torch.lerp(z0, known, keep)
+        for m in (self.unet, control):  # the text tokens' cached K/V are not needed for decoding: free them first
+            if isinstance(m, nn.Module):
+                clear_context_cache(m)
         return z0 if return_latents else self.decode(z0)
 
 

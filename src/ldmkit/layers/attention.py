@@ -136,6 +136,15 @@ class Attention(nn.Module):
         return state
 
 
+def clear_context_cache(module: nn.Module) -> None:
+    """Drop the cross-attention K/V that every `Attention` in `module` keeps from its last context (see
+    `Attention._context_kv`). They go anyway when the context tensor is freed; this frees them sooner,
+    e.g. between the last denoising step and decoding, where they would add to the decoder's peak."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m._kv_cache = None
+
+
 class _ContextKV:
     """Cached K, V of one context tensor (`Attention._context_kv`). `key` pins what they depend on: the
     context's version counter, each to_k/to_v parameter's storage and version counter, and autocast.

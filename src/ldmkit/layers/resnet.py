@@ -59,21 +59,25 @@ class ResBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        # In place where nothing needs the old values: conv outputs (a conv's backward needs only its input)
+        # always, norm outputs before SiLU only without autograd (inference), where it bounds the live
+        # activations of the block to x and two more: lower sampling / decoding peak memory.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))  # (B, C_out, H, W)
         scale_shift = None
         if self.time_emb_proj is not None and emb is not None:
             e = self.time_emb_proj(F.silu(emb))[:, :, None, None]  # (B, C_out or 2*C_out, 1, 1)
             if self.emb_mode == "add":
-                h = h + e
+                h += e
             else:
                 scale_shift = e.chunk(2, dim=1)
         h = self.norm2(h)
         if scale_shift is not None:
             scale, shift = scale_shift
             h = h * (1 + scale) + shift  # FiLM / AdaGN
-        h = self.conv2(self.dropout(F.silu(h)))  # (B, C_out, H, W)
+        h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))  # (B, C_out, H, W)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return h.add_(skip)  # (B, C_out, H, W)
 
 
 class Downsample(nn.Module):
