@@ -1,7 +1,9 @@
 """U-Net training step, ldmkit vs diffusers, same architecture and same weights.
 
 One step = forward + MSE loss + backward + AdamW step (+ zero_grad), on random latents, timesteps
-and text tokens. The diffusers model is `to_diffusers(ldmkit_unet)`: a `UNet2DConditionModel` with
+and text tokens. Each side builds its optimizer as its own training code does: ldmkit's trainers the fused
+AdamW kernel (`ldmkit.train.loop.adamw`), diffusers' examples `torch.optim.AdamW` with its defaults
+(`--same-optimizer`: the latter on both sides, to compare the models alone). The diffusers model is `to_diffusers(ldmkit_unet)`: a `UNet2DConditionModel` with
 the same weights. Each side runs with its defaults (both attend through
 `F.scaled_dot_product_attention`: ldmkit's Attention, diffusers' `AttnProcessor2_0`); fp32, and bf16
 under `torch.autocast` with float32 weights and optimizer state.
@@ -40,6 +42,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from ldmkit.train.loop import adamw  # noqa: E402
+
 DEFAULT_CASES = ["demo:8:8", "demo:32:8", "demo:32:16", "mid:2:16", "mid:8:16", "mid:2:32"]
 
 
@@ -54,10 +58,19 @@ def make_inputs(name: str, batch: int, res: int, device: str, seed: int = 0):
     return x, t, ctx, target, mask
 
 
-def make_step(side: str, model, inputs, precision: str, device: str, context_mask: bool):
+def make_optimizer(side: str, model, same_optimizer: bool) -> torch.optim.Optimizer:
+    """Each side's own: ldmkit's trainers build `ldmkit.train.loop.adamw` (PyTorch's fused AdamW kernel);
+    diffusers' training examples build `torch.optim.AdamW` with its defaults (the per-tensor loop on CPU).
+    `same_optimizer`: torch.optim.AdamW on both sides, to compare the models alone."""
+    if side == "ldmkit" and not same_optimizer:
+        return adamw(model.parameters(), 1e-4, (0.9, 0.999), 1e-2)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
+
+
+def make_step(side: str, model, inputs, precision: str, device: str, context_mask: bool, same_optimizer: bool = False):
     """A closure running one training step of `model` (ldmkit or diffusers calling convention)."""
     x, t, ctx, target, mask = inputs
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(side, model, same_optimizer)
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def forward_backward():
@@ -96,7 +109,8 @@ def memory_child(spec: dict) -> None:
     del ours, theirs  # the other side's weights are freed before the baseline is taken
     set_checkpointing(spec["side"], model, spec.get("checkpointing", False))
     inputs = make_inputs(spec["config"], spec["batch"], spec["res"], "cpu")
-    step, _, _ = make_step(spec["side"], model, inputs, spec["precision"], "cpu", spec["context_mask"])
+    step, _, _ = make_step(spec["side"], model, inputs, spec["precision"], "cpu", spec["context_mask"],
+                           spec["same_optimizer"])
     with common.RssPeak() as p:
         step()
         step()
@@ -114,6 +128,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--context-mask", action="store_true", help="pass an all-True token mask to both sides")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="torch.optim.AdamW (default loop) on both sides instead of each side's own")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--peak-sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
@@ -142,7 +158,8 @@ def main() -> None:
         for precision in args.precisions:
             steps, flops = {}, {}
             for side, model in (("ldmkit", ours), ("diffusers", theirs)):
-                step, fwd_bwd, opt = make_step(side, model, inputs, precision, args.device, args.context_mask)
+                step, fwd_bwd, opt = make_step(side, model, inputs, precision, args.device, args.context_mask,
+                                               args.same_optimizer)
                 flops[side] = common.count_flops(fwd_bwd)
                 opt.zero_grad(set_to_none=True)
                 steps[side] = step
@@ -153,7 +170,8 @@ def main() -> None:
                     mem[side] = float("nan")
                     continue
                 spec = dict(side=side, config=name, batch=batch, res=res, precision=precision, threads=args.threads,
-                            context_mask=args.context_mask, checkpointing=args.gradient_checkpointing)  # fmt: skip
+                            context_mask=args.context_mask, checkpointing=args.gradient_checkpointing,
+                            same_optimizer=args.same_optimizer)  # fmt: skip
                 mem[side] = common.child_peak_rss(__file__, ["--_memory-child", json.dumps(spec)])
             med = {s: common.median(v) for s, v in times.items()}
             sps = {s: batch / med[s] for s in med}
@@ -174,7 +192,8 @@ def main() -> None:
     print(f"Training step (fwd + bwd + AdamW), median of {args.repeats} alternated steps after {args.warmup} "
           f"warm-up; ratio = ldmkit / diffusers samples/s; peak MiB = peak RSS growth over two steps "
           f"in a fresh process{'; context mask on' if args.context_mask else ''}"
-          f"{'; gradient checkpointing on both sides' if args.gradient_checkpointing else ''}.")  # fmt: skip
+          f"{'; gradient checkpointing on both sides' if args.gradient_checkpointing else ''}"
+          f"; optimizer: {'torch.optim.AdamW on both sides' if args.same_optimizer else 'each side its own (ldmkit: fused AdamW, diffusers: torch.optim.AdamW)'}.")  # fmt: skip
     print()
     print(common.markdown_table(header, rows))
 

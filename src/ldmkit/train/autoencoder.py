@@ -31,6 +31,7 @@ from ldmkit.train.loop import (
     GracefulInterrupt,
     Stepper,
     TrainLog,
+    adamw,
     apply_memory_format,
     batch_indices,
     lr_at,
@@ -160,10 +161,10 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
     model = AutoencoderKL(cfg.model).to(device)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
     disc = loss_fn.discriminator
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = adamw(model.parameters(), o.lr, o.betas, o.weight_decay)
     d_opt = None
     if disc is not None:
-        d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.loss.disc_lr or o.lr, betas=(0.5, 0.9))
+        d_opt = adamw(disc.parameters(), cfg.loss.disc_lr or o.lr, (0.5, 0.9), 0.01)  # torch.optim.AdamW's default decay
     ema = None
     log = TrainLog(out, enabled=main)
 

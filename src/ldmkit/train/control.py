@@ -36,6 +36,7 @@ from ldmkit.train.loop import (
     EMA,
     Stepper,
     TrainLog,
+    adamw,
     apply_memory_format,
     batch_indices,
     run_steps,
@@ -172,7 +173,7 @@ def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: b
         for i in range(0, len(distinct), 512):
             ldm.conditioner.text_encoder(distinct[i : i + 512])
 
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = adamw(net.parameters(), o.lr, o.betas, o.weight_decay)
     log = TrainLog(out, enabled=main)
     start = 0
     state: dict = {}

@@ -53,6 +53,7 @@ from ldmkit.train.loop import (
     EMA,
     Stepper,
     TrainLog,
+    adamw,
     apply_memory_format,
     batch_indices,
     run_steps,
@@ -232,7 +233,7 @@ def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progres
         ema.load_state_dict(state.get("ema", {"num_updates": start}))
     apply_memory_format(unet, o)
     trained = wrap(unet, dist_info, device, o.distributed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = adamw(unet.parameters(), o.lr, o.betas, o.weight_decay)
     stepper = Stepper(trained, opt, unet.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
                       out, o.precision)
     if resume:

@@ -68,6 +68,16 @@ def apply_memory_format(model: nn.Module, optim) -> None:
 # --- learning rate -------------------------------------------------------------------------------
 
 
+def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter, 2019) with PyTorch's fused kernel where it has one (CPU and CUDA float
+    parameters): the same update as the default per-tensor loop, in one pass per tensor instead of a dozen
+    elementwise ops. The default loop is 27 % of a 37M-parameter U-Net's CPU training step; fused, the
+    optimizer step is 5.5x faster (134 → 25 ms, benchmarks/train_step.py's `mid`)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
 def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
     """Linear warm-up, then constant or cosine decay to 0 at `total` (Loshchilov & Hutter, 2017)."""
     if warmup and step < warmup:
