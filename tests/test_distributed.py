@@ -110,6 +110,29 @@ def test_two_processes_equal_one_and_resume_on_another_world_size(tiny_ae, tmp_p
     _assert_close(_weights(one, "ema.safetensors"), _weights(fsdp, "ema.safetensors"))
 
 
+@pytest.mark.slow
+def test_gan_autoencoder_two_processes_equal_one(tmp_path):
+    """The first stage with its discriminator from step 0 under DDP: the adaptive GAN weight λ is
+    computed from gradients averaged over the ranks, so 2 processes follow the 1-process run."""
+    args = lambda out: ["train-autoencoder", "--config", "tiny", "--out", str(out), "--quiet",  # noqa: E731
+                        "--set", "loss.disc_enabled=true", "--set", "loss.disc_start=0", "--set", "loss.disc_channels=8",
+                        "--set", "loss.disc_layers=2", "--set", "optim.steps=3", *STEADY]  # fmt: skip
+    assert main(args(tmp_path / "one")) == 0
+    _torchrun(2, args(tmp_path / "two"))
+    # Attention key biases have an exactly zero gradient (softmax is invariant to a shift shared by all
+    # keys), so Adam's normalised step turns rounding noise into lr-sized moves there: not compared.
+    ae = [{k: v for k, v in _weights(tmp_path / o).items() if not k.endswith("to_k.bias")} for o in ("one", "two")]
+    _assert_close(*ae)
+    state = lambda out: torch.load(resolve(out) / "training_state.pt", weights_only=False)  # noqa: E731
+    disc = [state(tmp_path / o)["discriminator"] for o in ("one", "two")]
+    _assert_close(*disc)
+    assert disc[0]["net.3.running_var"].ne(1).all()  # the BatchNorm statistics were updated (and agree)
+    logs = [[json.loads(ln) for ln in (tmp_path / o / "log.jsonl").read_text().splitlines()] for o in ("one", "two")]
+    for key in ("loss", "d_weight"):  # the global loss, and λ from the rank-averaged gradients
+        one, two = ([r[key] for r in log if key in r] for log in logs)
+        assert one and one == pytest.approx(two, rel=1e-4)
+
+
 def test_latent_cache_is_built_once_and_gives_the_same_run(tiny_ae, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     set_cache = ["--set", f"data.latent_cache={cache}"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -39,10 +40,42 @@ class AutoencoderLossConfig(BaseModel):
     disc_lr: float | None = Field(None, gt=0, description="discriminator LR (default: generator LR)")
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d (Ioffe & Szegedy, 2015) whose training statistics are those of the global batch when
+    torch.distributed runs several processes, so the discriminator of a DDP run normalises as one process
+    would. The per-channel sums are all-reduced through `torch.distributed.nn.functional.all_reduce`,
+    whose backward all-reduces the gradients as well, so every rank's loss reaches every rank's inputs,
+    as in one process. `nn.SyncBatchNorm` does this on GPUs only; this also runs on gloo (CPU). One
+    process: plain BatchNorm2d. Same parameters and buffers, so checkpoints do not change."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # differentiable collective
+
+        c = x.shape[1]
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3))]))  # (2C,) global Σx, Σx²
+        count = torch.tensor(float(x.numel() // c), device=x.device)
+        dist.all_reduce(count)
+        mean = stats[:c] / count
+        var = (stats[c:] / count - mean.square()).clamp_min(0)  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * count / (count - 1).clamp_min(1)).to(self.running_var.dtype), m)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN of pix2pix (Isola et al., 2017): a stack of stride-2 4x4 convs whose output is one
     real/fake logit per overlapping patch, so it judges local texture rather than global layout.
-    BatchNorm as in the original, which the LDM/VQGAN discriminator keeps."""
+    BatchNorm as in the original, which the LDM/VQGAN discriminator keeps (over the global batch under
+    DDP: `GlobalBatchNorm2d`)."""
 
     def __init__(self, in_channels: int = 3, channels: int = 64, n_layers: int = 3):
         super().__init__()
@@ -53,7 +86,7 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if n < n_layers else 1
             layers += [
                 nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
-                nn.BatchNorm2d(channels * mult),
+                GlobalBatchNorm2d(channels * mult),
                 nn.LeakyReLU(0.2, True),
             ]
         layers.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
@@ -62,7 +95,7 @@ class PatchDiscriminator(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.BatchNorm2d):  # GlobalBatchNorm2d too
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
@@ -140,9 +173,18 @@ class AutoencoderLoss(nn.Module):
         return d, {"d_loss": d.item()}
 
     def _adaptive_weight(self, rec: torch.Tensor, g: torch.Tensor, last_layer: torch.Tensor | None) -> torch.Tensor:
-        """λ = ‖∇_L rec‖ / (‖∇_L g‖ + δ) at the decoder's last layer L (VQGAN eq. 7)."""
+        """λ = ‖∇_L rec‖ / (‖∇_L g‖ + δ) at the decoder's last layer L (VQGAN eq. 7).
+
+        Under torch.distributed (DDP: every rank holds an equal slice of the global batch and `rec`, `g`
+        are means over it) both gradients are averaged over the ranks first, so λ is that of the global
+        batch, as in one process, and the same on every rank. With gradient accumulation λ is still the
+        micro-batch's: the global one would need every micro-batch's graph alive at once."""
         if last_layer is None or not torch.is_grad_enabled():
             return torch.tensor(1.0)
         rec_grad = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+        if dist.is_available() and dist.is_initialized():
+            both = torch.stack([rec_grad, g_grad])  # one all-reduce for the two
+            dist.all_reduce(both)
+            rec_grad, g_grad = both / dist.get_world_size()
         return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
