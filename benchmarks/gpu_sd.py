@@ -75,7 +75,8 @@ def bench_train(args, name: str, res: int, peak: float) -> list[list[str]]:
     steps, flops = {}, {}
     for side, model in (("ldmkit", ours), ("diffusers", theirs)):
         train_step.set_checkpointing(side, model, args.gradient_checkpointing)
-        step, fwd_bwd, opt = train_step.make_step(side, model, inputs, args.train_precision, args.device, False)
+        step, fwd_bwd, opt = train_step.make_step(side, model, inputs, args.train_precision, args.device, False,
+                                                  args.same_optimizer)
         flops[side] = common.count_flops(fwd_bwd)
         opt.zero_grad(set_to_none=True)
         steps[side] = step
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument("--train-repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="torch.optim.AdamW on both sides (default: ldmkit's fused AdamW against diffusers' examples' AdamW)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "ddim"])
     p.add_argument("--guidance", type=float, default=7.5)
