@@ -125,7 +125,10 @@ def encode_batches(ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 12
     for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress, leave=False):
         x = images[i : i + batch_size].to(device)  # (B, 3, H, W)
         post = ae.encode(x)  # checks channels and that H, W are multiples of the factor
-        yield post.mean, post.std  # (B, c, H/f, W/f) each
+        # Contiguous (NCHW): the encoder may hand them out channels-last, and the U-Net would then run its
+        # first convolution in that layout, with oneDNN's other summation order (1e-6 differences between
+        # a run from these and a run from the cache, whose files hold them contiguous).
+        yield post.mean.contiguous(), post.std.contiguous()  # (B, c, H/f, W/f) each
 
 
 # --- files ---------------------------------------------------------------------------------------
