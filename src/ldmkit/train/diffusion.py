@@ -233,6 +233,8 @@ def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progres
         ema.load_state_dict(state.get("ema", {"num_updates": start}))
     apply_memory_format(unet, o)
     trained = wrap(unet, dist_info, device, o.distributed)
+    if ema is not None and is_sharded(unet):  # the average sharded like the weights: 1/world of it per rank
+        wrap(ema.module, dist_info, device, o.distributed)
     opt = adamw(unet.parameters(), o.lr, o.betas, o.weight_decay)
     stepper = Stepper(trained, opt, unet.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
                       out, o.precision)
@@ -251,24 +253,25 @@ def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progres
     def checkpoint(step: int, meta: dict | None = None) -> Path:
         # gathering sharded weights/optimizer state is collective: every rank runs this, rank 0 writes
         weights = with_unet(full_state_dict(unet))
+        ema_weights = with_unet(full_state_dict(ema.module)) if ema is not None else None
         train_state = {"step": step, "optimizer": full_optimizer_state(unet, opt), "stepper": stepper.state_dict()}
         if ema is not None:
             train_state["ema"] = ema.state_dict()
         folder = out / "checkpoints" / f"step_{step:08d}"
         if main:
             folder = save_checkpoint(out, step, "latent_diffusion", weights, model_cfg, meta=meta or {"step": step},
-                                     ema=with_unet(ema.module.state_dict()) if ema is not None else None,
+                                     ema=ema_weights,
                                      training_state=train_state, keep=cfg.logging.keep_checkpoints)
         dist_info.barrier()
         return folder
 
     def sample_grid(step: int) -> None:
         # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone
-        if not (main or (ema is None and is_sharded(unet))):
+        net = ema.module if ema is not None else unet
+        if not (main or is_sharded(net)):
             return
         n = cfg.sample.num
         texts, labels = sample_prompts(cfg, data, n)
-        net = ema.module if ema is not None else unet
         live, ldm.unet = ldm.unet, net
         try:
             extra = {}

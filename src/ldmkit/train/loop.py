@@ -108,9 +108,12 @@ class EMA:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_p = [e for e in self.module.parameters()]
-        # FSDP-sharded live weights are gathered whole: this EMA keeps a full copy on every rank.
-        live_p = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, live_p, 1 - d)  # one fused kernel per dtype/device, not one per tensor
+        live_p = [p.detach() for p in model.parameters()]
+        if any(type(e) is not type(p) for e, p in zip(ema_p, live_p)):  # FSDP-sharded weights, a whole average
+            live_p = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in live_p]
+        # One fused kernel per dtype/device, not one per tensor. Under FSDP the trainer shards `module` like
+        # the weights, and each rank averages its own shard (DTensor ops act on the local pieces).
+        torch._foreach_lerp_(ema_p, live_p, 1 - d)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
 
