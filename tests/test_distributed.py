@@ -128,9 +128,10 @@ def test_gan_autoencoder_two_processes_equal_one(tmp_path):
     _assert_close(*disc)
     assert disc[0]["net.3.running_var"].ne(1).all()  # the BatchNorm statistics were updated (and agree)
     logs = [[json.loads(ln) for ln in (tmp_path / o / "log.jsonl").read_text().splitlines()] for o in ("one", "two")]
-    for key in ("loss", "d_weight"):  # the global loss, and λ from the rank-averaged gradients
+    # the global loss, λ from the rank-averaged gradients, and the other logged terms as global-batch means
+    for key in ("loss", "d_weight", "rec", "kl", "g_loss", "d_loss"):
         one, two = ([r[key] for r in log if key in r] for log in logs)
-        assert one and one == pytest.approx(two, rel=1e-4)
+        assert one and one == pytest.approx(two, rel=1e-4), key
 
 
 def test_latent_cache_is_built_once_and_gives_the_same_run(tiny_ae, tmp_path, monkeypatch):

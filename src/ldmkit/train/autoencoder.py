@@ -145,7 +145,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
 
 def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, progress: bool, dist_info, device) -> Path:
     from ldmkit.train.diffusion import step_generator
-    from ldmkit.train.distributed import wrap
+    from ldmkit.train.distributed import global_means, wrap
 
     main = dist_info.main
     if main:
@@ -220,8 +220,13 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
             idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)  # the global batch
-            logs: dict[str, float] = {}
+            logs: dict[str, float] = {}  # Σ value · rows over this rank's pieces; `global_means` at log time
+            rows = [0]
             pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def add_logs(piece_logs: dict[str, float], n: int) -> None:
+                for k, v in piece_logs.items():
+                    logs[k] = logs.get(k, 0.0) + v * n
 
             def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
                 nonlocal latent_shape
@@ -240,7 +245,8 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
                     x_hat, post = trained(x, noise)
                 x_hat = x_hat.float()
                 loss, piece_logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
-                logs.update(piece_logs)
+                add_logs(piece_logs, hi - lo)
+                rows[0] += hi - lo
                 pieces.append((x, x_hat.detach()))
                 return loss
 
@@ -250,7 +256,7 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
             if d_stepper is not None and step >= cfg.loss.disc_start:
                 def d_piece_loss(lo: int, hi: int) -> torch.Tensor:
                     d_loss, d_logs = loss_fn.discriminator_loss(*pieces.pop(0))
-                    logs.update(d_logs)
+                    add_logs(d_logs, hi - lo)
                     return d_loss
 
                 d_stepper(step, d_piece_loss)
@@ -259,7 +265,8 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
 
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == o.steps:
-                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"],
+                          **global_means(logs, rows[0], dist_info, device))  # collective: every rank runs it
             if main and (done % cfg.logging.val_every == 0 or done == o.steps):
                 eval_model = ema.module if ema is not None else model
                 metrics = validate(eval_model, val)

@@ -184,6 +184,16 @@ class StepSync:
         return buf[0] / self.d.world, tuple(bool(f > 0) for f in buf[1:])
 
 
+def global_means(sums: dict[str, float], count: int, d: Dist, device: torch.device) -> dict[str, float]:
+    """{name: Σ value·rows / Σ rows} over every rank's pieces, from each rank's sums and row count: the
+    means of the global batch, for the log (one all-reduce; every rank must call it, with the same names)."""
+    names = sorted(sums)
+    buf = torch.tensor([*(sums[k] for k in names), float(count)], dtype=torch.float64, device=device)
+    if d.enabled:
+        dist.all_reduce(buf)  # SUM
+    return {k: float(buf[i] / buf[-1]) for i, k in enumerate(names)} if buf[-1] > 0 else {}
+
+
 def check_in_sync(module: nn.Module, d: Dist) -> list[float]:
     """Every rank's float64 sum of |weights| (one all-gather); raises if the replicas drifted apart —
     a bug (e.g. a rank-dependent draw) that would otherwise only show as a worse model."""
