@@ -53,6 +53,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce  # differentiable collective
 
+        x = x.float()  # statistics in float32, as autocast runs batch_norm
         c = x.shape[1]
         stats = all_reduce(torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3))]))  # (2C,) global Σx, Σx²
         count = torch.tensor(float(x.numel() // c), device=x.device)

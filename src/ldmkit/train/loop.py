@@ -65,7 +65,7 @@ def apply_memory_format(model: nn.Module, optim) -> None:
             raise LdmkitError(f"{type(model).__name__} has no gradient checkpointing; set optim.gradient_checkpointing=false")
 
 
-# --- learning rate -------------------------------------------------------------------------------
+# --- optimizer -----------------------------------------------------------------------------------
 
 
 def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
@@ -76,6 +76,9 @@ def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) ->
     params = list(params)
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
+
+
+# --- learning rate -------------------------------------------------------------------------------
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
@@ -109,10 +112,10 @@ class EMA:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         ema_p = [e for e in self.module.parameters()]
         live_p = [p.detach() for p in model.parameters()]
-        if any(type(e) is not type(p) for e, p in zip(ema_p, live_p)):  # FSDP-sharded weights, a whole average
+        if not any(hasattr(e, "full_tensor") for e in ema_p):  # a whole average: gather FSDP-sharded weights
             live_p = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in live_p]
         # One fused kernel per dtype/device, not one per tensor. Under FSDP the trainer shards `module` like
-        # the weights, and each rank averages its own shard (DTensor ops act on the local pieces).
+        # the weights (DTensors), and each rank averages its own shard: DTensor ops act on the local pieces.
         torch._foreach_lerp_(ema_p, live_p, 1 - d)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
