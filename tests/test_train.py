@@ -124,6 +124,24 @@ def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
     assert rc == 0, err
     assert sorted(p.name for p in samples.iterdir()) == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
 
+    # bf16 autocast: the same images up to bf16 rounding (8-bit PNGs); fp16 and a missing GPU are refused
+    import numpy as np
+    from PIL import Image
+
+    one = ["sample", "--checkpoint", str(ref), "--prompt", "a red circle in the top left", "--label", "0",
+           "--steps", "2", "--quiet", "--device", "cpu"]
+    for prec in ("fp32", "bf16"):
+        rc, _, err = run_cli([*one, "--out", str(tmp_path / prec), "--precision", prec], capsys)
+        assert rc == 0, err
+    px = [torch.from_numpy(np.asarray(Image.open(tmp_path / p / "0000.png"), dtype=np.float32)) for p in ("fp32", "bf16")]
+    diff = (px[0] - px[1]).abs()
+    assert 0 < diff.mean() < 2 and diff.max() < 16, (diff.mean(), diff.max())  # changed (autocast ran), not much
+    rc, _, err = run_cli([*one, "--out", str(tmp_path / "fp16"), "--precision", "fp16"], capsys)
+    assert rc != 0 and "--precision fp16 needs a CUDA device" in err
+    if not torch.cuda.is_available():
+        rc, _, err = run_cli([*one[:-2], "--out", str(tmp_path / "gpu"), "--device", "cuda"], capsys)
+        assert rc != 0 and "--device is cuda but no CUDA device is available" in err
+
 
 def test_bad_config_key_and_value(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"

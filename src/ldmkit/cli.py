@@ -64,16 +64,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
+    from ldmkit.train.autoencoder import autocast, pick_device
     from ldmkit.train.control import load_control
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
+    device = pick_device(args.device, "--device")
+    if args.precision == "fp16" and device.type != "cuda":
+        raise LdmkitError(f"--precision fp16 needs a CUDA device, and sampling runs on {device}; use bf16 or fp32")
 
-    ldm = load_any(args.checkpoint, config=args.config)
+    ldm = load_any(args.checkpoint, config=args.config, device=device)
     nets = []
     if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
-        net, ldm, _ = load_control(args.checkpoint)
+        net, ldm, _ = load_control(args.checkpoint, device=device)
         nets.append(net)
     if not isinstance(ldm, LatentDiffusion):
         raise LdmkitError(
@@ -81,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
     for path in args.controlnet or []:
-        net = load_any(path)
+        net = load_any(path, device=device)
         if not isinstance(net, (ControlNet, Adapter)):
             raise LdmkitError(f"--controlnet {path} holds a {type(net).__name__}, not a ControlNet or adapter")
         nets.append(net)
@@ -110,11 +114,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise LdmkitError("--strength is for img2img; give --init-image")
     if args.mask:
         spatial["mask"] = read_image(args.mask, 1, size, "mask", False)
-    paths = sample_to_folder(
-        ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
-        num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-        seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **spatial,
-    )
+    with autocast(args.precision, device):
+        paths = sample_to_folder(
+            ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
+            num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+            seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **spatial,
+        )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
 
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control residual scale, one for all or one per network (default: each network's, 1)")
     s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
+    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast for the U-Net (fp16: CUDA only; the autoencoder decodes in float32 under fp16)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 

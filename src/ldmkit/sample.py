@@ -99,7 +99,7 @@ def sample_to_folder(
             num_samples=j - i,
             steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, **spatial,
         )
-        images.append(imgs)
+        images.append(imgs.float().cpu())
         bar.update(j - i)
     bar.close()
     images = torch.cat(images)

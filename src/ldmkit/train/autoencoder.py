@@ -67,12 +67,17 @@ def autocast(precision: str, device: torch.device | str = "cpu"):
     return contextlib.nullcontext()
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, setting: str = "optim.device") -> torch.device:
+    """`auto` → CUDA when available, else CPU; a named device is checked. `setting` names the option in errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LdmkitError(f"{setting} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LdmkitError(f"optim.device is {name} but no CUDA device is available; use optim.device=cpu")
+        sep = "=" if setting.startswith("optim.") else " "
+        raise LdmkitError(f"{setting} is {name} but no CUDA device is available; use {setting}{sep}cpu")
     return dev
 
 
