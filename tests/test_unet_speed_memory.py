@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import ldmkit.unet as unet_module
 from ldmkit.layers import Attention
+from ldmkit.layers.attention import clear_context_cache
 from ldmkit.layers.attention import attention
 from ldmkit.unet import UNet, UNetConfig
 
@@ -317,6 +318,6 @@ def test_clear_context_cache_frees_the_kv_and_changes_nothing():
     with torch.no_grad():
         out = unet(**kw)
         assert all(a._kv_cache is not None for a in cross_attentions(unet))
-        unet.clear_context_cache()
+        clear_context_cache(unet)
         assert all(a._kv_cache is None for a in cross_attentions(unet))
         assert torch.equal(unet(**kw), out)

@@ -71,8 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     device = pick_device(args.device, "--device")
-    if args.precision == "fp16" and device.type != "cuda":
-        raise LdmkitError(f"--precision fp16 needs a CUDA device, and sampling runs on {device}; use bf16 or fp32")
+    amp = autocast(args.precision, device, "--precision")  # refuses fp16 off CUDA before anything is loaded
 
     ldm = load_any(args.checkpoint, config=args.config, device=device)
     nets = []
@@ -114,7 +113,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise LdmkitError("--strength is for img2img; give --init-image")
     if args.mask:
         spatial["mask"] = read_image(args.mask, 1, size, "mask", False)
-    with autocast(args.precision, device):
+    with amp:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,

@@ -36,7 +36,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ldmkit.errors import LdmkitError
 from ldmkit.layers import Downsample, ResBlock, TimestepEmbedding, Upsample, group_norm, timestep_embedding
-from ldmkit.layers.attention import clear_context_cache
 from ldmkit.layers.transformer import SpatialTransformer
 
 
@@ -366,13 +365,6 @@ class UNet(nn.Module):
         and gradients are those of the plain forward."""
         self.gradient_checkpointing = enabled
         return self
-
-    def clear_context_cache(self) -> None:
-        """Drop the cross-attention K/V kept from the last context (`Attention._context_kv`: without
-        autograd, the projected text tokens are reused while the same context tensor comes back, as at
-        every sampler step). They also go when the context tensor is freed; call this to free them sooner,
-        e.g. between the last denoising step and decoding when peak memory matters."""
-        clear_context_cache(self)
 
     def _block(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

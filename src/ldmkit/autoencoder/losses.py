@@ -55,11 +55,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
         x = x.float()  # statistics in float32, as autocast runs batch_norm
         c = x.shape[1]
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3))]))  # (2C,) global Σx, Σx²
-        count = torch.tensor(float(x.numel() // c), device=x.device)
-        dist.all_reduce(count)
+        n = x.new_tensor([x.numel() // c])  # this rank's elements per channel
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)), n]))  # global Σx, Σx², count
+        count = stats[-1].detach()
         mean = stats[:c] / count
-        var = (stats[c:] / count - mean.square()).clamp_min(0)  # biased, as BatchNorm normalises with
+        var = (stats[c : 2 * c] / count - mean.square()).clamp_min(0)  # biased, as BatchNorm normalises with
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -55,14 +55,22 @@ class _Reconstruct(nn.Module):
         return self.ae.decode(z), post
 
 
-def autocast(precision: str, device: torch.device | str = "cpu"):
-    """The forward pass's autocast: weights, gradients and optimizer state stay float32 either way."""
+def _setting(name: str, value: str) -> str:
+    """How a user writes `name` = `value`: `optim.device=cpu` in a config, `--device cpu` on the CLI."""
+    return f"{name}={value}" if name.startswith("optim.") else f"{name} {value}"
+
+
+def autocast(precision: str, device: torch.device | str = "cpu", setting: str = "optim.precision"):
+    """The forward pass's autocast: weights, gradients and optimizer state stay float32 either way.
+    Refused at once (when called, not when entered) where the device cannot run it; `setting` names
+    the option in that error."""
     device = torch.device(device)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16":
         if device.type != "cuda":
-            raise LdmkitError("optim.precision=fp16 needs a CUDA device (on CPU use bf16)")
+            raise LdmkitError(f"{_setting(setting, 'fp16')} needs a CUDA device, not {device.type} "
+                              f"(there use {_setting(setting, 'bf16')} or fp32)")
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -76,8 +84,7 @@ def pick_device(name: str, setting: str = "optim.device") -> torch.device:
     except RuntimeError:
         raise LdmkitError(f"{setting} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        sep = "=" if setting.startswith("optim.") else " "
-        raise LdmkitError(f"{setting} is {name} but no CUDA device is available; use {setting}{sep}cpu")
+        raise LdmkitError(f"{setting} is {name} but no CUDA device is available; use {_setting(setting, 'cpu')}")
     return dev
 
 
@@ -226,7 +233,6 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
         for step in range(start, o.steps):
             idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)  # the global batch
             logs: dict[str, float] = {}  # Σ value · rows over this rank's pieces; `global_means` at log time
-            rows = [0]
             pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def add_logs(piece_logs: dict[str, float], n: int) -> None:
@@ -251,7 +257,6 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
                 x_hat = x_hat.float()
                 loss, piece_logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
                 add_logs(piece_logs, hi - lo)
-                rows[0] += hi - lo
                 pieces.append((x, x_hat.detach()))
                 return loss
 
@@ -271,7 +276,7 @@ def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, pro
             done = step + 1
             if done % cfg.logging.log_every == 0 or done == o.steps:
                 log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                          **global_means(logs, rows[0], dist_info, device))  # collective: every rank runs it
+                          **global_means(logs, sum(hi - lo for lo, hi in stepper.pieces), dist_info, device))  # collective
             if main and (done % cfg.logging.val_every == 0 or done == o.steps):
                 eval_model = ema.module if ema is not None else model
                 metrics = validate(eval_model, val)
