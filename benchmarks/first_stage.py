@@ -28,7 +28,7 @@ import torch
 
 from ldmkit.evaluate.metrics import psnr
 from ldmkit.train.autoencoder import train_autoencoder
-from ldmkit.train.checkpoint import load
+from ldmkit.checkpoint import load
 from ldmkit.train.config import AUTOENCODER_PRESETS
 from ldmkit.train.data import materialize
 from ldmkit.data import build_dataset

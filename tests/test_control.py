@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.conditioning.cond import Cond, cat_conds
-from ldmkit.control import (
-    Adapter,
-    AdapterConfig,
+from ldmkit.conditioning.adapter import Adapter, AdapterConfig
+from ldmkit.conditioning.control_image import prepare_control_image
+from ldmkit.conditioning.controlnet import (
     ControlNet,
     ControlNetConfig,
     MultiControlNet,
     controlled_unet,
     default_hint_widths,
-    prepare_control_image,
     sum_residuals,
 )
 from ldmkit.errors import LdmkitError
@@ -124,10 +123,10 @@ def test_control_image_steers_the_output(name):
     kw = inputs(unet.config)
     with torch.no_grad():
         base = unet(**kw)
-        for fn in (controlled_unet(unet, net, image(f)), controlled_unet(unet, adapter, image(f))):
-            a, again = fn(**kw), fn(**kw)
+        for fn in (controlled_unet(unet, net), controlled_unet(unet, adapter)):
+            a, again = fn(**kw, control=image(f)), fn(**kw, control=image(f))
             assert torch.equal(a, again) and (a - base).abs().max() > 1e-3  # deterministic, and it does steer
-        out = {s: [controlled_unet(unet, c, image(f, seed=s))(**kw) for c in (net, adapter)] for s in (1, 5)}
+        out = {s: [controlled_unet(unet, c)(**kw, control=image(f, seed=s)) for c in (net, adapter)] for s in (1, 5)}
         for a, b in zip(out[1], out[5]):
             print(f"{name}: output change from another control image {(a - b).abs().max():.3f}")
             assert (a - b).abs().max() > 1e-2  # a different control image changes the output
@@ -146,10 +145,10 @@ def test_training_from_zero_init_reaches_every_parameter():
     for control in (net, adapter):
         control.train()
         opt = torch.optim.SGD(control.parameters(), lr=0.1)
-        fn = controlled_unet(unet, control, image(f))
+        fn = controlled_unet(unet, control)
         for step in range(3):  # step 0: zero convs; 1: the copy and the hint's conv_out; 2: the rest of the hint
             opt.zero_grad()
-            fn(**kw).square().mean().backward()
+            fn(**kw, control=image(f)).square().mean().backward()
             moved = {n for n, p in control.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
             if step == 0 and control is net:
                 zero_convs = ("controlnet_down", "controlnet_mid")
@@ -220,7 +219,7 @@ def test_multi_controlnet_sums_scaled_residuals():
         d2, _ = net2(**kw, control_image=img2)
         assert torch.allclose(down[0], net1(**kw, control_image=img1)[0][0] + d2[0], atol=1e-6)
         assert torch.allclose(d2[0], 0.3 * net2(**kw, control_image=img2, scale=1.0)[0][0], atol=1e-6)
-        both = controlled_unet(unet, multi, [img1, img2], [0.7, -1.5])(**kw)
+        both = controlled_unet(unet, multi, [0.7, -1.5])(**kw, control=[img1, img2])
         d1, m1 = net1(**kw, control_image=img1, scale=0.7)
         d2, m2 = net2(**kw, control_image=img2, scale=-1.5)
         ref = unet(**kw, down_residuals=[a + b for a, b in zip(d1, d2)], mid_residual=m1 + m2)
@@ -317,18 +316,19 @@ def test_low_precision_base_model():
     big = image(f).repeat_interleave(2, 2).repeat_interleave(2, 3)  # float32, twice the size
     with torch.no_grad():
         for control in (net, adapter):
-            out = controlled_unet(unet, control, big)(**kw)
+            out = controlled_unet(unet, control)(**kw, control=big)
             assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_checkpoint_round_trip(tmp_path):
     """ControlNet and Adapter register checkpoint kinds: saved folders load back as the same module."""
-    from ldmkit.train.checkpoint import load, save_checkpoint
+    from ldmkit.checkpoint import kind_of, load, save_checkpoint
 
     unet, net, adapter, f = build("scale_shift_everything_f4")
     perturb(zero_initialised(net))
-    for module in (net, adapter):
-        folder = save_checkpoint(tmp_path / module.checkpoint_kind, 0, module.checkpoint_kind, module, module.config)
+    for module, kind in ((net, "controlnet"), (adapter, "adapter")):
+        assert kind_of(module) == kind
+        folder = save_checkpoint(tmp_path / kind, 0, kind, module, module.config)
         back = load(folder)
         assert type(back) is type(module) and back.config == module.config
         a, b = module.state_dict(), back.state_dict()
@@ -338,7 +338,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_cond_carries_adapter_residuals():
     feats = [torch.randn(B, 16, H, W), torch.randn(B, 32, H // 2, W // 2)]
     cond = Cond(adapter_residuals=feats)
-    assert cond.unet_kwargs()["adapter_residuals"] is feats
+    assert Cond.of(cond, class_labels=torch.zeros(B)).adapter_residuals is feats
     assert [f.shape[0] for f in cond.repeat(3).adapter_residuals] == [3 * B, 3 * B]
     assert [f.shape[0] for f in cat_conds(cond, cond).adapter_residuals] == [2 * B, 2 * B]
     unet, net, adapter, f = build("context_labels_f4")
@@ -347,12 +347,12 @@ def test_cond_carries_adapter_residuals():
     c = Cond(context=kw["context"], context_mask=kw["context_mask"], labels=kw["class_labels"],
              adapter_residuals=adapter(image(f)))  # fmt: skip
     with torch.no_grad():
-        assert torch.equal(unet(kw["x"], kw["t"], **c.unet_kwargs()), controlled_unet(unet, adapter, image(f))(**kw))
+        assert torch.equal(unet(kw["x"], kw["t"], c), controlled_unet(unet, adapter)(**kw, control=image(f)))
         # a ControlNet on top of a Cond that already carries adapter features: both routes apply
         perturb(zero_initialised(net))
         d, m = net(**kw, control_image=image(f))
-        both = unet(kw["x"], kw["t"], **(c.unet_kwargs() | {"down_residuals": d, "mid_residual": m}))
-        assert torch.equal(controlled_unet(unet, net, image(f))(kw["x"], kw["t"], **c.unet_kwargs()), both)
+        both = unet(kw["x"], kw["t"], c, down_residuals=d, mid_residual=m)
+        assert torch.equal(controlled_unet(unet, net)(kw["x"], kw["t"], Cond.of(c, control=image(f))), both)
 
 
 # ---- size
@@ -523,3 +523,28 @@ def test_t2i_adapter_parity_with_diffusers(name):
     a, b = d_adapter.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _plain(back.config) == _plain(d_adapter.config)
+
+
+def test_vector_route_reaches_controlnet_and_multicontrolnet():
+    """A base model with a vector condition (pooled text) under a ControlNet: the vector reaches the
+    encoder copy too. Before `Cond` was passed down whole, the ControlNet path's keyword list lacked
+    `vector` and this raised "this U-Net takes a (2, 6) vector condition"."""
+    torch.manual_seed(0)
+    unet = UNet(tiny(vector_dim=6)).eval()
+    net = ControlNet.from_unet(unet, latent_factor=4, hint_widths=HINT[4]).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(B, 4, H, W, generator=g), torch.tensor([10, 500])
+    cond = Cond(vector=torch.randn(B, 6, generator=g), control=image(4))
+    with torch.no_grad():
+        plain = unet(x, t, vector=cond.vector)
+        two = Cond.of(cond, control=[cond.control] * 2)
+        for control, c in ((net, cond), (MultiControlNet([net, net]), two)):
+            assert torch.equal(controlled_unet(unet, control)(x, t, c), plain)  # zero convs: the base model
+        perturb([*zero_initialised(net), *net.controlnet_cond_embedding.parameters()], std=0.5)
+        down, mid = net(x, t, cond=cond)  # the image comes from cond.control
+        other = net(x, t, cond=Cond.of(cond, vector=cond.vector + 1))
+        assert (mid - other[1]).abs().max() > 1e-3  # the encoder copy reads the vector
+        ref = unet(x, t, vector=cond.vector, down_residuals=[2 * d for d in down], mid_residual=2 * mid)
+        torch.testing.assert_close(controlled_unet(unet, MultiControlNet([net, net]))(x, t, two), ref)
+        with pytest.raises(LdmkitError, match="control image"):
+            unet(x, t, cond)  # a raw control image needs a ControlNet to read it

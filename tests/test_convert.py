@@ -16,7 +16,7 @@ from ldmkit.errors import LdmkitError  # noqa: E402
 from ldmkit.interop import original as orig  # noqa: E402
 from ldmkit.interop.convert import convert, detect_format, load_any  # noqa: E402
 from ldmkit.pipeline import DiffusionConfig, LatentDiffusion, LatentDiffusionConfig  # noqa: E402
-from ldmkit.train.checkpoint import save_checkpoint  # noqa: E402
+from ldmkit.checkpoint import save_checkpoint  # noqa: E402
 from ldmkit.unet import unet_tiny  # noqa: E402
 from test_interop import make_tiny_sd_folder, perturb, same_state  # noqa: E402
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ldmkit.cli import main
 from ldmkit.errors import LdmkitError
 from ldmkit.rng import BatchRandom
-from ldmkit.train.checkpoint import resolve
+from ldmkit.checkpoint import resolve
 from ldmkit.train.distributed import Dist, micro_batches
 
 # constant LR so that a run split in two (resumed) follows the same schedule as one run
@@ -122,7 +122,9 @@ def test_gan_autoencoder_two_processes_equal_one(tmp_path):
     # Attention key biases have an exactly zero gradient (softmax is invariant to a shift shared by all
     # keys), so Adam's normalised step turns rounding noise into lr-sized moves there: not compared.
     ae = [{k: v for k, v in _weights(tmp_path / o).items() if not k.endswith("to_k.bias")} for o in ("one", "two")]
-    _assert_close(*ae)
+    # 5e-5, 20x below one Adam step (lr 1e-3): the gathered gradients are summed in another order, and on
+    # some CPUs (oneDNN's kernel choice) three steps of that rounding reach 2.5e-5 here, at HEAD too.
+    _assert_close(*ae, atol=5e-5)
     state = lambda out: torch.load(resolve(out) / "training_state.pt", weights_only=False)  # noqa: E731
     disc = [state(tmp_path / o)["discriminator"] for o in ("one", "two")]
     _assert_close(*disc)
@@ -143,7 +145,7 @@ def test_latent_cache_is_built_once_and_gives_the_same_run(tiny_ae, tmp_path, mo
     assert (key / "index.json").is_file() and list(key.glob("shard_*.safetensors"))
     _assert_close(_weights(tmp_path / "plain"), _weights(tmp_path / "a"), atol=0)
 
-    import ldmkit.train.latent_cache as lc
+    import ldmkit.train.latents as lc
 
     def no_encoding(*a, **k):
         raise AssertionError("the cache should have been read, not rebuilt")

@@ -91,6 +91,30 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_is_unconditional()
     assert not torch.allclose(a, c)
 
 
+def test_guidance_rescale_is_reached_from_sample():
+    """`sample(guidance_rescale=φ)` is Lin et al.'s rescaled guidance (diffusion.guidance) on the U-Net's two
+    branches, checked against the same sampler run by hand on `classifier_free_guidance(..., rescale=φ)`."""
+    from ldmkit.diffusion.guidance import classifier_free_guidance
+    from ldmkit.diffusion.parameterization import Denoiser
+    from ldmkit.diffusion.samplers import sample_ddim
+    from ldmkit.diffusion.schedules import make_timesteps
+
+    ldm = make_ldm()
+    args = dict(texts=["red circle", "blue square"], labels=[1, 2], steps=4, sampler="ddim", seed=3, guidance=4.0)
+    plain, rescaled = (ldm.sample(guidance_rescale=phi, return_latents=True, **args) for phi in (0.0, 0.7))
+    cond = ldm.conditioner(texts=["red circle", "blue square"], labels=torch.tensor([1, 2]))
+    uncond = ldm.conditioner.uncond(2)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn((2, *ldm.latent_shape), generator=g)
+    ts = make_timesteps(ldm.schedule, 4, ldm.config.diffusion.timestep_spacing)
+    fn = classifier_free_guidance(ldm.model_fn(cond), ldm.model_fn(uncond), 4.0, rescale=0.7)
+    ref = sample_ddim(Denoiser(fn, ldm.schedule, "eps"), z, ts, generator=g)
+    torch.testing.assert_close(rescaled, ref, atol=1e-5, rtol=1e-5)
+    assert (plain - rescaled).abs().max() > 1e-3
+    with pytest.raises(LdmkitError, match="guidance_rescale"):
+        ldm.sample(guidance_rescale=1.5, **args)
+
+
 @pytest.mark.parametrize("emb_mode", ["add", "scale_shift"])  # the label as a bias, or as FiLM scale-shift
 def test_each_route_changes_the_output(emb_mode):
     ldm = make_ldm(emb_mode=emb_mode)
@@ -174,11 +198,11 @@ def test_pooled_text_vector_route():
     torch.testing.assert_close(cond.vector[1], cond.context[1, 0])
     torch.testing.assert_close(cond.vector[0], cond.context[0, :2].mean(0))
     z, t = torch.randn(2, *ldm.latent_shape), torch.tensor([10, 10])
-    out = ldm.unet(z, t, **cond.unet_kwargs())
-    no_vec = ldm.unet(z, t, **{**cond.unet_kwargs(), "vector": torch.zeros_like(cond.vector)})
+    out = ldm.unet(z, t, cond)
+    no_vec = ldm.unet(z, t, cond, vector=torch.zeros_like(cond.vector))
     assert not torch.allclose(out, no_vec)  # the vector reaches the output
     with pytest.raises(LdmkitError, match="vector"):
-        ldm.unet(z, t, **{**cond.unet_kwargs(), "vector": None})
+        ldm.unet(z, t, cond, vector=None)
 
 
 def test_evaluate_reports_digit_fidelity_for_ten_class_models(tmp_path):

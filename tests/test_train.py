@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import ldmkit
 from ldmkit.cli import main
 from ldmkit.errors import LdmkitError
-from ldmkit.train.checkpoint import resolve
+from ldmkit.checkpoint import resolve
 
 FAST_AE = ["--config", "tiny", "--quiet"]
 

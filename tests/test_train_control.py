@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
-from ldmkit.control import controlled_unet
+from ldmkit.conditioning import Cond, controlled_unet
 from ldmkit.train.control import build_control, load_base
 
 
@@ -35,9 +35,8 @@ def test_control_network_at_step_zero_leaves_the_base_output_unchanged(base, kin
     net = build_control(kind, ldm, hint_channels=1)
     z, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 500])
     cond = ldm.conditioner(texts=["a red circle in the top left", ""], labels=torch.tensor([1, -1]))
-    kw = cond.unet_kwargs()
-    want = ldm.unet(z, t, **kw)
-    got = controlled_unet(ldm.unet, net, torch.rand(2, 1, 16, 16))(z, t, **kw)
+    want = ldm.unet(z, t, cond)
+    got = controlled_unet(ldm.unet, net)(z, t, Cond.of(cond, control=torch.rand(2, 1, 16, 16)))
     assert torch.equal(want, got)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ldmkit.unet as unet_module
+import ldmkit.unet.model as unet_module
 from ldmkit.layers import Attention
 from ldmkit.layers.attention import clear_context_cache
 from ldmkit.layers.attention import attention

@@ -60,11 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ldmkit.control import Adapter, ControlNet, MultiControlNet
+    from ldmkit.conditioning import Adapter, ControlNet, MultiControlNet
     from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
-    from ldmkit.train.autoencoder import autocast, pick_device
+    from ldmkit.device import autocast, pick_device
     from ldmkit.train.control import load_control
 
     prompts = list(args.prompt or [])
@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ldmkit.train.checkpoint import read_config
+    from ldmkit.checkpoint import read_config
 
     import ldmkit
 

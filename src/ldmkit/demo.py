@@ -19,7 +19,7 @@ from pathlib import Path
 from ldmkit.data.shapes import all_captions
 from ldmkit.evaluate.diffusion import evaluate_diffusion
 from ldmkit.train.autoencoder import train_autoencoder
-from ldmkit.train.checkpoint import load, read_config
+from ldmkit.checkpoint import load, read_config
 from ldmkit.train.config import (
     AutoencoderTrainConfig,
     DiffusionTrainConfig,

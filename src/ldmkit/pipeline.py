@@ -7,17 +7,9 @@ sampling — and nothing else (no training loop, no logging; STYLE.md "worth avo
              L = w(t) ‖target − unet(z_t, t, c)‖²                    (Rombach et al., 2022, eq. 2)
     sample:  z_T ~ N(0, I) → sampler(Denoiser(CFG(unet, c, ∅)), timesteps) → z0 → D(z0/scale + shift)
 
-Concatenation routes (`LatentDiffusionConfig.concat`, Rombach et al. §4.3 / §4.5):
-
-    inpaint: U-Net input = [z_t (c) | m↓ (1) | E(x ⊙ (1 − m)) (c)]   (Stable Diffusion inpainting layout)
-             m (B, 1, H, W) in {0, 1}, 1 = the region to repaint; m↓ = max-pool of m to latent size, so a
-             latent cell that touches the hole is repainted; masked pixels are set to 0 (mid-grey in
-             [-1, 1]) before encoding, as diffusers' inpainting pipeline does.
-    lowres:  U-Net input = [z_t (c) | E(up(down_s(x))) (c)]: area-downsample by s, bicubic upsample back,
-             encode (super-resolution; any degradation works the same way). With lowres_encode=False
-             the low-resolution RGB image itself, resized to the latent grid, is concatenated (3
-             channels; the SD x4 upscaler's layout, where s = f and no resize is needed).
-    The encoded condition uses the posterior mean and the checkpoint's latent scale/shift.
+Concatenation routes (inpainting, super-resolution): `ldmkit.conditioning.concat`; control networks:
+`ldmkit.conditioning.controlnet` / `adapter`. Classifier-free guidance wraps the model function
+(`ldmkit.diffusion.guidance`), with guidance rescale (Lin et al., 2024) on request.
 
 img2img / SDEdit (Meng et al., 2022) works for every model: `sample(init_image=, strength=s)` keeps
 the last round(s·steps) of the `steps` sampling timesteps and starts at the first of them, t_s, from
@@ -29,7 +21,7 @@ ignored unless a concatenation route reads it).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldmkit.conditioning import Cond, Conditioner, ConditionerConfig, cat_conds
-from ldmkit.control import Adapter, ControlNet, MultiControlNet, _convert_channels, controlled_unet
-from ldmkit.diffusion.guidance import classifier_free_guidance
+from ldmkit.conditioning.adapter import Adapter
+from ldmkit.conditioning.concat import ConcatConfig, degrade, kept_cells, random_masks
+from ldmkit.conditioning.cond import Cond, cat_conds
+from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
+from ldmkit.conditioning.control_image import convert_channels
+from ldmkit.conditioning.controlnet import ControlNet, MultiControlNet, controlled_unet
+from ldmkit.diffusion.config import DiffusionConfig
+from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.objective import DiffusionObjective
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
@@ -47,48 +44,11 @@ from ldmkit.diffusion.schedules import make_schedule, make_timesteps, q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.layers.attention import clear_context_cache
 from ldmkit.rng import BatchRandom
-from ldmkit.train.checkpoint import register_kind
 from ldmkit.unet import UNet, UNetConfig
 
+__all__ = ["ConcatConfig", "DiffusionConfig", "LatentDiffusion", "LatentDiffusionConfig"]
 
-class DiffusionConfig(BaseModel):
-    """The forward process and the training objective."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schedule: str = Field("scaled_linear", description="linear | scaled_linear | cosine")
-    num_timesteps: int = Field(1000, ge=1)
-    beta_start: float = Field(0.00085, gt=0)
-    beta_end: float = Field(0.012, gt=0)
-    zero_terminal_snr: bool = Field(False, description="rescale to SNR(T) = 0 (Lin et al., 2024); use v-prediction")
-    prediction_type: str = Field("eps", description="eps | v | x0")
-    weighting: str = Field("uniform", description="uniform | min_snr")
-    min_snr_gamma: float = Field(5.0, gt=0)
-    offset_noise: float = Field(0.0, ge=0)
-    timestep_spacing: str = Field("trailing", description="sampling timesteps: leading | trailing | linspace")
-    steps_offset: int = Field(0, ge=0, description="added to 'leading' timesteps (SD v1: 1)")
-
-
-class ConcatConfig(BaseModel):
-    """The concatenation route: a spatial condition as extra U-Net input channels (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["inpaint", "lowres"] = Field(description="inpaint: mask + masked-image latent (c + 1 channels); "
-                                               "lowres: latent of the degraded image (c channels)")
-    lowres_factor: int = Field(4, ge=2, description="lowres: downsampling factor s of the degradation")
-    lowres_encode: bool = Field(True, description="lowres: concatenate the latent of the degraded image (c channels) "
-                                "or, False, the low-resolution RGB image resized to the latent grid (3 channels)")
-    drop: float = Field(0.1, ge=0, le=1, description="P(concat → zeros) in training. With drop > 0 the unconditional "
-                        "branch of guidance gets zeros; with 0 both branches keep the concat (SD inpainting)")
-    mask_modes: tuple[float, float, float, float] = Field(
-        (0.5, 0.25, 0.15, 0.1), description="inpaint training masks: P(random rectangle), P(the dataset's shape mask), "
-        "P(everything: unconditional fill), P(nothing: keep all)")
-
-    def channels(self, latent_channels: int) -> int:
-        if self.kind == "inpaint":
-            return latent_channels + 1
-        return latent_channels if self.lowres_encode else 3
+Control = ControlNet | MultiControlNet | Adapter
 
 
 class LatentDiffusionConfig(BaseModel):
@@ -135,7 +95,7 @@ class LatentDiffusion(nn.Module):
         f = self.config.autoencoder.downsample_factor
         return (self.config.autoencoder.latent_channels, self.config.image_size // f, self.config.image_size // f)
 
-    def train(self, mode: bool = True) -> "LatentDiffusion":
+    def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
         self.autoencoder.eval()  # the first stage is frozen, always in eval mode
         return self
@@ -149,6 +109,13 @@ class LatentDiffusion(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self._first_stage_precision(latents) as dtype:
             return self.autoencoder.decode_latents(latents.to(dtype)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised posterior mean (B, c, h, w) of images (B, 3, H, W) in [-1, 1]: (μ − shift)·scale."""
+        ae = self.autoencoder
+        with self._first_stage_precision(images) as dtype:
+            return ae.normalize(ae.encode(images.to(dtype)).mean)  # (B, c, h, w)
 
     @contextlib.contextmanager
     def _first_stage_precision(self, x: torch.Tensor):
@@ -164,74 +131,23 @@ class LatentDiffusion(nn.Module):
 
     def model_fn(self, cond: Cond) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The U-Net with `cond` bound: (z_t, t) → raw prediction."""
-        kwargs = cond.unet_kwargs()
-        return lambda z_t, t: self.unet(z_t, t, **kwargs)
+        return lambda z_t, t: self.unet(z_t, t, cond)
 
-    # --- concatenation route ---------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised posterior mean (B, c, h, w) of images (B, 3, H, W) in [-1, 1]: (μ − shift)·scale."""
-        ae = self.autoencoder
-        with self._first_stage_precision(images) as dtype:
-            return (ae.encode(images.to(dtype)).mean - ae.config.shift_factor) * ae.config.scaling_factor  # (B, c, h, w)
-
+    # --- concatenation route (ldmkit.conditioning.concat) ----------------------------------------
     def degrade(self, images: torch.Tensor) -> torch.Tensor:
-        """The lowres route's degradation: area-downsample by s, bicubic upsample back. (B, 3, H, W)."""
-        s = self.config.concat.lowres_factor
-        small = F.avg_pool2d(images, s)  # (B, 3, H/s, W/s)
-        return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+        """The lowres route's degradation of images (B, 3, H, W)."""
+        return degrade(images, self.config.concat.lowres_factor)
 
     def random_masks(self, n: int, size: int, masks: torch.Tensor | None,
                      generator: torch.Generator | BatchRandom | None) -> torch.Tensor:
-        """SD-inpainting-style training masks (n, 1, size, size) in {0, 1}: a random rectangle, the
-        dataset's own mask (a rectangle when there is none), everything, or nothing."""
-        probs = torch.tensor(self.config.concat.mask_modes, dtype=torch.float)
-        r = BatchRandom.of(generator, n)
-        mode = r.multinomial(probs).cpu()  # (n,)
-        corners = r.rand(4).cpu()  # (n, 4): y0, x0, h, w fractions
-        out = torch.zeros(n, 1, size, size)
-        ar = torch.arange(size)
-        for i in range(n):
-            m = int(mode[i])
-            if m == 1 and masks is not None:
-                out[i] = masks[i].cpu().float()
-            elif m in (0, 1):
-                h, w = (0.25 + 0.5 * corners[i, 2:]) * size  # sides between 1/4 and 3/4 of the image
-                y0, x0 = corners[i, 0] * (size - h), corners[i, 1] * (size - w)
-                out[i, 0] = (((ar >= y0) & (ar < y0 + h))[:, None] & ((ar >= x0) & (ar < x0 + w))[None]).float()
-            elif m == 2:
-                out[i] = 1.0
-        return out
+        """The inpainting route's training masks (n, 1, size, size)."""
+        return random_masks(n, size, masks, self.config.concat.mask_modes, generator)
 
     @torch.no_grad()
     def concat_condition(self, images: torch.Tensor, masks: torch.Tensor | None = None, train: bool = False,
                          generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
-        """The concat tensor (B, concat_channels, h, w) for images (B, 3, H, W) in [-1, 1].
-
-        inpaint: `masks` (B, 1, H, W), 1 = repaint; in training they are drawn by `random_masks`
-        (the given ones are the dataset's shape masks). lowres: `masks` is unused. In training each
-        sample's concat is replaced by zeros with probability concat.drop."""
-        cc = self.config.concat
-        n = images.shape[0]
-        if cc.kind == "inpaint":
-            if train:
-                masks = self.random_masks(n, images.shape[-1], masks, generator)
-            if masks is None:
-                raise LdmkitError("the inpainting route needs a mask (1 = region to repaint)")
-            masks = masks.to(images.device, images.dtype)
-            masked = images * (1 - masks)  # (B, 3, H, W): the hole at 0 (mid-grey)
-            small = F.adaptive_max_pool2d(masks, self.latent_shape[1:])  # (B, 1, h, w)
-            concat = torch.cat([small, self.encode_mean(masked)], dim=1)  # (B, 1 + c, h, w)
-        elif cc.lowres_encode:
-            concat = self.encode_mean(self.degrade(images))  # (B, c, h, w)
-        else:  # the low-resolution pixels themselves on the latent grid (B, 3, h, w)
-            small = F.avg_pool2d(images, cc.lowres_factor)
-            concat = small if small.shape[-2:] == self.latent_shape[1:] else F.interpolate(
-                small, size=self.latent_shape[1:], mode="bicubic", align_corners=False)
-        if train and cc.drop > 0:
-            keep = (BatchRandom.of(generator, n).rand() >= cc.drop).to(concat.device)
-            concat = concat * keep[:, None, None, None].to(concat.dtype)
-        return concat
+        """The concat tensor (B, concat_channels, h, w) for images (B, 3, H, W) in [-1, 1] (`ConcatConfig.condition`)."""
+        return self.config.concat.condition(self.encode_mean, self.latent_shape[1:], images, masks, train, generator)
 
     def prepare_image(self, image, channels: int, batch: int, name: str) -> torch.Tensor:
         """An image-like input (init image, mask) → (batch, channels, S, S) at the model's resolution S,
@@ -245,7 +161,7 @@ class LatentDiffusion(nn.Module):
             image = image[None]  # (1, C, H, W)
         if image.ndim != 4 or image.shape[0] not in (1, batch):
             raise LdmkitError(f"{name} must be {want} (or a batch of 1), got {tuple(image.shape)}")
-        conv = _convert_channels(image.expand(batch, -1, -1, -1), channels)
+        conv = convert_channels(image.expand(batch, -1, -1, -1), channels)
         if conv is None:
             raise LdmkitError(f"{name} has {image.shape[1]} channels; expected {want}")
         h, w = conv.shape[-2:]
@@ -265,22 +181,25 @@ class LatentDiffusion(nn.Module):
         generator: torch.Generator | BatchRandom | None = None,
         images: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
-        unet: nn.Module | None = None,
+        unet: Callable[..., torch.Tensor] | None = None,
+        control: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoising loss on normalised latents z0 (B, c, h, w), conditions dropped per route.
         `images` (B, 3, H, W) in [-1, 1] (and the dataset's `masks` (B, 1, H, W), optional) feed the
         concatenation route; its random masks and dropout come from `generator` too (a BatchRandom
-        when the batch is one piece of a larger one). `unet` is the module to call when it is not
-        `self.unet` itself: a DistributedDataParallel/FSDP wrapper of it, or a ControlNet-driven one."""
+        when the batch is one piece of a larger one). `unet(z_t, t, cond)` is the model to call when it
+        is not `self.unet` itself: a DistributedDataParallel/FSDP wrapper of it, or `controlled_unet`,
+        which reads `control` (B, C_hint, H, W) in [0, 1], the control maps, from the Cond."""
         unet = self.unet if unet is None else unet
         generator = BatchRandom.of(generator, latents.shape[0]) if generator is not None else None
         cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator)
         cond = cond.to(latents.device)
+        cond.control = control
         if self.config.concat is not None:
             if images is None:
                 raise LdmkitError(f"the '{self.config.concat.kind}' concat route needs the batch's images")
             cond.concat = self.concat_condition(images.to(latents.device), masks, train=True, generator=generator)
-        return self.objective(lambda z, t: unet(z, t, **cond.unet_kwargs()), latents, generator)
+        return self.objective(lambda z, t: unet(z, t, cond), latents, generator)
 
     # --- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -298,14 +217,18 @@ class LatentDiffusion(nn.Module):
         init_image: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         strength: float = 1.0,
-        control: ControlNet | MultiControlNet | Adapter | None = None,
+        control: Control | None = None,
         control_image: torch.Tensor | list[torch.Tensor] | None = None,
         control_scale: float | list[float] | None = None,
         keep_known: bool = True,
+        guidance_rescale: float = 0.0,
         **sampler_opts,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1]. B = len(texts) or len(labels) or num_samples.
 
+        guidance: the classifier-free guidance scale w (1 = off); guidance_rescale: φ of guidance rescale
+        (Lin et al., 2024; 0 = off, 0.7 their recommendation), which pulls the guided prediction's std back
+        to the conditional one's and tames over-saturation at large w.
         init_image (B or 1, 3, H, W) in [-1, 1]: the concat route's source (inpaint / lowres) and the
         img2img start (`strength` in [0, 1]: 1 = from pure noise, 0 = the encode-decode of the image).
         mask (B or 1, 1, H, W) in [0, 1], 1 = repaint: inpainting models only; with `keep_known` the latent
@@ -318,70 +241,22 @@ class LatentDiffusion(nn.Module):
         give the same images."""
         if labels is not None and not isinstance(labels, torch.Tensor):
             labels = torch.tensor(labels, dtype=torch.long)
-        n = len(texts) if texts is not None else (labels.shape[0] if labels is not None else num_samples)
-        if not n and isinstance(init_image, torch.Tensor) and init_image.ndim == 4:
-            n = init_image.shape[0]
-        if not n:
-            raise LdmkitError("nothing to sample: give prompts, labels or a number of samples")
-        if not 0.0 <= strength <= 1.0:
-            raise LdmkitError(f"strength must be in [0, 1], got {strength}")
+        n = self._sample_count(texts, labels, num_samples, init_image)
+        self._check_sample_inputs(strength, guidance_rescale, init_image, mask, control, control_image)
         device = next(self.unet.parameters()).device
-        cc = self.config.concat
-        if mask is not None and (cc is None or cc.kind != "inpaint"):
-            raise LdmkitError("this model has no inpainting route (it was trained without concat.kind=inpaint); "
-                              "it cannot take a mask")
-        if cc is not None and init_image is None:
-            raise LdmkitError(f"this model has a '{cc.kind}' concatenation route: give init_image"
-                              + (" and mask" if cc.kind == "inpaint" else ""))
-        if cc is not None and cc.kind == "inpaint" and mask is None:
-            raise LdmkitError("this inpainting model needs a mask (1 = region to repaint)")
-        if control is not None and control_image is None:
-            raise LdmkitError("a ControlNet/adapter was given without a control image")
-        if control is None and control_image is not None:
-            raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")
         image = self.prepare_image(init_image, 3, n, "init image").to(device) if init_image is not None else None
-        cond = self.conditioner(texts=texts, labels=labels, batch_size=n).to(device)
-        uncond = self.conditioner.uncond(n).to(device) if guidance != 1.0 else None
-        if cc is not None:
-            m = self.prepare_image(mask, 1, n, "mask").to(device).clamp(0, 1).round() if mask is not None else None
-            cond.concat = self.concat_condition(image, m)
-            if uncond is not None:
-                # A model trained with concat dropout knows the null concat (zeros); one trained without it
-                # (SD inpainting) keeps the concat in both branches and guides the other routes only.
-                uncond.concat = torch.zeros_like(cond.concat) if cc.drop > 0 else cond.concat
-
+        m = self.prepare_image(mask, 1, n, "mask").to(device).clamp(0, 1).round() if mask is not None else None
         g = torch.Generator(device="cpu")
         if seed is not None:
             g.manual_seed(seed)
         z = torch.randn((n, *self.latent_shape), generator=g).to(device)
-        unet = self.unet
-        if control is not None:
-            if isinstance(control, Adapter):
-                feats = control(control_image, z, control_scale)  # once per image: the features do not depend on t
-                cond.adapter_residuals = feats
-                if uncond is not None:
-                    uncond.adapter_residuals = feats
-            else:
-                imgs = control_image
-                if uncond is not None:  # the doubled guidance batch [∅; c]: the same control for both halves
-                    imgs = [_double(i, n) for i in imgs] if isinstance(imgs, (list, tuple)) else _double(imgs, n)
-                unet = controlled_unet(self.unet, control, imgs, control_scale)
-        kwargs = cond.unet_kwargs()
-        fn = lambda z_t, t: unet(z_t, t, **kwargs)  # noqa: E731
-        if uncond is not None:
-            both_kwargs = cat_conds(uncond, cond).unet_kwargs()
-
-            def fn(z_t, t):
-                # One doubled batch instead of two calls: [∅; c] → ε_∅ + w (ε_c − ε_∅) (Ho & Salimans, 2022, eq. 6)
-                out = unet(torch.cat([z_t, z_t]), torch.cat([t, t]), **both_kwargs)
-                e_u, e_c = out.chunk(2)
-                return classifier_free_guidance(lambda *_: e_c, lambda *_: e_u, guidance)(z_t, t)
-
+        cond, uncond = self._sample_conds(texts, labels, n, guidance, image, m, device)
+        model = self._control(cond, uncond, control, control_image, control_scale, z)
+        fn = batched_classifier_free_guidance(model, cond, uncond, guidance, rescale=guidance_rescale, cat=cat_conds)
         denoiser = Denoiser(fn, self.schedule, self.config.diffusion.prediction_type)
         known = keep = None
-        if cc is not None and cc.kind == "inpaint" and keep_known:
-            known = self.encode_mean(image)  # (B, c, h, w)
-            keep = 1 - F.adaptive_max_pool2d(m, self.latent_shape[1:])  # (B, 1, h, w): cells the hole misses
+        if self.config.concat is not None and self.config.concat.takes_mask and keep_known:
+            known, keep = self.encode_mean(image), kept_cells(m, self.latent_shape[1:])  # (B, c, h, w), (B, 1, h, w)
             denoiser = KnownRegionDenoiser(denoiser, known, keep)
         d = self.config.diffusion
         timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
@@ -395,25 +270,70 @@ class LatentDiffusion(nn.Module):
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
         if known is not None:  # samplers whose last step keeps a little noise end exactly on the known cells
             z0 = torch.lerp(z0, known, keep)
-        for m in (self.unet, control):  # the text tokens' cached K/V are not needed for decoding: free them first
-            if isinstance(m, nn.Module):
-                clear_context_cache(m)
+        for net in (self.unet, control):  # the text tokens' cached K/V are not needed for decoding: free them first
+            if isinstance(net, nn.Module):
+                clear_context_cache(net)
         return z0 if return_latents else self.decode(z0)
 
+    @staticmethod
+    def _sample_count(texts, labels, num_samples, init_image) -> int:
+        n = len(texts) if texts is not None else (labels.shape[0] if labels is not None else num_samples)
+        if not n and isinstance(init_image, torch.Tensor) and init_image.ndim == 4:
+            n = init_image.shape[0]
+        if not n:
+            raise LdmkitError("nothing to sample: give prompts, labels or a number of samples")
+        return n
 
-def _double(image: torch.Tensor, n: int) -> torch.Tensor:
-    """A control image (n or 1, C, H, W) or (C, H, W) → (2n, C, H, W) for the doubled guidance batch.
-    Anything else is passed through for `prepare_control_image` to refuse with its own message."""
+    def _check_sample_inputs(self, strength, guidance_rescale, init_image, mask, control, control_image) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise LdmkitError(f"strength must be in [0, 1], got {strength}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise LdmkitError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        cc = self.config.concat
+        if mask is not None and (cc is None or not cc.takes_mask):
+            raise LdmkitError("this model has no inpainting route (it was trained without concat.kind=inpaint); "
+                              "it cannot take a mask")
+        if cc is not None:
+            cc.check_inputs(init_image, mask)
+        if control is not None and control_image is None:
+            raise LdmkitError("a ControlNet/adapter was given without a control image")
+        if control is None and control_image is not None:
+            raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")
+
+    def _sample_conds(self, texts, labels, n: int, guidance: float, image, mask, device) -> tuple[Cond, Cond | None]:
+        """The conditional Cond and, when guiding, the unconditional one (every route at its null value)."""
+        cond = self.conditioner(texts=texts, labels=labels, batch_size=n).to(device)
+        uncond = self.conditioner.uncond(n).to(device) if guidance != 1.0 else None
+        cc = self.config.concat
+        if cc is not None:
+            cond.concat = self.concat_condition(image, mask)
+            if uncond is not None:
+                uncond.concat = cc.null(cond.concat)
+        return cond, uncond
+
+    def _control(self, cond: Cond, uncond: Cond | None, control: Control | None, control_image, scale,
+                 z: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]:
+        """The model function (z_t, t, cond) with the control network in it; the control acts on both
+        branches of guidance (the same image in the conditional and the unconditional Cond)."""
+        branches = [c for c in (cond, uncond) if c is not None]
+        if control is None:
+            return self.unet
+        if isinstance(control, Adapter):
+            feats = control(control_image, z, scale)  # once per image: the features do not depend on t
+            for c in branches:
+                c.adapter_residuals = feats
+            return self.unet
+        n = z.shape[0]
+        images = [_expand(i, n) for i in control_image] if isinstance(control_image, (list, tuple)) else _expand(control_image, n)
+        for c in branches:
+            c.control = images
+        return controlled_unet(self.unet, control, scale)
+
+
+def _expand(image: torch.Tensor, n: int) -> torch.Tensor:
+    """A control image (1, C, H, W) or (C, H, W) → (n, C, H, W), so the doubled guidance batch can be
+    stacked; anything else is passed through for `prepare_control_image` to refuse with its own message."""
     if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
         return image
     image = image if image.ndim == 4 else image[None]  # (1 or n, C, H, W)
-    if image.shape[0] not in (1, n):
-        return image
-    return image.expand(n, -1, -1, -1).repeat(2, 1, 1, 1)  # (2n, C, H, W)
-
-
-def _build(config: LatentDiffusionConfig, meta: dict) -> LatentDiffusion:
-    return LatentDiffusion(config)
-
-
-register_kind("latent_diffusion", LatentDiffusionConfig, _build)
+    return image.expand(n, -1, -1, -1) if image.shape[0] == 1 else image

@@ -65,3 +65,9 @@ class BatchRandom:
         """(rows,) category indices drawn with replacement from `probs` (normalised here)."""
         full = torch.multinomial(probs / probs.sum(), self.n, replacement=True, generator=self.generator)
         return self._keep(full)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of training step `step` of a run seeded `seed`: every random draw of the step comes
+    from it (through a BatchRandom), so a resumed run repeats the uninterrupted run's draws exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)

@@ -438,15 +438,22 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior
 
-    # --- the second stage's view: normalised latents (DESIGN.md "latent scale and shift") ---
+    # --- the second stage's view: normalised latents z' = (z − shift)·scale (Rombach et al. §4.3.2) ---
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents of this autoencoder → the second stage's unit-variance latents: (z − shift)·scale."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize`: z'/scale + shift."""
+        return z / self.config.scaling_factor + self.config.shift_factor
+
     def encode_latents(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
         post = self.encode(x)
-        z = post.sample(generator) if sample else post.mode()
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        return self.normalize(post.sample(generator) if sample else post.mode())
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of encode_latents; goes through decode, so the tiling/slicing switches apply."""
-        return self.decode(z / self.config.scaling_factor + self.config.shift_factor)
+        return self.decode(self.denormalize(z))
 
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight: the adaptive GAN weight (Esser et al., 2021, eq. 7) is

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ldmkit.conditioning.cond import Cond
+from ldmkit.conditioning.labels import label_condition
 from ldmkit.conditioning.text import CachedTextEncoder, build_text_encoder
 from ldmkit.errors import LdmkitError
 from ldmkit.rng import BatchRandom
@@ -72,17 +73,8 @@ class Conditioner(nn.Module):
         elif texts is not None and any(texts):
             raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
         if self.cfg.num_classes:
-            null = self.cfg.num_classes
-            if labels is None:
-                labels = torch.full((n,), null, dtype=torch.long)
-            labels = labels.long().clone()
-            if ((labels < -1) | (labels > null)).any():
-                raise LdmkitError(f"class labels must be in 0..{null - 1} (or -1 for none), got {labels.tolist()}")
-            labels[labels < 0] = null
-            if train and self.cfg.drop_label > 0:
-                drop = (BatchRandom.of(generator, n).rand() < self.cfg.drop_label).cpu()
-                labels[drop] = null
-            cond.labels = labels
+            drop = self.cfg.drop_label if train else 0.0
+            cond.labels = label_condition(labels, self.cfg.num_classes, n, drop, generator)
         elif labels is not None and (labels >= 0).any():
             raise LdmkitError("this model has no class conditioning; train it with num_classes > 0 to use labels")
         return cond

@@ -83,14 +83,16 @@ def batched_classifier_free_guidance(
     scale: float,
     *,
     rescale: float = 0.0,
+    cat: Callable[[Any, Any], Any] | None = None,
 ) -> ModelFn:
     """Guidance from one model_fn(z_t, t, cond): runs a single doubled batch [uncond; cond] when
-    the two conditions can be stacked (tensors of equal shape, or dicts/dataclasses of them), two
-    calls otherwise. scale == 1 calls the conditional branch only."""
+    the two conditions can be stacked (tensors of equal shape, or dicts/dataclasses of them; `cat`,
+    when given, stacks them instead, e.g. `cat_conds`, which pads token sequences), two calls
+    otherwise. scale == 1 calls the conditional branch only."""
     if scale == 1.0:
         return lambda z_t, t: model_fn(z_t, t, cond)
     try:
-        both = _cat(uncond, cond)
+        both = (cat or _cat)(uncond, cond)
     except _CannotBatch:
         both = None
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderKL
+from ldmkit.checkpoint import kind_of, load
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import diffusers as dif
 from ldmkit.interop import original as orig
@@ -69,24 +70,6 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _load_ldmkit(path: Path, ema: bool, device) -> nn.Module:
-    """`ldmkit.train.checkpoint.load`, except that a CLIP text encoder path that has moved with the
-    checkpoint folder (written by `convert` as FOLDER/text_encoder) is found again."""
-    from ldmkit.train.checkpoint import load
-
-    def relocate_text_encoder(folder: Path, kind: str, cfg):
-        if kind != "latent_diffusion":
-            return cfg
-        name = cfg.conditioner.text_encoder
-        local = folder / "text_encoder"
-        if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
-            cond = cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})
-            cfg = cfg.model_copy(update={"conditioner": cond})
-        return cfg
-
-    return load(path, ema=ema, device=device, adjust_config=relocate_text_encoder)
-
-
 def load_any(path: str | Path, config=None, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
     """The module any supported checkpoint holds, in eval mode: an ldmkit checkpoint folder, a
     diffusers pipeline folder (→ LatentDiffusion with its CLIP text encoder), a diffusers model
@@ -99,25 +82,12 @@ def load_any(path: str | Path, config=None, ema: bool = True, device: str | torc
     if config is not None and fmt != "original":
         raise LdmkitError(f"config= is for single files; {path} is a {fmt.replace('_', ' ')} and carries its own")
     if fmt == "ldmkit":
-        return _load_ldmkit(Path(path), ema, device)
+        return load(path, ema=ema, device=device)
     if fmt == "diffusers_pipeline":
         return dif.load_diffusers_pipeline(path, device=device)
     if fmt == "diffusers_model":
         return dif.load_diffusers_model(path).to(device)
     return orig.load_original(path, config=config, ema=ema, device=device)
-
-
-def _kind(module: nn.Module) -> str:
-    from ldmkit.pipeline import LatentDiffusion
-
-    if isinstance(module, LatentDiffusion):
-        return "latent_diffusion"
-    if isinstance(module, AutoencoderKL):
-        return "autoencoder"
-    kind = getattr(module, "checkpoint_kind", None)  # e.g. a ControlNet that registers its own kind
-    if kind:
-        return kind
-    raise LdmkitError(f"a {type(module).__name__} alone has no ldmkit checkpoint form; convert the whole pipeline")
 
 
 def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "") -> Path:
@@ -128,7 +98,7 @@ def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "") -> Path
     from ldmkit.conditioning.text import CLIPTextEncoder
 
     folder = Path(folder)
-    kind = _kind(module)
+    kind = kind_of(module)
     cfg = module.config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))

@@ -68,11 +68,11 @@ def _diffusers():
 
 
 def _controlnet_interop():
-    """The ControlNet translation lives in its own module (written with ldmkit.control)."""
+    """The ControlNet translation lives in its own module (written with ldmkit.conditioning.controlnet and .adapter)."""
     try:
         return importlib.import_module("ldmkit.interop.diffusers_controlnet")
     except ModuleNotFoundError as e:
-        if e.name not in ("ldmkit.interop.diffusers_controlnet", "ldmkit.control"):
+        if e.name not in ("ldmkit.interop.diffusers_controlnet", "ldmkit.conditioning.controlnet"):
             raise
         raise LdmkitError("this ldmkit has no ControlNet support (ldmkit.interop.diffusers_controlnet is missing)") from e
 
@@ -231,7 +231,7 @@ def to_diffusers(module: nn.Module, **kwargs):
         return vae_to_diffusers(module, **kwargs)
     if isinstance(module, UNet):
         return unet_to_diffusers(module, **kwargs)
-    if type(module).__module__ == "ldmkit.control":
+    if type(module).__module__ in ("ldmkit.conditioning.controlnet", "ldmkit.conditioning.adapter"):
         return _controlnet_interop().controlnet_to_diffusers(module, **kwargs)
     if type(module).__name__ == "LatentDiffusion":
         raise LdmkitError("a LatentDiffusion is a whole pipeline: write it with save_diffusers_pipeline(ldm, folder)")

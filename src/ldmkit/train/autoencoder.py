@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from tqdm.auto import tqdm
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.autoencoder.losses import AutoencoderLoss
 from ldmkit.data import build_dataset
+from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.metrics import psnr, ssim
 from ldmkit.imageio import save_grid
-from ldmkit.rng import BatchRandom
-from ldmkit.train.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
+from ldmkit.rng import BatchRandom, step_generator
+from ldmkit.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
 from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
@@ -53,39 +53,6 @@ class _Reconstruct(nn.Module):
         post = self.ae.encode(x)
         z = post.mean + post.std * noise if self.ae.config.variational else post.mode()  # reparameterisation
         return self.ae.decode(z), post
-
-
-def _setting(name: str, value: str) -> str:
-    """How a user writes `name` = `value`: `optim.device=cpu` in a config, `--device cpu` on the CLI."""
-    return f"{name}={value}" if name.startswith("optim.") else f"{name} {value}"
-
-
-def autocast(precision: str, device: torch.device | str = "cpu", setting: str = "optim.precision"):
-    """The forward pass's autocast: weights, gradients and optimizer state stay float32 either way.
-    Refused at once (when called, not when entered) where the device cannot run it; `setting` names
-    the option in that error."""
-    device = torch.device(device)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise LdmkitError(f"{_setting(setting, 'fp16')} needs a CUDA device, not {device.type} "
-                              f"(there use {_setting(setting, 'bf16')} or fp32)")
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def pick_device(name: str, setting: str = "optim.device") -> torch.device:
-    """`auto` → CUDA when available, else CPU; a named device is checked. `setting` names the option in errors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise LdmkitError(f"{setting} {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LdmkitError(f"{setting} is {name} but no CUDA device is available; use {_setting(setting, 'cpu')}")
-    return dev
 
 
 def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[TensorData, TensorData]:
@@ -156,7 +123,6 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
 
 
 def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, progress: bool, dist_info, device) -> Path:
-    from ldmkit.train.diffusion import step_generator
     from ldmkit.train.distributed import global_means, wrap
 
     main = dist_info.main

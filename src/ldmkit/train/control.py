@@ -24,12 +24,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from ldmkit.control import Adapter, ControlNet, controlled_unet
+from ldmkit.conditioning import Adapter, ControlNet, controlled_unet
 from ldmkit.data import build_dataset
+from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.train.autoencoder import autocast
-from ldmkit.train.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
+from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
 from ldmkit.train.data import TensorData, materialize
 from ldmkit.train.loop import (
@@ -237,12 +237,9 @@ def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: b
             if o.channels_last:
                 z0 = z0.contiguous(memory_format=torch.channels_last)
             with autocast(o.precision, device):
-                cond = ldm.conditioner(texts=batch["text"] if use_text else None,
-                                       labels=batch["label"] if use_labels else None,
-                                       batch_size=z0.shape[0], train=True, generator=r).to(device)
-                fn = controlled_unet(ldm.unet, trained, hint)
-                kw = cond.unet_kwargs()
-                return ldm.objective(lambda z_t, t: fn(z_t, t, **kw), z0, r)
+                return ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                labels=batch["label"] if use_labels else None, generator=r,
+                                unet=controlled_unet(ldm.unet, trained), control=hint)
 
         return piece_loss
 
@@ -267,7 +264,7 @@ def sample_prompts_for(ldm, cfg: ControlTrainConfig, data: TensorData, n: int):
 
 def load_control(path: str | Path, device: str | torch.device = "cpu"):
     """(control network, its base LatentDiffusion, meta) from a `train-control` folder."""
-    from ldmkit.train.checkpoint import load, read_config
+    from ldmkit.checkpoint import load, read_config
 
     folder, kind, _, meta = read_config(path)
     if kind not in ("controlnet", "adapter"):

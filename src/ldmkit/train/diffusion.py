@@ -24,9 +24,9 @@ from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
-from ldmkit.rng import BatchRandom
-from ldmkit.train.autoencoder import autocast
-from ldmkit.train.checkpoint import (
+from ldmkit.device import autocast
+from ldmkit.rng import BatchRandom, step_generator
+from ldmkit.checkpoint import (
     EMA_WEIGHTS,
     WEIGHTS,
     load_training_state,
@@ -37,7 +37,7 @@ from ldmkit.train.checkpoint import (
 )
 from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.train.data import TensorData, materialize
-from ldmkit.train.latent_cache import cached_latents, encode_batches
+from ldmkit.train.latents import cached_latents, encode_batches
 from ldmkit.train.distributed import (
     Dist,
     check_in_sync,
@@ -141,10 +141,6 @@ def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, p
     with torch.no_grad():
         parts = list(encode_batches(ae, data.images, batch_size, progress))
     return torch.cat([m for m, _ in parts]).to(device), torch.cat([s for _, s in parts]).to(device)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, optim, step: int,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldmkit.device import pick_device
 from ldmkit.errors import LdmkitError
 
 
@@ -52,8 +53,6 @@ class Dist:
 
 def setup(device_pref: str = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun process group if there is one; returns (Dist, this rank's device)."""
-    from ldmkit.train.autoencoder import pick_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), pick_device(device_pref)

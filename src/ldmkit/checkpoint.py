@@ -11,7 +11,11 @@ A training output folder looks like
 
 A checkpoint folder is first written under a temporary name and renamed into place, then `latest`
 is replaced with `os.replace`; both are atomic on POSIX file systems, so a crash at any moment
-leaves the previous checkpoint as "latest" and never a half-written one (DESIGN.md).
+leaves the previous checkpoint as "latest" and never a half-written one.
+
+`KINDS` is the one table of what a folder can hold: kind name → its config class and builder. This
+module sits above the models and the pipeline it builds and below everything that reads or writes
+checkpoints (train, interop, evaluate, cli); it never imports the interop formats.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.conditioning.adapter import Adapter, AdapterConfig
+from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError
+from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -39,17 +47,26 @@ STATE = "training_state.pt"
 
 @dataclass(frozen=True)
 class Kind:
-    """How to rebuild a module from its saved config: `build(config, meta) -> nn.Module`."""
+    """What a checkpoint of this kind holds: the module class, built from its typed config alone."""
 
     config_cls: type[BaseModel]
-    build: Callable[[BaseModel, dict], nn.Module]
+    module_cls: Callable[[BaseModel], nn.Module]
 
 
-KINDS: dict[str, Kind] = {}
+KINDS: dict[str, Kind] = {
+    "autoencoder": Kind(AutoencoderConfig, AutoencoderKL),
+    "latent_diffusion": Kind(LatentDiffusionConfig, LatentDiffusion),
+    "controlnet": Kind(ControlNetConfig, ControlNet),
+    "adapter": Kind(AdapterConfig, Adapter),
+}
 
 
-def register_kind(name: str, config_cls: type[BaseModel], build: Callable[[BaseModel, dict], nn.Module]) -> None:
-    KINDS[name] = Kind(config_cls, build)
+def kind_of(module: nn.Module) -> str:
+    """The KINDS name of a module, or LdmkitError when it has no checkpoint form of its own."""
+    for name, kind in KINDS.items():
+        if type(module) is kind.module_cls:
+            return name
+    raise LdmkitError(f"a {type(module).__name__} alone has no ldmkit checkpoint form; save the model that holds it")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -140,8 +157,6 @@ def read_config(path: str | Path) -> tuple[Path, str, BaseModel, dict]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LdmkitError(f"{folder / CONFIG} is corrupt ({type(e).__name__}); restore it from another checkpoint") from e
     if kind not in KINDS:
-        _register_builtin_kinds()
-    if kind not in KINDS:
         raise LdmkitError(f"{folder} holds a '{kind}', which this ldmkit cannot load (known: {', '.join(sorted(KINDS))})")
     try:
         cfg = KINDS[kind].config_cls.model_validate(doc["config"])
@@ -183,19 +198,28 @@ def load(
     path: str | Path,
     ema: bool = True,
     device: str | torch.device = "cpu",
-    adjust_config: Callable[[Path, str, BaseModel], BaseModel] | None = None,
 ) -> nn.Module:
-    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`.
-    `adjust_config(folder, kind, config)` may rewrite the config first (e.g. relocate assets)."""
+    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
     folder, kind, cfg, meta = read_config(path)
-    if adjust_config is not None:
-        cfg = adjust_config(folder, kind, cfg)
-    module = KINDS[kind].build(cfg, meta)
+    module = KINDS[kind].module_cls(_relocate_text_encoder(folder, cfg))
     file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
     if not file.is_file():
         raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
     load_weights(module, file)
     return module.to(device).eval()
+
+
+def _relocate_text_encoder(folder: Path, cfg: BaseModel) -> BaseModel:
+    """A CLIP text encoder saved inside the checkpoint folder (FOLDER/text_encoder, written by
+    `ldmkit convert`) is found again after the folder has moved."""
+    if not isinstance(cfg, LatentDiffusionConfig):
+        return cfg
+    name = cfg.conditioner.text_encoder
+    local = folder / "text_encoder"
+    if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
+        cond = cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})
+        cfg = cfg.model_copy(update={"conditioner": cond})
+    return cfg
 
 
 def load_training_state(folder: Path) -> dict[str, Any]:
@@ -206,10 +230,3 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise LdmkitError(f"cannot read {file} ({type(e).__name__}); resume from an earlier checkpoint") from e
-
-
-def _register_builtin_kinds() -> None:
-    """Import the modules that register kinds (kept lazy so `import ldmkit` stays light)."""
-    import ldmkit.autoencoder  # noqa: F401
-    import ldmkit.control  # noqa: F401
-    import ldmkit.pipeline  # noqa: F401

@@ -1,0 +1,132 @@
+"""The concatenation route: a spatial condition as extra U-Net input channels (Rombach et al. §4.3 / §4.5).
+
+    inpaint: U-Net input = [z_t (c) | m↓ (1) | E(x ⊙ (1 − m)) (c)]   (Stable Diffusion inpainting layout)
+             m (B, 1, H, W) in {0, 1}, 1 = the region to repaint; m↓ = max-pool of m to latent size, so a
+             latent cell that touches the hole is repainted; masked pixels are set to 0 (mid-grey in
+             [-1, 1]) before encoding, as diffusers' inpainting pipeline does.
+    lowres:  U-Net input = [z_t (c) | E(up(down_s(x))) (c)]: area-downsample by s, bicubic upsample back,
+             encode (super-resolution; any degradation works the same way). With lowres_encode=False
+             the low-resolution RGB image itself, resized to the latent grid, is concatenated (3
+             channels; the SD x4 upscaler's layout, where s = f and no resize is needed).
+
+The encoded condition is the posterior mean, normalised with the first stage's latent scale/shift
+(`E` below is `encode_mean`, given by the pipeline that owns the first stage). Everything the route
+needs to know about itself lives here; the pipeline only calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from ldmkit.errors import LdmkitError
+from ldmkit.rng import BatchRandom
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [-1, 1] → normalised latents (B, c, h, w)
+
+
+class ConcatConfig(BaseModel):
+    """The concatenation route (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["inpaint", "lowres"] = Field(description="inpaint: mask + masked-image latent (c + 1 channels); "
+                                               "lowres: latent of the degraded image (c channels)")
+    lowres_factor: int = Field(4, ge=2, description="lowres: downsampling factor s of the degradation")
+    lowres_encode: bool = Field(True, description="lowres: concatenate the latent of the degraded image (c channels) "
+                                "or, False, the low-resolution RGB image resized to the latent grid (3 channels)")
+    drop: float = Field(0.1, ge=0, le=1, description="P(concat → zeros) in training. With drop > 0 the unconditional "
+                        "branch of guidance gets zeros; with 0 both branches keep the concat (SD inpainting)")
+    mask_modes: tuple[float, float, float, float] = Field(
+        (0.5, 0.25, 0.15, 0.1), description="inpaint training masks: P(random rectangle), P(the dataset's shape mask), "
+        "P(everything: unconditional fill), P(nothing: keep all)")
+
+    def channels(self, latent_channels: int) -> int:
+        if self.kind == "inpaint":
+            return latent_channels + 1
+        return latent_channels if self.lowres_encode else 3
+
+    @property
+    def takes_mask(self) -> bool:
+        """Inpainting: the condition is an image and a mask (1 = repaint)."""
+        return self.kind == "inpaint"
+
+    def check_inputs(self, image, mask) -> None:
+        """What sampling with this route needs, refused in one line when missing."""
+        if image is None:
+            raise LdmkitError(f"this model has a '{self.kind}' concatenation route: give init_image"
+                              + (" and mask" if self.takes_mask else ""))
+        if self.takes_mask and mask is None:
+            raise LdmkitError("this inpainting model needs a mask (1 = region to repaint)")
+
+    def null(self, concat: torch.Tensor) -> torch.Tensor:
+        """The unconditional branch's concat: a model trained with concat dropout knows the null concat
+        (zeros); one trained without it (SD inpainting) keeps the concat in both branches."""
+        return torch.zeros_like(concat) if self.drop > 0 else concat
+
+    def condition(self, encode_mean: Encoder, latent_hw: tuple[int, int], images: torch.Tensor,
+                  masks: torch.Tensor | None = None, train: bool = False,
+                  generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
+        """The concat tensor (B, channels, h, w) for images (B, 3, H, W) in [-1, 1].
+
+        inpaint: `masks` (B, 1, H, W), 1 = repaint; in training they are drawn by `random_masks`
+        (the given ones are the dataset's shape masks). lowres: `masks` is unused. In training each
+        sample's concat is replaced by zeros with probability `drop`."""
+        n = images.shape[0]
+        if self.kind == "inpaint":
+            if train:
+                masks = random_masks(n, images.shape[-1], masks, self.mask_modes, generator)
+            if masks is None:
+                raise LdmkitError("the inpainting route needs a mask (1 = region to repaint)")
+            masks = masks.to(images.device, images.dtype)
+            masked = images * (1 - masks)  # (B, 3, H, W): the hole at 0 (mid-grey)
+            small = F.adaptive_max_pool2d(masks, latent_hw)  # (B, 1, h, w)
+            concat = torch.cat([small, encode_mean(masked)], dim=1)  # (B, 1 + c, h, w)
+        elif self.lowres_encode:
+            concat = encode_mean(degrade(images, self.lowres_factor))  # (B, c, h, w)
+        else:  # the low-resolution pixels themselves on the latent grid (B, 3, h, w)
+            small = F.avg_pool2d(images, self.lowres_factor)
+            concat = small if small.shape[-2:] == latent_hw else F.interpolate(
+                small, size=latent_hw, mode="bicubic", align_corners=False)
+        if train and self.drop > 0:
+            keep = (BatchRandom.of(generator, n).rand() >= self.drop).to(concat.device)
+            concat = concat * keep[:, None, None, None].to(concat.dtype)
+        return concat
+
+
+def degrade(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The lowres route's degradation: area-downsample by `factor`, bicubic upsample back. (B, 3, H, W)."""
+    small = F.avg_pool2d(images, factor)  # (B, 3, H/s, W/s)
+    return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def random_masks(n: int, size: int, masks: torch.Tensor | None, modes: tuple[float, float, float, float],
+                 generator: torch.Generator | BatchRandom | None) -> torch.Tensor:
+    """SD-inpainting-style training masks (n, 1, size, size) in {0, 1}, drawn with probabilities `modes`: a
+    random rectangle, the dataset's own mask (a rectangle when there is none), everything, or nothing."""
+    probs = torch.tensor(modes, dtype=torch.float)
+    r = BatchRandom.of(generator, n)
+    mode = r.multinomial(probs).cpu()  # (n,)
+    corners = r.rand(4).cpu()  # (n, 4): y0, x0, h, w fractions
+    out = torch.zeros(n, 1, size, size)
+    ar = torch.arange(size)
+    for i in range(n):
+        m = int(mode[i])
+        if m == 1 and masks is not None:
+            out[i] = masks[i].cpu().float()
+        elif m in (0, 1):
+            h, w = (0.25 + 0.5 * corners[i, 2:]) * size  # sides between 1/4 and 3/4 of the image
+            y0, x0 = corners[i, 0] * (size - h), corners[i, 1] * (size - w)
+            out[i, 0] = (((ar >= y0) & (ar < y0 + h))[:, None] & ((ar >= x0) & (ar < x0 + w))[None]).float()
+        elif m == 2:
+            out[i] = 1.0
+    return out
+
+
+def kept_cells(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) in {0, 1}: the latent cells an inpainting mask (B, 1, H, W) does not touch."""
+    return 1 - F.adaptive_max_pool2d(mask, latent_hw)
