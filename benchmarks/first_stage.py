@@ -30,7 +30,7 @@ from ldmkit.evaluate.metrics import psnr
 from ldmkit.train.autoencoder import train_autoencoder
 from ldmkit.checkpoint import load
 from ldmkit.train.config import AUTOENCODER_PRESETS
-from ldmkit.train.data import materialize
+from ldmkit.data.tensors import materialize
 from ldmkit.data import build_dataset
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.errors import LdmkitError
-from ldmkit.train.data import TensorData
+from ldmkit.data.tensors import TensorData
 from ldmkit.train.latents import INDEX, cache_key, cached_latents
 
 N = 10

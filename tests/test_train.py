@@ -138,6 +138,12 @@ def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
     assert 0 < diff.mean() < 2 and diff.max() < 16, (diff.mean(), diff.max())  # changed (autocast ran), not much
     rc, _, err = run_cli([*one, "--out", str(tmp_path / "fp16"), "--precision", "fp16"], capsys)
     assert rc != 0 and "--precision fp16 needs a CUDA device" in err
+    # --guidance-rescale reaches the sampler: with guidance it changes the images, without guidance it cannot
+    for name, extra in (("g", []), ("gr", ["--guidance-rescale", "1"]), ("r", ["--guidance", "1", "--guidance-rescale", "1"])):
+        rc, _, err = run_cli([*one, "--out", str(tmp_path / name), *(["--guidance", "5"] if name != "r" else []), *extra], capsys)
+        assert rc == 0, err
+    read = lambda p: np.asarray(Image.open(tmp_path / p / "0000.png"), dtype=np.float32)  # noqa: E731
+    assert np.abs(read("g") - read("gr")).max() > 0 and np.array_equal(read("r"), read("fp32"))
     if not torch.cuda.is_available():
         rc, _, err = run_cli([*one[:-2], "--out", str(tmp_path / "gpu"), "--device", "cuda"], capsys)
         assert rc != 0 and "--device is cuda but no CUDA device is available" in err

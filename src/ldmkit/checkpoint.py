@@ -230,3 +230,36 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise LdmkitError(f"cannot read {file} ({type(e).__name__}); resume from an earlier checkpoint") from e
+
+
+def load_diffusion(path: str | Path, hint: str, device: str | torch.device = "cpu") -> LatentDiffusion:
+    """The LatentDiffusion a checkpoint folder holds; anything else is refused, `hint` saying what to give."""
+    module = load(path, device=device)
+    if not isinstance(module, LatentDiffusion):
+        raise LdmkitError(f"{path} holds a {type(module).__name__}, not a diffusion model; {hint}")
+    return module
+
+
+def load_control(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, LatentDiffusion, dict]:
+    """(control network, its base LatentDiffusion, meta) from a `train-control` folder, whose meta names
+    the base checkpoint folder (`meta["base"]`)."""
+    folder, kind, _, meta = read_config(path)
+    if kind not in ("controlnet", "adapter"):
+        raise LdmkitError(f"{path} holds a '{kind}', not a ControlNet or adapter")
+    base = meta.get("base")
+    if not base:
+        raise LdmkitError(f"{folder} does not name its base model (meta.base); pass the base with --checkpoint")
+    net = load(folder, device=device)
+    ldm = load_diffusion(resolve(base), f"the base named in {folder / CONFIG} must be a `ldmkit train` folder", device)
+    return net, ldm.eval().requires_grad_(False), meta
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` looks like an ldmkit checkpoint folder or training output folder (not another format)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        return True
+    try:
+        return path.is_dir() and "kind" in json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError, TypeError):
+        return False

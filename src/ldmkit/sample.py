@@ -73,6 +73,7 @@ def sample_to_folder(
     guidance: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    guidance_rescale: float = 0.0,
     progress: bool = True,
     **spatial,
 ) -> list[Path]:
@@ -97,7 +98,7 @@ def sample_to_folder(
             texts=texts[i:j] if texts else None,
             labels=labs[i:j] if labs else None,
             num_samples=j - i,
-            steps=steps, sampler=sampler, guidance=guidance, seed=seed + i, **spatial,
+            steps=steps, sampler=sampler, guidance=guidance, guidance_rescale=guidance_rescale, seed=seed + i, **spatial,
         )
         images.append(imgs.float().cpu())
         bar.update(j - i)

@@ -19,7 +19,7 @@ from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.data import build_dataset
 from ldmkit.evaluate.metrics import psnr, ssim
 from ldmkit.imageio import save_grid
-from ldmkit.train.data import materialize
+from ldmkit.data.tensors import materialize
 
 
 @torch.no_grad()

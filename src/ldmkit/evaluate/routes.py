@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ldmkit.data import build_dataset
 from ldmkit.imageio import save_grid
-from ldmkit.train.data import materialize
+from ldmkit.data.tensors import materialize
 
 
 def shape_mask(images: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ldmkit.imageio import save_grid
 from ldmkit.rng import BatchRandom, step_generator
 from ldmkit.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
-from ldmkit.train.data import TensorData, materialize
+from ldmkit.data.tensors import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     GracefulInterrupt,

@@ -29,9 +29,17 @@ from ldmkit.data import build_dataset
 from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
+from ldmkit.checkpoint import (
+    EMA_WEIGHTS,
+    WEIGHTS,
+    load_diffusion,
+    load_training_state,
+    load_weights,
+    resolve,
+    save_checkpoint,
+)
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
-from ldmkit.train.data import TensorData, materialize
+from ldmkit.data.tensors import TensorData, materialize
 from ldmkit.train.loop import (
     EMA,
     Stepper,
@@ -99,15 +107,10 @@ CONTROL_PRESETS: dict[str, Callable[[], ControlTrainConfig]] = {
 
 def load_base(path: str):
     """The frozen base LatentDiffusion (EMA weights) and its checkpoint folder."""
-    from ldmkit.interop.convert import load_any
-    from ldmkit.pipeline import LatentDiffusion
-
     if not path:
         raise LdmkitError("no base model given: pass --base (a folder from `ldmkit train`)")
     folder = resolve(path)
-    ldm = load_any(folder)
-    if not isinstance(ldm, LatentDiffusion):
-        raise LdmkitError(f"{path} holds a {type(ldm).__name__}, not a diffusion model; --base takes a `ldmkit train` folder")
+    ldm = load_diffusion(folder, "--base takes a `ldmkit train` folder")
     if ldm.config.concat is not None:
         raise LdmkitError(f"{path} has a '{ldm.config.concat.kind}' concatenation route; "
                           "train-control supports base models without one")
@@ -260,18 +263,3 @@ def sample_prompts_for(ldm, cfg: ControlTrainConfig, data: TensorData, n: int):
     if cfg.sample.prompts and texts is not None:
         texts = (list(cfg.sample.prompts) * n)[:n]
     return texts, labels
-
-
-def load_control(path: str | Path, device: str | torch.device = "cpu"):
-    """(control network, its base LatentDiffusion, meta) from a `train-control` folder."""
-    from ldmkit.checkpoint import load, read_config
-
-    folder, kind, _, meta = read_config(path)
-    if kind not in ("controlnet", "adapter"):
-        raise LdmkitError(f"{path} holds a '{kind}', not a ControlNet or adapter")
-    base = meta.get("base")
-    if not base:
-        raise LdmkitError(f"{folder} does not name its base model (meta.base); pass the base with --checkpoint")
-    net = load(folder, device=device)
-    ldm, _ = load_base(base)
-    return net, ldm.to(device), meta

@@ -36,7 +36,7 @@ from ldmkit.checkpoint import (
     save_checkpoint,
 )
 from ldmkit.train.config import DiffusionTrainConfig, save_config
-from ldmkit.train.data import TensorData, materialize
+from ldmkit.data.tensors import TensorData, materialize
 from ldmkit.train.latents import cached_latents, encode_batches
 from ldmkit.train.distributed import (
     Dist,

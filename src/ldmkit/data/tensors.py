@@ -1,8 +1,8 @@
-"""Turning a dataset into batches for the training loops.
+"""A dataset held in memory as stacked tensors, for the training loops and the evaluations.
 
 Small datasets (all the built-in ones) are rendered once into memory as stacked tensors: on a
 2-core CPU, per-item Python work in a DataLoader would otherwise compete with the model for the
-same cores. The step-indexed order of `loop.batch_indices` then makes resuming exact.
+same cores. The step-indexed order of `ldmkit.train.loop.batch_indices` then makes resuming exact.
 """
 
 from __future__ import annotations
