@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldmkit.autoencoder.model import Tiling, _tile_spans, _tiled_apply
+from ldmkit.autoencoder.tiling import Tiling, _tile_spans, tiled_apply as _tiled_apply
 from ldmkit.errors import LdmkitError
 
 

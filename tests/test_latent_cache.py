@@ -59,7 +59,7 @@ def test_built_once_then_read_without_encoding(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("batch_size", [3, 128])
 def test_bit_identical_to_encode_dataset(tmp_path, batch_size):
-    from ldmkit.train.diffusion import encode_dataset
+    from ldmkit.train.latents import encode_dataset
 
     ae, x = tiny_ae(), images()
     data = TensorData(images=x, labels=torch.full((N,), -1), texts=[""] * N)

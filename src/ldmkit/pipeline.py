@@ -258,15 +258,9 @@ class LatentDiffusion(nn.Module):
         if self.config.concat is not None and self.config.concat.takes_mask and keep_known:
             known, keep = self.encode_mean(image), kept_cells(m, self.latent_shape[1:])  # (B, c, h, w), (B, 1, h, w)
             denoiser = KnownRegionDenoiser(denoiser, known, keep)
-        d = self.config.diffusion
-        timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
-        if image is not None and strength < 1.0:
-            # SDEdit: keep the last round(strength·steps) timesteps and noise the image's latent to the first.
-            z_init = self.encode_mean(image)  # (B, c, h, w)
-            timesteps = timesteps[steps - int(round(strength * steps)):]
-            if len(timesteps) == 0:
-                return z_init if return_latents else self.decode(z_init)
-            z = q_sample(self.schedule, z_init, timesteps[:1].expand(n).to(device), z)
+        z, timesteps = self._start(z, steps, image, strength)
+        if len(timesteps) == 0:  # img2img at strength 0: the encode-decode of the image
+            return z if return_latents else self.decode(z)
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
         if known is not None:  # samplers whose last step keeps a little noise end exactly on the known cells
             z0 = torch.lerp(z0, known, keep)
@@ -274,6 +268,19 @@ class LatentDiffusion(nn.Module):
             if isinstance(net, nn.Module):
                 clear_context_cache(net)
         return z0 if return_latents else self.decode(z0)
+
+    def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float):
+        """(z at the first sampling timestep, the sampling timesteps). From pure noise z, or SDEdit (Meng et
+        al., 2022): keep the last round(strength·steps) timesteps and noise the image's latent to the first."""
+        d = self.config.diffusion
+        timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
+        if image is None or strength >= 1.0:
+            return z, timesteps
+        z_init = self.encode_mean(image)  # (B, c, h, w)
+        timesteps = timesteps[steps - int(round(strength * steps)):]
+        if len(timesteps) == 0:
+            return z_init, timesteps
+        return q_sample(self.schedule, z_init, timesteps[:1].expand(z.shape[0]).to(z.device), z), timesteps
 
     @staticmethod
     def _sample_count(texts, labels, num_samples, init_image) -> int:

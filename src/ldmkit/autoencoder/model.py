@@ -17,15 +17,14 @@ encoder/decoder level and the mid blocks (`AutoencoderKL.gradient_checkpointing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldmkit.autoencoder.tiling import Tiling, check_tiling, tiled_apply
+from ldmkit.errors import LdmkitError
 from ldmkit.layers import Downsample, ResBlock, SpatialSelfAttention, Upsample, group_norm
 
 
@@ -199,95 +198,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, 3, h·f, w·f)
 
 
-class Tiling(NamedTuple):
-    """Tile side and overlap of tiled encode/decode, both in latent pixels (image pixels / f)."""
-
-    tile_latent: int
-    overlap_latent: int
-
-
-def _check_tiling(tile_latent: int, overlap_latent: int) -> Tiling:
-    from ldmkit.errors import LdmkitError
-
-    if isinstance(tile_latent, bool) or not isinstance(tile_latent, int) or tile_latent < 1:
-        raise LdmkitError(f"tile_latent must be a positive integer (latent pixels per tile side), got {tile_latent!r}")
-    if isinstance(overlap_latent, bool) or not isinstance(overlap_latent, int) or not 0 <= overlap_latent < tile_latent:
-        raise LdmkitError(
-            f"overlap_latent must be an integer with 0 <= overlap_latent < tile_latent, got overlap_latent="
-            f"{overlap_latent!r} for tile_latent={tile_latent}; use a smaller overlap (about a quarter of the tile)"
-        )
-    return Tiling(tile_latent, overlap_latent)
-
-
-class _Span(NamedTuple):
-    """One tile along one axis, in latent pixels: [start, end), overlapping its neighbours by `left`/`right`."""
-
-    start: int
-    end: int
-    left: int
-    right: int
-
-
-def _tile_spans(length: int, tile: int, overlap: int) -> list[_Span]:
-    """The fewest tiles of side `tile` covering [0, length) with neighbours overlapping by at least
-    `overlap`, spread evenly so that every tile is full-sized (no thin last tile): n tiles need
-    (n - 1)·(tile - overlap) + tile >= length."""
-    if length <= tile:
-        return [_Span(0, length, 0, 0)]
-    n = -(-(length - overlap) // (tile - overlap))  # ceil; n >= 2
-    # integer strides differ by at most one and never exceed tile - overlap, so overlaps stay >= overlap
-    starts = [k * (length - tile) // (n - 1) for k in range(n)]
-    ends = [a + tile for a in starts]
-    return [
-        _Span(starts[k], ends[k], ends[k - 1] - starts[k] if k > 0 else 0, ends[k] - starts[k + 1] if k < n - 1 else 0)
-        for k in range(n)
-    ]
-
-
-def _feather(span: _Span, scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Blend weights along one axis of a tile's output, `scale` output pixels per latent pixel: 1 inside,
-    rising linearly over the overlap with the previous tile and falling over the next. Where exactly two
-    tiles overlap, their ramps (i+1)/(o+1) and (o-i)/(o+1) sum to 1, a linear cross-fade."""
-    w = torch.ones((span.end - span.start) * scale, device=device, dtype=torch.float64)
-    left, right = span.left * scale, span.right * scale
-    if left:
-        w[:left] = torch.arange(1, left + 1, device=device, dtype=torch.float64) / (left + 1)
-    if right:
-        ramp = torch.arange(right, 0, -1, device=device, dtype=torch.float64) / (right + 1)
-        w[-right:] = torch.minimum(w[-right:], ramp)  # a tile thinner than both overlaps: keep the smaller
-    return w.to(dtype)
-
-
-def _tiled_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling, in_scale: int, out_scale: int
-) -> torch.Tensor:
-    """fn applied to overlapping tiles of x and blended with feathered weights.
-
-    The grid is laid out in latent pixels; x has `in_scale` pixels per latent pixel (f for images, 1 for
-    latents) and fn's output `out_scale` (1 for moments, f for images). Each output pixel is the
-    weighted mean Σ w_k·fn(tile_k) / Σ w_k of the tiles covering it, accumulated in one buffer of the
-    output's size, so at most one tile's activations are alive at a time.
-    """
-    rows = _tile_spans(x.shape[-2] // in_scale, *tiling)
-    cols = _tile_spans(x.shape[-1] // in_scale, *tiling)
-    if len(rows) == len(cols) == 1:
-        return fn(x)  # one tile: exactly the untiled computation
-    out, weight = None, None
-    for r in rows:
-        for c in cols:
-            y = fn(x[..., r.start * in_scale : r.end * in_scale, c.start * in_scale : c.end * in_scale])  # (B, C', t·s, t·s)
-            if out is None:
-                size = (rows[-1].end * out_scale, cols[-1].end * out_scale)
-                out = y.new_zeros(*y.shape[:2], *size)  # (B, C', H', W')
-                weight = y.new_zeros(size)  # (H', W')
-            w = torch.outer(_feather(r, out_scale, y.device, y.dtype), _feather(c, out_scale, y.device, y.dtype))
-            rs = slice(r.start * out_scale, r.end * out_scale)
-            cs = slice(c.start * out_scale, c.end * out_scale)
-            out[..., rs, cs] += y * w
-            weight[rs, cs] += w
-    return out / weight  # weight is 1 wherever at most two tiles meet; dividing makes any overlap a mean
-
-
 class AutoencoderKL(nn.Module):
     """KL-regularised (or, with `variational=False`, plain) autoencoder.
 
@@ -336,15 +246,13 @@ class AutoencoderKL(nn.Module):
         """Tile encode/decode (and so encode_latents/decode_latents) of inputs larger than `tile_latent`
         latent pixels per side; neighbouring tiles overlap by at least `overlap_latent`. The defaults are
         diffusers' for Stable Diffusion (512-pixel image tiles at f = 8, 25 % overlap)."""
-        self.tiling = _check_tiling(tile_latent, overlap_latent)
+        self.tiling = check_tiling(tile_latent, overlap_latent)
 
     def disable_tiling(self) -> None:
         self.tiling = None
 
     def enable_slicing(self, slice_size: int = 1) -> None:
         """Encode/decode batches `slice_size` images at a time (same results, less peak memory)."""
-        from ldmkit.errors import LdmkitError
-
         if isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1:
             raise LdmkitError(f"slice_size must be a positive integer (images per chunk), got {slice_size!r}")
         self.slice_size = slice_size
@@ -365,8 +273,6 @@ class AutoencoderKL(nn.Module):
         return self.config.downsample_factor
 
     def check_input(self, x: torch.Tensor) -> None:
-        from ldmkit.errors import LdmkitError
-
         f = self.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise LdmkitError(
@@ -390,9 +296,9 @@ class AutoencoderKL(nn.Module):
         """encode(x) in overlapping image tiles of tile_latent·f pixels; the moments (mean and
         log-variance) are blended over the overlaps in latent space. Ignores the tiling/slicing switches."""
         self.check_input(x)
-        tiling = _check_tiling(tile_latent, overlap_latent)
+        tiling = check_tiling(tile_latent, overlap_latent)
         f = self.downsample_factor
-        return self._posterior(_tiled_apply(self._encode_tile, x, tiling, in_scale=f, out_scale=1))
+        return self._posterior(tiled_apply(self._encode_tile, x, tiling, in_scale=f, out_scale=1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, c, h, w) → image (B, 3, h·f, w·f), sliced and/or tiled if the switches are on."""
@@ -404,13 +310,13 @@ class AutoencoderKL(nn.Module):
         """decode(z) in overlapping latent tiles of side tile_latent, blended in pixel space with linear
         ramps over the overlaps (overlap_latent·f pixels). A tile at least as large as z gives exactly
         decode(z). Ignores the tiling/slicing switches."""
-        tiling = _check_tiling(tile_latent, overlap_latent)
-        return _tiled_apply(self._decode_tile, z, tiling, in_scale=1, out_scale=self.downsample_factor)
+        tiling = check_tiling(tile_latent, overlap_latent)
+        return tiled_apply(self._decode_tile, z, tiling, in_scale=1, out_scale=self.downsample_factor)
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiling is None:
             return self._encode_tile(x)
-        return _tiled_apply(self._encode_tile, x, self.tiling, in_scale=self.downsample_factor, out_scale=1)
+        return tiled_apply(self._encode_tile, x, self.tiling, in_scale=self.downsample_factor, out_scale=1)
 
     def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2c or c, H/f, W/f)
@@ -425,7 +331,7 @@ class AutoencoderKL(nn.Module):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.tiling is None:
             return self._decode_tile(z)
-        return _tiled_apply(self._decode_tile, z, self.tiling, in_scale=1, out_scale=self.downsample_factor)
+        return tiled_apply(self._decode_tile, z, self.tiling, in_scale=1, out_scale=self.downsample_factor)
 
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:

@@ -40,7 +40,7 @@ def evaluate_autoencoder(
         kls.append(post.kl() / post.mean[0].numel())
         zs.append(post.mode())
     z = torch.cat(zs)
-    zn = (z - model.config.shift_factor) * model.config.scaling_factor  # what the second stage sees
+    zn = model.normalize(z)  # what the second stage sees
     res = {
         "images": len(x_all),
         "psnr": torch.cat(ps).mean().item(),

@@ -117,7 +117,7 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
                   "Top row: control maps; bottom row: samples.", "", "![control](control.png)", ""]
 
     cc = ldm.config.concat
-    if cc is not None and cc.kind == "inpaint":
+    if cc is not None and cc.takes_mask:
         size = ldm.config.image_size
         holes = _rect_masks(n, size, seed)
         x = data.images

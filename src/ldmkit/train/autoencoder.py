@@ -13,32 +13,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.autoencoder.losses import AutoencoderLoss
 from ldmkit.data import build_dataset
 from ldmkit.device import autocast
-from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.metrics import psnr, ssim
 from ldmkit.imageio import save_grid
 from ldmkit.rng import BatchRandom, step_generator
-from ldmkit.checkpoint import load_training_state, load_weights, resolve, save_checkpoint, EMA_WEIGHTS, WEIGHTS
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
 from ldmkit.data.tensors import TensorData, materialize
-from ldmkit.train.loop import (
-    EMA,
-    GracefulInterrupt,
-    Stepper,
-    TrainLog,
-    adamw,
-    apply_memory_format,
-    batch_indices,
-    lr_at,
-    rng_state,
-    start_run,
-    stop_if_requested,
-)
+from ldmkit.train.loop import Task, adamw, batch_indices, fit
+from ldmkit.train.stepper import Stepper
 
 
 class _Reconstruct(nn.Module):
@@ -110,6 +96,143 @@ def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batc
     }
 
 
+class AutoencoderTask(Task):
+    """The first stage for `fit`: x → q(z|x) → z → x̂ under `AutoencoderLoss`, with the optional GAN
+    discriminator trained by its own optimizer after each generator step (Esser et al., 2021), held-out
+    validation, and at the end the latent statistics that give scaling_factor / shift_factor."""
+
+    name = kind = "autoencoder"
+    fsdp_refusal = "optim.distributed=fsdp is for the second stage; an autoencoder fits one device, use ddp"
+    saves_rng = True
+    plot_keys = ("loss", "rec", "kl", "val_psnr", "val_ssim")
+
+    def __init__(self, cfg: AutoencoderTrainConfig, out: Path, dist, device: torch.device, progress: bool):
+        super().__init__(cfg, out, dist, device, progress)
+        self.data, self.val = load_splits(cfg, self.progress)
+        self.module = self.model = AutoencoderKL(cfg.model).to(device)
+        self.model_config = cfg.model  # the same object `finish` fills with the latent scale
+        self.loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
+        self.disc = self.loss_fn.discriminator  # stays the bare module for checkpoints
+        self.d_opt: torch.optim.Optimizer | None = None
+        self.d_stepper: Stepper | None = None
+        self.latent_shape: torch.Size | None = None
+        self.logs: dict[str, float] = {}  # Σ value · rows over this rank's pieces; `global_means` at log time
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x, x̂) per piece, for the discriminator
+        self.metrics: dict[str, float] = {}
+        self.model.train()
+
+    def forward_module(self) -> nn.Module:
+        return _Reconstruct(self.model)
+
+    def attach(self, state: dict) -> None:
+        """The discriminator: its optimizer (resumed), DDP wrapper and stepper."""
+        if self.disc is None:
+            return
+        from ldmkit.train.distributed import wrap
+
+        o = self.optim
+        self.d_opt = adamw(self.disc.parameters(), self.cfg.loss.disc_lr or o.lr, (0.5, 0.9), 0.01)  # torch's default decay
+        if "disc_optimizer" in state:
+            self.disc.load_state_dict(state["discriminator"])
+            self.d_opt.load_state_dict(state["disc_optimizer"])
+        self.loss_fn.discriminator = wrap(self.disc, self.dist, self.device)
+        self.d_stepper = Stepper(self.loss_fn.discriminator, self.d_opt, self.disc.parameters(), None, o.batch_size,
+                                 o.grad_accum, self.dist, self.device, self.out, o.precision)
+
+    def extra_state(self) -> dict:
+        if self.d_opt is None:
+            return {}
+        return {"discriminator": self.disc.state_dict(), "disc_optimizer": self.d_opt.state_dict()}
+
+    def _add_logs(self, piece_logs: dict[str, float], n: int) -> None:
+        for k, v in piece_logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v * n
+
+    def piece_loss_at(self, step: int):
+        o, cfg = self.optim, self.cfg
+        idx = batch_indices(step, len(self.data), o.batch_size, cfg.data.seed)  # the global batch
+        self.logs, self.pieces = {}, []
+
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
+            x = self.data.images[idx[lo:hi]].to(self.device)  # (b, C, H, W)
+            if cfg.data.hflip:
+                flip = (r.rand() < 0.5).to(self.device)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if o.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.latent_shape is None:
+                with torch.no_grad():
+                    self.latent_shape = self.model.encode(x[:1]).mean.shape[1:]
+            noise = r.randn(*self.latent_shape).to(self.device)  # (b, c, h, w)
+            with autocast(o.precision, self.device):
+                x_hat, post = self.trained(x, noise)
+            x_hat = x_hat.float()
+            loss, piece_logs = self.loss_fn.generator_loss(x, x_hat, post.kl().float(), step,
+                                                           self.model.last_layer_weight())
+            self._add_logs(piece_logs, hi - lo)
+            self.pieces.append((x, x_hat.detach()))
+            return loss
+
+        return piece_loss
+
+    def after_update(self, step: int) -> None:
+        """The discriminator's step on this step's (x, x̂) pieces, once `loss.disc_start` is reached."""
+        if self.d_stepper is None or step < self.cfg.loss.disc_start:
+            return
+
+        def d_piece_loss(lo: int, hi: int) -> torch.Tensor:
+            d_loss, d_logs = self.loss_fn.discriminator_loss(*self.pieces.pop(0))
+            self._add_logs(d_logs, hi - lo)
+            return d_loss
+
+        self.d_stepper(step, d_piece_loss)
+
+    def log_values(self) -> dict[str, float]:
+        from ldmkit.train.distributed import global_means, micro_batches
+
+        rows = sum(hi - lo for lo, hi in micro_batches(self.optim.batch_size, self.dist, self.optim.grad_accum))
+        return global_means(self.logs, rows, self.dist, self.device)  # collective
+
+    def periodic(self, done: int) -> None:
+        """Held-out metrics and a reconstruction grid every val_every steps and at the last one."""
+        if self.main and (done % self.cfg.logging.val_every == 0 or done == self.optim.steps):
+            eval_model = self.ema.module if self.ema is not None else self.model
+            self.metrics = validate(eval_model, self.val)
+            self.log.write(done, **{f"val_{k}": v for k, v in self.metrics.items()})
+            with torch.no_grad():
+                xv = self.val.images[:16].to(self.device)  # (16, C, H, W)
+                rec = eval_model.decode(eval_model.encode(xv).mode()).clamp(-1, 1)
+            save_grid(torch.cat([xv, rec]).cpu(), self.out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
+
+    def postfix(self) -> dict[str, str]:
+        return {"psnr": f"{self.metrics.get('psnr', float('nan')):.1f}"}
+
+    def finish(self, step: int, t0: float) -> dict:
+        """Latent statistics → scaling_factor / shift_factor in the model config (and train_config.yaml)."""
+        cfg, o = self.cfg, self.optim
+        final_model = self.ema.module if self.ema is not None else self.model
+        stats = latent_statistics(final_model, self.data, cfg.latent_stat_batches, o.batch_size, cfg.data.seed)
+        # z' = (z − shift)·scale has zero mean and unit variance over the training set.
+        cfg.model.shift_factor = stats["mean"]
+        cfg.model.scaling_factor = 1.0 / max(stats["std"], 1e-8)
+        self.model.config = cfg.model
+        if self.ema is not None:
+            self.ema.module.config = cfg.model
+        if self.main:
+            save_config(cfg, self.out / "train_config.yaml")
+        if not self.metrics:
+            self.metrics = validate(final_model, self.val)
+        return {
+            "step": o.steps,
+            "latent_stats": stats,
+            "val": self.metrics,
+            "train_seconds": round(time.time() - t0, 1),
+            "dataset": cfg.data.dataset,
+            "image_size": cfg.data.size,
+        }
+
+
 def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train, validate, checkpoint, measure latent statistics. Returns the final checkpoint folder.
     Under torchrun every process calls this (see `ldmkit.train.distributed`)."""
@@ -117,166 +240,6 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, out: str | Path, resume: bool
 
     dist_info, device = setup(cfg.optim.device)
     try:
-        return _train_autoencoder(cfg, Path(out), resume, progress, dist_info, device)
+        return fit(AutoencoderTask, cfg, Path(out), resume, progress, None, dist_info, device)
     finally:
         cleanup(dist_info)
-
-
-def _train_autoencoder(cfg: AutoencoderTrainConfig, out: Path, resume: bool, progress: bool, dist_info, device) -> Path:
-    from ldmkit.train.distributed import global_means, wrap
-
-    main = dist_info.main
-    if main:
-        start_run(out, resume)
-        save_config(cfg, out / "train_config.yaml")
-    dist_info.barrier()
-    o = cfg.optim
-    if o.distributed == "fsdp" and dist_info.enabled:
-        raise LdmkitError("optim.distributed=fsdp is for the second stage; an autoencoder fits one device, use ddp")
-    torch.manual_seed(o.seed)
-
-    train, val = load_splits(cfg, progress and main)
-    model = AutoencoderKL(cfg.model).to(device)
-    loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
-    disc = loss_fn.discriminator
-    opt = adamw(model.parameters(), o.lr, o.betas, o.weight_decay)
-    d_opt = None
-    if disc is not None:
-        d_opt = adamw(disc.parameters(), cfg.loss.disc_lr or o.lr, (0.5, 0.9), 0.01)  # torch.optim.AdamW's default decay
-    ema = None
-    log = TrainLog(out, enabled=main)
-
-    start = 0
-    state: dict = {}
-    if resume:
-        folder = resolve(out)
-        state = load_training_state(folder)
-        load_weights(model, folder / WEIGHTS)
-        opt.load_state_dict(state["optimizer"])
-        if d_opt is not None and "disc_optimizer" in state:
-            disc.load_state_dict(state["discriminator"])
-            d_opt.load_state_dict(state["disc_optimizer"])
-        start = int(state["step"])
-        log.truncate_after(start)
-    if o.ema_decay is not None:
-        ema = EMA(model, o.ema_decay)
-        if resume and (resolve(out) / EMA_WEIGHTS).is_file():
-            load_weights(ema.module, resolve(out) / EMA_WEIGHTS)
-            ema.load_state_dict(state.get("ema", {"num_updates": start}))
-    apply_memory_format(model, o)
-    trained = wrap(_Reconstruct(model), dist_info, device)
-    if disc is not None:
-        loss_fn.discriminator = wrap(disc, dist_info, device)  # `disc` stays the bare module for checkpoints
-    stepper = Stepper(trained, opt, model.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
-                      out, o.precision)
-    d_stepper = Stepper(loss_fn.discriminator, d_opt, disc.parameters(), None, o.batch_size, o.grad_accum, dist_info,
-                        device, out, o.precision) if disc is not None else None
-    if resume:
-        stepper.load_state_dict(state.get("stepper", {}))
-
-    def checkpoint(step: int, meta: dict | None = None, final: bool = False) -> Path:
-        folder = out / "checkpoints" / f"step_{step:08d}"
-        if main:
-            state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(), "stepper": stepper.state_dict()}
-            if d_opt is not None:
-                state.update(discriminator=disc.state_dict(), disc_optimizer=d_opt.state_dict())
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            folder = save_checkpoint(
-                out, step, "autoencoder", model, cfg.model, meta=meta or {"step": step},
-                ema=ema.module if ema else None, training_state=state, keep=cfg.logging.keep_checkpoints,
-            )
-        dist_info.barrier()
-        return folder
-
-    model.train()
-    last_layer = model.last_layer_weight()
-    latent_shape = None
-    bar = tqdm(total=o.steps, initial=start, desc="autoencoder", disable=not (progress and main), dynamic_ncols=True)
-    t0 = time.time()
-    metrics: dict[str, float] = {}
-    with GracefulInterrupt() as stop:
-        for step in range(start, o.steps):
-            idx = batch_indices(step, len(train), o.batch_size, cfg.data.seed)  # the global batch
-            logs: dict[str, float] = {}  # Σ value · rows over this rank's pieces; `global_means` at log time
-            pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def add_logs(piece_logs: dict[str, float], n: int) -> None:
-                for k, v in piece_logs.items():
-                    logs[k] = logs.get(k, 0.0) + v * n
-
-            def piece_loss(lo: int, hi: int, step: int = step, idx: torch.Tensor = idx) -> torch.Tensor:
-                nonlocal latent_shape
-                r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
-                x = train.images[idx[lo:hi]].to(device)
-                if cfg.data.hflip:
-                    flip = (r.rand() < 0.5).to(device)
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                if o.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if latent_shape is None:
-                    with torch.no_grad():
-                        latent_shape = model.encode(x[:1]).mean.shape[1:]
-                noise = r.randn(*latent_shape).to(device)
-                with autocast(o.precision, device):
-                    x_hat, post = trained(x, noise)
-                x_hat = x_hat.float()
-                loss, piece_logs = loss_fn.generator_loss(x, x_hat, post.kl().float(), step, last_layer)
-                add_logs(piece_logs, hi - lo)
-                pieces.append((x, x_hat.detach()))
-                return loss
-
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
-            loss, (interrupted,) = stepper(step, piece_loss, (stop.requested,))
-            if d_stepper is not None and step >= cfg.loss.disc_start:
-                def d_piece_loss(lo: int, hi: int) -> torch.Tensor:
-                    d_loss, d_logs = loss_fn.discriminator_loss(*pieces.pop(0))
-                    add_logs(d_logs, hi - lo)
-                    return d_loss
-
-                d_stepper(step, d_piece_loss)
-            if ema is not None:
-                ema.update(model)
-
-            done = step + 1
-            if done % cfg.logging.log_every == 0 or done == o.steps:
-                log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"],
-                          **global_means(logs, sum(hi - lo for lo, hi in stepper.pieces), dist_info, device))  # collective
-            if main and (done % cfg.logging.val_every == 0 or done == o.steps):
-                eval_model = ema.module if ema is not None else model
-                metrics = validate(eval_model, val)
-                log.write(done, **{f"val_{k}": v for k, v in metrics.items()})
-                with torch.no_grad():
-                    xv = val.images[:16].to(device)
-                    rec = eval_model.decode(eval_model.encode(xv).mode()).clamp(-1, 1)
-                save_grid(torch.cat([xv, rec]).cpu(), out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
-            if done % cfg.logging.ckpt_every == 0 and done != o.steps:
-                checkpoint(done)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{metrics.get('psnr', float('nan')):.1f}")
-            stop_if_requested(interrupted, bar, done, checkpoint)
-    bar.close()
-
-    final_model = ema.module if ema is not None else model
-    stats = latent_statistics(final_model, train, cfg.latent_stat_batches, o.batch_size, cfg.data.seed)
-    # z' = (z − shift)·scale has zero mean and unit variance over the training set.
-    cfg.model.shift_factor = stats["mean"]
-    cfg.model.scaling_factor = 1.0 / max(stats["std"], 1e-8)
-    model.config = cfg.model
-    if ema is not None:
-        ema.module.config = cfg.model
-    if main:
-        save_config(cfg, out / "train_config.yaml")
-    if not metrics:
-        metrics = validate(final_model, val)
-    meta = {
-        "step": o.steps,
-        "latent_stats": stats,
-        "val": metrics,
-        "train_seconds": round(time.time() - t0, 1),
-        "dataset": cfg.data.dataset,
-        "image_size": cfg.data.size,
-    }
-    log.plot(["loss", "rec", "kl", "val_psnr", "val_ssim"], out / "loss.png")
-    return checkpoint(o.steps, meta=meta, final=True)

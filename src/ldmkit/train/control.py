@@ -22,34 +22,18 @@ from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
+from torch import nn
 
 from ldmkit.conditioning import Adapter, ControlNet, controlled_unet
 from ldmkit.data import build_dataset
 from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.checkpoint import (
-    EMA_WEIGHTS,
-    WEIGHTS,
-    load_diffusion,
-    load_training_state,
-    load_weights,
-    resolve,
-    save_checkpoint,
-)
-from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig, save_config
+from ldmkit.checkpoint import load_diffusion, resolve
+from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
 from ldmkit.data.tensors import TensorData, materialize
-from ldmkit.train.loop import (
-    EMA,
-    Stepper,
-    TrainLog,
-    adamw,
-    apply_memory_format,
-    batch_indices,
-    run_steps,
-    start_run,
-)
+from ldmkit.train.latents import encode_dataset, sample_latents, warm_caption_cache
+from ldmkit.train.loop import Task, batch_indices, fit
 
 
 class ControlTrainConfig(BaseModel):
@@ -133,6 +117,80 @@ def control_maps(data: TensorData, which: str, dataset: str) -> torch.Tensor:
     return (maps + 1) / 2 if maps.min() < 0 else maps  # folder control images come in [-1, 1]
 
 
+class ControlTask(Task):
+    """A ControlNet or adapter for `fit`: only the control network trains; the base LatentDiffusion
+    (its EMA weights) stays frozen and computes the loss through `controlled_unet`."""
+
+    fsdp_refusal = "optim.distributed=fsdp is not supported for ControlNet/adapter training; use ddp"
+
+    def __init__(self, cfg: ControlTrainConfig, out: Path, dist, device: torch.device, progress: bool):
+        super().__init__(cfg, out, dist, device, progress)
+        d = cfg.data
+        self.ldm, self.base_folder = load_base(cfg.base)
+        if d.size != self.ldm.config.image_size:
+            raise LdmkitError(f"data.size is {d.size} but the base model was trained at {self.ldm.config.image_size}")
+        self.data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
+                                              length=d.length), desc="train data", progress=self.progress)
+        self.maps = control_maps(self.data, cfg.control, d.dataset)  # (N, C, H, W) in [0, 1]
+        self.ldm.to(device)
+        self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        self.module = self.net = build_control(cfg.kind, self.ldm, self.maps.shape[1]).to(device)
+        self.name = self.kind = cfg.kind
+        self.model_config = self.net.config
+        if self.ldm.config.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
+            warm_caption_cache(self.ldm.conditioner.text_encoder, self.data.texts)
+
+    def forward_module(self) -> nn.Module:
+        if self.optim.channels_last:  # the frozen base runs in the same layout as the control network
+            self.ldm.unet.to(memory_format=torch.channels_last)
+        return self.net
+
+    def checkpoint_meta(self, step: int, meta: dict | None) -> dict:
+        """The base checkpoint folder is recorded, so sampling from this run finds the base model by itself."""
+        base = {"base": str(self.base_folder.resolve()), "control": self.cfg.control, "dataset": self.cfg.data.dataset}
+        return {**base, "step": step, **(meta or {})}
+
+    def piece_loss_at(self, step: int):
+        o, ldm = self.optim, self.ldm
+        idx = batch_indices(step, len(self.data), o.batch_size, self.cfg.data.seed)  # the global batch
+        cc = ldm.config.conditioner
+        use_text, use_labels = bool(cc.text_encoder), bool(cc.num_classes)
+        shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
+
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            r, rows, z0 = sample_latents(self.mean, self.std, idx, lo, hi, o, step, shift, scale)  # z0: (b, c, h, w)
+            batch = self.data.batch(rows)
+            hint = self.maps[rows].to(self.device)  # (b, C, H, W) in [0, 1]
+            if o.channels_last:
+                z0 = z0.contiguous(memory_format=torch.channels_last)
+            with autocast(o.precision, self.device):
+                return ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                labels=batch["label"] if use_labels else None, generator=r,
+                                unet=controlled_unet(ldm.unet, self.trained), control=hint)
+
+        return piece_loss
+
+    def sample_grid(self, step: int) -> None:
+        if not self.main:
+            return
+        n = self.cfg.sample.num
+        texts, labels = sample_prompts_for(self.ldm, self.cfg, self.data, n)
+        ctrl = self.maps[:n].to(self.device)  # (n, C, H, W) in [0, 1]
+        s = self.cfg.sample
+        imgs = self.ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
+                               guidance=s.guidance, seed=0, control=self.ema.module if self.ema is not None else self.net,
+                               control_image=ctrl)
+        save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]),
+                  self.out / "samples" / f"samples_{step:08d}.png", nrow=n, upscale=2)
+
+    def finish(self, step: int, t0: float) -> dict:
+        from ldmkit.train.distributed import check_in_sync
+
+        self.sample_grid(step)
+        return {"train_seconds": round(time.time() - t0, 1), "world_size": self.dist.world,
+                "rank_weight_sums": check_in_sync(self.net, self.dist)}
+
+
 def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
                   time_limit: float | None = None) -> Path:
     """Train a ControlNet/adapter; returns the final checkpoint folder. Under torchrun every process
@@ -141,118 +199,9 @@ def train_control(cfg: ControlTrainConfig, out: str | Path, resume: bool = False
 
     dist_info, device = setup(cfg.optim.device)
     try:
-        return _train_control(cfg, Path(out), resume, progress, time_limit, dist_info, device)
+        return fit(ControlTask, cfg, Path(out), resume, progress, time_limit, dist_info, device)
     finally:
         cleanup(dist_info)
-
-
-def _train_control(cfg: ControlTrainConfig, out: Path, resume: bool, progress: bool, time_limit: float | None,
-                   dist_info, device) -> Path:
-    from ldmkit.train.diffusion import encode_dataset, sample_latents
-    from ldmkit.train.distributed import check_in_sync, wrap
-
-    main = dist_info.main
-    if main:
-        start_run(out, resume)
-        save_config(cfg, out / "train_config.yaml")
-    dist_info.barrier()
-    o, d = cfg.optim, cfg.data
-    if o.distributed == "fsdp" and dist_info.enabled:
-        raise LdmkitError("optim.distributed=fsdp is not supported for ControlNet/adapter training; use ddp")
-    torch.manual_seed(o.seed)
-    ldm, base_folder = load_base(cfg.base)
-    if d.size != ldm.config.image_size:
-        raise LdmkitError(f"data.size is {d.size} but the base model was trained at {ldm.config.image_size}")
-    data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
-                       desc="train data", progress=progress and main)
-    maps = control_maps(data, cfg.control, d.dataset)
-    ldm.to(device)
-    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress and main, cache=d.latent_cache)
-    net = build_control(cfg.kind, ldm, maps.shape[1]).to(device)
-    cc = ldm.config.conditioner
-    use_text, use_labels = bool(cc.text_encoder), bool(cc.num_classes)
-    if use_text:
-        distinct = sorted(set(data.texts) | {""})
-        for i in range(0, len(distinct), 512):
-            ldm.conditioner.text_encoder(distinct[i : i + 512])
-
-    opt = adamw(net.parameters(), o.lr, o.betas, o.weight_decay)
-    log = TrainLog(out, enabled=main)
-    start = 0
-    state: dict = {}
-    if resume:
-        folder = resolve(out)
-        state = load_training_state(folder)
-        load_weights(net, folder / WEIGHTS)
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        log.truncate_after(start)
-    ema = EMA(net, o.ema_decay) if o.ema_decay else None
-    if resume and ema is not None and (folder / EMA_WEIGHTS).is_file():
-        load_weights(ema.module, folder / EMA_WEIGHTS)
-        ema.load_state_dict(state.get("ema", {"num_updates": start}))
-    apply_memory_format(net, o)
-    if o.channels_last:
-        ldm.unet.to(memory_format=torch.channels_last)
-    trained = wrap(net, dist_info, device)
-    stepper = Stepper(trained, opt, net.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
-                      out, o.precision)
-    if resume:
-        stepper.load_state_dict(state.get("stepper", {}))
-    base_meta = {"base": str(base_folder.resolve()), "control": cfg.control, "dataset": d.dataset}
-
-    def checkpoint(step: int, meta: dict | None = None) -> Path:
-        folder = out / "checkpoints" / f"step_{step:08d}"
-        if main:
-            state = {"step": step, "optimizer": opt.state_dict(), "stepper": stepper.state_dict()}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            folder = save_checkpoint(out, step, cfg.kind, net, net.config, meta={**base_meta, "step": step, **(meta or {})},
-                                     ema=ema.module if ema is not None else None, training_state=state,
-                                     keep=cfg.logging.keep_checkpoints)
-        dist_info.barrier()
-        return folder
-
-    def sample_grid(step: int) -> None:
-        if not main:
-            return
-        n = cfg.sample.num
-        texts, labels = sample_prompts_for(ldm, cfg, data, n)
-        ctrl = maps[:n].to(device)
-        imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps, sampler=cfg.sample.sampler,
-                          guidance=cfg.sample.guidance, seed=0, control=ema.module if ema is not None else net,
-                          control_image=ctrl)
-        save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]), out / "samples" / f"samples_{step:08d}.png",
-                  nrow=n, upscale=2)
-
-    shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
-    net.train()
-    t0 = time.time()
-    bar = tqdm(total=o.steps, initial=start, desc=cfg.kind, disable=not (progress and main), dynamic_ncols=True)
-
-    def piece_loss_at(step: int):
-        idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
-
-        def piece_loss(lo: int, hi: int) -> torch.Tensor:
-            r, rows, z0 = sample_latents(mean, std, idx, lo, hi, o, step, shift, scale)
-            batch = data.batch(rows)
-            hint = maps[rows].to(device)  # (b, C, H, W) in [0, 1]
-            if o.channels_last:
-                z0 = z0.contiguous(memory_format=torch.channels_last)
-            with autocast(o.precision, device):
-                return ldm.loss(z0, texts=batch["text"] if use_text else None,
-                                labels=batch["label"] if use_labels else None, generator=r,
-                                unet=controlled_unet(ldm.unet, trained), control=hint)
-
-        return piece_loss
-
-    step = run_steps(start, o, cfg.logging, stepper, opt, piece_loss_at, ema, net, log, bar, sample_grid, checkpoint,
-                     t0, time_limit)
-    bar.close()
-    sample_grid(step)
-    log.plot(["loss"], out / "loss.png")
-    return checkpoint(step, meta={"train_seconds": round(time.time() - t0, 1), "world_size": dist_info.world,
-                                  "rank_weight_sums": check_in_sync(net, dist_info)})
 
 
 def sample_prompts_for(ldm, cfg: ControlTrainConfig, data: TensorData, n: int):

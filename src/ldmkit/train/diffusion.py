@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.conditioning import Conditioner
@@ -25,40 +24,12 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 from ldmkit.device import autocast
-from ldmkit.rng import BatchRandom, step_generator
-from ldmkit.checkpoint import (
-    EMA_WEIGHTS,
-    WEIGHTS,
-    load_training_state,
-    load_weights,
-    read_config,
-    resolve,
-    save_checkpoint,
-)
-from ldmkit.train.config import DiffusionTrainConfig, save_config
+from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_weights, read_config
+from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.data.tensors import TensorData, materialize
-from ldmkit.train.latents import cached_latents, encode_batches
-from ldmkit.train.distributed import (
-    Dist,
-    check_in_sync,
-    cleanup,
-    full_optimizer_state,
-    full_state_dict,
-    is_sharded,
-    load_optimizer_state,
-    setup,
-    wrap,
-)
-from ldmkit.train.loop import (
-    EMA,
-    Stepper,
-    TrainLog,
-    adamw,
-    apply_memory_format,
-    batch_indices,
-    run_steps,
-    start_run,
-)
+from ldmkit.train.latents import encode_dataset, sample_latents, warm_caption_cache
+from ldmkit.train.distributed import check_in_sync, cleanup, full_state_dict, is_sharded, setup
+from ldmkit.train.loop import Task, batch_indices, fit
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
@@ -127,35 +98,6 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
                                  diffusion=cfg.diffusion, image_size=cfg.data.size, concat=cfg.concat)
 
 
-def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, progress: bool = True,
-                   cache: str | None = None):
-    """Posterior mean and std of every training image, (N, c, h, w) each, on the AE's device; read
-    from / written to the on-disk latent cache when `cache` names a folder."""
-    device = next(ae.parameters()).device
-    if data.images.shape[-1] % ae.downsample_factor:
-        raise LdmkitError(f"image size {data.images.shape[-1]} is not divisible by the autoencoder's factor "
-                          f"{ae.downsample_factor}")
-    if cache:
-        mean, std = cached_latents(ae, data.images, cache, batch_size=batch_size, progress=progress)
-        return mean.to(device), std.to(device)
-    with torch.no_grad():
-        parts = list(encode_batches(ae, data.images, batch_size, progress))
-    return torch.cat([m for m, _ in parts]).to(device), torch.cat([s for _, s in parts]).to(device)
-
-
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, optim, step: int,
-                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor, torch.Tensor]:
-    """Rows [lo, hi) of step `step`'s global batch `idx`: (the step's BatchRandom, the rows' dataset
-    indices, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made for the whole
-    global batch and sliced, so the result does not depend on how many processes / micro-batches share
-    the batch; the step's later draws continue from the returned BatchRandom."""
-    r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
-    rows = idx[lo:hi]
-    rows_d = rows.to(mean.device)
-    z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(mean.device)
-    return r, rows, (z - shift) * scale
-
-
 def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple[list[str] | None, torch.Tensor | None]:
     """Conditions for periodic sample grids: the configured prompts, else the first distinct ones of the data."""
     texts = labels = None
@@ -170,130 +112,67 @@ def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple
     return texts, labels
 
 
-def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
-                    time_limit: float | None = None) -> Path:
-    """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
-    training early at a step boundary — the same checkpoint logic applies. Under torchrun every
-    process calls this; see `ldmkit.train.distributed`."""
-    o = cfg.optim
-    dist_info, device = setup(o.device)
-    try:
-        return _train_diffusion(cfg, Path(out), resume, progress, time_limit, dist_info, device)
-    finally:
-        cleanup(dist_info)
+class DiffusionTask(Task):
+    """The second stage for `fit`: the U-Net of a LatentDiffusion on the frozen first stage's cached
+    latents, conditioned per the config's routes; sample grids with the EMA weights."""
 
+    name = "diffusion"
+    kind = "latent_diffusion"
 
-def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progress: bool, time_limit: float | None,
-                     dist_info: Dist, device: torch.device) -> Path:
-    main = dist_info.main
-    if main:
-        start_run(out, resume)
-        save_config(cfg, out / "train_config.yaml")
-    dist_info.barrier()
-    o = cfg.optim
-    torch.manual_seed(o.seed)
+    def __init__(self, cfg: DiffusionTrainConfig, out: Path, dist, device: torch.device, progress: bool):
+        super().__init__(cfg, out, dist, device, progress)
+        self.ae_meta = self._build_model(cfg)
+        d = cfg.data
+        self.data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
+                                              length=d.length), desc="train data", progress=self.progress)
+        self.ldm.to(device)
+        self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        if cfg.conditioner.num_classes and (self.data.labels < 0).all():
+            raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
+        if cfg.conditioner.text_encoder and not any(self.data.texts):
+            raise LdmkitError(f"dataset '{d.dataset}' has no captions, but the config asks for text conditioning")
+        if cfg.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
+            warm_caption_cache(self.conditioner.text_encoder, self.data.texts)
+        self.module = self.ldm.unet
+        self.ldm.train()
 
-    ae, ae_meta = load_first_stage(cfg.autoencoder)
-    conditioner = Conditioner(cfg.conditioner)
-    model_cfg = resolve_model_config(cfg, ae, conditioner)
-    ldm = LatentDiffusion(model_cfg, conditioner=conditioner)
-    ldm.autoencoder.load_state_dict(ae.state_dict())
+    def _build_model(self, cfg: DiffusionTrainConfig) -> dict:
+        """The LatentDiffusion around the trained first stage; returns the first stage's meta."""
+        ae, ae_meta = load_first_stage(cfg.autoencoder)
+        self.conditioner = Conditioner(cfg.conditioner)
+        self.model_config = resolve_model_config(cfg, ae, self.conditioner)
+        self.ldm = LatentDiffusion(self.model_config, conditioner=self.conditioner)
+        self.ldm.autoencoder.load_state_dict(ae.state_dict())
+        return ae_meta
 
-    d = cfg.data
-    data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length),
-                       desc="train data", progress=progress and main)
-    ldm.to(device)
-    mean, std = encode_dataset(ldm.autoencoder, data, progress=progress and main, cache=d.latent_cache)
-    if cfg.conditioner.num_classes and (data.labels < 0).all():
-        raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
-    if cfg.conditioner.text_encoder and not any(data.texts):
-        raise LdmkitError(f"dataset '{d.dataset}' has no captions, but the config asks for text conditioning")
-    if cfg.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
-        distinct = sorted(set(data.texts) | {""})
-        for i in range(0, len(distinct), 512):
-            conditioner.text_encoder(distinct[i : i + 512])
+    def load_weights(self, folder: Path) -> None:
+        load_weights(self.ldm, folder / WEIGHTS)  # the whole LatentDiffusion, as the checkpoint holds it
 
-    unet = ldm.unet
-    start = 0
-    state: dict = {}
-    if resume:
-        folder = resolve(out)
-        state = load_training_state(folder)
-        load_weights(ldm, folder / WEIGHTS)
-        start = int(state["step"])
-    ema = EMA(unet, o.ema_decay) if o.ema_decay else None  # from the (resumed) live weights, before sharding
-    if resume and ema is not None and (folder / EMA_WEIGHTS).is_file():
-        tmp = LatentDiffusion(model_cfg, conditioner=conditioner)
-        load_weights(tmp, folder / EMA_WEIGHTS)
-        ema.module.load_state_dict(tmp.unet.state_dict())
-        ema.load_state_dict(state.get("ema", {"num_updates": start}))
-    apply_memory_format(unet, o)
-    trained = wrap(unet, dist_info, device, o.distributed)
-    if ema is not None and is_sharded(unet):  # the average sharded like the weights: 1/world of it per rank
-        wrap(ema.module, dist_info, device, o.distributed)
-    opt = adamw(unet.parameters(), o.lr, o.betas, o.weight_decay)
-    stepper = Stepper(trained, opt, unet.parameters(), o.grad_clip, o.batch_size, o.grad_accum, dist_info, device,
-                      out, o.precision)
-    if resume:
-        load_optimizer_state(unet, opt, state["optimizer"])
-        stepper.load_state_dict(state.get("stepper", {}))
-    log = TrainLog(out, enabled=main)
-    if resume:
-        log.truncate_after(start)
+    def load_ema(self, ema_module, path: Path) -> None:
+        tmp = LatentDiffusion(self.model_config, conditioner=self.conditioner)
+        load_weights(tmp, path)
+        ema_module.load_state_dict(tmp.unet.state_dict())
 
-    def with_unet(unet_sd: dict) -> dict:
-        sd = {k: v for k, v in ldm.state_dict().items() if not k.startswith("unet.")}
+    def _with_unet(self, unet_sd: dict) -> dict:
+        """The LatentDiffusion's weights with the U-Net's replaced by `unet_sd` (gathered, or the EMA)."""
+        sd = {k: v for k, v in self.ldm.state_dict().items() if not k.startswith("unet.")}
         sd.update({f"unet.{k}": v for k, v in unet_sd.items()})
         return sd
 
-    def checkpoint(step: int, meta: dict | None = None) -> Path:
-        # gathering sharded weights/optimizer state is collective: every rank runs this, rank 0 writes
-        weights = with_unet(full_state_dict(unet))
-        ema_weights = with_unet(full_state_dict(ema.module)) if ema is not None else None
-        train_state = {"step": step, "optimizer": full_optimizer_state(unet, opt), "stepper": stepper.state_dict()}
-        if ema is not None:
-            train_state["ema"] = ema.state_dict()
-        folder = out / "checkpoints" / f"step_{step:08d}"
-        if main:
-            folder = save_checkpoint(out, step, "latent_diffusion", weights, model_cfg, meta=meta or {"step": step},
-                                     ema=ema_weights,
-                                     training_state=train_state, keep=cfg.logging.keep_checkpoints)
-        dist_info.barrier()
-        return folder
+    def weights(self) -> dict:
+        return self._with_unet(full_state_dict(self.module))
 
-    def sample_grid(step: int) -> None:
-        # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone
-        net = ema.module if ema is not None else unet
-        if not (main or is_sharded(net)):
-            return
-        n = cfg.sample.num
-        texts, labels = sample_prompts(cfg, data, n)
-        live, ldm.unet = ldm.unet, net
-        try:
-            extra = {}
-            if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
-                extra["init_image"] = data.images[:n].to(device)
-                if cfg.concat.kind == "inpaint":
-                    extra["mask"] = data.extras["mask"][:n] if "mask" in data.extras else ldm.random_masks(
-                        n, d.size, None, torch.Generator().manual_seed(0))
-            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
-                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
-        finally:
-            ldm.unet = live
-        if main:
-            save_grid(imgs, out / "samples" / f"samples_{step:08d}.png", upscale=2)
+    def ema_weights(self) -> dict:
+        return self._with_unet(full_state_dict(self.ema.module))
 
-    use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
-    shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
-    ldm.train()
-    t0 = time.time()
-    bar = tqdm(total=o.steps, initial=start, desc="diffusion", disable=not (progress and main), dynamic_ncols=True)
-
-    def piece_loss_at(step: int):
+    def piece_loss_at(self, step: int):
+        cfg, o, d, data = self.cfg, self.optim, self.cfg.data, self.data
         idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
+        use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
+        shift, scale = self.ldm.autoencoder.config.shift_factor, self.ldm.autoencoder.config.scaling_factor
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
-            r, rows, z0 = sample_latents(mean, std, idx, lo, hi, o, step, shift, scale)
+            r, rows, z0 = sample_latents(self.mean, self.std, idx, lo, hi, o, step, shift, scale)  # z0: (b, c, h, w)
             batch = data.batch(rows)
             if d.hflip:
                 flip = (r.rand() < 0.5).to(z0.device)
@@ -305,20 +184,52 @@ def _train_diffusion(cfg: DiffusionTrainConfig, out: Path, resume: bool, progres
                         batch["mask"] = torch.where(fl, batch["mask"].flip(-1), batch["mask"])
             if o.channels_last:
                 z0 = z0.contiguous(memory_format=torch.channels_last)
-            with autocast(o.precision, device):
-                return ldm.loss(z0, texts=batch["text"] if use_text else None,
-                                labels=batch["label"] if use_labels else None, generator=r,
-                                images=batch["image"] if cfg.concat is not None else None, masks=batch.get("mask"),
-                                unet=trained)
+            with autocast(o.precision, self.device):
+                return self.ldm.loss(z0, texts=batch["text"] if use_text else None,
+                                     labels=batch["label"] if use_labels else None, generator=r,
+                                     images=batch["image"] if cfg.concat is not None else None,
+                                     masks=batch.get("mask"), unet=self.trained)
 
         return piece_loss
 
-    step = run_steps(start, o, cfg.logging, stepper, opt, piece_loss_at, ema, unet, log, bar, sample_grid, checkpoint,
-                     t0, time_limit)
-    bar.close()
-    sample_grid(step)
-    log.plot(["loss"], out / "loss.png")
-    meta = {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": d.dataset,
-            "autoencoder": str(cfg.autoencoder), "autoencoder_val": ae_meta.get("val"), "world_size": dist_info.world,
-            "rank_weight_sums": check_in_sync(unet, dist_info)}
-    return checkpoint(step, meta=meta)
+    def sample_grid(self, step: int) -> None:
+        # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone
+        cfg, ldm = self.cfg, self.ldm
+        net = self.ema.module if self.ema is not None else self.module
+        if not (self.main or is_sharded(net)):
+            return
+        n = cfg.sample.num
+        texts, labels = sample_prompts(cfg, self.data, n)
+        live, ldm.unet = ldm.unet, net
+        try:
+            extra = {}
+            if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
+                extra["init_image"] = self.data.images[:n].to(self.device)  # (n, C, H, W)
+                if cfg.concat.kind == "inpaint":
+                    extra["mask"] = self.data.extras["mask"][:n] if "mask" in self.data.extras else ldm.random_masks(
+                        n, cfg.data.size, None, torch.Generator().manual_seed(0))
+            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
+                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
+        finally:
+            ldm.unet = live
+        if self.main:
+            save_grid(imgs, self.out / "samples" / f"samples_{step:08d}.png", upscale=2)
+
+    def finish(self, step: int, t0: float) -> dict:
+        self.sample_grid(step)
+        return {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": self.cfg.data.dataset,
+                "autoencoder": str(self.cfg.autoencoder), "autoencoder_val": self.ae_meta.get("val"),
+                "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist)}
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                    time_limit: float | None = None) -> Path:
+    """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
+    training early at a step boundary — the same checkpoint logic applies. Under torchrun every
+    process calls this; see `ldmkit.train.distributed`."""
+    o = cfg.optim
+    dist_info, device = setup(o.device)
+    try:
+        return fit(DiffusionTask, cfg, Path(out), resume, progress, time_limit, dist_info, device)
+    finally:
+        cleanup(dist_info)

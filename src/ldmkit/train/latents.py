@@ -1,4 +1,6 @@
-"""An on-disk cache of the training set's latent posteriors, for second-stage training.
+"""An on-disk cache of the training set's latent posteriors, for second-stage training, and the
+second stage's use of them: `encode_dataset` (encode, or read the cache) and `sample_latents`
+(z ~ q(z|x) for a step's rows).
 
 The LDM recipe trains the second stage on a fixed, frozen first stage (Rombach et al. 2022, §3:
 "we train ... once and reuse it for many diffusion models"). So q(z|x) = N(μ, σ²) of every training
@@ -60,7 +62,9 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoder import AutoencoderKL
+from ldmkit.data.tensors import TensorData
 from ldmkit.errors import LdmkitError
+from ldmkit.rng import BatchRandom, step_generator
 
 FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
 INDEX = "index.json"
@@ -295,3 +299,44 @@ def cached_latents(ae: AutoencoderKL, images: torch.Tensor, cache_dir: str | Pat
             "autoencoder weights and the whole image tensor, since each rank computes the cache key"
         )
     return _read(folder, key, len(images))
+
+
+# --- what a second-stage trainer uses ----------------------------------------------------------
+
+
+def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, progress: bool = True,
+                   cache: str | None = None):
+    """Posterior mean and std of every training image, (N, c, h, w) each, on the AE's device; read
+    from / written to the on-disk latent cache when `cache` names a folder."""
+    device = next(ae.parameters()).device
+    if data.images.shape[-1] % ae.downsample_factor:
+        raise LdmkitError(f"image size {data.images.shape[-1]} is not divisible by the autoencoder's factor "
+                          f"{ae.downsample_factor}")
+    if cache:
+        mean, std = cached_latents(ae, data.images, cache, batch_size=batch_size, progress=progress)
+        return mean.to(device), std.to(device)
+    with torch.no_grad():
+        parts = list(encode_batches(ae, data.images, batch_size, progress))
+    return torch.cat([m for m, _ in parts]).to(device), torch.cat([s for _, s in parts]).to(device)
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, optim, step: int,
+                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor, torch.Tensor]:
+    """Rows [lo, hi) of step `step`'s global batch `idx`: (the step's BatchRandom, the rows' dataset
+    indices, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made for the whole
+    global batch and sliced, so the result does not depend on how many processes / micro-batches share
+    the batch; the step's later draws continue from the returned BatchRandom."""
+    r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
+    rows = idx[lo:hi]
+    rows_d = rows.to(mean.device)
+    z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
+    return r, rows, (z - shift) * scale
+
+
+def warm_caption_cache(text_encoder, texts: list[str]) -> None:
+    """Encode every distinct caption (and the empty one, which classifier-free guidance's dropped
+    condition uses) once, in batches of 512, so the text encoder's cache is full before the clock
+    starts and no training step pays for an encoder pass."""
+    distinct = sorted(set(texts) | {""})
+    for i in range(0, len(distinct), 512):
+        text_encoder(distinct[i : i + 512])

@@ -1,20 +1,31 @@
-"""Pieces every training loop here shares: a resumable data order, LR schedule, EMA, logging,
-graceful interruption and NaN checks. The loops themselves live in their own files."""
+"""The one training skeleton (`fit`) and the small pieces it is made of: the run folder, a resumable
+data order, the LR schedule, the optimizer and the memory format.
+
+Every trainer (autoencoder, diffusion, control) is a `Task`: it builds its models and data and says
+how to compute the loss of a piece of a step's batch; `fit` does the rest once for all of them —
+resume (weights, optimizer, EMA, Stepper), wrapping for DDP/FSDP, the step loop with its log lines,
+periodic samples and checkpoints, interruption and time limit, and the final checkpoint.
+"""
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import signal
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from pydantic import BaseModel
 from torch import nn
+from tqdm.auto import tqdm
 
-from ldmkit.errors import LdmkitError, TrainingInterrupted
+from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
+from ldmkit.errors import LdmkitError
+from ldmkit.train.config import save_config
+from ldmkit.train.ema import EMA
+from ldmkit.train.log import TrainLog
+from ldmkit.train.stepper import GracefulInterrupt, Stepper, stop_if_requested
 
 
 # --- run folder ----------------------------------------------------------------------------------
@@ -91,229 +102,7 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> 
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --- EMA -----------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of weights, θ̄ ← d·θ̄ + (1 − d)·θ (Polyak averaging).
-
-    The effective decay warms up as min(d, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialisation (the schedule used by TensorFlow and guided-diffusion).
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_p = [e for e in self.module.parameters()]
-        live_p = [p.detach() for p in model.parameters()]
-        if not any(hasattr(e, "full_tensor") for e in ema_p):  # a whole average: gather FSDP-sharded weights
-            live_p = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in live_p]
-        # One fused kernel per dtype/device, not one per tensor. Under FSDP the trainer shards `module` like
-        # the weights (DTensors), and each rank averages its own shard: DTensor ops act on the local pieces.
-        torch._foreach_lerp_(ema_p, live_p, 1 - d)
-        for e, b in zip(self.module.buffers(), model.buffers()):
-            e.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_updates = int(state["num_updates"])
-
-
-# --- logging -------------------------------------------------------------------------------------
-
-
-class TrainLog:
-    """Append-only JSONL log (one line per logged step) and a loss-curve PNG drawn from it."""
-
-    def __init__(self, out_dir: Path, enabled: bool = True):
-        self.path = out_dir / "log.jsonl"
-        self.enabled = enabled
-
-    def write(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log matches the weights."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-
-    def plot(self, keys: list[str], out: Path) -> None:
-        """Loss curves as a PNG (matplotlib, headless)."""
-        if not self.enabled:
-            return
-        recs = self.records()
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = [k for k in keys if any(k in r for r in recs)]
-        if not keys:
-            return
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            pts = [(r["step"], r[k]) for r in recs if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts])
-            ax.set_title(k)
-            ax.set_xlabel("step")
-            if k in ("loss", "rec") and all(p[1] > 0 for p in pts):
-                ax.set_yscale("log")
-        fig.tight_layout()
-        fig.savefig(out, dpi=80)
-        plt.close(fig)
-
-
-# --- interruption and divergence -----------------------------------------------------------------
-
-
-class GracefulInterrupt:
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so the loop can save a checkpoint
-    and exit cleanly; a second signal aborts at once (the last checkpoint is intact either way)."""
-
-    def __init__(self):
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):  # noqa: ARG002
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "GracefulInterrupt":
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class Stepper:
-    """One optimizer step of a global batch: micro-batches on this rank, gradients averaged across
-    ranks, the loss and stop requests agreed by all ranks, NaN check, clipping, update.
-
-    `piece_loss(lo, hi)` returns the mean loss of rows [lo, hi) of the step's global batch; the
-    pieces are equal, so weighting each by 1/accum (and DDP's average over ranks) gives the gradient
-    of the global batch mean — the same update as one process with the whole batch.
-    """
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, params, grad_clip: float | None,
-                 batch_size: int, accum: int, dist, device: torch.device, out_dir: Path, precision: str = "fp32"):
-        from ldmkit.train.distributed import StepSync, micro_batches
-
-        self.model, self.opt, self.params, self.grad_clip = model, opt, list(params), grad_clip
-        self.pieces = micro_batches(batch_size, dist, accum)
-        self.sync = StepSync(dist, device)
-        self.out_dir = out_dir
-        # fp16's 5-bit exponent underflows small gradients: scale the loss up, unscale before clipping,
-        # skip steps whose gradients overflowed (Micikevicius et al., 2018). bf16 needs none of it.
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    def __call__(self, step: int, piece_loss, flags: tuple[bool, ...] = ()) -> tuple[torch.Tensor, tuple[bool, ...]]:
-        """Run step `step`; returns (global mean loss, each flag OR-ed over the ranks)."""
-        from ldmkit.train.distributed import no_sync
-
-        self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for i, (lo, hi) in enumerate(self.pieces):
-            with no_sync(self.model, last=i == len(self.pieces) - 1):
-                loss = piece_loss(lo, hi)
-                scaled = loss / len(self.pieces)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total = total + loss.detach().float()
-        loss, flags = self.sync(total / len(self.pieces), flags)
-        check_finite(loss, step, self.out_dir)  # before the update: the weights stay those of step − 1
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        return loss, flags
-
-    def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.scaler and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-
-
-def stop_if_requested(requested: bool, bar, done: int, checkpoint) -> None:
-    """After a SIGINT/SIGTERM on any rank: write a checkpoint at step `done`, raise TrainingInterrupted."""
-    if requested:
-        bar.close()
-        folder = checkpoint(done)
-        raise TrainingInterrupted(f"interrupted at step {done}; checkpoint saved to {folder}; continue with --resume")
-
-
-def periodic(done: int, total: int, logging, log: TrainLog, loss: torch.Tensor, opt, sample_grid, checkpoint) -> None:
-    """The second-stage loops' bookkeeping after step `done`: log line, sample grid, checkpoint
-    (the last two skipped at the final step, which the loop writes itself)."""
-    if done % logging.log_every == 0 or done == total:
-        log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-    if done % logging.val_every == 0 and done != total:
-        sample_grid(done)
-    if done % logging.ckpt_every == 0 and done != total:
-        checkpoint(done)
-
-
-def run_steps(start: int, optim, logging, stepper: "Stepper", opt: torch.optim.Optimizer, piece_loss_at,
-              ema: "EMA | None", live: nn.Module, log: TrainLog, bar, sample_grid, checkpoint,
-              t0: float, time_limit: float | None) -> int:
-    """The second-stage loops' steps from `start`: LR, one `stepper` step over `piece_loss_at(step)`,
-    EMA of `live`, bookkeeping (`periodic`), and stopping on a signal (checkpoint + TrainingInterrupted)
-    or after `time_limit` seconds since `t0`, agreed by all ranks. Returns the step reached."""
-    with GracefulInterrupt() as stop:
-        for step in range(start, optim.steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, optim.lr, optim.warmup_steps, optim.steps, optim.schedule)
-            out_of_time = time_limit is not None and time.time() - t0 > time_limit
-            loss, (interrupted, out_of_time) = stepper(step, piece_loss_at(step), (stop.requested, out_of_time))
-            if ema is not None:
-                ema.update(live)
-            done = step + 1
-            periodic(done, optim.steps, logging, log, loss, opt, sample_grid, checkpoint)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            stop_if_requested(interrupted, bar, done, checkpoint)
-            if out_of_time:
-                return done
-    return optim.steps
-
-
-def check_finite(loss: torch.Tensor, step: int, out_dir: Path) -> None:
-    if not torch.isfinite(loss):
-        latest = out_dir / "latest"
-        where = f"the last good checkpoint is {out_dir / 'checkpoints' / latest.read_text().strip()}" if latest.is_file() else "no checkpoint was written yet"
-        raise LdmkitError(
-            f"loss became {loss.item()} at step {step}; {where}. Lower optim.lr or enable optim.grad_clip, then --resume"
-        )
+# --- RNG state -----------------------------------------------------------------------------------
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -327,3 +116,211 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --- the skeleton --------------------------------------------------------------------------------
+
+
+class Task(ABC):
+    """One kind of training, as `fit` sees it. The constructor builds the models and data (after
+    `fit` has seeded the global RNG, so the construction order is the task's own) and sets `module`
+    (the bare trained module: the optimizer's parameters, the EMA, the checkpoint's weights), `kind`
+    and `model_config` (the checkpoint's kind and config). `fit` then sets `trained` (`module` as the
+    stepper runs it, wrapped for DDP/FSDP), `ema` and `log`.
+
+    The defaults suit the second stage (diffusion, control): sample grids every val_every steps and
+    at the end; the autoencoder overrides them with its discriminator step and validation."""
+
+    name = "train"  # the progress bar's label
+    fsdp_refusal: str | None = None  # why optim.distributed=fsdp is refused, for tasks that refuse it
+    saves_rng = False  # record the RNG state in the training state (the autoencoder's checkpoints do)
+    plot_keys: tuple[str, ...] = ("loss",)  # log keys drawn in OUT/loss.png
+    module: nn.Module
+    kind: str
+    model_config: BaseModel
+
+    def __init__(self, cfg, out: Path, dist, device: torch.device, progress: bool):
+        self.cfg, self.optim, self.out, self.dist, self.device = cfg, cfg.optim, out, dist, device
+        self.main, self.progress = dist.main, progress and dist.main
+        self.trained: nn.Module | None = None
+        self.ema: EMA | None = None
+        self.log: TrainLog | None = None
+
+    @abstractmethod
+    def piece_loss_at(self, step: int) -> Callable[[int, int], torch.Tensor]:
+        """`piece_loss(lo, hi)` for step `step`: the mean loss of rows [lo, hi) of its global batch."""
+
+    def load_weights(self, folder: Path) -> None:
+        """On resume: the trained weights from checkpoint `folder`."""
+        load_weights(self.module, folder / WEIGHTS)
+
+    def load_ema(self, ema_module: nn.Module, path: Path) -> None:
+        """On resume: the EMA weights (EMA_WEIGHTS of the checkpoint) into `ema_module`."""
+        load_weights(ema_module, path)
+
+    def forward_module(self) -> nn.Module:
+        """What the stepper runs (and DDP/FSDP wraps); called once, after the memory format is applied."""
+        return self.module
+
+    def attach(self, state: dict) -> None:
+        """After the optimizer and stepper exist: set up anything else trained (`state`: the resumed
+        training state, {} on a fresh run)."""
+
+    def after_update(self, step: int) -> None:
+        """After step `step`'s optimizer update, before the EMA update."""
+
+    def log_values(self) -> dict[str, float]:
+        """Values added to a log line, besides loss and lr (every rank calls this at a log step)."""
+        return {}
+
+    def periodic(self, done: int) -> None:
+        """After step `done`: a sample grid every val_every steps (the final one comes from `finish`)."""
+        if done % self.cfg.logging.val_every == 0 and done != self.optim.steps:
+            self.sample_grid(done)
+
+    def sample_grid(self, step: int) -> None:
+        """Write OUT/samples/samples_{step}.png (every rank calls this)."""
+
+    def postfix(self) -> dict[str, str]:
+        """Progress bar values besides the loss."""
+        return {}
+
+    def weights(self) -> nn.Module | dict[str, torch.Tensor]:
+        """The checkpoint's weights; collective where the module is sharded."""
+        return self.module
+
+    def ema_weights(self) -> nn.Module | dict[str, torch.Tensor]:
+        """The checkpoint's EMA weights; collective where the average is sharded."""
+        return self.ema.module
+
+    def extra_state(self) -> dict[str, Any]:
+        """More training state to checkpoint (and read back in `attach`)."""
+        return {}
+
+    def checkpoint_meta(self, step: int, meta: dict | None) -> dict:
+        return meta or {"step": step}
+
+    @abstractmethod
+    def finish(self, step: int, t0: float) -> dict:
+        """After the last step (`step`; training started at time `t0`): the final checkpoint's meta."""
+
+
+def fit(task_cls: type[Task], cfg, out: Path, resume: bool, progress: bool, time_limit: float | None,
+        dist, device: torch.device) -> Path:
+    """Train `task_cls(cfg, ...)` from scratch or from OUT's latest checkpoint to cfg.optim.steps (or
+    until `time_limit` seconds have passed); returns the final checkpoint folder. Every process of a
+    torchrun job calls this."""
+    o = cfg.optim
+    if dist.main:
+        start_run(out, resume)
+        save_config(cfg, out / "train_config.yaml")
+    dist.barrier()
+    if task_cls.fsdp_refusal and o.distributed == "fsdp" and dist.enabled:
+        raise LdmkitError(task_cls.fsdp_refusal)
+    torch.manual_seed(o.seed)
+    task = task_cls(cfg, out, dist, device, progress)
+    start, state = _restore(task, resume)
+    opt, stepper = _prepare(task, state, resume)
+    checkpoint = _checkpointer(task, opt, stepper)
+    t0 = time.time()
+    bar = tqdm(total=o.steps, initial=start, desc=task.name, disable=not task.progress, dynamic_ncols=True)
+    step = _run_steps(task, start, opt, stepper, bar, checkpoint, t0, time_limit)
+    bar.close()
+    meta = task.finish(step, t0)
+    task.log.plot(list(task.plot_keys), out / "loss.png")
+    return checkpoint(step, meta)
+
+
+def _restore(task: Task, resume: bool) -> tuple[int, dict]:
+    """The log, and on resume the weights, the step and the EMA; returns (start step, training state)."""
+    task.log = TrainLog(task.out, enabled=task.main)
+    start, state, folder = 0, {}, None
+    if resume:
+        folder = resolve(task.out)
+        state = load_training_state(folder)
+        task.load_weights(folder)
+        start = int(state["step"])
+        task.log.truncate_after(start)
+    # from the (resumed) live weights, before sharding
+    task.ema = EMA(task.module, task.optim.ema_decay) if task.optim.ema_decay else None
+    if folder is not None and task.ema is not None and (folder / EMA_WEIGHTS).is_file():
+        task.load_ema(task.ema.module, folder / EMA_WEIGHTS)
+        task.ema.load_state_dict(state.get("ema", {"num_updates": start}))
+    return start, state
+
+
+def _prepare(task: Task, state: dict, resume: bool) -> tuple[torch.optim.Optimizer, Stepper]:
+    """Memory format, DDP/FSDP wrapping, then the optimizer over the (possibly sharded) parameters."""
+    from ldmkit.train.distributed import is_sharded, load_optimizer_state, wrap
+
+    o = task.optim
+    apply_memory_format(task.module, o)
+    task.trained = wrap(task.forward_module(), task.dist, task.device, o.distributed)
+    if task.ema is not None and is_sharded(task.module):  # the average sharded like the weights: 1/world per rank
+        wrap(task.ema.module, task.dist, task.device, o.distributed)
+    opt = adamw(task.module.parameters(), o.lr, o.betas, o.weight_decay)
+    stepper = Stepper(task.trained, opt, task.module.parameters(), o.grad_clip, o.batch_size, o.grad_accum, task.dist,
+                      task.device, task.out, o.precision)
+    if resume:
+        load_optimizer_state(task.module, opt, state["optimizer"])
+        stepper.load_state_dict(state.get("stepper", {}))
+    task.attach(state)
+    return opt, stepper
+
+
+def _checkpointer(task: Task, opt: torch.optim.Optimizer, stepper: Stepper) -> Callable[..., Path]:
+    """`checkpoint(step, meta=None)`: weights, EMA and training state under OUT/checkpoints/. Every rank
+    calls it; gathering sharded weights/optimizer state is collective, then rank 0 alone writes."""
+    from ldmkit.train.distributed import full_optimizer_state, is_sharded
+
+    def checkpoint(step: int, meta: dict | None = None) -> Path:
+        folder = task.out / "checkpoints" / f"step_{step:08d}"
+        if not (task.main or is_sharded(task.module)):
+            task.dist.barrier()
+            return folder
+        weights = task.weights()
+        ema_weights = task.ema_weights() if task.ema is not None else None
+        state: dict[str, Any] = {"step": step, "optimizer": full_optimizer_state(task.module, opt)}
+        if task.saves_rng:
+            state["rng"] = rng_state()
+        state["stepper"] = stepper.state_dict()
+        state.update(task.extra_state())
+        if task.ema is not None:
+            state["ema"] = task.ema.state_dict()
+        if task.main:
+            folder = save_checkpoint(task.out, step, task.kind, weights, task.model_config,
+                                     meta=task.checkpoint_meta(step, meta), ema=ema_weights, training_state=state,
+                                     keep=task.cfg.logging.keep_checkpoints)
+        task.dist.barrier()
+        return folder
+
+    return checkpoint
+
+
+def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Stepper, bar, checkpoint,
+               t0: float, time_limit: float | None) -> int:
+    """Steps from `start`: LR, one `stepper` step over `task.piece_loss_at(step)`, the task's hook, EMA,
+    log line, the task's periodic work, checkpoint; stopping on a signal (checkpoint + TrainingInterrupted)
+    or after `time_limit` seconds since `t0`, agreed by all ranks. Returns the step reached."""
+    o, logging = task.optim, task.cfg.logging
+    with GracefulInterrupt() as stop:
+        for step in range(start, o.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
+            out_of_time = time_limit is not None and time.time() - t0 > time_limit
+            loss, (interrupted, out_of_time) = stepper(step, task.piece_loss_at(step), (stop.requested, out_of_time))
+            task.after_update(step)
+            if task.ema is not None:
+                task.ema.update(task.module)
+            done = step + 1
+            if done % logging.log_every == 0 or done == o.steps:
+                task.log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **task.log_values())
+            task.periodic(done)
+            if done % logging.ckpt_every == 0 and done != o.steps:  # the final one is written by `fit`
+                checkpoint(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", **task.postfix())
+            stop_if_requested(interrupted, bar, done, checkpoint)
+            if out_of_time:
+                return done
+    return o.steps
