@@ -37,3 +37,28 @@ def test_loading_a_native_checkpoint_imports_no_interop_module(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_config_literals_match_the_registries():
+    """Typed config fields are checked at load (Literal); their choices are the registries' keys, so a new
+    sampler or schedule cannot be added to one and forgotten in the other."""
+    from typing import get_args
+
+    from ldmkit.diffusion.config import DiffusionConfig
+    from ldmkit.diffusion.objective import WEIGHTINGS
+    from ldmkit.diffusion.parameterization import PREDICTION_TYPES
+    from ldmkit.diffusion.samplers import SAMPLERS
+    from ldmkit.diffusion.schedules import SCHEDULE_KINDS, TIMESTEP_SPACINGS
+    from ldmkit.train.config import SampleConfig
+
+    def choices(model, field):
+        return set(get_args(model.model_fields[field].annotation))
+
+    assert choices(SampleConfig, "sampler") == set(SAMPLERS)
+    assert choices(DiffusionConfig, "schedule") == set(SCHEDULE_KINDS)
+    assert choices(DiffusionConfig, "prediction_type") == set(PREDICTION_TYPES)
+    assert choices(DiffusionConfig, "weighting") == set(WEIGHTINGS)
+    assert choices(DiffusionConfig, "timestep_spacing") == set(TIMESTEP_SPACINGS)
+    assert DiffusionConfig(prediction_type="v_prediction").prediction_type == "v"  # diffusers' names still read
+    with pytest.raises(ValueError, match="schedule"):
+        DiffusionConfig(schedule="quadratic")  # refused when the config is read, not deep inside training

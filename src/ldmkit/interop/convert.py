@@ -27,7 +27,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.checkpoint import kind_of, load
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import diffusers as dif

@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ldmkit.autoencoder.losses import AutoencoderLossConfig
 from ldmkit.autoencoder.model import AutoencoderConfig
+from ldmkit.conditioning.concat import ConcatConfig
+from ldmkit.conditioning.conditioner import ConditionerConfig
+from ldmkit.diffusion.config import DiffusionConfig
 from ldmkit.errors import LdmkitError
+from ldmkit.unet import UNetConfig
 
 
 class DataConfig(BaseModel):
@@ -205,18 +209,13 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
 
 # --- the second stage ----------------------------------------------------------------------------
 
-from ldmkit.conditioning.conditioner import ConditionerConfig  # noqa: E402
-from ldmkit.pipeline import ConcatConfig, DiffusionConfig  # noqa: E402
-from ldmkit.unet import UNetConfig  # noqa: E402
-
-
 class SampleConfig(BaseModel):
     """How periodic sample grids (and the demo's samples) are drawn."""
 
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(25, ge=1)
-    sampler: str = Field("dpmpp_2m", description="ddpm | ddim | dpmpp_2m | euler | euler_a")
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"] = Field("dpmpp_2m", description="diffusion.samplers")
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale (1 = off)")
     prompts: list[str] | None = Field(None, description="captions for sample grids (default: from the data)")
     num: int = Field(16, ge=1, description="images in each periodic grid")
