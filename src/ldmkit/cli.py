@@ -8,14 +8,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from ldmkit.errors import LdmkitError, TrainingInterrupted
+from ldmkit.imageio import check_writable_dir
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite `kind` (int or float) in [low, high] ((low, high] with `low_open`), so a bad
+    value is refused before any work starts, with argparse's one usage line and exit 2."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (v <= low if low_open else v < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low:g}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high:g}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(float, 0)
 
 
 def _add_config_args(p: argparse.ArgumentParser, presets: list[str]) -> None:
@@ -32,6 +59,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
         cfg.data.dataset = args.data
     if args.skip_bad_images:
         cfg.data.skip_bad_images = True
+    check_writable_dir(args.out)
     folder = train_autoencoder(cfg, args.out, resume=args.resume, progress=not args.quiet)
     meta = json.loads((folder / "config.json").read_text())["meta"]
     v = meta["val"]
@@ -54,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.data.dataset = args.data
     if args.skip_bad_images:
         cfg.data.skip_bad_images = True
+    check_writable_dir(args.out)
     folder = train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"diffusion model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES")
     return 0
@@ -67,6 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.device import autocast, pick_device
     from ldmkit.checkpoint import load_control
 
+    check_writable_dir(args.out)  # before the model is loaded
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
@@ -136,6 +166,7 @@ def cmd_train_control(args: argparse.Namespace) -> int:
         cfg.control = args.control
     if args.data is not None:
         cfg.data.dataset = args.data
+    check_writable_dir(args.out)
     folder = train_control(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"{cfg.kind} saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --control PNG --out SAMPLES")
     return 0
@@ -204,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion toolkit")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: all cores)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train-autoencoder", help="train the first stage (KL autoencoder or plain AE)")
@@ -222,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a first stage and a text-to-image LDM on `shapes`, sample, report")
     d.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="a one-minute smoke run with tiny models")
-    d.add_argument("--seeds", type=int, default=3, help="samples per caption for the accuracy figures")
+    d.add_argument("--seeds", type=POSITIVE, default=3, help="samples per caption for the accuracy figures")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -255,25 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ... and grid.png")
     s.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     s.add_argument("--prompts-file", help="a text file with one prompt per line")
-    s.add_argument("--label", type=int, action="append", help="a class label (repeatable; one per prompt if both)")
-    s.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt/label")
-    s.add_argument("--num-samples", type=int, default=16, help="samples for an unconditional model")
+    s.add_argument("--label", type=_number(int, -1), action="append", help="a class label (repeatable; one per prompt if both)")
+    s.add_argument("--num-per-prompt", type=POSITIVE, default=1, help="samples per prompt/label")
+    s.add_argument("--num-samples", type=POSITIVE, default=16, help="samples for an unconditional model")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--steps", type=POSITIVE, default=25)
     s.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
-    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--guidance-rescale", type=float, default=0.0,
+    s.add_argument("--guidance", type=NON_NEGATIVE, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--guidance-rescale", type=_number(float, 0, 1), default=0.0,
                    help="guidance rescale φ in [0, 1] (Lin et al. 2024; 0 = off, 0.7 tames over-saturation at large --guidance)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=POSITIVE, default=64)
     s.add_argument("--config", default=None, help="diffusers pipeline folder with the configs of a bare single file")
     s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (resized to the model's size)")
     s.add_argument("--mask", default=None, help="inpainting mask image: white (1) = repaint, black = keep")
-    s.add_argument("--strength", type=float, default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
+    s.add_argument("--strength", type=_number(float, 0, 1), default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
     s.add_argument("--control", action="append", default=None,
                    help="control map image (values in [0, 1]); one per ControlNet/adapter, in order (repeatable)")
     s.add_argument("--controlnet", action="append", default=None,
                    help="ControlNet/adapter run folder (repeatable: several ControlNets are summed; or pass one as --checkpoint)")
-    s.add_argument("--control-scale", type=float, action="append", default=None,
+    s.add_argument("--control-scale", type=_number(float), action="append", default=None,
                    help="control residual scale, one for all or one per network (default: each network's, 1)")
     s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
@@ -296,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
     e.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/evaluation)")
     e.add_argument("--data", default=None, help="dataset to evaluate on (default: the training dataset)")
-    e.add_argument("--size", type=int, default=None, help="image size (default: the training size)")
-    e.add_argument("--num-images", type=int, default=256)
+    e.add_argument("--size", type=_number(int, 8), default=None, help="image size (default: the training size)")
+    e.add_argument("--num-images", type=POSITIVE, default=256)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--seeds", type=int, default=2, help="diffusion: samples per caption/label")
-    e.add_argument("--steps", type=int, default=25, help="diffusion: sampling steps")
-    e.add_argument("--guidance", type=float, default=2.0, help="diffusion: guidance scale")
+    e.add_argument("--seeds", type=POSITIVE, default=2, help="diffusion: samples per caption/label")
+    e.add_argument("--steps", type=POSITIVE, default=25, help="diffusion: sampling steps")
+    e.add_argument("--guidance", type=NON_NEGATIVE, default=2.0, help="diffusion: guidance scale")
     e.set_defaults(func=cmd_evaluate)
     return p
 

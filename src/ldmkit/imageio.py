@@ -1,4 +1,4 @@
-"""Tensors ↔ PNG files: single images and labelled grids."""
+"""Tensors ↔ PNG files: single images and labelled grids; the output folders they go to."""
 
 from __future__ import annotations
 
@@ -10,6 +10,34 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from ldmkit.errors import LdmkitError
+
+
+def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work starts, an output folder that cannot be made or written: an existing
+    file, or a folder (or its nearest existing parent) without write permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LdmkitError(f"{option} {path} is a file, not a folder; choose a folder path")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LdmkitError(f"{option} {path}: {probe} is a file, so the folder cannot be made there; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LdmkitError(f"{option} {path}: {probe} is not writable; choose a folder you can write to")
+    return path
+
+
+def make_dir(path: str | Path, option: str = "--out") -> Path:
+    """mkdir -p, with a failure (no permission, no space, a file in the way) as one LdmkitError naming the path."""
+    path = check_writable_dir(path, option)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LdmkitError(f"cannot create {option} {path}: {e.strerror or e}; choose another folder") from None
+    return path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

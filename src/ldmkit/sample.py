@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.imageio import save_grid, save_png, to_uint8
+from ldmkit.imageio import make_dir, save_grid, save_png, to_uint8
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -80,8 +80,7 @@ def sample_to_folder(
     """Sample and write PNGs; returns the written paths (grid last). `spatial`: init_image, mask,
     strength, control, control_image, control_scale as `LatentDiffusion.sample` takes them (tensors
     with a batch of 1 apply to every sample)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     if prompts and labels and len(prompts) != len(labels):
         raise LdmkitError(f"got {len(prompts)} prompts and {len(labels)} labels; give one label per prompt or none")
     base = len(prompts) if prompts else len(labels) if labels else (num_samples or 1)

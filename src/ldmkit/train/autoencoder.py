@@ -206,7 +206,7 @@ class AutoencoderTask(Task):
             save_grid(torch.cat([xv, rec]).cpu(), self.out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
 
     def postfix(self) -> dict[str, str]:
-        return {"psnr": f"{self.metrics.get('psnr', float('nan')):.1f}"}
+        return {"psnr": f"{self.metrics['psnr']:.1f}"} if "psnr" in self.metrics else {}  # none before the first validation
 
     def finish(self, step: int, t0: float) -> dict:
         """Latent statistics → scaling_factor / shift_factor in the model config (and train_config.yaml)."""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_training_state, load_weights, resolve, save_checkpoint
 from ldmkit.errors import LdmkitError
+from ldmkit.imageio import make_dir
 from ldmkit.train.config import save_config
 from ldmkit.train.ema import EMA
 from ldmkit.train.log import TrainLog
@@ -36,7 +37,7 @@ def start_run(out: str | Path, resume: bool) -> Path:
     out = Path(out)
     if (out / "latest").exists() and not resume:
         raise LdmkitError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    (out / "samples").mkdir(parents=True, exist_ok=True)
+    make_dir(out / "samples", "--out")
     return out
 
 
