@@ -1,4 +1,12 @@
-"""Tensors ↔ PNG files: single images and labelled grids; the output folders they go to."""
+"""Image files in and out: opening any image a user gives (the one place that does: folders, init images,
+masks, control maps), tensors ↔ PNG files, labelled grids, and the output folders they go to.
+
+Opening: the header is read first and an image claiming more than MAX_PIXELS pixels is refused before
+anything is decoded (a "decompression bomb": a few KB of PNG header can claim 60000x60000); the whole
+file is then decoded (which catches truncated files) and EXIF orientation applied. `to_rgb` makes any
+mode 8-bit RGB: greyscale replicated, palette expanded, 16-bit scaled (PIL's convert() would clip it),
+transparency composited onto white (a cut-out is meant to be seen on a page; on black, dark strokes vanish).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,60 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldmkit.errors import LdmkitError
+
+MAX_PIXELS = 1 << 28  # 268M pixels (16384²): far above any training image, far below a bomb's claim
+
+
+class ImageProblem(LdmkitError):
+    """An image file that cannot be used; `reason` is the short why (folder checks list several)."""
+
+    def __init__(self, what: str, path: str | Path, reason: str):
+        super().__init__(f"{what} {path}: {reason}")
+        self.reason = reason
+
+
+def open_image(path: str | Path, size: int | None = None, what: str = "image") -> Image.Image:
+    """Open, check, fully decode and orient one image; `size` lets JPEG decode at a reduced scale (still
+    >= size). A missing, unreadable, truncated or oversized file is one ImageProblem naming it and `what`."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageProblem(what, path, f"claims {w}x{h} pixels, more than ldmkit reads ({MAX_PIXELS:,}): "
+                                   "damaged or a decompression bomb; downscale it if it is real")
+            if size is not None:
+                im.draft("RGB", (size, size))  # JPEG only: DCT scaling, much faster for big photos
+            im.load()  # decodes everything: this is what catches truncated files (verify() does not)
+            return ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise ImageProblem(what, path, "does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageProblem(what, path, "not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageProblem(what, path, "truncated" if "truncated" in text else text[:80]) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit scaled down, alpha composited onto white)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        # PIL's own convert() clips 16-bit values at 255 instead of scaling; do it by hand.
+        if im.mode.startswith("I;16") or (im.mode == "I" and grey.max() > 255):
+            grey = grey / 257.0
+        elif im.mode == "F" and grey.max() <= 1.0:
+            grey = grey * 255.0
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        page = Image.new("RGB", im.size, (255, 255, 255))
+        page.paste(im, mask=im.getchannel("A"))
+        return page
+    return im.convert("RGB")
 
 
 def check_writable_dir(path: str | Path, option: str = "--out") -> Path:

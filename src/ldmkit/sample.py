@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.imageio import make_dir, save_grid, save_png, to_uint8
+from ldmkit.imageio import make_dir, open_image, save_grid, save_png, to_rgb, to_uint8
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -32,25 +32,17 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 
 def read_image(path: str | Path, channels: int, size: int, name: str, signed: bool) -> torch.Tensor:
-    """A PNG/JPEG/... file → (1, channels, size, size): converted to RGB or gray, resized (bicubic for
-    images, nearest for masks) when its size differs; values in [-1, 1] when `signed`, else [0, 1].
-    A file that is not an image or not square is refused with one LdmkitError naming `name`."""
+    """A PNG/JPEG/... file → (1, channels, size, size): opened as the image-folder loader opens files
+    (`ldmkit.imageio`: EXIF orientation, 16-bit scaled, palette expanded, transparency on white, oversized
+    headers refused), as RGB or gray, resized (bicubic for images, nearest for masks) when its size
+    differs; values in [-1, 1] when `signed`, else [0, 1]. A file that is not a usable image or not square
+    is refused with one LdmkitError naming `name`."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im
-    except FileNotFoundError:
-        raise LdmkitError(f"{name} {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise LdmkitError(f"{name} {path} is not a readable image ({type(e).__name__})") from None
-    if img.mode in ("RGBA", "LA", "P") and channels == 3:
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img.convert("RGBA"))
-    img = img.convert("RGB" if channels == 3 else "L")
+    img = to_rgb(open_image(path, what=name))
+    if channels == 1:
+        img = img.convert("L")
     if img.width != img.height:
         raise LdmkitError(f"{name} {path} is {img.width}x{img.height}; the model needs a square {size}x{size} image "
                           "(crop it first: resizing would distort it)")

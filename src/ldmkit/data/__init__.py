@@ -49,7 +49,7 @@ def dataset_names() -> list[str]:
 
 
 def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_bad: bool = False,
-                  length: int | None = None) -> Dataset:
+                  length: int | None = None, allow_outside_links: bool = False) -> Dataset:
     """A built-in dataset by name, or an `ImageFolderDataset` for a folder path.
 
     `length` sets the number of items of procedural datasets (shapes, photos) and is ignored by
@@ -60,7 +60,8 @@ def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_
     if os.path.isdir(name_or_path):
         from ldmkit.data.folder import ImageFolderDataset
 
-        return ImageFolderDataset(name_or_path, size=size, split=split, seed=seed, skip_bad=skip_bad)
+        return ImageFolderDataset(name_or_path, size=size, split=split, seed=seed, skip_bad=skip_bad,
+                                  allow_outside_links=allow_outside_links)
     raise LdmkitError(
         f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, or the path of a folder of images "
         "(no such folder exists)"

@@ -12,8 +12,12 @@ Every file is opened and fully decoded once at construction, so a corrupt downlo
 by name, instead of hours into training inside a DataLoader worker.
 
 Images become RGB: greyscale is replicated, palette images expanded, 16-bit scaled to 8-bit, and
-transparency is composited onto WHITE (a transparent logo or cut-out is meant to be seen on a page;
-on black, dark strokes would vanish). EXIF orientation is applied.
+transparency is composited onto WHITE; EXIF orientation is applied (`ldmkit.imageio.open_image`, which
+also refuses decompression bombs by their header).
+
+Every path must stay inside the folder: a metadata line naming `../x.png` or an absolute path is
+refused, and so is a symlink that resolves outside the folder, unless `allow_outside_links` (config
+`data.allow_outside_links`) says the user means it (e.g. a folder of links into a shared image store).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ldmkit.errors import LdmkitError
+from ldmkit.imageio import ImageProblem, open_image, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -45,43 +50,12 @@ class _Item:
     control: str | None = None  # conditioning image, relative to the root
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB (16-bit scaled down, alpha composited onto white)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        grey = np.asarray(im, dtype=np.float64)
-        # PIL's own convert() clips 16-bit values at 255 instead of scaling; do it by hand.
-        if im.mode.startswith("I;16") or (im.mode == "I" and grey.max() > 255):
-            grey = grey / 257.0
-        elif im.mode == "F" and grey.max() <= 1.0:
-            grey = grey * 255.0
-        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("LA", "PA", "La", "RGBa"):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        page = Image.new("RGB", im.size, (255, 255, 255))
-        page.paste(im, mask=im.getchannel("A"))
-        return page
-    return im.convert("RGB")
-
-
-def _open(path: str, size: int | None = None) -> Image.Image:
-    """Open, fully decode and orient one image; `size` lets JPEG decode at a reduced scale (still >= size)."""
-    with Image.open(path) as im:
-        if size is not None:
-            im.draft("RGB", (size, size))  # JPEG only: DCT scaling, much faster for big photos
-        im.load()  # decodes everything: this is what catches truncated files (verify() does not)
-        return ImageOps.exif_transpose(im)
-
-
 def _problem(path: str, size: int) -> str | None:
     """None if the file decodes, else a short reason."""
     try:
-        _open(path, size)
-    except UnidentifiedImageError:
-        return "not an image PIL can read"
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return "truncated" if "truncated" in text else text[:80]
+        open_image(path, size)
+    except ImageProblem as exc:
+        return exc.reason
     return None
 
 
@@ -102,12 +76,13 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, size: int = 32, split: str = "train", val_fraction: float = 0.05, seed: int = 0,
-                 skip_bad: bool = False, center_crop: bool = True):
+                 skip_bad: bool = False, center_crop: bool = True, allow_outside_links: bool = False):
         if split not in ("train", "val"):
             raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
         if not os.path.isdir(root):
             raise LdmkitError(f"image folder {root} does not exist or is not a folder; give a folder of images")
         self.root, self.size, self.split, self.seed = root, size, split, seed
+        self.allow_outside_links = allow_outside_links
         self.random_crop = split == "train" and not center_crop
         self.name = os.path.basename(os.path.normpath(os.path.abspath(root)))
 
@@ -129,12 +104,27 @@ class ImageFolderDataset(Dataset):
     def _path(self, relative: str) -> str:
         return os.path.join(self.root, *relative.split("/"))
 
+    def _inside(self, relative: str, where: str) -> str:
+        """`relative` as a path under the root, refusing one that leaves it (by `..`, an absolute path or,
+        unless allowed, a symlink resolving outside)."""
+        parts = relative.replace("\\", "/").split("/")
+        if os.path.isabs(relative) or ".." in parts:
+            raise LdmkitError(f"{where}: {relative!r} leaves the data folder {self.root}; name files inside it")
+        path = self._path(relative)
+        root = os.path.realpath(self.root)
+        if not self.allow_outside_links and os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise LdmkitError(f"{where}: {relative!r} is a link to {os.path.realpath(path)}, outside the data folder "
+                              f"{self.root}; set data.allow_outside_links=true if that is meant")
+        return path
+
     def _scan(self) -> list[_Item]:
         files = []
         for folder, dirs, names in os.walk(self.root):
             dirs.sort()
             files += [os.path.relpath(os.path.join(folder, n), self.root).replace(os.sep, "/")
                       for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        for file in files:
+            self._inside(file, f"image folder {self.root}")
         return [_Item(file) for file in sorted(files)]
 
     def _read_metadata(self) -> list[_Item]:
@@ -157,7 +147,7 @@ class ImageFolderDataset(Dataset):
                 if isinstance(label, bool) or not isinstance(label, int) or label < -1:
                     raise LdmkitError(f'{where}: "label" must be a non-negative integer, got {label!r}')
                 for key, name in (("file_name", row["file_name"]), ("conditioning_image", control)):
-                    if name is not None and not os.path.isfile(self._path(name)):
+                    if name is not None and not os.path.isfile(self._inside(name, f"{where}: {key}")):
                         raise LdmkitError(f"{where}: {key} {name!r} not found under {self.root}; fix the line")
                 if with_control is None:
                     with_control = control is not None
@@ -199,7 +189,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        image = _to_rgb(_open(self._path(item.file), self.size))
+        image = to_rgb(open_image(self._path(item.file), self.size))
         w, h = image.size
         scale = self.size / min(w, h)  # shorter side -> size
         resized = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
@@ -208,7 +198,7 @@ class ImageFolderDataset(Dataset):
                "text": item.text, "label": item.label}
         if item.control is not None:
             # The control map is stretched to the image's resized shape, then cut with the same box.
-            control = _to_rgb(_open(self._path(item.control), self.size))
+            control = to_rgb(open_image(self._path(item.control), self.size))
             out["control"] = _to_tensor(control.resize(resized, Image.BICUBIC, reducing_gap=2.0).crop(box))
         return out
 

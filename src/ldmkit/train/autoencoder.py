@@ -43,8 +43,10 @@ class _Reconstruct(nn.Module):
 
 def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[TensorData, TensorData]:
     d = cfg.data
-    train_ds = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length)
-    val_ds = build_dataset(d.dataset, d.size, "val", seed=d.seed, skip_bad=d.skip_bad_images)
+    train_ds = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
+                             allow_outside_links=d.allow_outside_links, length=d.length)
+    val_ds = build_dataset(d.dataset, d.size, "val", seed=d.seed, skip_bad=d.skip_bad_images,
+                           allow_outside_links=d.allow_outside_links)
     return materialize(train_ds, desc="train data", progress=progress), materialize(val_ds, d.val_images, "val data", progress)
 
 

@@ -33,6 +33,7 @@ class DataConfig(BaseModel):
     length: int | None = Field(None, ge=1, description="items in the training split (procedural datasets)")
     val_images: int = Field(256, ge=1, description="held-out images used for validation metrics")
     skip_bad_images: bool = Field(False, description="skip unreadable files in a folder instead of stopping")
+    allow_outside_links: bool = Field(False, description="a folder's symlinks may point outside it (refused by default)")
     hflip: bool = Field(False, description="random horizontal flips (not for `shapes`: positions are labels)")
     latent_cache: str | None = Field(
         None, description="second stage: folder for the on-disk latent cache, keyed by the autoencoder's weights, "

@@ -129,8 +129,9 @@ class ControlTask(Task):
         self.ldm, self.base_folder = load_base(cfg.base)
         if d.size != self.ldm.config.image_size:
             raise LdmkitError(f"data.size is {d.size} but the base model was trained at {self.ldm.config.image_size}")
-        self.data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
-                                              length=d.length), desc="train data", progress=self.progress)
+        dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
+                                allow_outside_links=d.allow_outside_links)
+        self.data = materialize(dataset, desc="train data", progress=self.progress)
         self.maps = control_maps(self.data, cfg.control, d.dataset)  # (N, C, H, W) in [0, 1]
         self.ldm.to(device)
         self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)

@@ -123,8 +123,9 @@ class DiffusionTask(Task):
         super().__init__(cfg, out, dist, device, progress)
         self.ae_meta = self._build_model(cfg)
         d = cfg.data
-        self.data = materialize(build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
-                                              length=d.length), desc="train data", progress=self.progress)
+        dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
+                                allow_outside_links=d.allow_outside_links)
+        self.data = materialize(dataset, desc="train data", progress=self.progress)
         self.ldm.to(device)
         self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
         if cfg.conditioner.num_classes and (self.data.labels < 0).all():
