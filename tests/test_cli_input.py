@@ -79,3 +79,31 @@ def test_progress_bar_shows_no_psnr_before_the_first_validation(tmp_path, capsys
                    "--set", "logging.val_every=3"], capsys)
     assert rc == 0, err
     assert "psnr=nan" not in err and "psnr=" in err  # shown once there is a figure
+
+
+def test_damaged_checkpoints_name_the_file(class_model, tmp_path, capsys):
+    """Damage a checkpoint the ways disks and downloads do: one line naming the damaged file, exit 2."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ldmkit.checkpoint import resolve
+
+    cases = {}
+    for name, damage in {"json": lambda f: (f / "config.json").write_text("{not json"),
+                         "list": lambda f: (f / "config.json").write_text('["a list"]'),
+                         "weights": lambda f: (f / "model.safetensors").write_bytes(
+                             (f / "model.safetensors").read_bytes()[:2000])}.items():
+        copy = tmp_path / name
+        shutil.copytree(class_model, copy)
+        damage(resolve(copy))
+        cases[name] = (copy, "config.json" if name != "weights" else "model.safetensors")
+    single = tmp_path / "single.safetensors"
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(single), metadata={"ldmkit": "{bad"})
+    cases["single"] = (single, "single.safetensors")
+    for name, (path, file) in cases.items():
+        for cmd in (["sample", "--checkpoint", str(path), "--out", str(tmp_path / f"s_{name}"), "--quiet"],
+                    ["convert", "--from", str(path), "--to", str(tmp_path / f"c_{name}"), "--format", "diffusers"]):
+            rc, err = run(cmd, capsys)
+            lines = err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and file in lines[0] and "internal error" not in err, (name, cmd[0], err)

@@ -3,6 +3,7 @@ and strict refusal of partial, mismatched or unsafe checkpoints."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,36 @@ def test_second_stage_trains_on_a_diffusers_vae(sd_folder, tmp_path):
         assert ldm.autoencoder.config.scaling_factor == vae.config.scaling_factor
         for k, v in vae.state_dict().items():
             assert torch.equal(ldm.autoencoder.state_dict()[k], v), k
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    """`convert --overwrite` writes under a temporary name and swaps: a conversion that fails half way
+    leaves the previous output exactly as it was (it used to be deleted first), and no partial files."""
+    from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldmkit.checkpoint import save_checkpoint
+    from ldmkit.interop import diffusers as dif
+
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)
+    src = tmp_path / "ae"
+    save_checkpoint(src, 1, "autoencoder", AutoencoderKL(cfg), cfg)
+    dst = tmp_path / "out"
+    convert(src, dst, "ldmkit")
+    before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+
+    def fails_half_way(module, folder, source=""):
+        Path(folder).mkdir()
+        (Path(folder) / "config.json").write_text("{}")  # a partial output
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ldmkit.interop.convert.save_ldmkit", fails_half_way)
+    with pytest.raises(OSError):
+        convert(src, dst, "ldmkit", overwrite=True)
+    after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["ae", "out"]
+    monkeypatch.undo()
+    convert(src, dst, "diffusers", overwrite=True)  # a successful overwrite replaces it whole
+    assert dif.is_model_folder(dst) and not (dst / "model.safetensors").exists()
+    single = tmp_path / "vae.safetensors"
+    convert(src, single, "original")
+    convert(src, single, "original", overwrite=True)
+    assert single.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ae", "out", "vae.safetensors"]

@@ -131,6 +131,36 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}{text}, {n / 1e6:.1f}M parameters"
 
 
+def _write(module: nn.Module, dst: Path, fmt: str, source: str, dtype: torch.dtype | None) -> None:
+    from ldmkit.pipeline import LatentDiffusion
+
+    if fmt == "ldmkit":
+        save_ldmkit(module, dst, source=source)
+    elif fmt == "diffusers":
+        if isinstance(module, LatentDiffusion):
+            dif.save_diffusers_pipeline(module, dst)
+        else:
+            dif.save_diffusers_model(module, dst)
+    else:
+        orig.save_original(module, dst, dtype=dtype)
+
+
+def _swap_in(new: Path, dst: Path) -> None:
+    """Put `new` at `dst`, replacing what is there: a file in one atomic rename; a folder by moving the old
+    one aside first, so that at every moment either the old or the new output is complete at `dst`."""
+    if not dst.exists() or (new.is_file() and dst.is_file()):
+        os.replace(new, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -159,18 +189,15 @@ def convert(
         raise LdmkitError(f"the original format is one file: give --to a name ending in .safetensors or .ckpt, not {dst.name}")
     if dtype is not None and fmt != "original":
         raise LdmkitError("dtype applies to the original format only")
-    module = load_any(src, config=config)  # fully loaded and checked before anything is removed
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    from ldmkit.pipeline import LatentDiffusion
-
-    if fmt == "ldmkit":
-        save_ldmkit(module, dst, source=str(src))
-    elif fmt == "diffusers":
-        if isinstance(module, LatentDiffusion):
-            dif.save_diffusers_pipeline(module, dst)
-        else:
-            dif.save_diffusers_model(module, dst)
-    else:
-        orig.save_original(module, dst, dtype=dtype)
+    module = load_any(src, config=config)  # fully loaded and checked before anything is written
+    # Written under a temporary sibling name, then swapped in: a conversion that fails (a bug, a full disk,
+    # an interrupt) leaves the old output as it was and no half-written new one.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.stem}.partial-{os.getpid()}{dst.suffix}")
+    try:
+        _write(module, tmp, fmt, str(src), dtype)
+        _swap_in(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}) to {dst} ({fmt})"

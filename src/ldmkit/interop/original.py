@@ -107,7 +107,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise LdmkitError(f"cannot read {path} as safetensors ({type(e).__name__}: {e}); the file is damaged or not safetensors") from e
-        return sd, json.loads(meta["ldmkit"]) if "ldmkit" in meta else {}
+        return sd, _ldmkit_meta(meta.get("ldmkit"), path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -131,7 +131,22 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(sd, Mapping):
         raise LdmkitError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
     tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return tensors, json.loads(meta) if isinstance(meta, str) else dict(meta)
+    return tensors, _ldmkit_meta(meta, path)
+
+
+def _ldmkit_meta(raw, path: Path) -> dict[str, Any]:
+    """The ldmkit metadata a single file carries (a JSON object, or a dict in a .ckpt), or {}; a damaged
+    one is refused naming the file rather than half-read."""
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError as e:
+        raise LdmkitError(f"{path}: its ldmkit metadata is not valid JSON ({e}); the file is damaged, "
+                          "re-export it or remove the 'ldmkit' metadata entry") from None
+    if not isinstance(meta, Mapping):
+        raise LdmkitError(f"{path}: its ldmkit metadata is a {type(meta).__name__}, not a JSON object; the file is damaged")
+    return dict(meta)
 
 
 def _schedule_from_betas(betas: torch.Tensor | None, base) -> Any:
