@@ -18,7 +18,7 @@ def label_condition(labels: torch.Tensor | None, num_classes: int, n: int, drop:
     with probability `drop` (training)."""
     null = num_classes
     if labels is None:
-        labels = torch.full((n,), null, dtype=torch.long)
+        labels = torch.full((n,), -1, dtype=torch.long)  # no label: the null class, below
     labels = labels.long().clone()
     if ((labels < -1) | (labels >= null)).any():  # num_classes itself is the null class, not a label
         raise LdmkitError(f"class labels must be in 0..{null - 1} (or -1 for none), got {labels.tolist()}")
