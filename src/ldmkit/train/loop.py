@@ -25,6 +25,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import make_dir
 from ldmkit.train.config import save_config
 from ldmkit.train.ema import EMA
+from ldmkit.train.lock import run_lock
 from ldmkit.train.log import TrainLog
 from ldmkit.train.stepper import GracefulInterrupt, Stepper, stop_if_requested
 
@@ -211,6 +212,12 @@ def fit(task_cls: type[Task], cfg, out: Path, resume: bool, progress: bool, time
     """Train `task_cls(cfg, ...)` from scratch or from OUT's latest checkpoint to cfg.optim.steps (or
     until `time_limit` seconds have passed); returns the final checkpoint folder. Every process of a
     torchrun job calls this."""
+    with run_lock(out, held=dist.main):  # one run per --out; rank 0 writes it
+        return _fit(task_cls, cfg, out, resume, progress, time_limit, dist, device)
+
+
+def _fit(task_cls: type[Task], cfg, out: Path, resume: bool, progress: bool, time_limit: float | None,
+         dist, device: torch.device) -> Path:
     o = cfg.optim
     if dist.main:
         start_run(out, resume)
