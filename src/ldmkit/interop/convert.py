@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ldmkit.checkpoint import kind_of, load
+from ldmkit.checkpoint import is_checkpoint, kind_of, load
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import diffusers as dif
 from ldmkit.interop import original as orig
@@ -53,15 +53,8 @@ def detect_format(path: str | Path) -> str:
         return "diffusers_pipeline"
     if dif.is_model_folder(path):
         return "diffusers_model"
-    config = path / "config.json"
-    if (path / "latest").is_file():
+    if is_checkpoint(path):
         return "ldmkit"
-    if config.is_file():
-        try:
-            if "kind" in json.loads(config.read_text()):
-                return "ldmkit"
-        except ValueError:
-            pass
     raise LdmkitError(
         f"cannot tell what {path} holds: expected an ldmkit checkpoint folder (config.json with \"kind\", or a "
         "training folder with `latest`), a diffusers folder (model_index.json, or config.json with \"_class_name\") "
