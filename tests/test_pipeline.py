@@ -1,6 +1,9 @@
 """LatentDiffusion: composition, conditioning routes, guidance, training signal, seeds."""
 
 import pytest
+import json
+
+import numpy as np
 import torch
 
 from ldmkit.autoencoder import AutoencoderConfig
@@ -205,14 +208,64 @@ def test_pooled_text_vector_route():
         ldm.unet(z, t, cond, vector=None)
 
 
-def test_evaluate_reports_digit_fidelity_for_ten_class_models(tmp_path):
+def test_evaluate_reports_digit_fidelity_for_ten_class_models_of_digits(tmp_path):
     from ldmkit.evaluate.diffusion import evaluate_diffusion
 
     ldm = make_ldm(text=False, classes=10)
-    res = evaluate_diffusion(ldm, tmp_path, seeds=1, steps=1)
+    res = evaluate_diffusion(ldm, tmp_path, seeds=1, steps=1, dataset="digits", num_images=8)
     assert res["digits"]["n"] == 40 and 0 <= res["digits"]["accuracy"] <= 1  # at least 4 per class
     assert res["digits"]["classifier_accuracy"] > 0.9  # the judge itself reads real digits
     assert (tmp_path / "digit_samples.png").is_file() and "digits" in (tmp_path / "report.md").read_text()
+    assert res["not_judged"] == [] and res["heldout"]["n"] == 8
+
+
+def test_evaluate_judges_only_what_knows_the_models_data(tmp_path):
+    """A 10-class model that did not learn `digits`, or a text model that did not learn `shapes`, gets
+    no digit or caption score: one line says what is not judged, and samples are drawn instead."""
+    from PIL import Image
+
+    from ldmkit.evaluate.diffusion import evaluate_diffusion
+
+    res = evaluate_diffusion(make_ldm(text=False, classes=10), tmp_path / "a", seeds=1, steps=1, dataset=None)
+    assert "digits" not in res and "heldout" not in res
+    assert len(res["not_judged"]) == 2 and "class fidelity" in res["not_judged"][1] and "--data" in res["not_judged"][0]
+    assert (tmp_path / "a" / "label_samples.png").is_file() and "Not judged" in (tmp_path / "a" / "report.md").read_text()
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a grey square number {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate_diffusion(make_ldm(text=True, classes=0), tmp_path / "b", seeds=1, steps=1, dataset=str(folder))
+    assert "text" not in res and len(res["not_judged"]) == 1 and "caption fidelity" in res["not_judged"][0]
+    h = res["heldout"]
+    assert h["n"] >= 1 and h["eps_mse"] > 0 and h["gain"] > 0
+    assert (tmp_path / "b" / "text_samples.png").is_file()
+
+
+def test_heldout_error_of_a_zero_predictor_is_one_and_ignores_the_condition():
+    """Analytic check of the held-out figure: predicting ε̂ = 0 gives E‖ε‖² = 1 per element, with or
+    without the condition (gain exactly 1)."""
+    from ldmkit.data import build_dataset
+    from ldmkit.data.tensors import materialize
+    from ldmkit.evaluate.diffusion import heldout_error
+
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, z, t, cond):
+            return torch.zeros_like(z)
+
+    ldm = make_ldm(text=False, classes=18)
+    ldm.unet = Zero()
+    data = materialize(build_dataset("shapes", 16, "val", length=64), progress=False)
+    res = heldout_error(ldm, data)
+    assert res["n"] == 64 and res["gain"] == 1.0
+    assert abs(res["eps_mse"] - 1) < 0.02  # 64 images × 6 t × 64 latent values: std ≈ 0.007
 
 
 def test_first_stage_stays_float32_under_float16_autocast():

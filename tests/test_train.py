@@ -1,7 +1,6 @@
 """Training loops end to end on tiny configs: checkpoints, exact resume after SIGKILL, CLI errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -242,7 +241,9 @@ def test_demo_quick_writes_report_and_layout(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "colour" in report and "diffusion_eval/text_samples.png" in report
     res = json.loads((out / "results.json").read_text())
-    assert res["attributes"]["n"] == 72 and 0 <= res["attributes"]["colour"] <= 1
+    # a 6-step smoke run: its figures are near chance (the floors are in test_quality.py); the report
+    # states the same figures as results.json
+    assert res["attributes"]["n"] == 72 and f"{100 * res['attributes']['colour']:.1f} %" in report
     assert (out / "diffusion_eval" / "text_samples.png").is_file()
     assert (out / "autoencoder_eval" / "reconstructions.png").is_file()
     assert isinstance(ldmkit.load(out / "diffusion"), torch.nn.Module)

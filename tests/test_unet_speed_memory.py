@@ -269,7 +269,7 @@ def test_cpu_bf16_attention_is_at_least_as_exact_as_sdpa_in_bf16():
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
-def test_bf16_autocast_training_step_runs_and_matches_fp32():
+def test_bf16_autocast_training_step_matches_fp32_loss_and_gradients():
     cfg = tiny()
     torch.manual_seed(0)
     unet = UNet(cfg).train()
@@ -278,8 +278,14 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16, grads16 = loss_and_grads(unet, kw)
     torch.testing.assert_close(loss16, loss32, rtol=0.05, atol=0.02)
+    # every parameter's gradient points the same way as in float32 (bf16 keeps 8 mantissa bits, so a
+    # per-element tolerance would be meaningless; the direction is what the optimizer follows)
     for name, g in grads32.items():
-        assert torch.isfinite(grads16[name]).all(), name
+        g16 = grads16[name].float()
+        assert torch.isfinite(g16).all(), name
+        if g.norm() > 1e-6:
+            cos = F.cosine_similarity(g16.flatten(), g.flatten(), dim=0)
+            assert cos > 0.99, (name, cos.item())
 
 
 def test_cpu_bf16_attention_gradients_match_float32():

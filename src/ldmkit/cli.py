@@ -198,36 +198,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _, kind, _, meta = read_config(args.checkpoint)
     model = ldmkit.load(args.checkpoint)
     out = Path(args.out or Path(args.checkpoint) / "evaluation")
+    dataset = args.data or meta.get("dataset")  # what the model learned: the only data it can be judged on
     if kind == "autoencoder":
         from ldmkit.evaluate.autoencoder import evaluate_autoencoder
 
-        dataset = args.data or meta.get("dataset", "shapes")
         size = args.size or meta.get("image_size", 32)
-        res = evaluate_autoencoder(model, dataset, size, out, n=args.num_images, seed=args.seed)
-        print(json.dumps(res, indent=2))
-        print(f"report written to {out / 'report.md'}")
-        return 0
-    if kind in ("controlnet", "adapter") or (kind == "latent_diffusion" and model.config.concat is not None):
-        from ldmkit.evaluate.routes import evaluate_routes
+        res = evaluate_autoencoder(model, dataset or "shapes", size, out, n=args.num_images, seed=args.seed)
+    elif kind in ("controlnet", "adapter") or (kind == "latent_diffusion" and model.config.concat is not None):
         from ldmkit.checkpoint import load_control
+        from ldmkit.evaluate.routes import evaluate_routes
 
+        if dataset is None:
+            raise LdmkitError(f"{args.checkpoint} does not record the data it learned; pass --data NAME_OR_FOLDER "
+                              "with images like its training images")
         control, control_kind = None, None
         if kind != "latent_diffusion":
             control, model, _ = load_control(args.checkpoint)
             control_kind = meta.get("control", "mask")
         res = evaluate_routes(model, out, control=control, control_kind=control_kind, n=args.num_images,
-                              steps=args.steps, guidance=args.guidance, seed=args.seed)
-        print(json.dumps(res, indent=2))
-        print(f"report written to {out / 'report.md'}")
-        return 0
-    if kind == "latent_diffusion":
+                              steps=args.steps, guidance=args.guidance, seed=args.seed, dataset=dataset)
+    elif kind == "latent_diffusion":
         from ldmkit.evaluate.diffusion import evaluate_diffusion
 
-        res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance)
-        print(json.dumps(res, indent=2))
-        print(f"report written to {out / 'report.md'}")
-        return 0
-    raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
+        res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+                                 dataset=dataset, num_images=args.num_images, seed=args.seed)
+    else:
+        raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
+    print(json.dumps(res, indent=2))
+    for line in res.get("not_judged", []):
+        print(f"not judged: {line}", file=sys.stderr)
+    print(f"report written to {out / 'report.md'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
     e.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/evaluation)")
-    e.add_argument("--data", default=None, help="dataset to evaluate on (default: the training dataset)")
+    e.add_argument("--data", default=None, help="dataset or folder to evaluate on (default: the one the checkpoint "
+                   "learned, from its meta); fidelity is judged only where a judge knows this data")
     e.add_argument("--size", type=_number(int, 8), default=None, help="image size (default: the training size)")
-    e.add_argument("--num-images", type=POSITIVE, default=256)
+    e.add_argument("--num-images", type=POSITIVE, default=256, help="held-out images to measure on")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--seeds", type=POSITIVE, default=2, help="diffusion: samples per caption/label")
     e.add_argument("--steps", type=POSITIVE, default=25, help="diffusion: sampling steps")

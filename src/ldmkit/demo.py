@@ -73,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     t = time.time()
     s = ldm_cfg.sample
     ev = evaluate_diffusion(load(ldm_dir), out / "diffusion_eval", seeds=seeds, steps=s.steps, sampler=s.sampler,
-                            guidance=s.guidance)
+                            guidance=s.guidance, dataset=ldm_cfg.data.dataset)
     scores = ev["text"]
     timings["sampling"] = time.time() - t
 

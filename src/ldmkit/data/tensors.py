@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ldmkit.errors import LdmkitError
+
 
 @dataclass
 class TensorData:
@@ -50,3 +52,13 @@ def materialize(ds: Dataset, limit: int | None = None, desc: str = "loading data
         texts=texts,
         extras={k: torch.stack(v) for k, v in extras.items() if len(v) == n},
     )
+
+
+def control_maps(data: TensorData, which: str, dataset: str) -> torch.Tensor:
+    """(N, C, H, W) control images in [0, 1] from the materialised data."""
+    if which not in data.extras:
+        have = ", ".join(sorted(data.extras)) or "none"
+        raise LdmkitError(f"dataset '{dataset}' has no '{which}' maps (it has: {have}); shapes has edge and mask, "
+                          "an image folder has control from metadata.jsonl's conditioning_image")
+    maps = data.extras[which].float()
+    return (maps + 1) / 2 if maps.min() < 0 else maps  # folder control images come in [-1, 1]

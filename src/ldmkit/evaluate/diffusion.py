@@ -1,9 +1,17 @@
 """`ldmkit evaluate` for a diffusion checkpoint: does it obey its conditions?
 
-On `shapes`, conditional fidelity is measurable: every caption (text route) or every class id
-(label route: shape × colour) is sampled at several seeds and the independent attribute checker
-reads colour, position and shape back from each image. A report with the sample grid is written.
-For models with neither route, a grid of unconditional samples is written.
+What can be judged depends on the data the model learned (the checkpoint's `meta["dataset"]`, or
+`--data`); nothing is scored against a judge that does not know the model's data:
+
+- any dataset: the held-out denoising error, E‖ε̂(z_t, t, c) − ε‖² on the validation split over a
+  fixed grid of timesteps and seeded noise, with the true conditions and with every route at its
+  null value. A model that uses its caption or class predicts the noise better when it is given it,
+  so `gain = null / conditional > 1` measures how much the condition is used, on any data.
+- `shapes`: every caption (text route) or every class id (label route: shape × colour) is sampled at
+  several seeds and the independent attribute checker reads colour, position and shape back.
+- `digits` (10 classes): an SVM trained on the real digits reads each sample's class.
+Anything else is said in one line (`res["not_judged"]`) instead of given a meaningless figure.
+A report with the sample grids is written.
 """
 
 from __future__ import annotations
@@ -13,50 +21,163 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.data import build_dataset
 from ldmkit.data.shapes import COLOURS, SHAPES, all_captions
+from ldmkit.data.tensors import materialize
+from ldmkit.diffusion.parameterization import to_x0_eps
+from ldmkit.diffusion.schedules import q_sample
+from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.attributes import check_attributes, score_captions
 from ldmkit.imageio import save_grid
+
+HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, spread over the 1000-step range
 
 
 @torch.no_grad()
 def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sampler: str = "dpmpp_2m",
-                       guidance: float = 2.0, batch_size: int = 72) -> dict:
+                       guidance: float = 2.0, batch_size: int = 72, dataset: str | None = None,
+                       num_images: int = 128, seed: int = 0) -> dict:
+    """Judge `ldm` on what its training data allows (see the module docstring); `dataset` is the
+    name or folder it was trained on (None: unknown, so only samples are written)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cc = ldm.config.conditioner
-    res: dict = {"steps": steps, "sampler": sampler, "guidance": guidance, "seeds": seeds}
+    res: dict = {"dataset": dataset, "steps": steps, "sampler": sampler, "guidance": guidance, "seeds": seeds,
+                 "not_judged": []}
     kw = dict(steps=steps, sampler=sampler, guidance=guidance)
+    grids: list[tuple[str, str]] = []  # (caption, file) of grids shown without a score
+    data = _held_out(ldm, dataset, num_images, seed) if dataset else None
+    if data is not None:
+        res["heldout"] = heldout_error(ldm, data, seed=seed)
+    else:
+        res["not_judged"].append("held-out denoising error: the checkpoint does not record its training data; "
+                                 "pass --data NAME_OR_FOLDER")
     if cc.text_encoder:
-        caps = all_captions()
-        images = []
-        for s in range(seeds):
-            for i in range(0, len(caps), batch_size):
-                images.append(ldm.sample(texts=caps[i : i + batch_size], seed=1000 * s + i, **kw))
-        images = torch.cat(images)
-        res["text"] = score_captions(images, caps * seeds)
-        save_grid(images[: len(caps)], out / "text_samples.png", nrow=12, upscale=2)
-    if cc.num_classes == len(SHAPES) * len(COLOURS):
-        # shapes class ids: label = shape_index * 6 + colour_index; position is free
-        labels = list(range(cc.num_classes))
-        texts = [""] * len(labels) if cc.text_encoder else None
-        images = torch.cat([ldm.sample(texts=texts, labels=labels, seed=1000 * s + 7, **kw) for s in range(seeds)])
-        want = [(SHAPES[lab // len(COLOURS)], list(COLOURS)[lab % len(COLOURS)]) for lab in labels] * seeds
-        found = [check_attributes(img) for img in images]
-        n = len(found)
-        res["label"] = {
-            "colour": sum(f["colour"] == w[1] for f, w in zip(found, want)) / n,
-            "shape": sum(f["shape"] == w[0] for f, w in zip(found, want)) / n,
-            "n": n,
-        }
-        save_grid(images[: len(labels)], out / "label_samples.png", nrow=6, upscale=2)
-    if cc.num_classes == 10:
-        digits = _digit_fidelity(ldm, seeds=max(seeds, 4), kw=kw)
-        save_grid(digits.pop("grid"), out / "digit_samples.png", nrow=10, upscale=2)  # a row per seed
-        res["digits"] = digits
+        if dataset == "shapes":
+            caps = all_captions()
+            images = torch.cat([ldm.sample(texts=caps[i : i + batch_size], seed=1000 * s + i, **kw)
+                                for s in range(seeds) for i in range(0, len(caps), batch_size)])
+            res["text"] = score_captions(images, caps * seeds)
+            save_grid(images[: len(caps)], out / "text_samples.png", nrow=12, upscale=2)
+        else:
+            res["not_judged"].append(f"caption fidelity: the attribute checker reads only the built-in `shapes` "
+                                     f"captions, and this model learned {_named(dataset)}")
+            caps = _some_captions(data)
+            grids.append(("samples for held-out captions, a row per seed", "text_samples.png"))
+            save_grid(torch.cat([ldm.sample(texts=caps, seed=1000 * s, **kw) for s in range(seeds)]),
+                      out / "text_samples.png", nrow=len(caps), upscale=2)
+    if cc.num_classes:
+        if dataset == "shapes" and cc.num_classes == len(SHAPES) * len(COLOURS):
+            res["label"] = _shapes_label_fidelity(ldm, seeds, kw)
+            save_grid(res["label"].pop("grid"), out / "label_samples.png", nrow=6, upscale=2)
+        elif dataset == "digits" and cc.num_classes == 10:
+            digits = _digit_fidelity(ldm, seeds=max(seeds, 4), kw=kw)
+            save_grid(digits.pop("grid"), out / "digit_samples.png", nrow=10, upscale=2)  # a row per seed
+            res["digits"] = digits
+        else:
+            res["not_judged"].append(f"class fidelity: a class judge exists only for `shapes` (18 classes) and "
+                                     f"`digits` (10); this model has {cc.num_classes} classes and learned "
+                                     f"{_named(dataset)}")
+            grids.append(("samples of the first classes, a row per class", "label_samples.png"))
+            labels = [c for c in range(min(cc.num_classes, 16)) for _ in range(seeds)]
+            texts = [""] * len(labels) if cc.text_encoder else None
+            save_grid(ldm.sample(texts=texts, labels=labels, seed=0, **kw), out / "label_samples.png", nrow=seeds,
+                      upscale=2)
     if not cc.text_encoder and not cc.num_classes:
+        grids.append(("unconditional samples", "samples.png"))
         save_grid(ldm.sample(num_samples=32, seed=0, **kw), out / "samples.png", nrow=8, upscale=2)
+    (out / "report.md").write_text(_report(res, grids, sampler, steps, guidance, seeds))
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    return res
 
-    lines = ["# Diffusion model evaluation", "", f"{sampler}, {steps} steps, guidance {guidance}, {seeds} seeds.", ""]
+
+def _named(dataset: str | None) -> str:
+    return f"'{dataset}'" if dataset else "data the checkpoint does not record"
+
+
+def _held_out(ldm, dataset: str, n: int, seed: int):
+    """Up to n items of the validation split of the model's data (the training split when a folder
+    is too small to hold any out)."""
+    size = ldm.config.image_size
+    ds = build_dataset(dataset, size, "val", seed=seed, length=n)
+    if len(ds) == 0:
+        raise LdmkitError(f"{dataset!r} has no validation images to evaluate on; pass a larger --data")
+    return materialize(ds, limit=n, progress=False)
+
+
+def _some_captions(data, k: int = 8) -> list[str]:
+    """k held-out captions to draw (empty captions when the data has none or is unknown)."""
+    if data is None:
+        return [""] * k
+    caps = [t for t in data.texts if t][:k]
+    return caps or [""] * k
+
+
+@torch.no_grad()
+def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32) -> dict:
+    """Mean ‖ε̂ − ε‖² over held-out images × HELDOUT_T, with the true conditions and with every route
+    at its null value; the same noise (seeded per image and timestep) for both."""
+    cc = ldm.config.conditioner
+    conditional = bool(cc.text_encoder or cc.num_classes)
+    d = ldm.config.diffusion
+    device = next(ldm.unet.parameters()).device
+    if cc.num_classes and int(data.labels.max()) >= cc.num_classes:
+        raise LdmkitError(f"the evaluation data has class labels up to {int(data.labels.max())}, but the model has "
+                          f"{cc.num_classes} classes; pass the --data it learned")
+    ts = [t for t in HELDOUT_T if t < d.num_timesteps] or [d.num_timesteps // 2]
+    sums = {"conditional": 0.0, "null": 0.0}
+    n = len(data)
+    for lo in range(0, n, batch_size):
+        idx = torch.arange(lo, min(n, lo + batch_size))
+        batch = data.batch(idx)
+        images = batch["image"].to(device)
+        z0 = ldm.encode_mean(images).float()
+        cond = ldm.conditioner(texts=batch["text"] if cc.text_encoder else None,
+                               labels=batch["label"].clamp_min(0) if cc.num_classes else None,
+                               batch_size=len(idx)).to(device)
+        null = ldm.conditioner.uncond(len(idx)).to(device)
+        if ldm.config.concat is not None:
+            cond.concat = ldm.concat_condition(images, batch.get("mask"))
+            null.concat = ldm.config.concat.null(cond.concat)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + lo)  # the same noise for any device
+        for t in ts:
+            eps = torch.randn(z0.shape, generator=g).to(device)
+            tt = torch.full((len(idx),), t, device=device, dtype=torch.long)
+            z_t = q_sample(ldm.schedule, z0, tt, eps)
+            a, s = ldm.schedule.alpha(tt).view(-1, 1, 1, 1), ldm.schedule.sigma(tt).view(-1, 1, 1, 1)
+            for name, c in (("conditional", cond), ("null", null)) if conditional else (("conditional", cond),):
+                _, eps_hat = to_x0_eps(d.prediction_type, ldm.unet(z_t, tt, c).float(), z_t, a, s)
+                sums[name] += (eps_hat - eps).pow(2).mean((1, 2, 3)).sum().item()
+    k = n * len(ts)
+    res = {"n": n, "t": ts, "eps_mse": sums["conditional"] / k}
+    if conditional:
+        res["eps_mse_null"] = sums["null"] / k
+        res["gain"] = res["eps_mse_null"] / max(res["eps_mse"], 1e-12)
+    return res
+
+
+def _shapes_label_fidelity(ldm, seeds: int, kw: dict) -> dict:
+    """shapes class ids: label = shape_index · 6 + colour_index; position is free."""
+    labels = list(range(ldm.config.conditioner.num_classes))
+    texts = [""] * len(labels) if ldm.config.conditioner.text_encoder else None
+    images = torch.cat([ldm.sample(texts=texts, labels=labels, seed=1000 * s + 7, **kw) for s in range(seeds)])
+    want = [(SHAPES[lab // len(COLOURS)], list(COLOURS)[lab % len(COLOURS)]) for lab in labels] * seeds
+    found = [check_attributes(img) for img in images]
+    n = len(found)
+    return {"colour": sum(f["colour"] == w[1] for f, w in zip(found, want)) / n,
+            "shape": sum(f["shape"] == w[0] for f, w in zip(found, want)) / n, "n": n, "grid": images[: len(labels)]}
+
+
+def _report(res: dict, grids: list[tuple[str, str]], sampler: str, steps: int, guidance: float, seeds: int) -> str:
+    lines = ["# Diffusion model evaluation", "",
+             f"Data: {_named(res['dataset'])}. {sampler}, {steps} steps, guidance {guidance}, {seeds} seeds.", ""]
+    if "heldout" in res:
+        h = res["heldout"]
+        row = f"| {h['eps_mse']:.4f} |" + (f" {h['eps_mse_null']:.4f} | {h['gain']:.3f} |" if "gain" in h else " – | – |")
+        lines += ["## Held-out denoising error", "",
+                  f"Mean ‖ε̂ − ε‖² over {h['n']} validation images × timesteps {h['t']} (seeded noise).", "",
+                  "| with the conditions | every route null | gain (null / conditional) |", "| --- | --- | --- |",
+                  row, ""]
     if "text" in res:
         t = res["text"]
         lines += ["## Text route (all 72 captions)", "", "| colour | position | shape | all | n |", "| --- | --- | --- | --- | --- |",
@@ -73,11 +194,11 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
                   f"{100 * dg['accuracy']:.1f} % of {dg['n']} samples are read as their label by an SVM trained on the "
                   f"real digits ({100 * dg['classifier_accuracy']:.1f} % on held-out real digits).", "",
                   "![digit samples](digit_samples.png)", ""]
-    if "text" not in res and "label" not in res and "digits" not in res:
-        lines += ["No text or shapes-label route: unconditional samples only.", "", "![samples](samples.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    return res
+    if res["not_judged"]:
+        lines += ["## Not judged", ""] + [f"- {line}." for line in res["not_judged"]] + [""]
+    for caption, file in grids:
+        lines += [f"{caption[0].upper()}{caption[1:]}:", "", f"![{caption}]({file})", ""]
+    return "\n".join(lines)
 
 
 @torch.no_grad()

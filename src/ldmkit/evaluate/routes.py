@@ -1,6 +1,7 @@
-"""`ldmkit evaluate` for the spatial routes on `shapes`: does the sample obey its spatial condition?
+"""`ldmkit evaluate` for the spatial routes: does the sample obey its spatial condition?
 
-- ControlNet / adapter: each held-out item's caption (or class) and its edge or mask map go in at
+Held-out images come from the validation split of the data the model learned (`dataset`).
+- ControlNet / adapter, on `shapes` only (where the true shape mask is known): each held-out item's caption (or class) and its edge or mask map go in at
   control scale 1; the generated shape is segmented (`shape_mask`) and compared with the item's
   ground-truth mask by intersection-over-union.
 - inpainting: each held-out image gets a random rectangle hole (seeded); the kept region's PSNR
@@ -9,7 +10,10 @@
   "boundary" PSNR is the same figure on the kept pixels within 2 px of the hole, where seams show.
 - super-resolution: PSNR against the ground truth of the model's output and of bicubic upscaling
   of the same low-resolution input.
-Every figure is written to report.md / results.json with an image grid.
+Inpainting and super-resolution are judged on any data. A control network trained on other data is
+not judged (no segmenter knows its images): that is said in one line (`res["not_judged"]`) and its
+samples are drawn beside their control maps. Every figure is written to report.md / results.json
+with an image grid.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.data import build_dataset
+from ldmkit.data.tensors import control_maps, materialize
+from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.data.tensors import materialize
 
 
 def shape_mask(images: torch.Tensor) -> torch.Tensor:
@@ -48,9 +53,11 @@ def masked_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def _held_out(ldm, n: int, seed: int):
-    size = ldm.config.image_size
-    return materialize(build_dataset("shapes", size, "val", seed=seed, length=n), limit=n, progress=False)
+def _held_out(ldm, dataset: str, n: int, seed: int):
+    ds = build_dataset(dataset, ldm.config.image_size, "val", seed=seed, length=n)
+    if len(ds) == 0:
+        raise LdmkitError(f"{dataset!r} has no validation images to evaluate on; pass a larger --data")
+    return materialize(ds, limit=n, progress=False)
 
 
 def _conditions(ldm, data, idx):
@@ -73,30 +80,42 @@ def _rect_masks(n: int, size: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None = None, n: int = 128, steps: int = 25,
-                    sampler: str = "dpmpp_2m", guidance: float = 2.0, seed: int = 0, batch_size: int = 64) -> dict:
-    """Per-route fidelity of `ldm` (and `control`, a ControlNet/adapter trained on `control_kind` maps)."""
+                    sampler: str = "dpmpp_2m", guidance: float = 2.0, seed: int = 0, batch_size: int = 64,
+                    dataset: str = "shapes") -> dict:
+    """Per-route fidelity of `ldm` (and `control`, a ControlNet/adapter trained on `control_kind` maps)
+    on held-out images of `dataset`, the data they learned."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = _held_out(ldm, n, seed)
+    data = _held_out(ldm, dataset, n, seed)
     n = len(data)
-    res: dict = {"n": n, "steps": steps, "sampler": sampler, "guidance": guidance}
-    lines = ["# Spatial route evaluation (shapes, held-out split)", "",
+    res: dict = {"dataset": dataset, "n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "not_judged": []}
+    lines = [f"# Spatial route evaluation ('{dataset}', held-out split)", "",
              f"{n} images, {sampler}, {steps} steps, guidance {guidance}.", ""]
-    kw = dict(steps=steps, sampler=sampler, guidance=guidance)
+    kw = {"steps": steps, "sampler": sampler, "guidance": guidance}
 
     def batched(fn):
         outs = [fn(torch.arange(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
         return torch.cat(outs)
 
-    if control is not None:
+    if control is not None and (dataset != "shapes" or "mask" not in data.extras):
+        res["not_judged"].append(f"control fidelity: the mask IoU needs the true shape masks of `shapes`, and this "
+                                 f"control network learned '{dataset}'")
+        maps = control_maps(data, control_kind if control_kind in data.extras else "control", dataset)
+        imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), control=control, control_image=maps[idx],
+                                              seed=seed + int(idx[0]), **kw).cpu())
+        save_grid(torch.cat([maps[:12].expand(-1, 3, -1, -1) * 2 - 1, imgs[:12]]), out / "control.png", nrow=12, upscale=3)
+        lines += [f"## {type(control).__name__} on {control_kind} maps", "",
+                  "Top row: control maps; bottom row: samples.", "", "![control](control.png)", ""]
+    elif control is not None:
         maps = (data.extras[control_kind] if control_kind in data.extras else data.extras["mask"]).float()
         truth = data.extras["mask"].float()
         # the segmenter's ceiling: the IoU it gives the real images of the same items
         res["control"] = {"kind": type(control).__name__, "map": control_kind,
                           "iou_real_images": iou(shape_mask(data.images), truth).mean().item()}
         for scale in (1.0, 0.0):
-            imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), control=control, control_image=maps[idx],
-                                                  control_scale=scale, seed=seed + int(idx[0]), **kw).cpu())
+            imgs = batched(lambda idx, scale=scale: ldm.sample(*_conditions(ldm, data, idx), control=control,
+                                                               control_image=maps[idx], control_scale=scale,
+                                                               seed=seed + int(idx[0]), **kw).cpu())
             score = iou(shape_mask(imgs), truth)
             res["control"][f"iou_scale_{scale:g}"] = score.mean().item()
             if scale == 1.0:
@@ -157,6 +176,8 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
         lines += [f"## Super-resolution ({cc.lowres_factor}x)", "", "| model PSNR | bicubic PSNR |", "| --- | --- |",
                   f"| {r['psnr']:.2f} dB | {r['psnr_bicubic']:.2f} dB |", "",
                   "Rows: bicubic upscaling, model, ground truth.", "", "![superres](superres.png)", ""]
+    if res["not_judged"]:
+        lines += ["## Not judged", ""] + [f"- {line}." for line in res["not_judged"]] + [""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res

@@ -31,7 +31,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.checkpoint import load_diffusion, resolve
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
-from ldmkit.data.tensors import TensorData, materialize
+from ldmkit.data.tensors import TensorData, control_maps, materialize
 from ldmkit.train.latents import encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, batch_indices, fit
 
@@ -105,16 +105,6 @@ def build_control(kind: str, ldm, hint_channels: int) -> ControlNet | Adapter:
     f = ldm.config.autoencoder.downsample_factor
     cls = ControlNet if kind == "controlnet" else Adapter
     return cls.from_unet(ldm.unet, hint_channels=hint_channels, latent_factor=f).train().requires_grad_(True)
-
-
-def control_maps(data: TensorData, which: str, dataset: str) -> torch.Tensor:
-    """(N, C, H, W) control images in [0, 1] from the materialised data."""
-    if which not in data.extras:
-        have = ", ".join(sorted(data.extras)) or "none"
-        raise LdmkitError(f"dataset '{dataset}' has no '{which}' maps (it has: {have}); shapes has edge and mask, "
-                          "an image folder has control from metadata.jsonl's conditioning_image")
-    maps = data.extras[which].float()
-    return (maps + 1) / 2 if maps.min() < 0 else maps  # folder control images come in [-1, 1]
 
 
 class ControlTask(Task):
