@@ -1,6 +1,7 @@
 """Training loops end to end on tiny configs: checkpoints, exact resume after SIGKILL, CLI errors."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,10 @@ def test_autoencoder_run_writes_everything(trained_ae):
     folder = resolve(trained_ae)
     doc = json.loads((folder / "config.json").read_text())
     assert doc["kind"] == "autoencoder"
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():  # the user's usual permissions, not the 0600 of temporary files
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
     stats = doc["meta"]["latent_stats"]
     assert len(stats["channel_mean"]) == doc["config"]["latent_channels"]
     # the stored scale/shift normalise the measured latents
@@ -317,3 +322,30 @@ def test_trainers_adamw_is_fused_and_matches_the_reference_loop():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[a][key], opt_ref.state[b][key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_log_line_torn_by_a_kill_or_full_disk_does_not_stop_resume(tmp_path):
+    from ldmkit.train.log import TrainLog
+
+    log = TrainLog(tmp_path)
+    for step in (2, 4, 6):
+        log.write(step, loss=0.5)
+    with log.path.open("a") as f:
+        f.write('{"step": 8, "lo')  # the process died mid-write
+    assert [r["step"] for r in log.records()] == [2, 4, 6]
+    log.truncate_after(4)
+    assert [r["step"] for r in log.records()] == [2, 4]
+    assert log.path.read_text().endswith("\n") and not list(tmp_path.glob(".log.jsonl*"))
+
+
+def test_killed_between_the_renames_of_a_resave_the_aside_copy_is_taken_back(tmp_path):
+    """Re-saving a step moves the old folder aside first; a kill before the new one is renamed in
+    leaves `latest` naming a missing folder, and `resolve` takes the aside copy back."""
+    from ldmkit.checkpoint import save_checkpoint
+    from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    cfg = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)
+    folder = save_checkpoint(tmp_path, 3, "autoencoder", AutoencoderKL(cfg), cfg)
+    folder.rename(folder.with_name(f".{folder.name}.replaced"))  # the state between the two renames
+    assert resolve(tmp_path) == folder and (folder / "model.safetensors").is_file()
+    assert isinstance(ldmkit.load(tmp_path), AutoencoderKL)

@@ -11,7 +11,11 @@ A training output folder looks like
 
 A checkpoint folder is first written under a temporary name and renamed into place, then `latest`
 is replaced with `os.replace`; both are atomic on POSIX file systems, so a crash at any moment
-leaves the previous checkpoint as "latest" and never a half-written one.
+leaves the previous checkpoint as "latest" and never a half-written one. Re-saving a step that
+exists (the final save right after a periodic one) moves the old folder aside before the new one
+is renamed in, so a crash between the two renames still leaves a complete folder (`resolve` takes
+the aside copy back). A full disk fails the save with one line; the checkpoints already written
+stay as they were.
 
 `KINDS` is the one table of what a folder can hold: kind name → its config class and builder. This
 module sits above the models and the pipeline it builds and below everything that reads or writes
@@ -36,7 +40,7 @@ from torch import nn
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.conditioning.adapter import Adapter, AdapterConfig
 from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import LdmkitError, disk_full
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 
 CONFIG = "config.json"
@@ -71,12 +75,16 @@ def kind_of(module: nn.Module) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _umask() -> int:
@@ -117,19 +125,39 @@ def save_checkpoint(
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
-        final = ckpts / name
+        for f in tmp.iterdir():  # and safetensors 0600 files: give the user's usual permissions
+            os.chmod(f, 0o666 & ~_umask())
+        final, aside = ckpts / name, _aside(ckpts / name)
         if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
-    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        _atomic_write_text(out_dir / "latest", name + "\n")
+    except BaseException as e:
+        full = not isinstance(e, KeyboardInterrupt) and disk_full(e, ckpts)  # measured before the cleanup frees space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise LdmkitError(f"the disk is full: checkpoint {name} could not be written under {ckpts}; "
+                              f"{_last_complete(out_dir)} free space, then rerun with --resume") from e
         raise
-    _atomic_write_text(out_dir / "latest", name + "\n")
     if keep > 0:
         old = sorted(p for p in ckpts.glob("step_*") if p.is_dir())[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _aside(final: Path) -> Path:
+    """Where an existing checkpoint folder waits while a new one of the same step is renamed in."""
+    return final.with_name(f".{final.name}.replaced")
+
+
+def _last_complete(out_dir: Path) -> str:
+    try:
+        return f"the last complete checkpoint, {resolve(out_dir).name}, is intact:"
+    except LdmkitError:
+        return "no checkpoint was written yet:"
 
 
 def resolve(path: str | Path) -> Path:
@@ -141,6 +169,9 @@ def resolve(path: str | Path) -> Path:
     if latest.is_file():
         target = path / "checkpoints" / latest.read_text().strip()
         if (target / CONFIG).is_file():
+            return target
+        if not target.exists() and (_aside(target) / CONFIG).is_file():  # killed between the two renames
+            os.replace(_aside(target), target)
             return target
         raise LdmkitError(f"{latest} names {target.name}, which is missing or incomplete; delete `latest` or point it at a folder in {path / 'checkpoints'}")
     if not path.exists():

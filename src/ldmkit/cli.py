@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ldmkit.errors import LdmkitError, TrainingInterrupted
+from ldmkit.errors import LdmkitError, TrainingInterrupted, disk_full
 from ldmkit.imageio import check_writable_dir
 
 EXIT_USER_ERROR = 2
@@ -365,14 +365,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("ldmkit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if args.debug:
+            raise
+        if not disk_full(e):
+            return _internal_error(e)
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"ldmkit: error: the disk is full{where} ({e.strerror}); free space or choose another --out, then rerun "
+              "(training continues from its last checkpoint with --resume)", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as e:  # noqa: BLE001 - a bug, not the user's fault: still one line
         if args.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"ldmkit: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
     finally:
         warnings.formatwarning = plain_format
+
+
+def _internal_error(e: BaseException) -> int:
+    msg = str(e).splitlines()[0] if str(e) else ""
+    print(f"ldmkit: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class ImageFolderDataset(Dataset):
     def _inside(self, relative: str, where: str) -> str:
         """`relative` as a path under the root, refusing one that leaves it (by `..`, an absolute path or,
         unless allowed, a symlink resolving outside)."""
+        if not relative or "\x00" in relative:
+            raise LdmkitError(f"{where}: {relative!r} is not a file name; name a file inside {self.root}")
         parts = relative.replace("\\", "/").split("/")
         if os.path.isabs(relative) or ".." in parts:
             raise LdmkitError(f"{where}: {relative!r} leaves the data folder {self.root}; name files inside it")

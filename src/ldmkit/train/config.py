@@ -147,16 +147,28 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def _parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as one nested dict; VALUE is YAML (so `[1, 2]`, `null`, `1e-4` work)."""
     nested: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
-            raise LdmkitError(f"override '{item}' is not KEY=VALUE (e.g. --set optim.steps=100)")
+            raise LdmkitError(f"override {item!r} is not KEY=VALUE (e.g. --set optim.steps=100)")
         key, value = item.split("=", 1)
-        node = nested
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(p.isidentifier() for p in parts):
+            raise LdmkitError(f"override {item!r}: {key!r} is not a dotted key like optim.steps")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise LdmkitError(f"override {item!r}: the value is not valid YAML ({first}); quote it inside the "
+                              f"shell's quotes, e.g. --set '{key}=\"...\"'") from None
+        node = nested
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise LdmkitError(f"override {item!r}: {'.'.join(parts[: i + 1])} was set to a value by an earlier "
+                                  "--set, so it has no keys")
+        node[parts[-1]] = parsed
     return nested
 
 
@@ -193,7 +205,7 @@ def load_config(spec: str, cls: type[C], presets: dict[str, Callable[[], C]], ov
         if not isinstance(doc, dict):
             raise LdmkitError(f"config {path} must be a mapping of sections (model:, data:, ...), got {type(doc).__name__}")
         preset = doc.pop("preset", None)
-        if preset is not None and preset not in presets:
+        if preset is not None and (not isinstance(preset, str) or preset not in presets):
             raise LdmkitError(f"config {path}: unknown preset '{preset}' (known: {', '.join(presets)})")
         base = _merge(presets[preset]().model_dump(mode="json"), doc) if preset else doc
         where = f"config {path}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,13 +25,15 @@ class TrainLog:
         """On resume, drop lines logged after the checkpoint so the log matches the weights."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [ln for ln in self.path.read_text().splitlines() if (r := _record(ln)) is not None and r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)  # a kill mid-rewrite keeps the old log
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return [r for ln in self.path.read_text().splitlines() if (r := _record(ln)) is not None]
 
     def plot(self, keys: list[str], out: Path) -> None:
         """Loss curves as a PNG (matplotlib, headless)."""
@@ -56,3 +59,12 @@ class TrainLog:
         fig.tight_layout()
         fig.savefig(out, dpi=80)
         plt.close(fig)
+
+
+def _record(line: str) -> dict | None:
+    """One log line as a dict; None for a blank line or a line torn by a kill or a full disk mid-write."""
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return r if isinstance(r, dict) and "step" in r else None

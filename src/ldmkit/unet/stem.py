@@ -15,6 +15,7 @@ from torch import nn
 
 from ldmkit.conditioning.cond import Cond
 from ldmkit.errors import LdmkitError
+from ldmkit.layers.resnet import group_norm
 from ldmkit.layers import TimestepEmbedding, timestep_embedding
 from ldmkit.unet.config import UNetConfig
 
@@ -27,8 +28,10 @@ class UNetStem(nn.Module):
         cfg = self.unet_config = unet_config
         width = cfg.widths[0]
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, width, 3, padding=1)
-        # Sinusoidal features of t (width model_channels) → MLP → (B, 4·model_channels).
+        # Sinusoidal features of t (width of level 0, as diffusers' time_proj) → MLP → (B, time_embed_dim).
         self.time_embedding = TimestepEmbedding(width, cfg.time_embed_dim) if cfg.use_time_modulation else None
+        widths = {width, *cfg.widths}
+        self.single_channel_groups = any(group_norm(w, cfg.norm_groups).num_groups == w for w in widths)
         # One extra row, index num_classes, is the "no label" class that classifier-free guidance
         # trains by dropping labels (Ho & Salimans, 2022).
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.time_embed_dim) if cfg.num_classes else None
@@ -47,7 +50,7 @@ class UNetStem(nn.Module):
         elif t.shape != (b,):
             raise LdmkitError(f"timestep t has shape {tuple(t.shape)}; expected a scalar or ({b},) for a batch of {b}")
         c = self.unet_config
-        feats = timestep_embedding(t, c.model_channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+        feats = timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
         emb = self.time_embedding(feats.to(x.dtype))  # (B, 4·C0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(cond.labels)  # (B, 4·C0)
@@ -75,6 +78,11 @@ class UNetStem(nn.Module):
                 f"latent size {hgt}x{wid} does not work with {c.num_levels} U-Net levels: height and width "
                 f"must be multiples of {m} (e.g. {m * max(1, hgt // m)}x{m * max(1, wid // m)})"
             )
+        if hgt == wid == m and self.single_channel_groups:
+            # the deepest level is 1x1 and some GroupNorm has one channel per group: one value to normalise
+            raise LdmkitError(f"latent size {hgt}x{wid} is too small for this U-Net: its deepest level is 1x1 and "
+                              f"model_channels={c.model_channels} leaves GroupNorm groups of one channel; use larger "
+                              "images, fewer levels or more channels")
         context, mask = cond.context, cond.context_mask
         # cross-attention route
         if context is not None and c.context_dim is None:
