@@ -98,6 +98,10 @@ def test_damaged_checkpoints_name_the_file(class_model, tmp_path, capsys):
         shutil.copytree(class_model, copy)
         damage(resolve(copy))
         cases[name] = (copy, "config.json" if name != "weights" else "model.safetensors")
+    bare = tmp_path / "bare"  # a checkpoint folder itself (no `latest` beside it) with a damaged config.json
+    shutil.copytree(resolve(class_model), bare)
+    (bare / "config.json").write_text("{bad")
+    cases["bare"] = (bare, "config.json")
     single = tmp_path / "single.safetensors"
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(single), metadata={"ldmkit": "{bad"})
     cases["single"] = (single, "single.safetensors")

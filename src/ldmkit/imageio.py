@@ -22,6 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ldmkit.errors import LdmkitError
 
 MAX_PIXELS = 1 << 28  # 268M pixels (16384²): far above any training image, far below a bomb's claim
+# PIL's own guard (a warning above 89M pixels, an error above twice that, inside Image.open) is moved
+# to the same limit, so that an image ldmkit refuses is refused by `open_image`'s check, naming its size.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageProblem(LdmkitError):
@@ -49,6 +52,9 @@ def open_image(path: str | Path, size: int | None = None, what: str = "image") -
         raise ImageProblem(what, path, "does not exist") from None
     except UnidentifiedImageError:
         raise ImageProblem(what, path, "not an image PIL can read") from None
+    except Image.DecompressionBombError:  # PIL's own guard, at twice its limit, fires inside Image.open
+        raise ImageProblem(what, path, "claims more pixels than ldmkit reads: damaged or a decompression bomb; "
+                           "downscale it if it is real") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageProblem(what, path, "truncated" if "truncated" in text else text[:80]) from None

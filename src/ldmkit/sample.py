@@ -72,6 +72,11 @@ def sample_to_folder(
     """Sample and write PNGs; returns the written paths (grid last). `spatial`: init_image, mask,
     strength, control, control_image, control_scale as `LatentDiffusion.sample` takes them (tensors
     with a batch of 1 apply to every sample)."""
+    classes = ldm.config.conditioner.num_classes
+    bad = [lab for lab in labels or [] if not 0 <= lab < classes]
+    if bad:  # refused before any folder is made or any sample is drawn
+        raise LdmkitError(f"--label {bad[0]}: this model has no label route" if not classes else
+                          f"--label {bad[0]}: this model has {classes} classes, 0..{classes - 1}")
     out = make_dir(out)
     if prompts and labels and len(prompts) != len(labels):
         raise LdmkitError(f"got {len(prompts)} prompts and {len(labels)} labels; give one label per prompt or none")

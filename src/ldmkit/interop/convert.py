@@ -55,6 +55,17 @@ def detect_format(path: str | Path) -> str:
         return "diffusers_model"
     if is_checkpoint(path):
         return "ldmkit"
+    config = path / "config.json"
+    if config.is_file():  # a config.json that neither format reads: say what is wrong with it
+        try:
+            doc = json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise LdmkitError(f"{config} is damaged: not valid JSON ({e.msg} at line {e.lineno}); restore it from "
+                              "a copy of the checkpoint") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LdmkitError(f"{config} cannot be read ({e}); restore it from a copy of the checkpoint") from None
+        raise LdmkitError(f"{config} has neither \"kind\" (ldmkit) nor \"_class_name\" (diffusers)"
+                          + (f"; its keys: {', '.join(list(doc)[:6])}" if isinstance(doc, dict) else ""))
     raise LdmkitError(
         f"cannot tell what {path} holds: expected an ldmkit checkpoint folder (config.json with \"kind\", or a "
         "training folder with `latest`), a diffusers folder (model_index.json, or config.json with \"_class_name\") "
