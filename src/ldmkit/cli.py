@@ -202,7 +202,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if kind == "autoencoder":
         from ldmkit.evaluate.autoencoder import evaluate_autoencoder
 
-        size = args.size or meta.get("image_size", 32)
+        size = args.size or [meta.get("image_size", 32)]
         res = evaluate_autoencoder(model, dataset or "shapes", size, out, n=args.num_images, seed=args.seed)
     elif kind in ("controlnet", "adapter") or (kind == "latent_diffusion" and model.config.concat is not None):
         from ldmkit.checkpoint import load_control
@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/evaluation)")
     e.add_argument("--data", default=None, help="dataset or folder to evaluate on (default: the one the checkpoint "
                    "learned, from its meta); fidelity is judged only where a judge knows this data")
-    e.add_argument("--size", type=_number(int, 8), default=None, help="image size (default: the training size)")
+    e.add_argument("--size", type=_number(int, 8), nargs="+", default=None,
+                   help="autoencoder: image size(s), e.g. --size 64 128 256 (default: the training size)")
     e.add_argument("--num-images", type=POSITIVE, default=256, help="held-out images to measure on")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--seeds", type=POSITIVE, default=2, help="diffusion: samples per caption/label")

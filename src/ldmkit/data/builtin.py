@@ -3,8 +3,10 @@
 - `DigitsDataset`: scikit-learn's handwritten digits (1,797 greyscale 8x8 images, ink 0..16, 10 classes).
 - `FacesDataset`: scikit-image's `lfw_subset.npy`: 200 greyscale 25x25 crops in [0, 1], of which only
   the first 100 are faces (the last 100 are background patches, kept there for face-detection demos).
-- `PhotosDataset`: random crops of the photographs bundled with scikit-image (read straight from its
-  data folder; the other `skimage.data` images are fetched with pooch and are not used).
+- `PhotosDataset`: random crops, at many scales, of every photograph that ships inside the installed
+  packages (scikit-image's data folder, scikit-learn's two sample images, matplotlib's sample photo);
+  whole photographs are held out for validation. The other `skimage.data` images are fetched with
+  pooch and are not used; synthetic images (logos, text, test patterns) are left out.
 
 Held-out splits are fixed and independent of `seed`, so a model trained with any seed is never
 evaluated on images it saw. The heavy packages are imported only when a dataset is built.
@@ -25,11 +27,16 @@ from ldmkit.errors import LdmkitError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-# scikit-image's bundled photographs (file names in skimage/data). motorcycle_right is left out: it is the
-# other half of the stereo pair with motorcycle_left and would leak a near copy across the split.
-TRAIN_PHOTOS = ("astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
-                "ihc.png", "coins.png", "moon.png", "brick.png", "grass.png", "gravel.png")
-VAL_PHOTOS = ("chelsea.png", "camera.png")  # whole photos held out: one colour, one greyscale
+# The photographs that ship inside installed packages, as "package:file". motorcycle_right is left out:
+# it is the other half of the stereo pair with motorcycle_left and would leak a near copy across the split.
+TRAIN_PHOTOS = ("skimage:astronaut.png", "skimage:coffee.png", "skimage:rocket.jpg", "skimage:motorcycle_left.png",
+                "skimage:hubble_deep_field.jpg", "skimage:ihc.png", "skimage:coins.png", "skimage:moon.png",
+                "skimage:brick.png", "skimage:grass.png", "skimage:gravel.png", "skimage:retina.jpg",
+                "skimage:cell.png", "skimage:clock_motion.png", "sklearn:china.jpg")  # not microaneurysms: 102 px
+# Whole photographs held out, two of them from packages the training photographs do not come from
+# (a flower close-up, a portrait), so validation measures compression of unseen photographs.
+VAL_PHOTOS = ("skimage:chelsea.png", "skimage:camera.png", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg")
+COLOUR_JITTER = 0.1  # train crops: brightness, contrast and saturation each scaled by U(1 - j, 1 + j)
 
 
 def _check_split(split: str) -> None:
@@ -119,19 +126,51 @@ class FacesDataset(Dataset):
         return {"image": self.images[index], "text": "", "label": -1}
 
 
+def _photo_file(spec: str) -> str:
+    """The path of a bundled photograph named "package:file"."""
+    package, name = spec.split(":", 1)
+    if package == "skimage":
+        return _skimage_file(name)
+    try:
+        if package == "sklearn":
+            import sklearn.datasets
+
+            folder = os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+        else:
+            import matplotlib
+
+            folder = os.path.join(matplotlib.get_data_path(), "sample_data")
+    except ImportError:
+        raise LdmkitError(f"the photos dataset needs {package}: pip install {package.replace('sk', 'scikit-')}") from None
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        raise LdmkitError(f"{package}'s bundled {name} is missing at {path}; reinstall it: pip install -U {package}")
+    return path
+
+
 @functools.cache
-def _load_photo(name: str) -> Image.Image:
-    with Image.open(_skimage_file(name)) as im:
+def _load_photo(spec: str) -> Image.Image:
+    with Image.open(_photo_file(spec)) as im:
         return im.convert("RGB")  # greyscale photos replicated to 3 channels
 
 
+def _jitter(image: torch.Tensor, rng: np.random.Generator, amount: float) -> torch.Tensor:
+    """Mild colour jitter of a (3, H, W) image in [-1, 1]: brightness, contrast, saturation."""
+    b, c, s = rng.uniform(1 - amount, 1 + amount, size=3)
+    x = (image + 1) / 2 * b  # brightness
+    x = (x - x.mean()) * c + x.mean()  # contrast about the mean
+    grey = x.mean(0, keepdim=True)
+    x = (x - grey) * s + grey  # saturation about the pixel's grey
+    return (x.clamp(0, 1) * 2 - 1).float()
+
+
 class PhotosDataset(Dataset):
-    """Random square crops of scikit-image's photographs, resized to `size`; for autoencoder training.
+    """Random square crops of the bundled photographs, resized to `size`; for autoencoder training.
 
     Item i is a pure function of (seed, split, i): a photo, a crop side log-uniform between ~1/8 of
-    the photo's short side (at least `size`) and all of it, a position, and a coin flip for a
-    horizontal mirror. Val crops come only from photos that train never sees (`VAL_PHOTOS`).
-    `length` defaults to 5,000 for train and 500 for val.
+    the photo's short side (at least `size`) and all of it, a position, and (train only) a coin flip
+    for a horizontal mirror and a mild colour jitter. Val crops come only from whole photographs that
+    train never sees (`VAL_PHOTOS`). `length` defaults to 5,000 for train and 500 for val.
     """
 
     name = "photos"
@@ -143,7 +182,7 @@ class PhotosDataset(Dataset):
         self._split_id = 0 if split == "train" else 1
         self.photos = VAL_PHOTOS if split == "val" else TRAIN_PHOTOS
         for name in self.photos:  # fail now, not in a worker, if a file is missing
-            _skimage_file(name)
+            _photo_file(name)
         self.length = length if length is not None else (5000 if split == "train" else 500)
 
     def __len__(self) -> int:
@@ -162,6 +201,9 @@ class PhotosDataset(Dataset):
         crop = photo.resize((self.size, self.size), Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side),
                             reducing_gap=2.0)  # reducing_gap: box-filter first, so large crops do not alias
         image = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size)
-        if rng.random() < 0.5:
-            image = image.flip(-1)
+        flip, jitter = rng.random() < 0.5, rng.random()  # drawn for both splits so crops stay seed-stable
+        if self.split == "train":
+            if flip:
+                image = image.flip(-1)
+            image = _jitter(image, np.random.default_rng([self.seed, 2, index, int(jitter * 2**31)]), COLOUR_JITTER)
         return {"image": image, "text": "", "label": -1}
