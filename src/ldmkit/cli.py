@@ -203,7 +203,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ldmkit.evaluate.autoencoder import evaluate_autoencoder
 
         size = args.size or [meta.get("image_size", 32)]
-        res = evaluate_autoencoder(model, dataset or "shapes", size, out, n=args.num_images, seed=args.seed)
+        # a folder the model did not train on is evaluated whole; its training data on the held-out split
+        split = "all" if args.data and args.data != meta.get("dataset") and os.path.isdir(args.data) else "val"
+        res = evaluate_autoencoder(model, dataset or "shapes", size, out, n=args.num_images, seed=args.seed, split=split)
     elif kind in ("controlnet", "adapter") or (kind == "latent_diffusion" and model.config.concat is not None):
         from ldmkit.checkpoint import load_control
         from ldmkit.evaluate.routes import evaluate_routes

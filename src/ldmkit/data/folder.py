@@ -67,7 +67,8 @@ def _hash_fraction(name: str) -> float:
 class ImageFolderDataset(Dataset):
     """Images from a folder (see the module docstring); items: image, text, label, and control if given.
 
-    Train/val split by hashing each file name: a file is val when its hash fraction < `val_fraction`.
+    Train/val split by hashing each file name: a file is val when its hash fraction < `val_fraction`;
+    split "all" takes every image (to evaluate on a folder the model never trained on).
     If that leaves val empty in a folder of two or more images, the file with the smallest hash is val.
     Images are resized so the shorter side is `size`, then centre-cropped; with `center_crop=False`
     the train split crops at a random place instead (val always centres, to be comparable run to run),
@@ -77,8 +78,8 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str, size: int = 32, split: str = "train", val_fraction: float = 0.05, seed: int = 0,
                  skip_bad: bool = False, center_crop: bool = True, allow_outside_links: bool = False):
-        if split not in ("train", "val"):
-            raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
+        if split not in ("train", "val", "all"):
+            raise LdmkitError(f"unknown split {split!r}: use 'train', 'val' or 'all'")
         if not os.path.isdir(root):
             raise LdmkitError(f"image folder {root} does not exist or is not a folder; give a folder of images")
         self.root, self.size, self.split, self.seed = root, size, split, seed
@@ -97,7 +98,7 @@ class ImageFolderDataset(Dataset):
         val = {f for f, frac in fractions.items() if frac < val_fraction}
         if not val and len(items) >= 2 and val_fraction > 0:
             val = {min(fractions, key=fractions.get)}
-        self.items = [item for item in items if (item.file in val) == (split == "val")]
+        self.items = items if split == "all" else [item for item in items if (item.file in val) == (split == "val")]
         if not self.items:
             raise LdmkitError(f"the {split} split of {root} is empty ({len(items)} images in all); add more images")
 

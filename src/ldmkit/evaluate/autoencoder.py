@@ -16,6 +16,7 @@ latent space is — the measurable side of "why a VAE and not a plain AE" (DESIG
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -63,10 +64,11 @@ def reconstruction_figures(model: AutoencoderKL, x_all: torch.Tensor, batch_size
 @torch.no_grad()
 def evaluate_autoencoder(
     model: AutoencoderKL, dataset: str, size: int | list[int], out: str | Path, n: int = 256, seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 64, split: str = "val",
 ) -> dict:
     """Held-out figures at `size` (the first of several sizes: grids and latent statistics there, PSNR
-    / SSIM / bicubic baseline at each, in res["by_size"])."""
+    / SSIM / bicubic baseline at each, in res["by_size"]). `split` "all" takes every image of a folder
+    the model never trained on."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [size] if isinstance(size, int) else list(size)
@@ -80,7 +82,7 @@ def evaluate_autoencoder(
         for s in sizes:
             if s // f > 64 and model.tiling is None:
                 model.enable_tiling(tile_latent=64, overlap_latent=16)
-            data = materialize(build_dataset(dataset, s, "val", seed=seed), n, "eval data")
+            data = materialize(build_dataset(dataset, s, split, seed=seed), n, "eval data")
             figures, zs = reconstruction_figures(model, data.images, max(1, batch_size * 64 * 64 // (s * s)))
             figures["tiled"] = model.tiling is not None
             by_size[s] = figures
@@ -125,7 +127,8 @@ def evaluate_autoencoder(
     lines = [
         "# Autoencoder evaluation",
         "",
-        f"Held-out `{dataset}` at {size}x{size}, {res['images']} images; latent shape {res['latent_shape']}.",
+        f"{'Every image of' if split == 'all' else 'Held-out'} `{dataset}` at {size}x{size}, {res['images']} images; "
+        f"latent shape {res['latent_shape']}.",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -157,4 +160,5 @@ def evaluate_autoencoder(
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
