@@ -171,3 +171,37 @@ def test_metrics_against_references():
         assert abs(ssim(x, y)[i].item() - ref_ssim) < 1e-4
         assert abs(psnr(x, y)[i].item() - peak_signal_noise_ratio(a, b, data_range=1.0)) < 1e-3
     assert ssim(x, x).min() > 0.9999
+
+
+def test_bicubic_shortcut_starts_as_bicubic_down_up_and_learns_on_top(tmp_path):
+    """With `bicubic_shortcut` the untrained codec is exactly bicubic down/up by f (antialiased
+    down, plain up); the learned paths then add to it, the state survives save/load, and diffusers'
+    AutoencoderKL (which has no shortcut) refuses it by name."""
+    import torch.nn.functional as F
+
+    from ldmkit.checkpoint import save_checkpoint
+    from ldmkit.interop.diffusers import vae_config_to_diffusers
+
+    cfg = AutoencoderConfig(base_channels=16, channel_mult=(1, 2, 2), norm_groups=8, bicubic_shortcut=True)
+    torch.manual_seed(0)
+    ae = AutoencoderKL(cfg).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    small = F.interpolate(x, scale_factor=1 / 4, mode="bicubic", antialias=True)
+    post = ae.encode(x)
+    assert torch.equal(post.mean[:, :3], small) and post.std.max() < 0.02  # logvar starts at -8
+    assert torch.equal(ae.decode(post.mean), F.interpolate(small, scale_factor=4, mode="bicubic"))
+    # one step of training moves it off bicubic, and the shortcut is still there after a round trip
+    opt = torch.optim.Adam(ae.parameters(), 1e-2)
+    loss = (ae.decode(ae.encode(x).mean) - x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path, 1, "autoencoder", ae, cfg)
+    import ldmkit
+
+    back = ldmkit.load(tmp_path)
+    assert back.config.bicubic_shortcut
+    with torch.no_grad():
+        assert torch.equal(back.decode(back.encode(x).mean), ae.decode(ae.encode(x).mean))
+        assert not torch.equal(ae.decode(ae.encode(x).mean), F.interpolate(small, scale_factor=4, mode="bicubic"))
+    with pytest.raises(LdmkitError, match="bicubic_shortcut"):
+        vae_config_to_diffusers(cfg)

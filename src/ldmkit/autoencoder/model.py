@@ -42,6 +42,10 @@ class AutoencoderConfig(BaseModel):
     norm_groups: int = Field(32, ge=1, description="GroupNorm groups (reduced to a divisor for tiny widths)")
     variational: bool = Field(True, description="KL autoencoder (True) or plain deterministic AE (False)")
     use_quant_conv: bool = Field(True, description="1x1 convs around the latent, as in SD")
+    bicubic_shortcut: bool = Field(
+        False, description="residual over bicubic: the latent's first channels add the image shrunk by f, the "
+        "decoder adds them blown up by f, so the codec starts as bicubic down/up and learns what it loses "
+        "(the space-to-channel shortcuts of DC-AE, Chen et al. 2024); not in SD or diffusers")
     # Latent normalisation z' = (z - shift) * scale, measured on the training set after training
     # (Rombach et al. 2022, §4.3.2 "rescale the latent ... by the component-wise std"); SD v1 uses
     # scale 0.18215 and shift 0.
@@ -238,6 +242,8 @@ class AutoencoderKL(nn.Module):
         moments = 2 * c if config.variational else c
         self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_quant_conv else None
+        if config.bicubic_shortcut:
+            self._init_as_bicubic()
         self.tiling: Tiling | None = None  # set by enable_tiling
         self.slice_size: int | None = None  # set by enable_slicing
 
@@ -320,7 +326,12 @@ class AutoencoderKL(nn.Module):
 
     def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2c or c, H/f, W/f)
-        return moments if self.quant_conv is None else self.quant_conv(moments)
+        moments = moments if self.quant_conv is None else self.quant_conv(moments)
+        if self.config.bicubic_shortcut:  # the mean's first k channels: the image shrunk by f (+ the learned part)
+            k = self._shortcut_channels
+            small = F.interpolate(x, scale_factor=1 / self.downsample_factor, mode="bicubic", antialias=True)
+            moments = torch.cat([moments[:, :k] + small[:, :k].to(moments.dtype), moments[:, k:]], dim=1)
+        return moments
 
     def _posterior(self, moments: torch.Tensor) -> DiagonalGaussian:
         if not self.config.variational:
@@ -334,9 +345,29 @@ class AutoencoderKL(nn.Module):
         return tiled_apply(self._decode_tile, z, self.tiling, in_scale=1, out_scale=self.downsample_factor)
 
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)  # (B, 3, H, W)
+        out = self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))  # (B, 3, H, W)
+        if self.config.bicubic_shortcut:  # + the latent's first k channels blown up by f
+            k = self._shortcut_channels
+            big = F.interpolate(z[:, :k], scale_factor=self.downsample_factor, mode="bicubic")
+            out = torch.cat([out[:, :k] + big.to(out.dtype), out[:, k:]], dim=1)
+        return out
+
+    @property
+    def _shortcut_channels(self) -> int:
+        return min(self.config.in_channels, self.config.latent_channels)
+
+    @torch.no_grad()
+    def _init_as_bicubic(self) -> None:
+        """Start as exactly bicubic down/up: the learned paths' last layers output zero, and the
+        posterior's std starts small (logvar −8) so early samples stay near the mean."""
+        for conv in (self.encoder.conv_out, self.decoder.conv_out):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        if self.quant_conv is not None:
+            self.quant_conv.bias.zero_()
+        if self.config.variational:
+            last = self.quant_conv if self.quant_conv is not None else self.encoder.conv_out
+            last.bias[self.config.latent_channels:] = -8.0
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         """Reconstruct x; returns (reconstruction, posterior)."""

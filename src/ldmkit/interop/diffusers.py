@@ -150,6 +150,8 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int | None = No
     problems = []
     if not cfg.variational:
         problems.append("variational=False (a plain autoencoder; diffusers' AutoencoderKL is always a KL one)")
+    if cfg.bicubic_shortcut:
+        problems.append("bicubic_shortcut=True (diffusers' AutoencoderKL has no shortcut)")
     bad = [w for w in cfg.widths if w % cfg.norm_groups]
     if bad:
         problems.append(f"norm_groups={cfg.norm_groups} does not divide widths {bad} (diffusers uses it as given)")

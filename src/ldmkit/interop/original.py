@@ -343,6 +343,8 @@ def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tupl
     if isinstance(module, AutoencoderKL):
         if not module.config.variational:
             raise LdmkitError("a plain (non-variational) autoencoder has no Stable Diffusion form")
+        if module.config.bicubic_shortcut:
+            raise LdmkitError("an autoencoder with bicubic_shortcut=True has no Stable Diffusion form")
         return vae_to_original(module.state_dict(), module.config), {"kind": "autoencoder", "config": module.config.model_dump(mode="json")}
     if isinstance(module, UNet):
         check_unet_expressible(module.config)
@@ -354,6 +356,8 @@ def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tupl
     cfg = module.config
     if not cfg.autoencoder.variational:
         raise LdmkitError("a plain (non-variational) autoencoder has no Stable Diffusion form")
+    if cfg.autoencoder.bicubic_shortcut:
+        raise LdmkitError("an autoencoder with bicubic_shortcut=True has no Stable Diffusion form")
     check_unet_expressible(cfg.unet)
     own = module.unet.state_dict()
     sd = {UNET_PREFIX + o: own[k] for k, o in unet_key_map(cfg.unet).items()}
