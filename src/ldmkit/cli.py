@@ -64,7 +64,9 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     meta = json.loads((folder / "config.json").read_text())["meta"]
     v = meta["val"]
     print(
-        f"autoencoder saved to {folder}: held-out PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, "
+        f"autoencoder saved to {folder}: held-out PSNR {v['psnr']:.2f} dB"
+        + (f" (bicubic down/up: {v['bicubic_psnr']:.2f} dB)" if "bicubic_psnr" in v else "")
+        + f", SSIM {v['ssim']:.4f}, "
         f"latent scale {1 / meta['latent_stats']['std']:.4f} shift {meta['latent_stats']['mean']:.4f}, "
         f"{meta['train_seconds']:.0f} s"
     )

@@ -41,10 +41,10 @@ def bicubic_down_up(x: torch.Tensor, factor: int) -> torch.Tensor:
 def reconstruction_figures(model: AutoencoderKL, x_all: torch.Tensor, batch_size: int = 64) -> tuple[dict, list]:
     """PSNR/SSIM of the posterior mode's reconstruction and of bicubic down/up at the model's factor,
     KL per element; and the per-batch latents (posterior modes)."""
-    f = model.downsample_factor
+    f, device = model.downsample_factor, next(model.parameters()).device
     ps, ss, bp, bs, kls, zs = [], [], [], [], [], []
     for i in range(0, len(x_all), batch_size):
-        x = x_all[i : i + batch_size]
+        x = x_all[i : i + batch_size].to(device)
         post = model.encode(x)
         rec = model.decode(post.mode()).clamp(-1, 1)
         ps.append(psnr(rec, x))
