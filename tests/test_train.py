@@ -389,3 +389,29 @@ def test_evaluate_autoencoder_reports_bicubic_baseline_sizes_and_whole_folders(t
                             "--out", str(tmp_path / "ev2")], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "ev2" / "results.json").read_text())["images"] == 5  # all of them, not a val split
+
+
+@pytest.mark.parametrize("name", ["shapes", "faces", "photos", "photos-f8", "digits", "tiny"])
+def test_every_autoencoder_preset_builds_and_round_trips_its_image_size(name):
+    from ldmkit.autoencoder import AutoencoderKL
+    from ldmkit.train.config import AUTOENCODER_PRESETS
+
+    cfg = AUTOENCODER_PRESETS[name]()
+    ae = AutoencoderKL(cfg.model).eval()
+    x = torch.rand(1, 3, cfg.data.size, cfg.data.size) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x).mode()
+        assert z.shape == (1, cfg.model.latent_channels, cfg.data.size // ae.downsample_factor,
+                           cfg.data.size // ae.downsample_factor)
+        assert ae.decode(z).shape == x.shape
+
+
+def test_photos_presets_start_as_bicubic_and_hold_out_whole_photographs():
+    from ldmkit.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS
+    from ldmkit.train.config import AUTOENCODER_PRESETS
+
+    for name, f in (("photos", 4), ("photos-f8", 8)):
+        cfg = AUTOENCODER_PRESETS[name]()
+        assert cfg.model.bicubic_shortcut and cfg.model.downsample_factor == f and cfg.data.size == 64
+    assert not set(TRAIN_PHOTOS) & set(VAL_PHOTOS)
+    assert {p.split(":")[0] for p in VAL_PHOTOS} - {p.split(":")[0] for p in TRAIN_PHOTOS}  # a package train never uses
