@@ -63,7 +63,7 @@ def test_detect_format(sd_folder, minilm_ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "config.json").write_text(json.dumps({"hello": 1}))
-    for path, pattern in ((tmp_path / "notes.txt", "not a checkpoint file"), (tmp_path / "folder", "cannot tell what"),
+    for path, pattern in ((tmp_path / "notes.txt", "not a checkpoint file"), (tmp_path / "folder", 'neither "kind"'),
                           (tmp_path / "missing", "does not exist")):  # fmt: skip
         with pytest.raises(LdmkitError, match=pattern):
             detect_format(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,17 @@ def open_image(path: str | Path, size: int | None = None, what: str = "image") -
     """Open, check, fully decode and orient one image; `size` lets JPEG decode at a reduced scale (still
     >= size). A missing, unreadable, truncated or oversized file is one ImageProblem naming it and `what`."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise ImageProblem(what, path, f"claims {w}x{h} pixels, more than ldmkit reads ({MAX_PIXELS:,}): "
-                                   "damaged or a decompression bomb; downscale it if it is real")
-            if size is not None:
-                im.draft("RGB", (size, size))  # JPEG only: DCT scaling, much faster for big photos
-            im.load()  # decodes everything: this is what catches truncated files (verify() does not)
-            return ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageProblem(what, path, f"claims {w}x{h} pixels, more than ldmkit reads ({MAX_PIXELS:,}): "
+                                       "damaged or a decompression bomb; downscale it if it is real")
+                if size is not None:
+                    im.draft("RGB", (size, size))  # JPEG only: DCT scaling, much faster for big photos
+                im.load()  # decodes everything: this is what catches truncated files (verify() does not)
+                return ImageOps.exif_transpose(im)
     except FileNotFoundError:
         raise ImageProblem(what, path, "does not exist") from None
     except UnidentifiedImageError:
