@@ -1,9 +1,10 @@
 """`ldmkit evaluate` for the spatial routes: does the sample obey its spatial condition?
 
 Held-out images come from the validation split of the data the model learned (`dataset`).
-- ControlNet / adapter, on `shapes` only (where the true shape mask is known): each held-out item's caption (or class) and its edge or mask map go in at
-  control scale 1; the generated shape is segmented (`shape_mask`) and compared with the item's
-  ground-truth mask by intersection-over-union.
+- ControlNet / adapter, on `shapes` only (where the true shape mask is known): each held-out
+  item's caption (or class) and its edge or mask map go in at control scale 1; the generated shape
+  is segmented (`shape_mask`) and compared with the item's ground-truth mask by
+  intersection-over-union.
 - inpainting: each held-out image gets a random rectangle hole (seeded); the kept region's PSNR
   against the original is compared with the first stage's own reconstruction PSNR on the same
   pixels (the best the model can do, since the output passes through the decoder), and the
