@@ -41,6 +41,7 @@ from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.conditioning.adapter import Adapter, AdapterConfig
 from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError, disk_full
+from ldmkit.imageio import atomic_write, umask
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 
 CONFIG = "config.json"
@@ -71,26 +72,6 @@ def kind_of(module: nn.Module) -> str:
         if type(module) is kind.module_cls:
             return name
     raise LdmkitError(f"a {type(module).__name__} alone has no ldmkit checkpoint form; save the model that holds it")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _state_dict(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,16 +105,16 @@ def save_checkpoint(
             save_file(_state_dict(ema), str(tmp / EMA_WEIGHTS))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 folders
         for f in tmp.iterdir():  # and safetensors 0600 files: give the user's usual permissions
-            os.chmod(f, 0o666 & ~_umask())
+            os.chmod(f, 0o666 & ~umask())
         final, aside = ckpts / name, _aside(ckpts / name)
         if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
-        _atomic_write_text(out_dir / "latest", name + "\n")
+        atomic_write(out_dir / "latest", (name + "\n").encode())
     except BaseException as e:
         full = not isinstance(e, KeyboardInterrupt) and disk_full(e, ckpts)  # measured before the cleanup frees space
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,8 @@ checkpoint), not a bug: the CLI prints its message as one line on stderr and exi
 Messages say what is wrong and what to do about it.
 """
 
+import os
+
 
 class LdmkitError(Exception):
     """A problem the user can fix; printed as one line by the CLI."""
@@ -27,8 +29,6 @@ def disk_full(e: BaseException, folder=None) -> bool:
     if "No space left on device" in str(e) or "os error 28" in str(e):
         return True
     if folder is not None:
-        import os
-
         try:
             st = os.statvfs(folder)
         except OSError:

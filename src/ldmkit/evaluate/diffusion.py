@@ -46,7 +46,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
                  "not_judged": []}
     kw = dict(steps=steps, sampler=sampler, guidance=guidance)
     grids: list[tuple[str, str]] = []  # (caption, file) of grids shown without a score
-    data = _held_out(ldm, dataset, num_images, seed) if dataset else None
+    data = held_out(ldm, dataset, num_images, seed) if dataset else None
     if data is not None:
         res["heldout"] = heldout_error(ldm, data, seed=seed)
     else:
@@ -95,14 +95,11 @@ def _named(dataset: str | None) -> str:
     return f"'{dataset}'" if dataset else "data the checkpoint does not record"
 
 
-def _held_out(ldm, dataset: str, n: int, seed: int):
-    """Up to n items of the validation split of the model's data (the training split when a folder
-    is too small to hold any out)."""
-    size = ldm.config.image_size
-    ds = build_dataset(dataset, size, "val", seed=seed, length=n)
-    if len(ds) == 0:
-        raise LdmkitError(f"{dataset!r} has no validation images to evaluate on; pass a larger --data")
-    return materialize(ds, limit=n, progress=False)
+def held_out(ldm, dataset: str, n: int, seed: int):
+    """Up to n items of the validation split of `dataset` (the data the model learned) at the
+    model's image size, in memory. An empty split is refused by the dataset itself."""
+    return materialize(build_dataset(dataset, ldm.config.image_size, "val", seed=seed, length=n), limit=n,
+                       progress=False)
 
 
 def _some_captions(data, k: int = 8) -> list[str]:

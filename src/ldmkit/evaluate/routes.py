@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldmkit.data import build_dataset
-from ldmkit.data.tensors import control_maps, materialize
-from ldmkit.errors import LdmkitError
+from ldmkit.data.tensors import control_maps
+from ldmkit.evaluate.diffusion import held_out
 from ldmkit.imageio import save_grid
 
 
@@ -52,13 +51,6 @@ def masked_psnr(x: torch.Tensor, y: torch.Tensor, region: torch.Tensor) -> torch
     se = ((x - y) / 2).pow(2).mean(1, keepdim=True) * region  # (B, 1, H, W) on the [0, 1] scale
     mse = se.flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def _held_out(ldm, dataset: str, n: int, seed: int):
-    ds = build_dataset(dataset, ldm.config.image_size, "val", seed=seed, length=n)
-    if len(ds) == 0:
-        raise LdmkitError(f"{dataset!r} has no validation images to evaluate on; pass a larger --data")
-    return materialize(ds, limit=n, progress=False)
 
 
 def _conditions(ldm, data, idx):
@@ -87,7 +79,7 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
     on held-out images of `dataset`, the data they learned."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = _held_out(ldm, dataset, n, seed)
+    data = held_out(ldm, dataset, n, seed)
     n = len(data)
     res: dict = {"dataset": dataset, "n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "not_judged": []}
     lines = [f"# Spatial route evaluation ('{dataset}', held-out split)", "",

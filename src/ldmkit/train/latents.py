@@ -48,9 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -64,6 +62,7 @@ from tqdm.auto import tqdm
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.data.tensors import TensorData
 from ldmkit.errors import LdmkitError
+from ldmkit.imageio import atomic_write
 from ldmkit.rng import BatchRandom, step_generator
 
 FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
@@ -142,23 +141,6 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _build(ae: AutoencoderKL, images: torch.Tensor, folder: Path, ingredients: dict, key: str,
            shard_size: int, batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image, writing each shard as soon as it is full and index.json at the end."""
@@ -182,7 +164,7 @@ def _build(ae: AutoencoderKL, images: torch.Tensor, folder: Path, ingredients: d
             data = save_safetensors({"mean": mean[written:end], "std": std[written:end]},
                                     metadata={"key": key, "start": str(written), "stop": str(end)})
             name = _shard_name(len(shards))
-            _atomic_write(folder / name, data)
+            atomic_write(folder / name, data)
             shards.append({"file": name, "start": written, "stop": end, "bytes": len(data),
                            "sha256": hashlib.sha256(data).hexdigest()})
             written = end
@@ -199,7 +181,7 @@ def _build(ae: AutoencoderKL, images: torch.Tensor, folder: Path, ingredients: d
                          "torch": torch.__version__, "seconds": round(time.time() - t0, 2)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write(folder / INDEX, (json.dumps(index, indent=2) + "\n").encode())
+    atomic_write(folder / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     return mean, std
 
 

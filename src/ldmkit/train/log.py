@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from ldmkit.imageio import atomic_write
 
 
 class TrainLog:
@@ -26,9 +27,7 @@ class TrainLog:
         if not (self.enabled and self.path.is_file()):
             return
         keep = [ln for ln in self.path.read_text().splitlines() if (r := _record(ln)) is not None and r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)  # a kill mid-rewrite keeps the old log
+        atomic_write(self.path, "".join(ln + "\n" for ln in keep).encode())  # a kill mid-rewrite keeps the old log
 
     def records(self) -> list[dict]:
         if not self.path.is_file():
