@@ -137,6 +137,44 @@ def test_shapes_combos_balanced():
     assert [ds.combo(i) for i in range(72)] != [ds.combo(i) for i in range(72, 144)]  # shuffled per block
 
 
+def test_free_layout_places_sizes_and_turns_shapes_anywhere_in_their_quadrant():
+    size = 32
+    ds = ShapesDataset(size=size, length=720, split="val", layout="free")
+    assert ds.name == "shapes-free" and build_dataset("shapes-free", size, "val").layout == "free"
+    centres, radii, fills = [], [], {"square": [], "triangle": []}
+    for i in range(len(ds)):
+        item = ds[i]
+        shape, colour, position = parse_caption(item["text"])
+        mask = item["mask"][0].numpy().astype(bool)
+        ys, xs = np.nonzero(mask)
+        cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
+        # the caption names the quadrant of the centroid, kept clear of the midlines
+        assert (cx < size / 2) == position.endswith("left") and (cy < size / 2) == position.startswith("top")
+        assert min(abs(cx - size / 2), abs(cy - size / 2)) > 0.02 * size
+        # never clipped: the drawn area is the full shape's (circle pi r^2, square the same, triangle 2 r^2)
+        assert not (mask[0].any() and mask[-1].any())
+        area = mask.sum()
+        r = np.sqrt(area / (2 if shape == "triangle" else np.pi))
+        radii.append(r / size)
+        centres.append((cx / size, cy / size))
+        if shape in fills:
+            fills[shape].append(area / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    radii, centres = np.array(radii), np.array(centres)
+    assert 0.10 < radii.min() < 0.14 and 0.27 < radii.max() < 0.32  # the 0.12-0.30 range, pixelated
+    # places spread over the whole image, not four spots: each quadrant's centres span most of it
+    for q in range(4):
+        c = centres[(centres[:, 0] > 0.5) == bool(q % 2)]
+        c = c[(c[:, 1] > 0.5) == bool(q // 2)]
+        assert np.ptp(c[:, 0]) > 0.2 and np.ptp(c[:, 1]) > 0.2
+    # turned: an upright square fills its box, a turned one as little as half of it
+    assert min(fills["square"]) < 0.6 and max(fills["square"]) > 0.9
+    assert min(fills["triangle"]) < 0.45 and max(fills["triangle"]) > 0.55
+    a, b = ShapesDataset(size, 5, layout="free"), ShapesDataset(size, 5, layout="free")
+    assert torch.equal(a[3]["image"], b[3]["image"]) and a.combo(3) == ShapesDataset(size, 5).combo(3)
+    with pytest.raises(LdmkitError, match="layout"):
+        ShapesDataset(size, layout="scattered")
+
+
 def test_render_shape_rejects_bad_input():
     with pytest.raises(LdmkitError):
         render_shape("hexagon", "red", "top left")

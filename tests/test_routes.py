@@ -155,6 +155,22 @@ def test_random_training_masks_follow_their_modes():
         assert check(ldm.random_masks(64, SIZE, ds, g))
 
 
+def test_object_masks_are_the_grown_box_around_the_shape():
+    from ldmkit.conditioning.concat import mask_box
+
+    ldm = make("inpaint")
+    ds = box(3, 9, 4, 7, n=64)
+    ldm.config.concat.mask_modes = (0, 0, 0, 0, 1)
+    m = ldm.random_masks(64, SIZE, ds, torch.Generator().manual_seed(0))
+    assert bool((m >= ds).all())  # the whole shape is in the hole
+    # grown by 1/16 … 1/8 of the 16-px side, i.e. 1 or 2 px each side of the box's 3 columns
+    assert {int(r.sum(-1).amax()) - 3 for r in m[:, 0]} == {2, 4}
+    assert torch.equal(mask_box(torch.zeros(1, 8, 8), 2), torch.zeros(1, 8, 8))
+    corner = torch.zeros(1, 8, 8)
+    corner[0, 0, 0] = 1
+    assert int(mask_box(corner, 2).sum()) == 9  # clipped at the image border
+
+
 def test_bad_images_and_masks_give_one_clear_error():
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)

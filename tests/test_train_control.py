@@ -139,8 +139,11 @@ def test_evaluate_reports_every_route(base, tmp_path, capsys):
                           "--out", str(tmp_path / "e1")], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "e1" / "results.json").read_text())
-    assert {"iou_scale_1", "iou_scale_0", "iou_real_images"} <= set(res["control"])
+    # every caption beside the probe maps, with the route and without it (the base model alone)
+    want = {f"iou_{who}_{cap}" for who in ("route", "base") for cap in ("right", "empty", "other")}
+    assert want | {"map_wins_route", "caption_wins_base", "iou_real_images"} <= set(res["control"])
     assert res["control"]["iou_real_images"] > 0.9  # the segmenter reads real shapes right
+    assert all(0 <= res["control"][k] <= 1 for k in want)
     assert (tmp_path / "e1" / "control.png").is_file() and "IoU" in (tmp_path / "e1" / "report.md").read_text()
     assert res["not_judged"] == []
     # on a user's folder no segmenter knows the images: no IoU, one line that says so, samples beside their maps
@@ -169,6 +172,9 @@ def test_evaluate_reports_every_route(base, tmp_path, capsys):
         assert rc == 0, err
         res = json.loads((tmp_path / f"e_{key}" / "results.json").read_text())
         assert all(math.isfinite(v) for v in res[key].values())
+        if key == "inpaint":  # a text inpainting model on shapes is also judged in the hole
+            assert res["replace"]["n"] == 8 and 0 <= res["replace"]["colour"] <= 1
+            assert (tmp_path / "e_inpaint" / "replace.png").is_file()
     assert res["lowres"]["psnr_bicubic"] > 20  # the baseline itself: bicubic 2x on 16 px shapes measures 24 dB
 
 

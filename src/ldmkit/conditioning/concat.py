@@ -41,9 +41,10 @@ class ConcatConfig(BaseModel):
                                 "or, False, the low-resolution RGB image resized to the latent grid (3 channels)")
     drop: float = Field(0.1, ge=0, le=1, description="P(concat → zeros) in training. With drop > 0 the unconditional "
                         "branch of guidance gets zeros; with 0 both branches keep the concat (SD inpainting)")
-    mask_modes: tuple[float, float, float, float] = Field(
+    mask_modes: tuple[float, float, float, float] | tuple[float, float, float, float, float] = Field(
         (0.5, 0.25, 0.15, 0.1), description="inpaint training masks: P(random rectangle), P(the dataset's shape mask), "
-        "P(everything: unconditional fill), P(nothing: keep all)")
+        "P(everything: unconditional fill), P(nothing: keep all) and, optionally, P(the box around the dataset's "
+        "shape mask, grown by 1/16–1/8 of the side: an object to replace)")
 
     def channels(self, latent_channels: int) -> int:
         if self.kind == "inpaint":
@@ -104,10 +105,25 @@ def degrade(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def random_masks(n: int, size: int, masks: torch.Tensor | None, modes: tuple[float, float, float, float],
+def mask_box(mask: torch.Tensor, grow: int) -> torch.Tensor:
+    """(1, H, W) {0, 1}: the bounding box of `mask` (1, H, W), grown by `grow` pixels on every side and
+    clipped to the image; empty when the mask is."""
+    out = torch.zeros_like(mask, dtype=torch.float)
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    if len(ys):
+        h, w = mask.shape[-2:]
+        y0, y1 = max(int(ys.min()) - grow, 0), min(int(ys.max()) + 1 + grow, h)
+        x0, x1 = max(int(xs.min()) - grow, 0), min(int(xs.max()) + 1 + grow, w)
+        out[:, y0:y1, x0:x1] = 1.0
+    return out
+
+
+def random_masks(n: int, size: int, masks: torch.Tensor | None, modes: tuple[float, ...],
                  generator: torch.Generator | BatchRandom | None) -> torch.Tensor:
     """SD-inpainting-style training masks (n, 1, size, size) in {0, 1}, drawn with probabilities `modes`: a
-    random rectangle, the dataset's own mask (a rectangle when there is none), everything, or nothing."""
+    random rectangle, the dataset's own mask (a rectangle when there is none), everything, nothing, and
+    (a fifth probability) the grown box around the dataset's mask (`mask_box`): the hole left by removing
+    an object, which the caption then fills with whatever it names."""
     probs = torch.tensor(modes, dtype=torch.float)
     r = BatchRandom.of(generator, n)
     mode = r.multinomial(probs).cpu()  # (n,)
@@ -116,9 +132,12 @@ def random_masks(n: int, size: int, masks: torch.Tensor | None, modes: tuple[flo
     ar = torch.arange(size)
     for i in range(n):
         m = int(mode[i])
-        if m == 1 and masks is not None:
+        if m == 4 and masks is not None:
+            # grown by 1/16 … 1/8 of the side (the corners' first fraction, reused: one draw per sample)
+            out[i] = mask_box(masks[i].cpu(), round(size * (1 + float(corners[i, 0])) / 16))
+        elif m == 1 and masks is not None:
             out[i] = masks[i].cpu().float()
-        elif m in (0, 1):
+        elif m in (0, 1, 4):
             h, w = (0.25 + 0.5 * corners[i, 2:]) * size  # sides between 1/4 and 3/4 of the image
             y0, x0 = corners[i, 0] * (size - h), corners[i, 1] * (size - w)
             out[i, 0] = (((ar >= y0) & (ar < y0 + h))[:, None] & ((ar >= x0) & (ar < x0 + w))[None]).float()

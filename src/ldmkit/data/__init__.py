@@ -21,6 +21,12 @@ def _shapes(size: int, split: str, seed: int = 0, length: int | None = None) -> 
     return ShapesDataset(size=size, length=length, seed=seed, split=split)
 
 
+def _shapes_free(size: int, split: str, seed: int = 0, length: int | None = None) -> Dataset:
+    from ldmkit.data.shapes import ShapesDataset
+
+    return ShapesDataset(size=size, length=length, seed=seed, split=split, layout="free")
+
+
 def _digits(size: int, split: str, seed: int = 0, length: int | None = None) -> Dataset:
     from ldmkit.data.builtin import DigitsDataset
 
@@ -41,7 +47,8 @@ def _photos(size: int, split: str, seed: int = 0, length: int | None = None) -> 
 
 # name -> factory(size, split, seed, length); the CLI takes its choices from these keys. The factories are
 # private and underscored so they never collide with the submodules ldmkit.data.shapes etc.
-DATASETS: dict[str, Callable[..., Dataset]] = {"shapes": _shapes, "digits": _digits, "faces": _faces, "photos": _photos}
+DATASETS: dict[str, Callable[..., Dataset]] = {"shapes": _shapes, "shapes-free": _shapes_free, "digits": _digits,
+                                               "faces": _faces, "photos": _photos}
 
 
 def dataset_names() -> list[str]:

@@ -8,6 +8,13 @@ concatenation and ControlNet conditioning.
 Item i is a pure function of (seed, split, i), so runs are reproducible without storing anything.
 Items come in blocks of 72: each block is a shuffled copy of all 72 (shape, colour, position)
 combinations, so every prefix of 72·k items is perfectly balanced; only the jitter is random.
+
+Two layouts. `fixed` (the dataset `shapes`) puts each shape near the centre of its quadrant at
+nearly one size, so the caption decides almost all of the picture. `free` (the dataset
+`shapes-free`) puts it anywhere in its quadrant where it fits, at radius 0.12–0.30 of the side, and
+turns squares and triangles by a random angle: the caption still names shape, colour and the
+quadrant of the shape's centroid, but only a spatial condition (mask, edges, an inpainting hole)
+can say exactly where and how large — which is what the spatial routes must be measured on.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ SUPERSAMPLE = 4  # draw at 4x and box-average: coverage comes in steps of 1/16
 RADIUS = (0.18, 0.21)  # circle radius as a fraction of the side (uniform); 0.2 without jitter
 CENTRE_JITTER = 0.02  # max shift of the centre from its cell centre, fraction of the side
 # With radius + jitter <= 0.23 < 0.25 no shape is ever clipped by the image border.
+FREE_RADIUS = (0.12, 0.30)  # `free` layout: radius range, fraction of the side
+FREE_MARGIN = 0.04  # `free` layout: the centroid keeps this far (fraction of the side) from the midlines,
+# so the quadrant named by the caption is never a coin toss at the pixel level
+LAYOUTS = ("fixed", "free")
+SHAPES_DATASETS = ("shapes", "shapes-free")  # the dataset names of the two layouts
 
 
 def caption(shape: str, colour: str, position: str) -> str:
@@ -72,17 +84,46 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     return combo
 
 
-def _outline(shape: str, cx: float, cy: float, r: float) -> tuple[str, list[tuple[float, float]]]:
-    """Geometry in pixel units (continuous, pixel i spans [i, i+1)): ('ellipse', bbox) or ('polygon', points)."""
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float | None = None) -> tuple[str, list[tuple[float, float]]]:
+    """Geometry in pixel units (continuous, pixel i spans [i, i+1)): ('ellipse', bbox) or ('polygon', points).
+
+    `angle=None` (the fixed layout): upright, (cx, cy) the centre of the 2r x 2r box. A number (the
+    free layout): (cx, cy) is the shape's centroid and the polygon is turned by `angle` radians about it.
+    """
     if shape == "circle":
         return "ellipse", [(cx - r, cy - r), (cx + r, cy + r)]
     if shape == "square":
         h = r * math.sqrt(math.pi) / 2  # same area as the circle
-        return "polygon", [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if shape == "triangle":
+        pts = [(-h, -h), (h, -h), (h, h), (-h, h)]
+    elif shape == "triangle":
         # Upward-pointing, same 2r x 2r bounding box as the circle (so it fills half of it; area 2r^2).
-        return "polygon", [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    raise LdmkitError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+        pts = [(0.0, -r), (r, r), (-r, r)]
+        if angle is not None:  # about the centroid, which lies r/3 below the box centre
+            pts = [(x, y - r / 3) for x, y in pts]
+    else:
+        raise LdmkitError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    if angle is not None:
+        c, s = math.cos(angle), math.sin(angle)
+        pts = [(x * c - y * s, x * s + y * c) for x, y in pts]
+    return "polygon", [(cx + x, cy + y) for x, y in pts]
+
+
+def _free_geometry(shape: str, position: str, size: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """(cx, cy, r, angle) for the free layout: radius in FREE_RADIUS, a turn for squares and triangles,
+    the centroid uniform over the places in its quadrant where the whole shape fits."""
+    r = rng.uniform(*FREE_RADIUS) * size
+    angle = 0.0 if shape == "circle" else rng.uniform(0.0, 2 * math.pi)
+    _, pts = _outline(shape, 0.0, 0.0, r, angle)
+    if shape == "circle":
+        pts = [(-r, -r), (r, r)]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    row, col = divmod(POSITIONS.index(position), 2)
+    half, margin = size / 2, FREE_MARGIN * size
+    # The centroid's allowed interval on each axis: inside the image by the shape's extent, and on its
+    # quadrant's side of the midline by the margin. Never empty: extent <= 4/3 * 0.30 = 0.40 < 0.46.
+    lo_x, hi_x = (-min(xs), half - margin) if col == 0 else (half + margin, size - max(xs))
+    lo_y, hi_y = (-min(ys), half - margin) if row == 0 else (half + margin, size - max(ys))
+    return rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y), r, angle
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -93,31 +134,40 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def render_shape(
-    shape: str, colour: str, position: str, size: int = 32, rng: np.random.Generator | None = None
+    shape: str, colour: str, position: str, size: int = 32, rng: np.random.Generator | None = None,
+    layout: str = "fixed",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one anti-aliased shape on black.
 
     Returns (image uint8 (size, size, 3), mask bool (size, size), edge bool (size, size)). The mask is
     coverage > 1/2, the edge its 1-pixel boundary; mask pixels off the edge are exactly the palette
     colour and only pixels touching the outline are blended with black. `rng=None` gives the nominal,
-    jitter-free drawing (centred in its cell, radius 0.2·size); a Generator draws centre and size jitter.
+    jitter-free drawing (centred in its cell, radius 0.2·size); a Generator draws centre and size jitter,
+    or, with `layout="free"`, place, radius and angle anywhere in the quadrant (see the module docstring).
     """
+    if layout not in LAYOUTS:
+        raise LdmkitError(f"unknown shapes layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if size < 16:
         raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
     if colour not in COLOURS:
         raise LdmkitError(f"unknown colour {colour!r}: choose one of {', '.join(COLOURS)}")
     if position not in POSITIONS:
         raise LdmkitError(f"unknown position {position!r}: choose one of {', '.join(POSITIONS)}")
-    row, col = divmod(POSITIONS.index(position), 2)
-    cx, cy, r = (0.25 + 0.5 * col) * size, (0.25 + 0.5 * row) * size, 0.2 * size
-    if rng is not None:
-        dx, dy = rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, size=2) * size
-        cx, cy, r = cx + dx, cy + dy, rng.uniform(*RADIUS) * size
+    if layout == "free":
+        if rng is None:
+            raise LdmkitError("the free shapes layout draws its geometry at random: pass a numpy Generator")
+        cx, cy, r, angle = _free_geometry(shape, position, size, rng)
+    else:
+        row, col = divmod(POSITIONS.index(position), 2)
+        cx, cy, r, angle = (0.25 + 0.5 * col) * size, (0.25 + 0.5 * row) * size, 0.2 * size, None
+        if rng is not None:
+            dx, dy = rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, size=2) * size
+            cx, cy, r = cx + dx, cy + dy, rng.uniform(*RADIUS) * size
 
     # Supersampled binary drawing -> box average = fractional coverage of each output pixel.
     f = SUPERSAMPLE
     canvas = Image.new("L", (size * f, size * f), 0)
-    kind, points = _outline(shape, cx, cy, r)
+    kind, points = _outline(shape, cx, cy, r, angle)
     # PIL fills a sub-pixel when its centre is inside; shift by half a sub-pixel to match [i, i+1) pixels.
     points = [(x * f - 0.5, y * f - 0.5) for x, y in points]
     draw = ImageDraw.Draw(canvas)
@@ -155,12 +205,17 @@ class ShapesDataset(Dataset):
 
     `length` defaults to 7,200 for train and 720 for val (100 and 10 of each combination). The split
     only changes the random stream: val images have the same captions but never the same jitter.
+    `layout="free"` is the dataset `shapes-free` (see the module docstring).
     """
 
-    name = "shapes"
     num_classes = NUM_CLASSES
 
-    def __init__(self, size: int = 32, length: int | None = None, seed: int = 0, split: str = "train"):
+    def __init__(self, size: int = 32, length: int | None = None, seed: int = 0, split: str = "train",
+                 layout: str = "fixed"):
+        if layout not in LAYOUTS:
+            raise LdmkitError(f"unknown shapes layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+        self.layout = layout
+        self.name = "shapes" if layout == "fixed" else "shapes-free"
         if split not in ("train", "val"):
             raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
         if size < 16:
@@ -182,7 +237,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.length} items")
         shape, colour, position = self.combo(index)
         rng = np.random.default_rng([self.seed, self._split_id, 1, index])
-        image, mask, edge = render_shape(shape, colour, position, self.size, rng)
+        image, mask, edge = render_shape(shape, colour, position, self.size, rng, self.layout)
         return {
             "image": _to_tensor(image),  # (3, H, W) in [-1, 1]
             "text": caption(shape, colour, position),

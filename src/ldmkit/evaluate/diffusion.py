@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.data import build_dataset
-from ldmkit.data.shapes import COLOURS, SHAPES, all_captions
+from ldmkit.data.shapes import COLOURS, SHAPES, SHAPES_DATASETS, all_captions
 from ldmkit.data.tensors import materialize
 from ldmkit.diffusion.parameterization import to_x0_eps
 from ldmkit.diffusion.schedules import q_sample
@@ -53,7 +53,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
         res["not_judged"].append("held-out denoising error: the checkpoint does not record its training data; "
                                  "pass --data NAME_OR_FOLDER")
     if cc.text_encoder:
-        if dataset == "shapes":
+        if dataset in SHAPES_DATASETS:
             caps = all_captions()
             images = torch.cat([ldm.sample(texts=caps[i : i + batch_size], seed=1000 * s + i, **kw)
                                 for s in range(seeds) for i in range(0, len(caps), batch_size)])
@@ -67,7 +67,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
             save_grid(torch.cat([ldm.sample(texts=caps, seed=1000 * s, **kw) for s in range(seeds)]),
                       out / "text_samples.png", nrow=len(caps), upscale=2)
     if cc.num_classes:
-        if dataset == "shapes" and cc.num_classes == len(SHAPES) * len(COLOURS):
+        if dataset in SHAPES_DATASETS and cc.num_classes == len(SHAPES) * len(COLOURS):
             res["label"] = _shapes_label_fidelity(ldm, seeds, kw)
             save_grid(res["label"].pop("grid"), out / "label_samples.png", nrow=6, upscale=2)
         elif dataset == "digits" and cc.num_classes == 10:

@@ -25,8 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldmkit.data.shapes import SHAPES_DATASETS
 from ldmkit.data.tensors import control_maps
+from ldmkit.conditioning.concat import mask_box
+from ldmkit.evaluate.attributes import PALETTE, SHAPE_NAMES, check_attributes, parse_caption
 from ldmkit.evaluate.diffusion import held_out
+from ldmkit.evaluate.probes import draw_probes
 from ldmkit.imageio import save_grid
 
 
@@ -71,6 +75,95 @@ def _rect_masks(n: int, size: int, seed: int) -> torch.Tensor:
     return out
 
 
+def _replace_object(ldm, data, seed: int, kw: dict, batched, out: Path) -> dict:
+    """Inpainting judged in the hole: remove each held-out shape, ask for another colour and shape there."""
+    n, size = len(data), ldm.config.image_size
+    holes = torch.stack([mask_box(m, grow=max(1, size // 16)) for m in data.extras["mask"]])  # (n, 1, S, S)
+    g = torch.Generator().manual_seed(seed + 104729)
+    colours, want = list(PALETTE), []
+    for text in data.texts:
+        colour, shape, position = parse_caption(text)
+        others_c = [c for c in colours if c != colour]
+        others_s = [s for s in SHAPE_NAMES if s != shape]
+        want.append((others_c[int(torch.randint(len(others_c), (1,), generator=g))],
+                     others_s[int(torch.randint(len(others_s), (1,), generator=g))], position))
+    captions = [f"a {c} {s} in the {p}" for c, s, p in want]
+    x = data.images
+    imgs = batched(lambda idx: ldm.sample(texts=[captions[i] for i in idx.tolist()], init_image=x[idx],
+                                          mask=holes[idx], seed=seed + int(idx[0]), **kw).cpu())
+    recon = batched(lambda idx: ldm.decode(ldm.encode_mean(x[idx])).cpu())
+    in_hole = imgs * holes - (1 - holes)  # the kept region set to black: only what fills the hole is judged
+    found = [check_attributes(im) for im in in_hole]
+    save_grid(torch.cat([x[:12] * (1 - holes[:12]), imgs[:12], x[:12]]), out / "replace.png", nrow=12,
+              upscale=3)
+    keep = 1 - holes
+    return {"n": n, "colour": sum(f["colour"] == w[0] for f, w in zip(found, want)) / n,
+            "shape": sum(f["shape"] == w[1] for f, w in zip(found, want)) / n,
+            "kept_psnr": masked_psnr(imgs, x, keep).mean().item(),
+            "kept_psnr_first_stage": masked_psnr(recon, x, keep).mean().item()}
+
+
+CAPTIONS = ("right", "empty", "other")  # the caption beside each control map: the map's, none, another quadrant's
+
+
+def _control_fidelity(ldm, control, kind: str, data, n: int, seed: int, kw: dict, batched, out: Path) -> dict:
+    """Mask IoU of samples against independently drawn probe maps (`ldmkit.evaluate.probes`), with the
+    right caption, an empty one and one naming another quadrant, with the route (scale 1) and without
+    it (scale 0: the base model alone); plus where the shape went when map and caption disagree."""
+    probes = draw_probes(n, ldm.config.image_size, seed=seed + 7919)  # unseen: not the data's seeds or renderer
+    maps, truth = probes.maps(kind), probes.masks
+    cc = ldm.config.conditioner
+    texts = {"right": probes.captions, "empty": [""] * n, "other": probes.other_captions}
+    r: dict = {"kind": type(control).__name__, "map": kind, "probes": "independent (ldmkit.evaluate.probes)",
+               "iou_real_images": iou(shape_mask(data.images), data.extras["mask"].float()).mean().item()}
+    grid = [maps[:12].expand(-1, 3, -1, -1) * 2 - 1]
+    # a class model (no text) gets the probe's class (shape x colour: no quadrant in it) or the null class
+    labels = torch.tensor([SHAPE_NAMES.index(s) * len(PALETTE) + list(PALETTE).index(c)
+                           for s, c in zip(probes.shapes, probes.colours)])
+    class_ok = cc.num_classes == len(SHAPE_NAMES) * len(PALETTE)
+    caps = CAPTIONS if cc.text_encoder else ("right", "empty") if class_ok else ("empty",)
+    for scale, who in ((1.0, "route"), (0.0, "base")):
+        for cap in caps:
+            def draw(idx, cap=cap, scale=scale):
+                t = [texts[cap][i] for i in idx.tolist()] if cc.text_encoder else None
+                lab = labels[idx] if cc.num_classes and cap == "right" and class_ok else None
+                return ldm.sample(texts=t, labels=lab, num_samples=len(idx), control=control, control_image=maps[idx],
+                                  control_scale=scale, seed=seed + int(idx[0]), **kw).cpu()
+            imgs = batched(draw)
+            r[f"iou_{who}_{cap}"] = iou(shape_mask(imgs), truth).mean().item()
+            found = [check_attributes(im) for im in imgs]
+            r[f"shape_{who}_{cap}"] = sum(f["shape"] == s for f, s in zip(found, probes.shapes)) / n
+            if cap == "other":  # map and caption disagree: whose quadrant did the shape land in?
+                r[f"map_wins_{who}"] = sum(f["position"] == q for f, q in zip(found, probes.quadrants)) / n
+                r[f"caption_wins_{who}"] = sum(f["position"] == q for f, q in zip(found, probes.other_quadrants)) / n
+            if who == "route":
+                grid.append(imgs[:12])
+    save_grid(torch.cat(grid), out / "control.png", nrow=12, upscale=3)
+    return r
+
+
+def _control_lines(r: dict, kind: str) -> list[str]:
+    caps = [c for c in CAPTIONS if f"iou_route_{c}" in r]
+    names = {"right": "the map's caption", "empty": "empty caption", "other": "caption naming another quadrant"}
+    lines = [f"## {r['kind']} on {kind} maps", "",
+             "Probe maps drawn independently of the training renderer (a shape anywhere in its quadrant, radius "
+             "0.12–0.30 of the side, any angle). Mask IoU of the sample's shape against the probe's; the route's own "
+             "contribution is the difference between the rows.", "",
+             "| | " + " | ".join(names[c] for c in caps) + " |", "| --- |" + " --- |" * len(caps)]
+    for who, label in (("route", "with the route (scale 1)"), ("base", "base model alone (scale 0)")):
+        lines.append(f"| {label} | " + " | ".join(f"{r[f'iou_{who}_{c}']:.3f}" for c in caps) + " |")
+    lines += ["", "Shape read back = the map's shape: " + ", ".join(
+        f"{names[c]} {100 * r[f'shape_route_{c}']:.0f} % (base {100 * r[f'shape_base_{c}']:.0f} %)" for c in caps) + "."]
+    if "map_wins_route" in r:
+        lines += ["", f"With a caption naming another quadrant the shape lands in the map's quadrant in "
+                  f"{100 * r['map_wins_route']:.1f} % of samples and in the caption's in {100 * r['caption_wins_route']:.1f} % "
+                  f"(base model: {100 * r['map_wins_base']:.1f} % / {100 * r['caption_wins_base']:.1f} %)."]
+    lines += ["", f"Segmenter ceiling (its IoU on the real held-out images): {r['iou_real_images']:.3f}.", "",
+              "Top row: probe maps; then samples with the right, empty and other-quadrant caption.", "",
+              "![control](control.png)", ""]
+    return lines
+
+
 @torch.no_grad()
 def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None = None, n: int = 128, steps: int = 25,
                     sampler: str = "dpmpp_2m", guidance: float = 2.0, seed: int = 0, batch_size: int = 64,
@@ -90,7 +183,7 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
         outs = [fn(torch.arange(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
         return torch.cat(outs)
 
-    if control is not None and (dataset != "shapes" or "mask" not in data.extras):
+    if control is not None and (dataset not in SHAPES_DATASETS or control_kind not in ("edge", "mask")):
         res["not_judged"].append(f"control fidelity: the mask IoU needs the true shape masks of `shapes`, and this "
                                  f"control network learned '{dataset}'")
         maps = control_maps(data, control_kind if control_kind in data.extras else "control", dataset)
@@ -100,33 +193,8 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
         lines += [f"## {type(control).__name__} on {control_kind} maps", "",
                   "Top row: control maps; bottom row: samples.", "", "![control](control.png)", ""]
     elif control is not None:
-        maps = (data.extras[control_kind] if control_kind in data.extras else data.extras["mask"]).float()
-        truth = data.extras["mask"].float()
-        # the segmenter's ceiling: the IoU it gives the real images of the same items
-        res["control"] = {"kind": type(control).__name__, "map": control_kind,
-                          "iou_real_images": iou(shape_mask(data.images), truth).mean().item()}
-        for scale in (1.0, 0.0):
-            imgs = batched(lambda idx, scale=scale: ldm.sample(*_conditions(ldm, data, idx), control=control,
-                                                               control_image=maps[idx], control_scale=scale,
-                                                               seed=seed + int(idx[0]), **kw).cpu())
-            score = iou(shape_mask(imgs), truth)
-            res["control"][f"iou_scale_{scale:g}"] = score.mean().item()
-            if scale == 1.0:
-                save_grid(torch.cat([maps[:12].expand(-1, 3, -1, -1) * 2 - 1, imgs[:12]]), out / "control.png", nrow=12, upscale=3)
-        if ldm.config.conditioner.text_encoder or ldm.config.conditioner.num_classes:
-            # the control alone: null caption / class, so nothing but the map says where the shape goes
-            imgs = batched(lambda idx: ldm.sample(texts=[""] * len(idx) if ldm.config.conditioner.text_encoder else None,
-                                                  num_samples=len(idx), control=control, control_image=maps[idx],
-                                                  control_scale=1.0, seed=seed + int(idx[0]), **kw).cpu())
-            res["control"]["iou_scale_1_no_condition"] = iou(shape_mask(imgs), truth).mean().item()
-        r = res["control"]
-        lines += [f"## {r['kind']} on {control_kind} maps", "",
-                  "| mask IoU, control scale 1 | scale 0 (base model alone) | real images (segmenter ceiling) |",
-                  "| --- | --- | --- |", f"| {r['iou_scale_1']:.3f} | {r['iou_scale_0']:.3f} | {r['iou_real_images']:.3f} |", ""]
-        if "iou_scale_1_no_condition" in r:
-            lines += [f"Caption/class dropped (the control map alone), scale 1: IoU {r['iou_scale_1_no_condition']:.3f}.", ""]
-        lines += [
-                  "Top row: control maps; bottom row: samples.", "", "![control](control.png)", ""]
+        res["control"] = _control_fidelity(ldm, control, control_kind, data, n, seed, kw, batched, out)
+        lines += _control_lines(res["control"], control_kind)
 
     cc = ldm.config.concat
     if cc is not None and cc.takes_mask:
@@ -157,6 +225,20 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
                   "", f"Without pinning the untouched latent cells to the image's latent (`keep_known=False`) the "
                   f"kept region is {r['kept_psnr_unpinned']:.2f} dB.",
                   "", "Rows: masked input, inpainted, original.", "", "![inpaint](inpaint.png)", ""]
+    if (cc is not None and cc.takes_mask and dataset in SHAPES_DATASETS and "mask" in data.extras
+            and ldm.config.conditioner.text_encoder):
+        res["replace"] = _replace_object(ldm, data, seed, kw, batched, out)
+        r = res["replace"]
+        lines += ["## Inpainting: replace the shape", "",
+                  "Each held-out shape is removed (the hole: its bounding box grown by 1/16 of the side) and the "
+                  "caption asks for another colour and another shape in the same quadrant. Judged inside the hole by "
+                  "the attribute checker; the kept region's PSNR beside the first stage's own reconstruction.", "",
+                  "| colour in the hole | shape in the hole | kept region PSNR | first stage, same pixels |",
+                  "| --- | --- | --- | --- |",
+                  f"| {100 * r['colour']:.1f} % | {100 * r['shape']:.1f} % | {r['kept_psnr']:.2f} dB | "
+                  f"{r['kept_psnr_first_stage']:.2f} dB |", "",
+                  "Rows: the image with its hole, the inpainted image (caption: another colour and shape), the original.",
+                  "", "![replace](replace.png)", ""]
     if cc is not None and cc.kind == "lowres":
         x = data.images
         imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), init_image=x[idx], seed=seed + int(idx[0]), **kw).cpu())

@@ -103,6 +103,13 @@ def ae_shapes() -> AutoencoderTrainConfig:
     )
 
 
+def ae_shapes_free() -> AutoencoderTrainConfig:
+    """The shapes first stage on `shapes-free` (shapes anywhere, any size and angle)."""
+    cfg = ae_shapes()
+    cfg.data.dataset = "shapes-free"
+    return cfg
+
+
 def ae_faces() -> AutoencoderTrainConfig:
     cfg = ae_shapes()
     cfg.data = DataConfig(dataset="faces", size=32, hflip=True)
@@ -151,6 +158,7 @@ def ae_tiny() -> AutoencoderTrainConfig:
 
 AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderTrainConfig]] = {
     "shapes": ae_shapes,
+    "shapes-free": ae_shapes_free,
     "faces": ae_faces,
     "photos": ae_photos,
     "digits": ae_digits,
@@ -293,6 +301,14 @@ def ldm_shapes_text() -> DiffusionTrainConfig:
     )
 
 
+def ldm_shapes_free_text() -> DiffusionTrainConfig:
+    """shapes-text on `shapes-free` (shapes anywhere in their quadrant, any size and angle): the base
+    model of the spatial routes, whose caption names shape, colour and quadrant but not the place."""
+    cfg = ldm_shapes_text()
+    cfg.data.dataset = "shapes-free"
+    return cfg
+
+
 def ldm_digits_class() -> DiffusionTrainConfig:
     """Class-conditional digits: the label embedding added to the time embedding."""
     return DiffusionTrainConfig(
@@ -374,6 +390,15 @@ def ldm_shapes_inpaint() -> DiffusionTrainConfig:
     return cfg
 
 
+def ldm_shapes_free_inpaint() -> DiffusionTrainConfig:
+    """Text-guided inpainting on `shapes-free`. Besides random rectangles, 40 % of the training holes
+    are the grown box around the shape (mask mode 5): the hole left by removing an object, which the
+    caption must fill, so "remove the shape, ask for another" is a task the model has seen."""
+    cfg = ldm_shapes_free_text()
+    cfg.concat = ConcatConfig(kind="inpaint", drop=0.0, mask_modes=(0.3, 0.1, 0.1, 0.1, 0.4))
+    return cfg
+
+
 def ldm_shapes_sr() -> DiffusionTrainConfig:
     """4x super-resolution on shapes: the latent of the 8x8 → 32x32 bicubic image concatenated.
     Unconditional otherwise (the low-res image says almost everything). Measured on the 2-core CPU
@@ -397,6 +422,7 @@ def ldm_tiny_inpaint() -> DiffusionTrainConfig:
 
 DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-text": ldm_shapes_text,
+    "shapes-free-text": ldm_shapes_free_text,
     "digits-class": ldm_digits_class,
     "shapes-class": ldm_shapes_class,
     "shapes-class-bias": ldm_shapes_class_bias,
@@ -404,6 +430,7 @@ DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "photos": ldm_photos,
     "tiny": ldm_tiny,
     "shapes-inpaint": ldm_shapes_inpaint,
+    "shapes-free-inpaint": ldm_shapes_free_inpaint,
     "shapes-sr": ldm_shapes_sr,
     "tiny-inpaint": ldm_tiny_inpaint,
 }

@@ -45,6 +45,9 @@ class ControlTrainConfig(BaseModel):
     kind: Literal["controlnet", "adapter"] = Field("controlnet", description="ControlNet (encoder copy) or T2I-Adapter")
     control: Literal["edge", "mask", "control"] = Field(
         "edge", description="the data's control map: shapes' edge / mask, or a folder's conditioning_image (control)")
+    drop_prompt: float = Field(
+        0.5, ge=0, le=1, description="P(caption → '' and class → null) per training sample: ControlNet's recipe "
+        "(Zhang et al. 2023, §3.3: 50 % empty prompts), so the map alone must carry the layout")
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, ema_decay=0.999, grad_clip=1.0)
     logging: LoggingConfig = LoggingConfig(val_every=500, ckpt_every=500)
@@ -82,9 +85,26 @@ def control_tiny() -> ControlTrainConfig:
     )
 
 
+def control_shapes_free_edge() -> ControlTrainConfig:
+    """ControlNet on `shapes-free` edge maps over the shapes-free-text model (runs/free/text), where only
+    the map says where the shape is, how large and at what angle."""
+    cfg = control_shapes_edge()
+    cfg.base, cfg.data.dataset = "runs/free/text", "shapes-free"
+    return cfg
+
+
+def control_shapes_free_mask_adapter() -> ControlTrainConfig:
+    """T2I-style adapter on `shapes-free` masks over the shapes-free-text model."""
+    cfg = control_shapes_mask_adapter()
+    cfg.base, cfg.data.dataset = "runs/free/text", "shapes-free"
+    return cfg
+
+
 CONTROL_PRESETS: dict[str, Callable[[], ControlTrainConfig]] = {
     "shapes-edge": control_shapes_edge,
     "shapes-mask-adapter": control_shapes_mask_adapter,
+    "shapes-free-edge": control_shapes_free_edge,
+    "shapes-free-mask-adapter": control_shapes_free_mask_adapter,
     "tiny": control_tiny,
 }
 
@@ -117,6 +137,10 @@ class ControlTask(Task):
         super().__init__(cfg, out, dist, device, progress)
         d = cfg.data
         self.ldm, self.base_folder = load_base(cfg.base)
+        # ControlNet's prompt dropout replaces the base's own condition dropout while the control trains
+        # (the conditioner draws it per sample from the step's generator, so resuming stays exact)
+        cond = self.ldm.conditioner
+        cond.cfg = cond.cfg.model_copy(update={"drop_text": cfg.drop_prompt, "drop_label": cfg.drop_prompt})
         if d.size != self.ldm.config.image_size:
             raise LdmkitError(f"data.size is {d.size} but the base model was trained at {self.ldm.config.image_size}")
         dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
