@@ -93,6 +93,18 @@ def test_inpaint_pins_untouched_latent_cells_to_the_image_latent():
     assert not torch.allclose(free[keep.expand_as(z)], known[keep.expand_as(z)])
 
 
+def test_inpaint_output_keeps_the_kept_pixels_exactly_and_the_decoded_image_does_not():
+    ldm = make("inpaint")
+    x, m = images(), box(2, 8, 2, 8)
+    kw = dict(KW, return_latents=False)
+    out = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **kw)
+    decoded = ldm.sample(texts=["a", "b"], init_image=x, mask=m, overlay=False, **kw)
+    keep = (1 - m).bool().expand_as(x)
+    assert torch.equal(out[keep], x[keep])  # pasted back
+    assert not torch.allclose(decoded[keep], x[keep], atol=1e-2)  # the decoder alone cannot keep them
+    assert torch.equal(out[~keep], decoded[~keep])  # the hole is the network's
+
+
 @pytest.mark.parametrize("kind", ["lowres", "lowres-rgb"])
 def test_lowres_output_follows_the_low_resolution_image_only(kind):
     ldm = make(kind)

@@ -30,6 +30,23 @@ def base(tmp_path_factory):
     return root
 
 
+def test_control_training_drops_the_prompt_with_its_own_probability(base):
+    """ControlNet's recipe: the caption and class are dropped for `drop_prompt` of the training samples
+    (0.5 by default), replacing the base model's own 0.1."""
+    texts, labels = ["a red circle in the top left"] * 400, torch.full((400,), 3)
+    for p in (0.0, 0.5, 1.0):
+        ldm, _ = load_base(str(base / "ldm"), drop_prompt=p)
+        cond = ldm.conditioner(texts=texts, labels=labels, train=True, generator=torch.Generator().manual_seed(0))
+        null = ldm.conditioner.uncond(1)
+        text_dropped = (cond.context_mask.sum(1) == null.context_mask.sum()).float().mean().item()  # '' has 2 tokens
+        label_dropped = (cond.labels == null.labels).float().mean().item()
+        assert abs(text_dropped - p) < 0.08 and abs(label_dropped - p) < 0.08, (p, text_dropped, label_dropped)
+    assert load_base(str(base / "ldm"))[0].conditioner.cfg.drop_text == 0.1  # the base model's own
+    from ldmkit.train.control import ControlTrainConfig
+
+    assert ControlTrainConfig().drop_prompt == 0.5
+
+
 @pytest.mark.parametrize("kind", ["controlnet", "adapter"])
 def test_control_network_at_step_zero_leaves_the_base_output_unchanged(base, kind):
     ldm, _ = load_base(str(base / "ldm"))

@@ -221,6 +221,7 @@ class LatentDiffusion(nn.Module):
         control_image: torch.Tensor | list[torch.Tensor] | None = None,
         control_scale: float | list[float] | None = None,
         keep_known: bool = True,
+        overlay: bool = True,
         guidance_rescale: float = 0.0,
         **sampler_opts,
     ) -> torch.Tensor:
@@ -233,7 +234,9 @@ class LatentDiffusion(nn.Module):
         img2img start (`strength` in [0, 1]: 1 = from pure noise, 0 = the encode-decode of the image).
         mask (B or 1, 1, H, W) in [0, 1], 1 = repaint: inpainting models only; with `keep_known` the latent
         cells the mask does not touch are pinned to the image's own latent (blended latent diffusion),
-        so only the decoder's reach past the hole changes kept pixels. control: a ControlNet /
+        so only the decoder's reach past the hole changes kept pixels; with `overlay` (the default) the
+        decoded image is then composited over the init image through the mask, so kept pixels are the
+        input's exactly (the A1111 web UI's paste-back; diffusers' `apply_overlay`). control: a ControlNet /
         MultiControlNet / Adapter for this model's U-Net with `control_image` (B or 1, C, f·h, f·w) in
         [0, 1] and `control_scale`; it acts on both branches of guidance.
 
@@ -267,7 +270,15 @@ class LatentDiffusion(nn.Module):
         for net in (self.unet, control):  # the text tokens' cached K/V are not needed for decoding: free them first
             if isinstance(net, nn.Module):
                 clear_context_cache(net)
-        return z0 if return_latents else self.decode(z0)
+        if return_latents:
+            return z0
+        out = self.decode(z0)
+        if m is not None and overlay:
+            # The decoder spreads every latent cell over ~f pixels and the cells that straddle the hole's
+            # edge are regenerated, so kept pixels next to the hole drift (docs/design.md: 2.5 dB under the
+            # first stage on shapes-free); the pixels the user asked to keep are pasted back.
+            out = torch.lerp(image.to(out.dtype), out, m.to(out.dtype))
+        return out
 
     def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float):
         """(z at the first sampling timestep, the sampling timesteps). From pure noise z, or SDEdit (Meng et

@@ -1,4 +1,4 @@
-"""Datasets: built-in (procedural shapes, digits, faces, photos) and a user's image folder.
+"""Datasets: built-in (procedural shapes in two layouts, digits, faces, photos) and a user's image folder.
 
 Every dataset returns dicts {"image": (3, H, W) float32 in [-1, 1], "text": str, "label": int, ...}
 and has `num_classes` and `name`. `build_dataset` turns a command-line string into one of them.

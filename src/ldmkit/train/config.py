@@ -27,7 +27,7 @@ from ldmkit.unet import UNetConfig
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field("shapes", description="built-in name (shapes, digits, faces, photos) or a folder of images")
+    dataset: str = Field("shapes", description="built-in name (shapes, shapes-free, digits, faces, photos) or a folder of images")
     size: int = Field(32, ge=8, description="image side in pixels")
     seed: int = Field(0, description="dataset generation / split seed")
     length: int | None = Field(None, ge=1, description="items in the training split (procedural datasets)")

@@ -109,8 +109,11 @@ CONTROL_PRESETS: dict[str, Callable[[], ControlTrainConfig]] = {
 }
 
 
-def load_base(path: str):
-    """The frozen base LatentDiffusion (EMA weights) and its checkpoint folder."""
+def load_base(path: str, drop_prompt: float | None = None):
+    """The frozen base LatentDiffusion (EMA weights) and its checkpoint folder. `drop_prompt`: the
+    probability that training replaces a sample's caption by '' and its class by the null class,
+    in place of the base's own dropout (the conditioner draws it per sample from the step's
+    generator, so resuming stays exact); None keeps the base's."""
     if not path:
         raise LdmkitError("no base model given: pass --base (a folder from `ldmkit train`)")
     folder = resolve(path)
@@ -118,6 +121,9 @@ def load_base(path: str):
     if ldm.config.concat is not None:
         raise LdmkitError(f"{path} has a '{ldm.config.concat.kind}' concatenation route; "
                           "train-control supports base models without one")
+    if drop_prompt is not None:
+        cond = ldm.conditioner
+        cond.cfg = cond.cfg.model_copy(update={"drop_text": drop_prompt, "drop_label": drop_prompt})
     return ldm.eval().requires_grad_(False), folder
 
 
@@ -136,11 +142,7 @@ class ControlTask(Task):
     def __init__(self, cfg: ControlTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         super().__init__(cfg, out, dist, device, progress)
         d = cfg.data
-        self.ldm, self.base_folder = load_base(cfg.base)
-        # ControlNet's prompt dropout replaces the base's own condition dropout while the control trains
-        # (the conditioner draws it per sample from the step's generator, so resuming stays exact)
-        cond = self.ldm.conditioner
-        cond.cfg = cond.cfg.model_copy(update={"drop_text": cfg.drop_prompt, "drop_label": cfg.drop_prompt})
+        self.ldm, self.base_folder = load_base(cfg.base, drop_prompt=cfg.drop_prompt)
         if d.size != self.ldm.config.image_size:
             raise LdmkitError(f"data.size is {d.size} but the base model was trained at {self.ldm.config.image_size}")
         dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
