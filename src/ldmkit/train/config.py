@@ -303,9 +303,12 @@ def ldm_shapes_text() -> DiffusionTrainConfig:
 
 def ldm_shapes_free_text() -> DiffusionTrainConfig:
     """shapes-text on `shapes-free` (shapes anywhere in their quadrant, any size and angle): the base
-    model of the spatial routes, whose caption names shape, colour and quadrant but not the place."""
+    model of the spatial routes, whose caption names shape, colour and quadrant but not the place.
+    Twice shapes-text's steps: at 3,700 the quadrant was right for only 52.8 % of samples (colour 100,
+    shape 89.6 %); at 7,400, 100 / 100 / 97.9 % (`ldmkit evaluate`, 144 samples), 16.5 min on 2 cores."""
     cfg = ldm_shapes_text()
     cfg.data.dataset = "shapes-free"
+    cfg.optim.steps = 7400
     return cfg
 
 
