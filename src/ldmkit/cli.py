@@ -98,6 +98,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.device import autocast, pick_device
     from ldmkit.checkpoint import load_control
 
+    if args.num_samples is not None and (args.prompt or args.prompts_file or args.label):
+        raise LdmkitError(f"--num-samples is for unconditional models; with prompts or labels use "
+                          f"--num-per-prompt {args.num_samples} (images per prompt)")
     check_writable_dir(args.out)  # before the model is loaded
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -148,7 +151,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with amp:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
-            num_samples=args.num_samples, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+            num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
@@ -293,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", help="a text file with one prompt per line")
     s.add_argument("--label", type=_number(int, -1), action="append", help="a class label (repeatable; one per prompt if both)")
     s.add_argument("--num-per-prompt", type=POSITIVE, default=1, help="samples per prompt/label")
-    s.add_argument("--num-samples", type=POSITIVE, default=16, help="samples for an unconditional model")
+    s.add_argument("--num-samples", type=POSITIVE, default=None,
+                   help="samples for an unconditional model (default 16; with prompts or labels use --num-per-prompt)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=POSITIVE, default=25)
     s.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
