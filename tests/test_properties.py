@@ -162,3 +162,22 @@ def test_any_image_file_opens_as_rgb_or_is_one_named_problem(tmp_path_factory, d
         assert isinstance(e, LdmkitError) and str(path) in str(e) and "\n" not in str(e)
         return
     assert im.mode == "RGB" and im.width >= 1 and im.height >= 1
+
+
+@FAST
+@given(size=st.sampled_from([16, 24, 32, 48, 64]), seed=st.integers(0, 2**32 - 1), index=st.integers(0, 10**6))
+def test_any_free_layout_item_is_whole_and_in_its_captioned_quadrant(size, seed, index):
+    """`shapes-free` at any size, seed and index: the shape is never clipped by the border (its drawn area
+    is the analytic one of a radius in the range) and lies in the quadrant its caption names."""
+    from ldmkit.data.shapes import COLOURS, ShapesDataset, parse_caption
+
+    item = ShapesDataset(size=size, length=index + 1, seed=seed, layout="free")[index]
+    shape, colour, position = parse_caption(item["text"])
+    coverage = ((item["image"].amax(0) + 1) / 2) / (max(COLOURS[colour]) / 255)  # (H, W) fraction covered
+    area = float(coverage.clamp(0, 1).sum())  # anti-aliased area in pixels
+    mask = item["mask"][0]
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    r_est = (area / (2.0 if shape == "triangle" else np.pi)) ** 0.5
+    assert 0.12 * size - 1 <= r_est <= 0.30 * size + 1  # the whole shape is there: nothing cut off
+    cy, cx = ys.float().mean() + 0.5, xs.float().mean() + 0.5
+    assert (cx < size / 2) == position.endswith("left") and (cy < size / 2) == position.startswith("top")

@@ -56,8 +56,10 @@ class ControlTrainConfig(BaseModel):
 
 def control_shapes_edge() -> ControlTrainConfig:
     """ControlNet on shapes' edge maps over the demo's text-to-image model (runs/demo/diffusion).
-    Measured on the 2-core CPU (shared): 1,500 steps in 11.6 min; held-out mask IoU 0.933 at control
-    scale 1 against 0.828 for the base model alone (its caption already names shape and quadrant)."""
+    On the fixed layout the caption already decides the picture, and this network learns to follow it,
+    not the map: on independent probe maps (a shape anywhere) its mask IoU is 0.323 with the map's
+    caption, 0.279 with an empty one, and the shape follows a caption naming another quadrant in 97.7 %
+    of samples (222 s of training, with drop_prompt 0.5). For a route that steers, use shapes-free-edge."""
     return ControlTrainConfig(
         base="runs/demo/diffusion", kind="controlnet", control="edge",
         data=DataConfig(dataset="shapes", size=32),
@@ -67,8 +69,8 @@ def control_shapes_edge() -> ControlTrainConfig:
 
 
 def control_shapes_mask_adapter() -> ControlTrainConfig:
-    """T2I-style adapter on shapes' masks over the demo's text-to-image model. Measured on the 2-core
-    CPU (shared): 1,500 steps in 7.0 min; held-out mask IoU 0.908 at scale 1 (base alone 0.828)."""
+    """T2I-style adapter on shapes' masks over the demo's text-to-image model (fixed layout: see
+    control_shapes_edge; shapes-free-mask-adapter is the one that steers)."""
     cfg = control_shapes_edge()
     cfg.kind, cfg.control = "adapter", "mask"
     cfg.optim.lr = 1e-3
@@ -87,14 +89,19 @@ def control_tiny() -> ControlTrainConfig:
 
 def control_shapes_free_edge() -> ControlTrainConfig:
     """ControlNet on `shapes-free` edge maps over the shapes-free-text model (runs/free/text), where only
-    the map says where the shape is, how large and at what angle."""
+    the map says where the shape is, how large and at what angle. Measured on the 2-core CPU: 1,500
+    steps in 211 s; on 128 independent probe maps, mask IoU 0.921 with the map's caption, 0.923 with an
+    empty one, 0.921 with one naming another quadrant (the base model alone: 0.356 / 0.101 / 0.062), and
+    the shape lands in the map's quadrant in 100 % of the disagreeing cases (docs/design.md)."""
     cfg = control_shapes_edge()
     cfg.base, cfg.data.dataset = "runs/free/text", "shapes-free"
     return cfg
 
 
 def control_shapes_free_mask_adapter() -> ControlTrainConfig:
-    """T2I-style adapter on `shapes-free` masks over the shapes-free-text model."""
+    """T2I-style adapter on `shapes-free` masks over the shapes-free-text model. Measured: 1,500 steps
+    in 136 s; probe mask IoU 0.887 / 0.875 / 0.853 (map's / empty / another quadrant's caption), the
+    map's quadrant in 95.3 % of the disagreeing cases."""
     cfg = control_shapes_mask_adapter()
     cfg.base, cfg.data.dataset = "runs/free/text", "shapes-free"
     return cfg
