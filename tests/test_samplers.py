@@ -22,6 +22,7 @@ from ldmkit.diffusion import (
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
+    sample_unipc,
 )
 from ldmkit.errors import LdmkitError
 
@@ -53,7 +54,7 @@ MU, STD = torch.tensor([1.0, -0.5]), torch.tensor([0.5, 0.2])
 # Relative std error allowed at 100 steps. The narrow dimension (s = 0.2, below the last nonzero
 # noise level of a few steps) shows the first-order methods' discretisation error: DDPM's fixed
 # posterior variance under-disperses, DDIM/Euler under-shoot; DPM-Solver++(2M) is within 0.2%.
-STD_TOL = {"ddpm": 0.10, "euler_a": 0.10, "ddim": 0.05, "euler": 0.05, "dpmpp_2m": 0.02}
+STD_TOL = {"ddpm": 0.10, "euler_a": 0.10, "ddim": 0.05, "euler": 0.05, "dpmpp_2m": 0.02, "unipc": 0.02}
 
 
 @pytest.mark.parametrize("prediction_type,zero_snr", [("eps", False), ("v", True)])
@@ -111,8 +112,10 @@ def test_callback_and_scalar_timestep():
 
 def test_user_errors():
     denoiser, schedule = _denoiser()
-    with pytest.raises(LdmkitError, match="ddpm, ddim, dpmpp_2m, euler, euler_a"):
+    with pytest.raises(LdmkitError, match="ddpm, ddim, dpmpp_2m, unipc, euler, euler_a"):
         get_sampler("heun")
+    with pytest.raises(LdmkitError, match="bh1 or bh2"):
+        sample_unipc(denoiser, torch.randn(2, 2), torch.tensor([500, 10]), variant="bh3")
     with pytest.raises(LdmkitError, match="decreasing"):
         sample_ddim(denoiser, torch.randn(2, 2), torch.tensor([10, 500]))
     with pytest.raises(LdmkitError, match="v- or x0-prediction"):
@@ -144,7 +147,9 @@ def _theirs(scheduler, model_fn, z_T, ve=False, generator=None, **step_kw):
     x, xs = z_T.clone() * (scheduler.init_noise_sigma if ve else 1.0), []
     for i, t in enumerate(scheduler.timesteps):
         out = model_fn(scheduler.scale_model_input(x, t), torch.full((x.shape[0],), int(t)))
-        x = scheduler.step(out, t, x, generator=generator, **step_kw).prev_sample
+        if generator is not None:  # stochastic schedulers only (UniPC's step takes no generator)
+            step_kw = dict(step_kw, generator=generator)
+        x = scheduler.step(out, t, x, **step_kw).prev_sample
         xs.append(x / (scheduler.sigmas[i + 1] ** 2 + 1) ** 0.5 if ve else x)
     return x, xs
 
@@ -216,6 +221,41 @@ def test_dpmpp_2m_zero_terminal_snr_v_matches_diffusers():
     assert torch.equal(ref.timesteps, ts)
     ours = _ours(sample_dpmpp_2m, model_fn, schedule, "v", z_T, ts)
     assert _max_diff(ours, _theirs(ref, model_fn, z_T)) < 1e-4
+
+
+@pytest.mark.parametrize("steps", [25, 6])
+@pytest.mark.parametrize("variant", ["bh2", "bh1"])
+@pytest.mark.parametrize("order,prediction_type", [(2, "eps"), (3, "v")])
+def test_unipc_matches_diffusers(steps, variant, order, prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    schedule = make_schedule("scaled_linear")
+    model_fn, z_T = _parity_setup(schedule, prediction_type)
+    # bh1 ending at σ = 0 is NaN in diffusers (B(h) = h = -∞ times a zero residual); ldmkit's last step is
+    # the plain first-order one there, so bh1 is compared ending at σ_min
+    final = "zero" if variant == "bh2" else "sigma_min"
+    ref = diffusers.UniPCMultistepScheduler(**KW, solver_order=order, solver_type=variant, final_sigmas_type=final,
+                                            prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction_type])
+    ref.set_timesteps(steps)
+    ts = ref.timesteps  # its default "linspace" spacing; ldmkit takes any descending timesteps
+    final_ab = 1.0 if final == "zero" else float(schedule.alphas_cumprod[0])
+    ours = _ours(sample_unipc, model_fn, schedule, prediction_type, z_T, ts, order=order, variant=variant,
+                 final_alpha_cumprod=final_ab)
+    assert not ours[0].isnan().any() and _max_diff(ours, _theirs(ref, model_fn, z_T)) < 1e-4
+
+
+def test_unipc_zero_terminal_snr_v_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    schedule = make_schedule("scaled_linear", rescale_zero_terminal_snr=True)
+    abar = schedule.alphas_cumprod.clone()
+    abar[-1] = 2.0**-24  # as diffusers (see the DPM-Solver test above)
+    schedule = NoiseSchedule(betas=schedule.betas, alphas_cumprod=abar)
+    model_fn, z_T = _parity_setup(schedule, "v")
+    ts = make_timesteps(schedule, 20, "trailing")
+    ref = diffusers.UniPCMultistepScheduler(**KW, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                                            prediction_type="v_prediction")
+    ref.set_timesteps(20)
+    assert torch.equal(ref.timesteps, ts)
+    assert _max_diff(_ours(sample_unipc, model_fn, schedule, "v", z_T, ts), _theirs(ref, model_fn, z_T)) < 1e-4
 
 
 def test_euler_samplers_match_diffusers():

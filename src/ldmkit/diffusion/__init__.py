@@ -23,6 +23,7 @@ from ldmkit.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_unipc,
     sample_euler,
     sample_euler_ancestral,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_unipc",
     "sample_euler",
     "sample_euler_ancestral",
     "target",

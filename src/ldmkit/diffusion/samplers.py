@@ -126,6 +126,84 @@ def sample_dpmpp_2m(
     return x
 
 
+def _unipc_coefficients(hh: float, rks: list[float], variant: str) -> tuple[list[list[float]], list[float], float, float]:
+    """UniPC's linear system (Zhao et al. 2023, Algorithm 1 / eq. 8) for step hh = -h (data
+    prediction): R[k][j] = r_j^k and b[k] = k! φ_{k+1}(hh) / B(h) for k = 0 … p-1, with
+    φ_1(hh) = (e^hh - 1)/hh; B(h) = hh (bh1) or e^hh - 1 (bh2). Also returns h φ_1 = e^hh - 1 and B(h)."""
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    h_phi_k, factorial = h_phi_1 / hh - 1, 1
+    rows, b = [], []
+    for k in range(1, len(rks) + 1):
+        rows.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return rows, b, h_phi_1, b_h
+
+
+def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
+    return torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def sample_unipc(
+    denoiser, x, timesteps, *, generator=None, callback=None, order=2, variant="bh2", lower_order_final=True,
+    final_alpha_cumprod=1.0,
+):
+    """UniPC (Zhao et al. 2023): a multistep predictor (UniP-p) and a corrector (UniC) that reuses the
+    model output already computed at the predicted point, so order p + 1 costs no extra evaluation.
+    Data prediction (x̂0), as diffusers' UniPCMultistepScheduler (predict_x0=True, `variant` = its
+    solver_type). With h = λ' - λ, D_k = (x̂0_{i-k} - x̂0_i)/r_k, r_k = (λ_{i-k} - λ_i)/h:
+
+        predictor  z' = (σ'/σ) z - α' (e^{-h} - 1) x̂0_i - α' B(h) Σ_k ρ^p_k D_k
+        corrector  z' ← (σ'/σ) z - α' (e^{-h} - 1) x̂0_i - α' B(h) (Σ_k ρ^c_k D_k + ρ^c_p (x̂0' - x̂0_i))
+
+    ρ from `_unipc_coefficients` (ρ^p = 1/2 for p = 2, as the paper); the first step is first order
+    (warm-up) and, with lower_order_final, the order falls to the steps left. The corrector is not
+    applied after the last step. `generator` is unused (deterministic).
+    """
+    if order < 1 or variant not in ("bh1", "bh2"):
+        raise LdmkitError(f"UniPC takes order >= 1 and variant bh1 or bh2, got order={order}, variant={variant!r}")
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    n = len(ts)
+    lam = [_half_log_snr(a) for a in ab]
+    al, sg = [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab]
+    x0s: list[torch.Tensor] = []  # x̂0 at each step so far
+    prev_x, prev_order = None, 0  # the state before the last predictor, and that predictor's order
+
+    def update(i: int, x_start: torch.Tensor, p: int, new_x0: torch.Tensor | None) -> torch.Tensor:
+        """From step i (state x_start, x̂0 history x0s[: i + 1]) to step i + 1: the predictor of order p,
+        or with new_x0 (x̂0 at step i + 1) the corrector."""
+        h = lam[i + 1] - lam[i]
+        m0 = x0s[i]
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+        d = [(x0s[i - k] - m0) / r for k, r in zip(range(1, p), rks)]
+        rows, b, h_phi_1, b_h = _unipc_coefficients(-h, rks + [1.0], variant)
+        out = (sg[i + 1] / sg[i]) * x_start - (al[i + 1] * h_phi_1) * m0
+        if new_x0 is None:
+            rho = ([0.5] if p == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])) if d else []
+            res = sum(r * dk for r, dk in zip(rho, d)) if d else 0.0
+        else:
+            rho = [0.5] if p == 1 else _solve(rows, b)
+            res = sum(r * dk for r, dk in zip(rho[:-1], d)) + rho[-1] * (new_x0 - m0)
+        return out - (al[i + 1] * b_h) * res if d or new_x0 is not None else out
+
+    for i, t in enumerate(ts):
+        x0, _ = denoiser(x, t)
+        if prev_x is not None:  # UniC: correct the predicted state with the model output at it
+            x = update(i - 1, prev_x, prev_order, x0)
+        x0s.append(x0)
+        p = min(order, n - i) if lower_order_final else order
+        p = min(p, i + 1)  # warm-up: only i + 1 outputs exist
+        if math.isinf(lam[i + 1]):  # ending noise-free (h = ∞): the history carries no weight, first order
+            p = 1
+        prev_x, prev_order = x, p
+        x = update(i, x, p, None)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
 # Euler samplers (Karras et al. 2022) work on the variance-exploding ODE. Change of variables:
 # the VP state z_t = α x0 + σ_vp ε becomes x = z_t / α = x0 + σ ε with σ = σ_vp/α = sqrt((1-a)/a),
 # the data blurred by N(0, σ² I) as in Karras's p(x; σ), and z_t = α x = x / sqrt(σ² + 1). The
@@ -181,6 +259,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
 }
