@@ -396,7 +396,9 @@ def ldm_shapes_inpaint() -> DiffusionTrainConfig:
 def ldm_shapes_free_inpaint() -> DiffusionTrainConfig:
     """Text-guided inpainting on `shapes-free`. Besides random rectangles, 40 % of the training holes
     are the grown box around the shape (mask mode 5): the hole left by removing an object, which the
-    caption must fill, so "remove the shape, ask for another" is a task the model has seen."""
+    caption must fill, so "remove the shape, ask for another" is a task the model has seen. Measured
+    (`ldmkit evaluate`, 128 held-out shapes replaced by another colour and shape): colour in the hole
+    99.2 %, shape 90.6 % after 7,400 steps (1,105 s on 2 cores); 100 % / 80.5 % after 3,700."""
     cfg = ldm_shapes_free_text()
     cfg.concat = ConcatConfig(kind="inpaint", drop=0.0, mask_modes=(0.3, 0.1, 0.1, 0.1, 0.4))
     return cfg
