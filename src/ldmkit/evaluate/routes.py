@@ -1,14 +1,19 @@
 """`ldmkit evaluate` for the spatial routes: does the sample obey its spatial condition?
 
 Held-out images come from the validation split of the data the model learned (`dataset`).
-- ControlNet / adapter, on `shapes` only (where the true shape mask is known): each held-out
-  item's caption (or class) and its edge or mask map go in at control scale 1; the generated shape
-  is segmented (`shape_mask`) and compared with the item's ground-truth mask by
-  intersection-over-union.
+- ControlNet / adapter, on `shapes` and `shapes-free` (where a shape's mask is ground truth): probe
+  maps drawn independently of the training renderer (`ldmkit.evaluate.probes`: a shape anywhere in
+  its quadrant, any size and angle) go in as edge or mask maps, beside the map's caption, an empty
+  caption and a caption naming another quadrant, at control scale 1 (the route) and 0 (the base
+  model alone, so the route's contribution is the difference). The generated shape is segmented
+  (`shape_mask`) and compared with the probe's mask by intersection-over-union; the attribute checker
+  says whose quadrant the shape landed in when map and caption disagree.
 - inpainting: each held-out image gets a random rectangle hole (seeded); the kept region's PSNR
-  against the original is compared with the first stage's own reconstruction PSNR on the same
-  pixels (the best the model can do, since the output passes through the decoder), and the
-  "boundary" PSNR is the same figure on the kept pixels within 2 px of the hole, where seams show.
+  of the decoded image (before the kept pixels are pasted back, `overlay`) against the original
+  is compared with the first stage's own reconstruction PSNR on the same pixels, and the "boundary"
+  PSNR is the same figure on the kept pixels within 2 px of the hole, where seams show. On the
+  shapes data a text model is also judged in the hole: each shape is removed and another colour and
+  shape asked for, and the checker reads both back inside the hole.
 - super-resolution: PSNR against the ground truth of the model's output and of bicubic upscaling
   of the same low-resolution input.
 Inpainting and super-resolution are judged on any data. A control network trained on other data is
@@ -25,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldmkit.conditioning.concat import mask_box
 from ldmkit.data.shapes import SHAPES_DATASETS
 from ldmkit.data.tensors import control_maps
-from ldmkit.conditioning.concat import mask_box
 from ldmkit.evaluate.attributes import PALETTE, SHAPE_NAMES, check_attributes, parse_caption
 from ldmkit.evaluate.diffusion import held_out
 from ldmkit.evaluate.probes import draw_probes
