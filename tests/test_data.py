@@ -357,13 +357,13 @@ def test_folder_random_crop(tmp_path):
 
 
 def test_registry(tmp_path):
-    assert dataset_names() == list(DATASETS) == ["shapes", "digits", "faces", "photos"]
+    assert dataset_names() == list(DATASETS) == ["shapes", "shapes-free", "digits", "faces", "photos"]
     ds = build_dataset("shapes", size=32, split="val", length=10)
     assert isinstance(ds, ShapesDataset) and len(ds) == 10
     assert isinstance(build_dataset("photos", size=16, split="train", length=7), PhotosDataset)
     _save(tmp_path / "x.png", _rgb())
     assert isinstance(build_dataset(str(tmp_path), size=16, split="train"), ImageFolderDataset)
-    with pytest.raises(LdmkitError, match="shapes, digits, faces, photos"):
+    with pytest.raises(LdmkitError, match="shapes, shapes-free, digits, faces, photos"):
         build_dataset("imagenet", size=32, split="train")
     with pytest.raises(LdmkitError):
         build_dataset("shapes", size=32, split="test")
