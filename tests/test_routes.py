@@ -167,6 +167,27 @@ def test_random_training_masks_follow_their_modes():
         assert check(ldm.random_masks(64, SIZE, ds, g))
 
 
+def test_sigma_spacings_through_the_pipeline():
+    """`sample(sigmas=...)`: a different trajectory from the timestep spacing, img2img starting at the
+    right level (strength 0: the encode-decode), and pinned inpainting cells kept under it too."""
+    ldm = make("inpaint")
+    x, m = images(), box(2, 8, 2, 8)
+    base = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
+    karras = ldm.sample(texts=["a", "b"], init_image=x, mask=m, sigmas="karras", **KW)
+    assert karras.shape == base.shape and not torch.allclose(karras, base)
+    keep = torch.ones_like(karras[:, :1], dtype=torch.bool)
+    keep[..., :2, :2] = False
+    known = ldm.encode_mean(x)
+    assert torch.allclose(karras[keep.expand_as(karras)], known[keep.expand_as(known)], atol=1e-5)
+    plain = make(None)
+    z0 = plain.sample(texts=["a", "b"], init_image=x, strength=0.0, sigmas="exponential", **KW)
+    assert torch.equal(z0, plain.encode_mean(x))
+    half = plain.sample(texts=["a", "b"], init_image=x, strength=0.5, sigmas="exponential", **KW)
+    assert torch.isfinite(half).all() and not torch.allclose(half, z0)
+    with pytest.raises(LdmkitError, match="karras, exponential"):
+        plain.sample(texts=["a"], sigmas="beta", **KW)
+
+
 def test_object_masks_are_the_grown_box_around_the_shape():
     from ldmkit.conditioning.concat import mask_box
 

@@ -16,6 +16,7 @@ from ldmkit.diffusion import (
     expand_like,
     get_sampler,
     make_schedule,
+    make_sigma_steps,
     make_timesteps,
     sample_ddim,
     sample_ddpm,
@@ -256,6 +257,35 @@ def test_unipc_zero_terminal_snr_v_matches_diffusers():
     ref.set_timesteps(20)
     assert torch.equal(ref.timesteps, ts)
     assert _max_diff(_ours(sample_unipc, model_fn, schedule, "v", z_T, ts), _theirs(ref, model_fn, z_T)) < 1e-4
+
+
+@pytest.mark.parametrize("steps", [20, 8])
+@pytest.mark.parametrize("name,spacing", [("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"), ("unipc", "karras"),
+                                          ("unipc", "exponential")])
+def test_sigma_spacings_match_diffusers(name, spacing, steps):
+    """Karras / exponential σ spacing: the solver steps between the σ levels themselves while the
+    network sees the interpolated timestep (rounded / truncated), as diffusers' use_*_sigmas."""
+    diffusers = pytest.importorskip("diffusers")
+    schedule = make_schedule("scaled_linear")
+    model_fn, z_T = _parity_setup(schedule)
+    cls = diffusers.DPMSolverMultistepScheduler if name == "dpmpp_2m" else diffusers.UniPCMultistepScheduler
+    ref = cls(**KW, **{f"use_{spacing}_sigmas": True})
+    ref.set_timesteps(steps)
+    ts, abar = make_sigma_steps(schedule, steps, spacing)
+    assert torch.equal(ref.timesteps, ts)
+    assert torch.allclose((1 / abar - 1).sqrt().float(), ref.sigmas[:-1], rtol=1e-4)  # theirs from float32 ᾱ
+    ours = _ours(get_sampler(name), model_fn, schedule, "eps", z_T, ts, alpha_bars=abar)
+    assert _max_diff(ours, _theirs(ref, model_fn, z_T)) < 1e-4
+
+
+def test_sigma_spacing_refusals():
+    with pytest.raises(LdmkitError, match="karras, exponential"):
+        make_sigma_steps(make_schedule("scaled_linear"), 10, "polyexponential")
+    with pytest.raises(LdmkitError, match="zero-terminal-SNR"):
+        make_sigma_steps(make_schedule("scaled_linear", rescale_zero_terminal_snr=True), 10)
+    denoiser, _ = _denoiser()
+    with pytest.raises(LdmkitError, match="alpha_bars"):
+        sample_ddim(denoiser, torch.randn(2, 2), torch.tensor([500, 10]), alpha_bars=[0.5])
 
 
 def test_euler_samplers_match_diffusers():

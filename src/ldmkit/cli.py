@@ -123,7 +123,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not isinstance(net, (ControlNet, Adapter)):
             raise LdmkitError(f"--controlnet {path} holds a {type(net).__name__}, not a ControlNet or adapter")
         nets.append(net)
-    spatial = {"strength": args.strength, "keep_known": args.keep_known, "overlay": args.overlay}
+    spatial = {"strength": args.strength, "keep_known": args.keep_known, "overlay": args.overlay, "sigmas": args.sigmas}
     size = ldm.config.image_size
     maps, scales = list(args.control or []), list(args.control_scale or [])
     if maps and not nets:
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control residual scale, one for all or one per network (default: each network's, 1)")
     s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
+    s.add_argument("--sigmas", default=None, choices=["karras", "exponential"],
+                   help="space the steps in noise level σ (Karras et al. 2022 / log-uniform) instead of the model's "
+                        "timestep spacing")
     s.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: paste the kept pixels of the init image back over the decoded image")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

@@ -40,7 +40,7 @@ from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.objective import DiffusionObjective
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
-from ldmkit.diffusion.schedules import make_schedule, make_timesteps, q_sample
+from ldmkit.diffusion.schedules import make_schedule, make_sigma_steps, make_timesteps, q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.layers.attention import clear_context_cache
 from ldmkit.rng import BatchRandom
@@ -222,6 +222,7 @@ class LatentDiffusion(nn.Module):
         control_scale: float | list[float] | None = None,
         keep_known: bool = True,
         overlay: bool = True,
+        sigmas: str | None = None,
         guidance_rescale: float = 0.0,
         **sampler_opts,
     ) -> torch.Tensor:
@@ -236,7 +237,9 @@ class LatentDiffusion(nn.Module):
         cells the mask does not touch are pinned to the image's own latent (blended latent diffusion),
         so only the decoder's reach past the hole changes kept pixels; with `overlay` (the default) the
         decoded image is then composited over the init image through the mask, so kept pixels are the
-        input's exactly (the A1111 web UI's paste-back; diffusers' `apply_overlay`). control: a ControlNet /
+        input's exactly (the A1111 web UI's paste-back; diffusers' `apply_overlay`). sigmas: None (the
+        model's timestep spacing) or "karras" / "exponential": steps spaced in σ (`make_sigma_steps`).
+        control: a ControlNet /
         MultiControlNet / Adapter for this model's U-Net with `control_image` (B or 1, C, f·h, f·w) in
         [0, 1] and `control_scale`; it acts on both branches of guidance.
 
@@ -261,9 +264,11 @@ class LatentDiffusion(nn.Module):
         if self.config.concat is not None and self.config.concat.takes_mask and keep_known:
             known, keep = self.encode_mean(image), kept_cells(m, self.latent_shape[1:])  # (B, c, h, w), (B, 1, h, w)
             denoiser = KnownRegionDenoiser(denoiser, known, keep)
-        z, timesteps = self._start(z, steps, image, strength)
+        z, timesteps, levels = self._start(z, steps, image, strength, sigmas)
         if len(timesteps) == 0:  # img2img at strength 0: the encode-decode of the image
             return z if return_latents else self.decode(z)
+        if levels is not None:
+            sampler_opts = {**sampler_opts, "alpha_bars": levels}
         z0 = get_sampler(sampler)(denoiser, z, timesteps, generator=g, callback=callback, **sampler_opts)
         if known is not None:  # samplers whose last step keeps a little noise end exactly on the known cells
             z0 = torch.lerp(z0, known, keep)
@@ -280,18 +285,28 @@ class LatentDiffusion(nn.Module):
             out = torch.lerp(image.to(out.dtype), out, m.to(out.dtype))
         return out
 
-    def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float):
-        """(z at the first sampling timestep, the sampling timesteps). From pure noise z, or SDEdit (Meng et
-        al., 2022): keep the last round(strength·steps) timesteps and noise the image's latent to the first."""
+    def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float, sigmas: str | None):
+        """(z at the first sampling step, the sampling timesteps, their noise levels ᾱ or None for the
+        schedule's own). From pure noise z, or SDEdit (Meng et al., 2022): keep the last
+        round(strength·steps) steps and noise the image's latent to the first."""
         d = self.config.diffusion
-        timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
+        levels = None
+        if sigmas is None:
+            timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
+        else:
+            timesteps, levels = make_sigma_steps(self.schedule, steps, sigmas)
         if image is None or strength >= 1.0:
-            return z, timesteps
+            return z, timesteps, levels
         z_init = self.encode_mean(image)  # (B, c, h, w)
-        timesteps = timesteps[steps - int(round(strength * steps)):]
+        keep = steps - int(round(strength * steps))
+        timesteps = timesteps[keep:]
+        levels = levels[keep:] if levels is not None else None
         if len(timesteps) == 0:
-            return z_init, timesteps
-        return q_sample(self.schedule, z_init, timesteps[:1].expand(z.shape[0]).to(z.device), z), timesteps
+            return z_init, timesteps, levels
+        if levels is None:
+            return q_sample(self.schedule, z_init, timesteps[:1].expand(z.shape[0]).to(z.device), z), timesteps, levels
+        a = float(levels[0])
+        return a**0.5 * z_init + (1 - a) ** 0.5 * z, timesteps, levels
 
     @staticmethod
     def _sample_count(texts, labels, num_samples, init_image) -> int:

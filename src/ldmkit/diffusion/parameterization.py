@@ -81,13 +81,23 @@ class Denoiser:
                 "SNR 0); use a v- or x0-prediction model"
             )
 
-    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int,
+                 alpha_bar: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`alpha_bar`: the noise level z_t is at, when it is not the schedule's ᾱ_t (a Karras or
+        exponential σ spacing, whose levels fall between timesteps; the network still sees t)."""
         t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
         t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
-        alpha = expand_like(self.schedule.alpha(t), z_t)  # (B, 1, …)
-        sigma = expand_like(self.schedule.sigma(t), z_t)  # (B, 1, …)
+        alpha, sigma = _levels(self.schedule, t, z_t, alpha_bar)
         pred = self.model_fn(z_t, t)  # (B, …) raw network output
         return to_x0_eps(self.prediction_type, pred, z_t, alpha, sigma)
+
+
+def _levels(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor, alpha_bar: float | None):
+    """(α, σ) broadcastable to `like`: the schedule's at t, or sqrt(ᾱ), sqrt(1 - ᾱ) of a given level."""
+    if alpha_bar is None:
+        return expand_like(schedule.alpha(t), like), expand_like(schedule.sigma(t), like)  # (B, 1, …)
+    return (torch.tensor(alpha_bar ** 0.5, dtype=like.dtype, device=like.device),
+            torch.tensor((1 - alpha_bar) ** 0.5, dtype=like.dtype, device=like.device))
 
 
 class KnownRegionDenoiser:
@@ -108,12 +118,12 @@ class KnownRegionDenoiser:
         self.known = known
         self.keep = keep
 
-    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, eps = self.denoiser(z_t, t)
+    def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int,
+                 alpha_bar: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x0, eps = self.denoiser(z_t, t) if alpha_bar is None else self.denoiser(z_t, t, alpha_bar)
         t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
         t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
-        alpha = expand_like(self.schedule.alpha(t), z_t)  # (B, 1, …)
-        sigma = expand_like(self.schedule.sigma(t), z_t)
+        alpha, sigma = _levels(self.schedule, t, z_t, alpha_bar)
         x0 = torch.lerp(x0, self.known.to(x0.dtype), self.keep)  # keep = 1 → the known latent
         eps = torch.lerp(eps, (z_t - alpha * x0) / sigma, self.keep)
         return x0, eps

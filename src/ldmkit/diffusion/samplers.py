@@ -32,32 +32,47 @@ from ldmkit.errors import LdmkitError
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def _alpha_bars(denoiser: Denoiser, timesteps, final_alpha_cumprod: float) -> tuple[list[int], list[float]]:
-    """Timesteps as ints and ᾱ at each of them plus the final target: n + 1 values."""
+def _alpha_bars(denoiser: Denoiser, timesteps, final_alpha_cumprod: float,
+                alpha_bars=None) -> tuple[list[int], list[float]]:
+    """Timesteps as ints and ᾱ at each of them plus the final target: n + 1 values. `alpha_bars` (n
+    values) replaces the schedule's ᾱ at the timesteps: the noise levels of a σ spacing (Karras,
+    exponential; `make_sigma_steps`), whose timesteps are only the network's rounded input and may repeat."""
     schedule = denoiser.schedule
     ts = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
     if not ts:
         raise LdmkitError("no sampling timesteps given; ask for at least one step")
-    if any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.num_timesteps or ts[-1] < 0:
+    repeats_ok = alpha_bars is not None
+    if (any(b > a or (b == a and not repeats_ok) for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.num_timesteps
+            or ts[-1] < 0):
         raise LdmkitError(
             f"sampling timesteps must be strictly decreasing within 0 … {schedule.num_timesteps - 1}; "
             "build them with make_timesteps"
         )
     if not 0.0 < final_alpha_cumprod <= 1.0:
         raise LdmkitError(f"final_alpha_cumprod must be in (0, 1], got {final_alpha_cumprod}")
-    return ts, [float(schedule.alphas_cumprod[t]) for t in ts] + [float(final_alpha_cumprod)]
+    if alpha_bars is None:
+        return ts, [float(schedule.alphas_cumprod[t]) for t in ts] + [float(final_alpha_cumprod)]
+    ab = [float(a) for a in torch.as_tensor(alpha_bars).reshape(-1).tolist()]
+    if len(ab) != len(ts) or any(not 0.0 <= a < 1.0 for a in ab) or any(b <= a for a, b in zip(ab, ab[1:])):
+        raise LdmkitError(f"alpha_bars must give one noise level per timestep ({len(ts)}), increasing within [0, 1)")
+    return ts, ab + [float(final_alpha_cumprod)]
 
 
-def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0):
+def _denoise(denoiser, x, t: int, alpha_bar: float, alpha_bars):
+    """D(x, t), told the noise level when a σ spacing sets it (`alpha_bars`), else the schedule's."""
+    return denoiser(x, t) if alpha_bars is None else denoiser(x, t, alpha_bar)
+
+
+def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0, alpha_bars=None):
     """Ancestral sampling from the DDPM posterior q(z_{t'} | z_t, x0) (Ho et al. 2020, eq. 6-7).
 
     For strided timesteps the chain t -> t' has β = 1 - a/a' and α = a/a' (its single-step
     parameters), so μ̃ = sqrt(a') β/(1-a) x̂0 + sqrt(α)(1-a')/(1-a) z_t and β̃ = (1-a')/(1-a) β.
     """
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     for i, t in enumerate(ts):
         a, a_next = ab[i], ab[i + 1]
-        x0, _ = denoiser(x, t)
+        x0, _ = _denoise(denoiser, x, t, ab[i], alpha_bars)
         beta = 1.0 - a / a_next  # β of the strided step
         # μ̃(z_t, x̂0), eq. 7
         mean = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_next) / (1 - a)) * x
@@ -68,13 +83,13 @@ def sample_ddpm(denoiser, x, timesteps, *, generator=None, callback=None, final_
     return x
 
 
-def sample_ddim(denoiser, x, timesteps, *, generator=None, callback=None, eta=0.0, final_alpha_cumprod=1.0):
+def sample_ddim(denoiser, x, timesteps, *, generator=None, callback=None, eta=0.0, final_alpha_cumprod=1.0, alpha_bars=None):
     """DDIM (Song et al. 2021, eq. 12, with σ_t(η) of eq. 16). eta=0: deterministic; eta=1: the
     DDPM posterior variance (ancestral)."""
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     for i, t in enumerate(ts):
         a, a_next = ab[i], ab[i + 1]
-        x0, eps = denoiser(x, t)
+        x0, eps = _denoise(denoiser, x, t, ab[i], alpha_bars)
         s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))  # σ_t(η), eq. 16
         # eq. 12: sqrt(a') x̂0  +  "direction pointing to x_t"  +  σ_t ε_t
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - s * s, 0.0)) * eps
@@ -95,7 +110,7 @@ def _half_log_snr(a: float) -> float:
 
 
 def sample_dpmpp_2m(
-    denoiser, x, timesteps, *, generator=None, callback=None, lower_order_final=True, final_alpha_cumprod=1.0
+    denoiser, x, timesteps, *, generator=None, callback=None, lower_order_final=True, final_alpha_cumprod=1.0, alpha_bars=None
 ):
     """DPM-Solver++(2M): multistep second order in λ with data prediction (Lu et al. 2022,
     Algorithm 2). Each step, with h = λ' - λ and r = h_prev / h:
@@ -106,12 +121,12 @@ def sample_dpmpp_2m(
     The last step is first order when it ends at σ' = 0 (h = ∞) or, with lower_order_final, when
     fewer than 15 steps are taken (diffusers' stability rule). `generator` is unused (deterministic).
     """
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     n = len(ts)
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
         a, a_next = ab[i], ab[i + 1]
-        x0, _ = denoiser(x, t)
+        x0, _ = _denoise(denoiser, x, t, ab[i], alpha_bars)
         h = _half_log_snr(a_next) - _half_log_snr(a)  # step in λ; ∞ at either end of a VP schedule
         last = i == n - 1
         if x0_prev is None or (last and (a_next >= 1.0 or (lower_order_final and n < 15))):
@@ -148,7 +163,7 @@ def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
 
 def sample_unipc(
     denoiser, x, timesteps, *, generator=None, callback=None, order=2, variant="bh2", lower_order_final=True,
-    final_alpha_cumprod=1.0,
+    final_alpha_cumprod=1.0, alpha_bars=None,
 ):
     """UniPC (Zhao et al. 2023): a multistep predictor (UniP-p) and a corrector (UniC) that reuses the
     model output already computed at the predicted point, so order p + 1 costs no extra evaluation.
@@ -164,7 +179,7 @@ def sample_unipc(
     """
     if order < 1 or variant not in ("bh1", "bh2"):
         raise LdmkitError(f"UniPC takes order >= 1 and variant bh1 or bh2, got order={order}, variant={variant!r}")
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     n = len(ts)
     lam = [_half_log_snr(a) for a in ab]
     al, sg = [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab]
@@ -189,7 +204,7 @@ def sample_unipc(
         return out - (al[i + 1] * b_h) * res if d or new_x0 is not None else out
 
     for i, t in enumerate(ts):
-        x0, _ = denoiser(x, t)
+        x0, _ = _denoise(denoiser, x, t, ab[i], alpha_bars)
         if prev_x is not None:  # UniC: correct the predicted state with the model output at it
             x = update(i - 1, prev_x, prev_order, x0)
         x0s.append(x0)
@@ -218,14 +233,14 @@ def _ve_sigma(a: float) -> float:
     return math.inf if a <= 0.0 else math.sqrt((1 - a) / a)
 
 
-def sample_euler(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0):
+def sample_euler(denoiser, x, timesteps, *, generator=None, callback=None, final_alpha_cumprod=1.0, alpha_bars=None):
     """Euler's method on the probability-flow ODE in σ (Karras et al. 2022, Algorithm 2 without
     churn or the 2nd-order correction). On the discrete VP timesteps this gives the same
     trajectory as DDIM with eta=0. `generator` is unused (deterministic)."""
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     for i, t in enumerate(ts):
         a_next = ab[i + 1]
-        x0, d = denoiser(x, t)  # d = (x - D)/σ = ε̂, the ODE derivative dx/dσ
+        x0, d = _denoise(denoiser, x, t, ab[i], alpha_bars)  # d = (x - D)/σ = ε̂, the ODE derivative dx/dσ
         x_ve = x0 + _ve_sigma(a_next) * d  # = x + (σ' - σ) d
         x = math.sqrt(a_next) * x_ve  # back to z = α' x
         if callback is not None:
@@ -234,15 +249,15 @@ def sample_euler(denoiser, x, timesteps, *, generator=None, callback=None, final
 
 
 def sample_euler_ancestral(
-    denoiser, x, timesteps, *, generator=None, callback=None, eta=1.0, final_alpha_cumprod=1.0
+    denoiser, x, timesteps, *, generator=None, callback=None, eta=1.0, final_alpha_cumprod=1.0, alpha_bars=None
 ):
     """Euler ancestral (k-diffusion's `sample_euler_ancestral`, after Karras et al. 2022): an Euler
     step down to σ_down, then fresh noise σ_up, with σ_down² + σ_up² = σ'² and
     σ_up = min(σ', η σ' sqrt(1 - σ'²/σ²)) (the DDPM posterior variance in σ units when η = 1)."""
-    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod)
+    ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     for i, t in enumerate(ts):
         a, a_next = ab[i], ab[i + 1]
-        x0, d = denoiser(x, t)
+        x0, d = _denoise(denoiser, x, t, ab[i], alpha_bars)
         s, s_next = _ve_sigma(a), _ve_sigma(a_next)
         s_up = min(s_next, eta * s_next * math.sqrt(max(1.0 - (s_next / s) ** 2, 0.0)))
         s_down = math.sqrt(s_next**2 - s_up**2)

@@ -160,3 +160,44 @@ def make_timesteps(
     if steps[0] >= T or steps[-1] < 0:
         raise LdmkitError(f"steps_offset={steps_offset} puts timesteps outside 0 … {T - 1}; lower it")
     return torch.tensor(steps, dtype=torch.int64)
+
+
+SIGMA_SPACINGS = ("karras", "exponential")
+
+
+def make_sigma_steps(schedule: NoiseSchedule, num_steps: int, spacing: str = "karras",
+                     rho: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling steps spaced in the VE noise level σ = sqrt((1 - ᾱ)/ᾱ) between the schedule's ends,
+    σ_max = σ(T - 1) and σ_min = σ(0): (timesteps int64 (n,), ᾱ of each step float64 (n,)).
+
+    karras:      σ_i = (σ_max^(1/ρ) + i/(n-1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, ρ = 7 (Karras et al. 2022, eq. 5)
+    exponential: σ_i evenly spaced in log σ
+
+    The solver steps between these levels exactly (samplers' `alpha_bars`); the network is shown the
+    timestep whose log σ the level falls at, by linear interpolation, rounded (karras) or truncated
+    (exponential) as diffusers' `use_karras_sigmas` / `use_exponential_sigmas` do, so two close levels
+    can share a timestep. A zero-terminal-SNR schedule has σ_max = ∞ and is refused.
+    """
+    if spacing not in SIGMA_SPACINGS:
+        raise LdmkitError(f"unknown sigma spacing {spacing!r}; choose one of {', '.join(SIGMA_SPACINGS)}")
+    T = schedule.num_timesteps
+    if not 1 <= num_steps <= T:
+        raise LdmkitError(f"number of sampling steps must be between 1 and {T}, got {num_steps}")
+    abar = schedule.alphas_cumprod.float().numpy()
+    if float(abar[-1]) <= 0.0:
+        raise LdmkitError(f"{spacing} sigmas need a finite largest noise level; a zero-terminal-SNR schedule has "
+                          "none: use the timestep spacings (trailing)")
+    # the σ table in float32, as diffusers builds it, so a level at an end maps to the same timestep
+    # (float64 would put σ_max at exactly T - 1 where diffusers' truncation gives T - 2 for exponential)
+    table = ((1 - abar) / abar) ** 0.5  # (T,) float32, increasing with t
+    log_sigmas = np.log(table).astype(np.float64)
+    s_max, s_min = float(table[-1]), float(table[0])
+    if spacing == "karras":
+        ramp = np.linspace(0, 1, num_steps)
+        sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    else:
+        sigmas = np.exp(np.linspace(math.log(s_max), math.log(s_min), num_steps))
+    # fractional timestep of each level: linear interpolation of log σ between neighbouring timesteps
+    t = np.interp(np.log(sigmas), log_sigmas, np.arange(T, dtype=np.float64))
+    t = np.round(t) if spacing == "karras" else np.floor(t)
+    return torch.tensor(t, dtype=torch.int64), torch.tensor(1 / (1 + sigmas**2), dtype=torch.float64)
