@@ -9,6 +9,7 @@ stdout, results.json and a plot (`--out`).
 
     python benchmarks/nfe.py --checkpoint runs/demo/diffusion --out docs/nfe        # the demo model
     python benchmarks/nfe.py --checkpoint RUN --steps 4 8 --samplers unipc ddim --seeds 1
+    python benchmarks/nfe.py --checkpoint RUN --samplers dpmpp_2m unipc --sigmas karras
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=list(STEPS))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--sigmas", default=None, choices=["karras", "exponential"], help="σ spacing (default: the model's)")
     p.add_argument("--out", default=None, help="folder for results.json and nfe.png")
     args = p.parse_args(argv)
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         for steps in args.steps:
             t0 = time.perf_counter()
             images = torch.cat([ldm.sample(texts=caps, steps=steps, sampler=sampler, guidance=args.guidance,
-                                           seed=1000 * s) for s in range(args.seeds)])
+                                           sigmas=args.sigmas, seed=1000 * s) for s in range(args.seeds)])
             sec = time.perf_counter() - t0
             score = score_captions(images, caps * args.seeds)
             rows.append({"sampler": sampler, "nfe": steps, "seconds": round(sec, 2), **score})
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * score['position']:5.1f} %  shape {100 * score['shape']:5.1f} %  all {100 * score['all']:5.1f} %"
                   f"  ({sec:.1f} s)", flush=True)
 
-    print(f"\n{len(caps) * args.seeds} samples per cell (72 captions x {args.seeds} seeds), guidance {args.guidance}; "
-          "'all' = colour, position and shape right\n")
+    print(f"\n{len(caps) * args.seeds} samples per cell (72 captions x {args.seeds} seeds), guidance {args.guidance}, "
+          f"{args.sigmas or 'timestep'} spacing; 'all' = colour, position and shape right\n")
     print("| sampler | " + " | ".join(f"{n} NFE" for n in args.steps) + " |")
     print("| --- |" + " --- |" * len(args.steps))
     for sampler in args.samplers:
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"checkpoint": args.checkpoint, "guidance": args.guidance,
+                                                      "sigmas": args.sigmas,
                                                       "seeds": args.seeds, "rows": rows}, indent=2))
         import matplotlib
 
