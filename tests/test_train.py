@@ -52,6 +52,37 @@ def test_autoencoder_run_writes_everything(trained_ae):
     assert "val" in doc["meta"] and doc["meta"]["val"]["psnr"] > 0
 
 
+def test_tensorboard_event_files_hold_what_the_log_holds(trained_ae, tmp_path):
+    """logging.tensorboard: read back with tensorboard's own reader, every scalar of log.jsonl (loss, LR,
+    gradient norm, images/s, validation figures) at its step, and the sample grids as images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ldm"
+    assert main(["train", "--config", "tiny", "--autoencoder", str(trained_ae), "--quiet", "--out", str(out),
+                 "--set", "logging.tensorboard=true"]) == 0
+    board = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    keys = {k for r in records for k in r} - {"step", "time"}
+    assert {"loss", "lr", "images_per_s", "grad_norm"} <= keys and set(board.Tags()["scalars"]) == keys
+    for key in keys:
+        want = [(r["step"], r[key]) for r in records if key in r]
+        got = [(e.step, e.value) for e in board.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert np.allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    grids = board.Images("samples")
+    assert [e.step for e in grids] == [3, 6] and all(e.width > 0 and e.height > 0 for e in grids)
+    assert not (trained_ae / "tensorboard").exists()  # off by default
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    from ldmkit.train.log import TrainLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(LdmkitError, match=r"pip install 'ldmkit\[tensorboard\]'"):
+        TrainLog(tmp_path, tensorboard=True)
+    TrainLog(tmp_path, enabled=False, tensorboard=True)  # other ranks never open a writer
+
+
 def test_checkpoint_load_gives_identical_outputs(trained_ae):
     a, b = ldmkit.load(trained_ae), ldmkit.load(trained_ae)
     assert not a.training

@@ -193,7 +193,9 @@ class AutoencoderTask(Task):
             with torch.no_grad():
                 xv = self.val.images[:16].to(self.device)  # (16, C, H, W)
                 rec = eval_model.decode(eval_model.encode(xv).mode()).clamp(-1, 1)
-            save_grid(torch.cat([xv, rec]).cpu(), self.out / "samples" / f"recon_{done:08d}.png", nrow=16, upscale=2)
+            grid = self.out / "samples" / f"recon_{done:08d}.png"
+            save_grid(torch.cat([xv, rec]).cpu(), grid, nrow=16, upscale=2)
+            self.log.image("reconstructions", grid, done)
 
     def postfix(self) -> dict[str, str]:
         return {"psnr": f"{self.metrics['psnr']:.1f}"} if "psnr" in self.metrics else {}  # none before the first validation

@@ -69,6 +69,8 @@ class LoggingConfig(BaseModel):
     val_every: int = Field(500, ge=1, description="validation metrics + image grid")
     ckpt_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to OUT/tensorboard (loss, LR, "
+                              "gradient norm, images/s, validation figures, sample grids); needs ldmkit[tensorboard]")
 
 
 class AutoencoderTrainConfig(BaseModel):

@@ -204,8 +204,9 @@ class ControlTask(Task):
         imgs = self.ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
                                guidance=s.guidance, seed=0, control=self.ema.module if self.ema is not None else self.net,
                                control_image=ctrl)
-        save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]),
-                  self.out / "samples" / f"samples_{step:08d}.png", nrow=n, upscale=2)
+        grid = self.out / "samples" / f"samples_{step:08d}.png"
+        save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]), grid, nrow=n, upscale=2)
+        self.log.image("samples", grid, step)
 
     def finish(self, step: int, t0: float) -> dict:
         from ldmkit.train.distributed import check_in_sync

@@ -214,7 +214,9 @@ class DiffusionTask(Task):
         finally:
             ldm.unet = live
         if self.main:
-            save_grid(imgs, self.out / "samples" / f"samples_{step:08d}.png", upscale=2)
+            grid = self.out / "samples" / f"samples_{step:08d}.png"
+            save_grid(imgs, grid, upscale=2)
+            self.log.image("samples", grid, step)
 
     def finish(self, step: int, t0: float) -> dict:
         self.sample_grid(step)

@@ -1,4 +1,5 @@
-"""The training log: OUT/log.jsonl, one JSON line per logged step, and its loss-curve PNG."""
+"""The training log: OUT/log.jsonl, one JSON line per logged step, its loss-curve PNG and, with
+`logging.tensorboard`, the same scalars and the sample grids as TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -6,21 +7,50 @@ import json
 import time
 from pathlib import Path
 
+from ldmkit.errors import LdmkitError
 from ldmkit.imageio import atomic_write
 
 
 class TrainLog:
-    """Append-only JSONL log (one line per logged step) and a loss-curve PNG drawn from it."""
+    """Append-only JSONL log (one line per logged step) and a loss-curve PNG drawn from it; with
+    `tensorboard`, every value also goes to a TensorBoard SummaryWriter under OUT/tensorboard."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = False):
         self.path = out_dir / "log.jsonl"
         self.enabled = enabled
+        self.board = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise LdmkitError("logging.tensorboard needs the tensorboard package: pip install 'ldmkit[tensorboard]' "
+                                  "(or set logging.tensorboard=false)") from None
+            self.board = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.board is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, step)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A grid PNG already written to `path`, also as a TensorBoard image."""
+        if self.board is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.board.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so the log matches the weights."""

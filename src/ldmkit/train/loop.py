@@ -236,12 +236,13 @@ def _fit(task_cls: type[Task], cfg, out: Path, resume: bool, progress: bool, tim
     bar.close()
     meta = task.finish(step, t0)
     task.log.plot(list(task.plot_keys), out / "loss.png")
+    task.log.close()
     return checkpoint(step, meta)
 
 
 def _restore(task: Task, resume: bool) -> tuple[int, dict]:
     """The log, and on resume the weights, the step and the EMA; returns (start step, training state)."""
-    task.log = TrainLog(task.out, enabled=task.main)
+    task.log = TrainLog(task.out, enabled=task.main, tensorboard=task.cfg.logging.tensorboard)
     start, state, folder = 0, {}, None
     if resume:
         folder = resolve(task.out)
@@ -311,6 +312,7 @@ def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Step
     log line, the task's periodic work, checkpoint; stopping on a signal (checkpoint + TrainingInterrupted)
     or after `time_limit` seconds since `t0`, agreed by all ranks. Returns the step reached."""
     o, logging = task.optim, task.cfg.logging
+    since_step, since_time = start, time.time()  # throughput over each logging interval
     with GracefulInterrupt() as stop:
         for step in range(start, o.steps):
             for group in opt.param_groups:
@@ -322,7 +324,12 @@ def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Step
                 task.ema.update(task.module)
             done = step + 1
             if done % logging.log_every == 0 or done == o.steps:
-                task.log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **task.log_values())
+                now = time.time()
+                rate = {"images_per_s": round((done - since_step) * o.batch_size / max(now - since_time, 1e-9), 2)}
+                if stepper.grad_norm is not None:
+                    rate["grad_norm"] = stepper.grad_norm
+                task.log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **rate, **task.log_values())
+                since_step, since_time = done, now
             task.periodic(done)
             if done % logging.ckpt_every == 0 and done != o.steps:  # the final one is written by `fit`
                 checkpoint(done)
