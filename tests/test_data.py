@@ -328,6 +328,35 @@ def test_folder_bad_files_reported_by_name(tmp_path):
     assert "good" not in message and "--skip-bad-images" in message
 
 
+def test_folder_check_is_indexed_and_redone_only_for_changed_files(tmp_path, monkeypatch, capsys):
+    from ldmkit.cli import main
+    from ldmkit.data.folder import index_path
+
+    monkeypatch.setenv("LDMKIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    for i in range(4):
+        _save(root / f"{i}.png", _rgb(seed=i))
+    assert ImageFolderDataset(str(root), size=16, split="all").checked == (4, 0)
+    assert index_path(str(root)).is_file() and not (root / ".ldmkit").exists()  # nothing written into the data
+    assert ImageFolderDataset(str(root), size=16, split="all").checked == (4, 4)
+    # a file replaced by a damaged one (new size and time) is decoded again and named
+    data = (root / "2.png").read_bytes()
+    (root / "2.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LdmkitError, match="2.png"):
+        ImageFolderDataset(str(root), size=16, split="all")
+    assert ImageFolderDataset(str(root), size=16, split="all", skip_bad=True).checked == (4, 4)  # its verdict kept
+    (root / "2.png").write_bytes(data)  # repaired
+    ds = ImageFolderDataset(str(root), size=16, split="all")
+    assert ds.checked == (4, 3) and len(ds) == 4
+    # the command: one line of figures, exit 0; a damaged index is ignored, not trusted
+    index_path(str(root)).write_text("{not json")
+    assert main(["data", "check", str(root), "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images ready" in out and "4 files checked" in out and "0 unchanged" in out
+    (root / "3.png").write_bytes(b"not an image")
+    assert main(["data", "check", str(root)]) == 2 and "3.png" in capsys.readouterr().err
+
+
 def test_folder_bad_files_skipped(tmp_path):
     root = _bad_folder(tmp_path)
     with warnings.catch_warnings(record=True) as caught:

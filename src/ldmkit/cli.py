@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from ldmkit.errors import LdmkitError, TrainingInterrupted, disk_full
@@ -195,6 +196,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ldmkit.data.folder import ImageFolderDataset, index_path
+
+    t0 = time.time()
+    ds = ImageFolderDataset(args.folder, size=args.size, split="all", skip_bad=args.skip_bad_images,
+                            allow_outside_links=args.allow_outside_links)
+    files, reused = ds.checked
+    captions = sum(bool(item.text) for item in ds.items)
+    control = "with" if ds.items[0].control else "without"
+    print(f"{len(ds)} images ready in {args.folder} ({captions} with captions, {ds.num_classes} classes, {control} "
+          f"conditioning images); {files} files checked in {time.time() - t0:.1f} s, {reused} unchanged since the "
+          f"last check; index: {index_path(args.folder)}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ldmkit.checkpoint import read_config
 
@@ -336,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype of the output")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_convert)
+
+    da = sub.add_parser("data", help="work with image collections")
+    dsub = da.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    dc = dsub.add_parser("check", help="decode every image of a folder once, name the bad ones, and index the result "
+                         "so training starts without decoding unchanged files again")
+    dc.add_argument("folder", help="folder of images (with an optional metadata.jsonl)")
+    dc.add_argument("--size", type=_number(int, 8), default=256, help="training image size (JPEG decodes at a "
+                    "reduced scale no smaller than it)")
+    dc.add_argument("--skip-bad-images", action="store_true", help="report bad files as a warning, not an error")
+    dc.add_argument("--allow-outside-links", action="store_true", help="symlinks may point outside the folder")
+    dc.set_defaults(func=cmd_data_check)
 
     e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")

@@ -9,7 +9,10 @@ no label. With `metadata.jsonl` in the root, its lines define the items, one JSO
 optional, but `conditioning_image` must be on every line or on none, so batches stay uniform.
 
 Every file is opened and fully decoded once at construction, so a corrupt download fails now,
-by name, instead of hours into training inside a DataLoader worker.
+by name, instead of hours into training inside a DataLoader worker. The results are kept in an index
+outside the folder (`index_path`: $LDMKIT_CACHE, default ~/.cache/ldmkit), keyed by each file's size
+and modification time, so the next run, or `ldmkit data check FOLDER` beforehand, decodes only the
+files that changed.
 
 Images become RGB: greyscale is replicated, palette images expanded, 16-bit scaled to 8-bit, and
 transparency is composited onto WHITE; EXIF orientation is applied (`ldmkit.imageio.open_image`, which
@@ -28,15 +31,18 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.imageio import ImageProblem, open_image, to_rgb
+from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
+INDEX_VERSION = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
 MAX_NAMED = 5  # bad files named in one error message; the rest are counted
@@ -57,6 +63,20 @@ def _problem(path: str, size: int) -> str | None:
     except ImageProblem as exc:
         return exc.reason
     return None
+
+
+def index_path(root: str) -> Path:
+    """Where the check results of image folder `root` are kept: never inside the user's data."""
+    cache = Path(os.environ.get("LDMKIT_CACHE") or Path.home() / ".cache" / "ldmkit")
+    return cache / "index" / (hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:32] + ".json")
+
+
+def _load_index(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc.get("files", {}) if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else {}
 
 
 def _hash_fraction(name: str) -> float:
@@ -160,10 +180,35 @@ class ImageFolderDataset(Dataset):
         return items
 
     def _verify(self, items: list[_Item], skip_bad: bool) -> list[_Item]:
-        """Decode every image (threads: PIL releases the GIL while decoding); report or drop bad ones."""
+        """Decode every image not already checked in its present form (threads: PIL releases the GIL while
+        decoding); report or drop bad ones. `self.checked` = (files, of which reused from the index)."""
         files = sorted({item.file for item in items} | {item.control for item in items if item.control})
+        index_file = index_path(self.root)
+        index, stamps, problems = _load_index(index_file), {}, {}
+        for f in files:
+            try:
+                st = os.stat(self._path(f))
+                stamps[f] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamps[f] = None  # vanished since the listing: decoding it names the problem
+            entry = index.get(f)
+            if stamps[f] is not None and isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamps[f]:
+                problems[f] = entry[2]
+        todo = [f for f in files if f not in problems]
+        self.checked = (len(files), len(files) - len(todo))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            problems = dict(zip(files, pool.map(lambda f: _problem(self._path(f), self.size), files), strict=True))
+            results = pool.map(lambda f: _problem(self._path(f), self.size), todo)
+            for f, why in tqdm(zip(todo, results), total=len(todo), desc="checking images", leave=False,
+                               disable=len(todo) < 2000):
+                problems[f] = why
+        if todo:
+            index.update({f: stamps[f] + [problems[f]] for f in todo if stamps[f] is not None})
+            try:  # a cache: a read-only home only costs the next run its decode
+                index_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(index_file, json.dumps({"version": INDEX_VERSION, "root": os.path.realpath(self.root),
+                                                     "files": index}).encode())
+            except OSError:
+                pass
         bad = {f: why for f, why in problems.items() if why is not None}
         if not bad:
             return items
