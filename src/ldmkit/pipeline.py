@@ -280,7 +280,7 @@ class LatentDiffusion(nn.Module):
         out = self.decode(z0)
         if m is not None and overlay:
             # The decoder spreads every latent cell over ~f pixels and the cells that straddle the hole's
-            # edge are regenerated, so kept pixels next to the hole drift (docs/design.md: 2.5 dB under the
+            # edge are regenerated, so kept pixels next to the hole drift (docs/design.md: 2.1 dB under the
             # first stage on shapes-free); the pixels the user asked to keep are pasted back.
             out = torch.lerp(image.to(out.dtype), out, m.to(out.dtype))
         return out

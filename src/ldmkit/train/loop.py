@@ -326,8 +326,9 @@ def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Step
             if done % logging.log_every == 0 or done == o.steps:
                 now = time.time()
                 rate = {"images_per_s": round((done - since_step) * o.batch_size / max(now - since_time, 1e-9), 2)}
-                if stepper.grad_norm is not None:
-                    rate["grad_norm"] = stepper.grad_norm
+                if stepper.grad_norm is not None:  # FSDP's is a DTensor: its full value
+                    norm = stepper.grad_norm
+                    rate["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 task.log.write(done, loss=loss.item(), lr=opt.param_groups[0]["lr"], **rate, **task.log_values())
                 since_step, since_time = done, now
             task.periodic(done)

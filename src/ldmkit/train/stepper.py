@@ -59,7 +59,7 @@ class Stepper:
         # fp16's 5-bit exponent underflows small gradients: scale the loss up, unscale before clipping,
         # skip steps whose gradients overflowed (Micikevicius et al., 2018). bf16 needs none of it.
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self.grad_norm: float | None = None  # measured only where optim.grad_clip computes it anyway
+        self.grad_norm: torch.Tensor | None = None  # measured only where optim.grad_clip computes it anyway
 
     def __call__(self, step: int, piece_loss, flags: tuple[bool, ...] = ()) -> tuple[torch.Tensor, tuple[bool, ...]]:
         """Run step `step`; returns (global mean loss, each flag OR-ed over the ranks)."""
@@ -77,8 +77,8 @@ class Stepper:
         check_finite(loss, step, self.out_dir)  # before the update: the weights stay those of step − 1
         if self.scaler:
             self.scaler.unscale_(self.opt)
-        if self.grad_clip:  # the norm before clipping, for the log
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        if self.grad_clip:  # the norm before clipping, for the log (a tensor: reading it would sync a GPU)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
