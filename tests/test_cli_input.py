@@ -41,6 +41,10 @@ def test_label_equal_to_the_number_of_classes_is_refused(class_model, tmp_path, 
     rc, err = run(["sample", "--checkpoint", str(class_model), "--out", str(tmp_path / "ok"), "--label", "2",
                    "--steps", "1", "--quiet"], capsys)
     assert rc == 0, err
+    # a label-only model has no text route to steer away from
+    rc, err = run(["sample", "--checkpoint", str(class_model), "--out", str(tmp_path / "neg"), "--label", "2",
+                   "--negative-prompt", "a blue square", "--quiet"], capsys)
+    assert rc == 2 and "text-conditioned" in err and not any((tmp_path / "neg").glob("*.png"))
     # --num-samples counts unconditional images; beside a label it would be silently ignored
     rc, err = run(["sample", "--checkpoint", str(class_model), "--out", str(tmp_path / "n"), "--label", "2",
                    "--num-samples", "4", "--quiet"], capsys)

@@ -188,6 +188,22 @@ def test_sigma_spacings_through_the_pipeline():
         plain.sample(texts=["a"], sigmas="beta", **KW)
 
 
+def test_negative_prompt_replaces_the_empty_caption_in_the_unconditional_branch():
+    ldm = make(None)
+    kw = dict(KW, guidance=3.0)
+    plain = ldm.sample(texts=["a", "b"], **kw)
+    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt="", **kw), plain)  # '' is the default branch
+    neg = ldm.sample(texts=["a", "b"], negative_prompt="c", **kw)
+    assert not torch.allclose(neg, plain)
+    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt=["c", "c"], **kw), neg)  # one per sample
+    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt="c", **dict(kw, guidance=1.0)),
+                       ldm.sample(texts=["a", "b"], **dict(kw, guidance=1.0)))  # no guidance, no effect
+    with pytest.raises(LdmkitError, match="negative prompts for 2"):
+        ldm.sample(texts=["a", "b"], negative_prompt=["c", "d", "e"], **kw)
+    with pytest.raises(LdmkitError, match="text-conditioned"):
+        make(None, text=False).sample(num_samples=2, negative_prompt="c", **kw)
+
+
 def test_object_masks_are_the_grown_box_around_the_shape():
     from ldmkit.conditioning.concat import mask_box
 

@@ -195,6 +195,24 @@ def test_evaluate_reports_every_route(base, tmp_path, capsys):
     assert res["lowres"]["psnr_bicubic"] > 20  # the baseline itself: bicubic 2x on 16 px shapes measures 24 dB
 
 
+def test_sampled_pngs_carry_their_parameters_as_a1111_writes_them(base, tmp_path, capsys):
+    out = tmp_path / "s"
+    rc, _, err = run_cli(["sample", "--checkpoint", str(base / "ldm"), "--prompt", "a red circle in the top left",
+                          "--negative-prompt", "a blue square", "--num-per-prompt", "2", "--guidance", "2.5",
+                          "--steps", "3", "--sampler", "unipc", "--sigmas", "karras", "--seed", "7", "--out", str(out),
+                          "--quiet"], capsys)
+    assert rc == 0, err
+    for pos in (0, 1):
+        lines = Image.open(out / f"{pos:04d}.png").text["parameters"].split("\n")
+        assert lines[0] == "a red circle in the top left" and lines[1] == "Negative prompt: a blue square"
+        fields = dict(f.split(": ", 1) for f in lines[2].split(", "))
+        assert fields["Steps"] == "3" and fields["Sampler"] == "UniPC" and fields["Schedule type"] == "Karras"
+        assert fields["CFG scale"] == "2.5" and fields["Seed"] == "7" and fields["Size"] == "16x16"
+        assert fields["Model"] == "ldm" and fields["Batch size"] == "2" and fields["Batch pos"] == str(pos)
+        assert fields["Version"].startswith("ldmkit ")
+    assert "parameters" not in Image.open(out / "grid.png").text
+
+
 def test_help_for_the_new_command_and_flags(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train-control", "--help"])

@@ -119,6 +119,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
+    if args.negative_prompt is not None and not ldm.config.conditioner.text_encoder:
+        raise LdmkitError("--negative-prompt needs a text-conditioned model; this one has no text route")
     for path in args.controlnet or []:
         net = load_any(path, device=device)
         if not isinstance(net, (ControlNet, Adapter)):
@@ -153,7 +155,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-            guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet, **spatial,
+            guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+            negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
@@ -333,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control residual scale, one for all or one per network (default: each network's, 1)")
     s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
+    s.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from: the unconditional branch of guidance encodes it (needs --guidance > 1)")
     s.add_argument("--sigmas", default=None, choices=["karras", "exponential"],
                    help="space the steps in noise level σ (Karras et al. 2022 / log-uniform) instead of the model's "
                         "timestep spacing")

@@ -132,14 +132,22 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsca
     return img
 
 
-def save_png(img: Image.Image, path: str | Path) -> None:
-    """Write a PNG atomically, so a reader never sees half a file."""
+def save_png(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
+    """Write a PNG atomically, so a reader never sees half a file; `text` becomes tEXt/iTXt chunks
+    (e.g. the A1111 `parameters` chunk that image tools read back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:
-        img.save(tmp, format="PNG")
+        info = None
+        if text:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key, value in text.items():
+                info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+        img.save(tmp, format="PNG", pnginfo=info)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:

@@ -223,6 +223,7 @@ class LatentDiffusion(nn.Module):
         keep_known: bool = True,
         overlay: bool = True,
         sigmas: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         guidance_rescale: float = 0.0,
         **sampler_opts,
     ) -> torch.Tensor:
@@ -239,7 +240,8 @@ class LatentDiffusion(nn.Module):
         decoded image is then composited over the init image through the mask, so kept pixels are the
         input's exactly (the A1111 web UI's paste-back; diffusers' `apply_overlay`). sigmas: None (the
         model's timestep spacing) or "karras" / "exponential": steps spaced in σ (`make_sigma_steps`).
-        control: a ControlNet /
+        negative_prompt (one, or one per sample): the unconditional branch of guidance encodes it instead
+        of the empty caption, steering away from it (text models; no effect at guidance 1). control: a ControlNet /
         MultiControlNet / Adapter for this model's U-Net with `control_image` (B or 1, C, f·h, f·w) in
         [0, 1] and `control_scale`; it acts on both branches of guidance.
 
@@ -256,7 +258,7 @@ class LatentDiffusion(nn.Module):
         if seed is not None:
             g.manual_seed(seed)
         z = torch.randn((n, *self.latent_shape), generator=g).to(device)
-        cond, uncond = self._sample_conds(texts, labels, n, guidance, image, m, device)
+        cond, uncond = self._sample_conds(texts, labels, n, guidance, image, m, device, negative_prompt)
         model = self._control(cond, uncond, control, control_image, control_scale, z)
         fn = batched_classifier_free_guidance(model, cond, uncond, guidance, rescale=guidance_rescale, cat=cat_conds)
         denoiser = Denoiser(fn, self.schedule, self.config.diffusion.prediction_type)
@@ -333,10 +335,22 @@ class LatentDiffusion(nn.Module):
         if control is None and control_image is not None:
             raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")
 
-    def _sample_conds(self, texts, labels, n: int, guidance: float, image, mask, device) -> tuple[Cond, Cond | None]:
-        """The conditional Cond and, when guiding, the unconditional one (every route at its null value)."""
+    def _sample_conds(self, texts, labels, n: int, guidance: float, image, mask, device,
+                      negative_prompt=None) -> tuple[Cond, Cond | None]:
+        """The conditional Cond and, when guiding, the unconditional one (every route at its null value,
+        the caption the negative prompt when one is given)."""
         cond = self.conditioner(texts=texts, labels=labels, batch_size=n).to(device)
-        uncond = self.conditioner.uncond(n).to(device) if guidance != 1.0 else None
+        uncond = None
+        if negative_prompt is not None:
+            if not self.config.conditioner.text_encoder:
+                raise LdmkitError("a negative prompt needs a text-conditioned model; this one has no text route")
+            negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) not in (1, n):
+                raise LdmkitError(f"got {len(negatives)} negative prompts for {n} samples; give one, or one per sample")
+            if guidance != 1.0:
+                uncond = self.conditioner(texts=negatives * (n // len(negatives)), labels=None, batch_size=n).to(device)
+        elif guidance != 1.0:
+            uncond = self.conditioner.uncond(n).to(device)
         cc = self.config.concat
         if cc is not None:
             cond.concat = self.concat_condition(image, mask)

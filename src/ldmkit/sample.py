@@ -53,6 +53,27 @@ def read_image(path: str | Path, channels: int, size: int, name: str, signed: bo
     return x * 2 - 1 if signed else x
 
 
+# ldmkit sampler → the name the A1111 web UI writes (and its readers expect) in a PNG's parameters
+A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler",
+                  "euler_a": "Euler a"}
+
+
+def infotext(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int,
+             size: int, model: str | None = None, sigmas: str | None = None, strength: float | None = None,
+             batch_size: int = 1, batch_pos: int = 0) -> str:
+    """The generation parameters as the A1111 web UI writes them into a PNG's `parameters` chunk: the
+    prompt, a "Negative prompt:" line, then "Key: value" pairs; image browsers and web UIs read it
+    back. Seed is the batch's (one generator draws the whole batch), with its size and the position."""
+    fields = {"Steps": steps, "Sampler": A1111_SAMPLERS.get(sampler, sampler),
+              "Schedule type": sigmas.capitalize() if sigmas else None, "CFG scale": f"{guidance:g}", "Seed": seed,
+              "Size": f"{size}x{size}", "Model": model, "Denoising strength": strength,
+              "Batch size": batch_size if batch_size > 1 else None, "Batch pos": batch_pos if batch_size > 1 else None}
+    from ldmkit import __version__
+
+    pairs = ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None) + f", Version: ldmkit {__version__}"
+    return "\n".join([prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else []) + [pairs])
+
+
 def sample_to_folder(
     ldm,
     out: str | Path,
@@ -67,10 +88,13 @@ def sample_to_folder(
     batch_size: int = 64,
     guidance_rescale: float = 0.0,
     progress: bool = True,
+    negative_prompt: str | None = None,
+    model_name: str | None = None,
     **spatial,
 ) -> list[Path]:
-    """Sample and write PNGs; returns the written paths (grid last). `spatial`: init_image, mask,
-    strength, control, control_image, control_scale as `LatentDiffusion.sample` takes them (tensors
+    """Sample and write PNGs, each with its generation parameters in an A1111-style `parameters` text
+    chunk (`infotext`); returns the written paths (grid last). `spatial`: init_image, mask, strength,
+    control, control_image, control_scale, sigmas as `LatentDiffusion.sample` takes them (tensors
     with a batch of 1 apply to every sample)."""
     classes = ldm.config.conditioner.num_classes
     bad = [lab for lab in labels or [] if not 0 <= lab < classes]
@@ -94,7 +118,8 @@ def sample_to_folder(
             texts=texts[i:j] if texts else None,
             labels=labs[i:j] if labs else None,
             num_samples=j - i,
-            steps=steps, sampler=sampler, guidance=guidance, guidance_rescale=guidance_rescale, seed=seed + i, **spatial,
+            steps=steps, sampler=sampler, guidance=guidance, guidance_rescale=guidance_rescale, seed=seed + i,
+            negative_prompt=negative_prompt, **spatial,
         )
         images.append(imgs.float().cpu())
         bar.update(j - i)
@@ -103,9 +128,14 @@ def sample_to_folder(
     from PIL import Image
 
     paths = []
+    strength = spatial.get("strength", 1.0) if spatial.get("init_image") is not None else None
     for k, img in enumerate(images):
         p = out / f"{k:04d}.png"
-        save_png(Image.fromarray(to_uint8(img)), p)
+        first = k - k % batch_size  # the batch this image was drawn in, and its seed
+        params = infotext(texts[k] if texts else "", negative_prompt, steps, sampler, guidance, seed + first,
+                          ldm.config.image_size, model_name, spatial.get("sigmas"), strength,
+                          batch_size=min(batch_size, total - first), batch_pos=k - first)
+        save_png(Image.fromarray(to_uint8(img)), p, text={"parameters": params})
         paths.append(p)
     save_grid(images, out / "grid.png", nrow=rep if rep > 1 else None, upscale=max(1, 128 // images.shape[-1]))
     paths.append(out / "grid.png")
