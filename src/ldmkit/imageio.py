@@ -10,6 +10,7 @@ transparency composited onto white (a cut-out is meant to be seen on a page; on 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -133,26 +134,20 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsca
 
 
 def save_png(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
-    """Write a PNG atomically, so a reader never sees half a file; `text` becomes tEXt/iTXt chunks
-    (e.g. the A1111 `parameters` chunk that image tools read back)."""
+    """Write a PNG atomically (`atomic_write`), so a reader never sees half a file; `text` becomes iTXt
+    chunks (e.g. the A1111 `parameters` chunk that image tools read back)."""
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        info = None
-        if text:
-            from PIL.PngImagePlugin import PngInfo
-
-            info = PngInfo()
-            for key, value in text.items():
-                info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
-        img.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk leaves no hidden half file behind
-        raise
+    atomic_write(path, buf.getvalue())
 
 
 def umask() -> int:
