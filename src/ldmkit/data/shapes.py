@@ -113,9 +113,7 @@ def _free_geometry(shape: str, position: str, size: int, rng: np.random.Generato
     the centroid uniform over the places in its quadrant where the whole shape fits."""
     r = rng.uniform(*FREE_RADIUS) * size
     angle = 0.0 if shape == "circle" else rng.uniform(0.0, 2 * math.pi)
-    _, pts = _outline(shape, 0.0, 0.0, r, angle)
-    if shape == "circle":
-        pts = [(-r, -r), (r, r)]
+    _, pts = _outline(shape, 0.0, 0.0, r, angle)  # a circle's is its bounding box
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     row, col = divmod(POSITIONS.index(position), 2)
     half, margin = size / 2, FREE_MARGIN * size

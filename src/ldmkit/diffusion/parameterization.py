@@ -120,7 +120,7 @@ class KnownRegionDenoiser:
 
     def __call__(self, z_t: torch.Tensor, t: torch.Tensor | int,
                  alpha_bar: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x0, eps = self.denoiser(z_t, t) if alpha_bar is None else self.denoiser(z_t, t, alpha_bar)
+        x0, eps = self.denoiser(z_t, t, alpha_bar)
         t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
         t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
         alpha, sigma = _levels(self.schedule, t, z_t, alpha_bar)

@@ -80,8 +80,9 @@ def _rect_masks(n: int, size: int, seed: int) -> torch.Tensor:
     return out
 
 
-def _replace_object(ldm, data, seed: int, kw: dict, batched, out: Path) -> dict:
-    """Inpainting judged in the hole: remove each held-out shape, ask for another colour and shape there."""
+def _replace_object(ldm, data, recon: torch.Tensor, seed: int, kw: dict, batched, out: Path) -> dict:
+    """Inpainting judged in the hole: remove each held-out shape, ask for another colour and shape there.
+    `recon`: the first stage's reconstructions of `data.images`, the kept region's reference."""
     n, size = len(data), ldm.config.image_size
     holes = torch.stack([mask_box(m, grow=max(1, size // 16)) for m in data.extras["mask"]])  # (n, 1, S, S)
     g = torch.Generator().manual_seed(seed + 104729)
@@ -97,7 +98,6 @@ def _replace_object(ldm, data, seed: int, kw: dict, batched, out: Path) -> dict:
     decoded = batched(lambda idx: ldm.sample(texts=[captions[i] for i in idx.tolist()], init_image=x[idx],
                                              mask=holes[idx], seed=seed + int(idx[0]), overlay=False, **kw).cpu())
     imgs = torch.lerp(x, decoded, holes)  # the default output: kept pixels pasted back (`overlay`)
-    recon = batched(lambda idx: ldm.decode(ldm.encode_mean(x[idx])).cpu())
     in_hole = imgs * holes - (1 - holes)  # the kept region set to black: only what fills the hole is judged
     found = [check_attributes(im) for im in in_hole]
     save_grid(torch.cat([x[:12] * (1 - holes[:12]), imgs[:12], x[:12]]), out / "replace.png", nrow=12,
@@ -244,7 +244,7 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
                   "", "Rows: masked input, inpainted, original.", "", "![inpaint](inpaint.png)", ""]
     if (cc is not None and cc.takes_mask and dataset in SHAPES_DATASETS and "mask" in data.extras
             and ldm.config.conditioner.text_encoder):
-        res["replace"] = _replace_object(ldm, data, seed, kw, batched, out)
+        res["replace"] = _replace_object(ldm, data, recon, seed, kw, batched, out)
         r = res["replace"]
         lines += ["## Inpainting: replace the shape", "",
                   "Each held-out shape is removed (the hole: its bounding box grown by 1/16 of the side) and the "
