@@ -31,6 +31,7 @@ class CachedTextEncoder(nn.Module, ABC):
     def __init__(self):
         super().__init__()
         self._cache: dict[str, torch.Tensor] = {}
+        self.cache_limit: int | None = None  # keep at most this many captions (the most recently added)
 
     @abstractmethod
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +47,9 @@ class CachedTextEncoder(nn.Module, ABC):
             for text, tok, m in zip(chunk, tokens, mask):
                 self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
         seqs = [self._cache[t] for t in texts]
+        if self.cache_limit is not None:  # dicts keep insertion order: drop the oldest captions
+            for old in list(self._cache)[: max(0, len(self._cache) - self.cache_limit)]:
+                del self._cache[old]
         m = max(s.shape[0] for s in seqs)
         out = torch.zeros(len(seqs), m, self.dim)
         mask = torch.zeros(len(seqs), m, dtype=torch.bool)

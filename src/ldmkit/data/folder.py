@@ -33,13 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
+from ldmkit.data.transforms import resize_crop
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
 INDEX_VERSION = 1
@@ -227,30 +226,20 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
-        if self.random_crop:
-            left = int(torch.randint(width - self.size + 1, ()).item())
-            top = int(torch.randint(height - self.size + 1, ()).item())
-        else:
-            left, top = (width - self.size) // 2, (height - self.size) // 2
-        return left, top, left + self.size, top + self.size
-
-    def __getitem__(self, index: int) -> dict:
+    def load(self, index: int, generator: torch.Generator | None = None) -> dict:
+        """Item `index`, cut at a random place drawn from `generator` when this split crops at random (else
+        centred). The streaming loader passes a generator seeded by (seed, step, row), so crops resume exactly."""
         item = self.items[index]
         image = to_rgb(open_image(self._path(item.file), self.size))
-        w, h = image.size
-        scale = self.size / min(w, h)  # shorter side -> size
-        resized = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
-        box = self._crop_box(*resized)
-        out = {"image": _to_tensor(image.resize(resized, Image.BICUBIC, reducing_gap=2.0).crop(box)),
-               "text": item.text, "label": item.label}
-        if item.control is not None:
-            # The control map is stretched to the image's resized shape, then cut with the same box.
-            control = to_rgb(open_image(self._path(item.control), self.size))
-            out["control"] = _to_tensor(control.resize(resized, Image.BICUBIC, reducing_gap=2.0).crop(box))
+        control = to_rgb(open_image(self._path(item.control), self.size)) if item.control is not None else None
+        x, c, _ = resize_crop(image, self.size, generator if self.random_crop else None, control)
+        out = {"image": x, "text": item.text, "label": item.label}
+        if c is not None:
+            out["control"] = c
         return out
 
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB (W, H) -> float32 (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    def __getitem__(self, index: int) -> dict:
+        generator = None
+        if self.random_crop:  # drawn from torch's RNG, so DataLoader worker seeding applies
+            generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        return self.load(index, generator)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,13 +17,13 @@ from torch import nn
 
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.autoencoder.losses import AutoencoderLoss
-from ldmkit.data import build_dataset
 from ldmkit.device import autocast
 from ldmkit.evaluate.autoencoder import reconstruction_figures
 from ldmkit.imageio import save_grid
 from ldmkit.rng import BatchRandom, step_generator
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
-from ldmkit.data.tensors import TensorData, materialize
+from ldmkit.data.tensors import TensorData
+from ldmkit.train.data import MemoryData, TrainData, open_train_data, open_val_data
 from ldmkit.train.loop import Task, adamw, batch_indices, fit
 from ldmkit.train.stepper import Stepper
 
@@ -41,15 +42,6 @@ class _Reconstruct(nn.Module):
         return self.ae.decode(z), post
 
 
-def load_splits(cfg: AutoencoderTrainConfig, progress: bool = True) -> tuple[TensorData, TensorData]:
-    d = cfg.data
-    train_ds = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images,
-                             allow_outside_links=d.allow_outside_links, length=d.length)
-    val_ds = build_dataset(d.dataset, d.size, "val", seed=d.seed, skip_bad=d.skip_bad_images,
-                           allow_outside_links=d.allow_outside_links)
-    return materialize(train_ds, desc="train data", progress=progress), materialize(val_ds, d.val_images, "val data", progress)
-
-
 @torch.no_grad()
 def validate(model: AutoencoderKL, val: TensorData, batch_size: int = 64) -> dict[str, float]:
     """Held-out PSNR/SSIM of posterior-mode reconstructions, the same for bicubic down/up at the
@@ -61,19 +53,16 @@ def validate(model: AutoencoderKL, val: TensorData, batch_size: int = 64) -> dic
 
 
 @torch.no_grad()
-def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batch_size: int, seed: int) -> dict:
-    """Per-channel and global mean/std of z ~ q(z|x) over many training batches.
+def latent_statistics(model: AutoencoderKL, batches: Iterable[torch.Tensor], seed: int) -> dict:
+    """Per-channel and global mean/std of z ~ q(z|x) over many training batches (images (B, C, H, W) each).
 
     The second stage wants unit-variance latents (Rombach et al., 2022, §4.3.2 and App. G):
     scaling_factor = 1/std and shift_factor = mean, stored in the checkpoint config.
     """
     model.eval()
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    zs = []
-    for b in range(min(batches, max(1, len(data) // batch_size))):
-        idx = batch_indices(b, len(data), min(batch_size, len(data)), seed)
-        x = data.images[idx].to(next(model.parameters()).device)
-        zs.append(model.encode(x).sample(g).cpu())
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    zs = [model.encode(x.to(device)).sample(g).cpu() for x in batches]
     z = torch.cat(zs)  # (N, c, h, w)
     per_mean = z.mean(dim=(0, 2, 3))
     per_std = z.std(dim=(0, 2, 3))
@@ -84,6 +73,18 @@ def latent_statistics(model: AutoencoderKL, data: TensorData, batches: int, batc
         "channel_std": per_std.tolist(),
         "num_latents": z.shape[0],
     }
+
+
+def statistic_batches(source: TrainData, batches: int, batch_size: int, seed: int, rows: tuple[int, int]):
+    """The image batches `latent_statistics` reads: whole seeded batches of an in-memory set (as ever), else
+    this process's rows of the first `batches` steps of the source's order."""
+    if isinstance(source, MemoryData):
+        data = source.data
+        for b in range(min(batches, max(1, len(data) // batch_size))):
+            yield data.images[batch_indices(b, len(data), min(batch_size, len(data)), seed)]
+        return
+    for b in range(batches):
+        yield source.batch(b, *rows)["image"]
 
 
 class AutoencoderTask(Task):
@@ -98,7 +99,9 @@ class AutoencoderTask(Task):
 
     def __init__(self, cfg: AutoencoderTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         super().__init__(cfg, out, dist, device, progress)
-        self.data, self.val = load_splits(cfg, self.progress)
+        d, o = cfg.data, cfg.optim
+        self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress)
+        self.val = open_val_data(d, d.val_images, self.progress)
         self.module = self.model = AutoencoderKL(cfg.model).to(device)
         self.model_config = cfg.model  # the same object `finish` fills with the latent scale
         self.loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
@@ -140,12 +143,11 @@ class AutoencoderTask(Task):
 
     def piece_loss_at(self, step: int):
         o, cfg = self.optim, self.cfg
-        idx = batch_indices(step, len(self.data), o.batch_size, cfg.data.seed)  # the global batch
         self.logs, self.pieces = {}, []
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
             r = BatchRandom(step_generator(o.seed, step), o.batch_size, lo, hi)
-            x = self.data.images[idx[lo:hi]].to(self.device)  # (b, C, H, W)
+            x = self.source.batch(step, lo, hi)["image"].to(self.device)  # (b, C, H, W)
             if cfg.data.hflip:
                 flip = (r.rand() < 0.5).to(self.device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -204,7 +206,14 @@ class AutoencoderTask(Task):
         """Latent statistics → scaling_factor / shift_factor in the model config (and train_config.yaml)."""
         cfg, o = self.cfg, self.optim
         final_model = self.ema.module if self.ema is not None else self.model
-        stats = latent_statistics(final_model, self.data, cfg.latent_stat_batches, o.batch_size, cfg.data.seed)
+        from ldmkit.train.distributed import micro_batches
+
+        pieces = micro_batches(o.batch_size, self.dist, o.grad_accum)
+        with torch.no_grad():
+            stats = latent_statistics(final_model, statistic_batches(self.source, cfg.latent_stat_batches, o.batch_size,
+                                                                     cfg.data.seed, (pieces[0][0], pieces[-1][1])),
+                                      cfg.data.seed)
+        self.source.close()
         # z' = (z − shift)·scale has zero mean and unit variance over the training set.
         cfg.model.shift_factor = stats["mean"]
         cfg.model.scaling_factor = 1.0 / max(stats["std"], 1e-8)

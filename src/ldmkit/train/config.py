@@ -27,7 +27,9 @@ from ldmkit.unet import UNetConfig
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field("shapes", description="built-in name (shapes, shapes-free, digits, faces, photos) or a folder of images")
+    dataset: str = Field("shapes", description="built-in name (shapes, shapes-free, digits, faces, photos), a folder of "
+                         "images, tar shards ('shards/{00000..00099}.tar'), a Hugging Face dataset (save_to_disk folder "
+                         "or *.parquet) or an `ldmkit encode` latent folder")
     size: int = Field(32, ge=8, description="image side in pixels")
     seed: int = Field(0, description="dataset generation / split seed")
     length: int | None = Field(None, ge=1, description="items in the training split (procedural datasets)")
@@ -35,6 +37,15 @@ class DataConfig(BaseModel):
     skip_bad_images: bool = Field(False, description="skip unreadable files in a folder instead of stopping")
     allow_outside_links: bool = Field(False, description="a folder's symlinks may point outside it (refused by default)")
     hflip: bool = Field(False, description="random horizontal flips (not for `shapes`: positions are labels)")
+    crop: Literal["center", "random"] = Field("center", description="folders, shards, HF datasets: after resizing the "
+                                              "shorter side to `size`, cut the square at the centre or at random")
+    in_memory: Literal["auto"] | bool = Field(
+        "auto", description="hold the decoded training set in memory (auto: built-in sets, and collections of at most "
+        "256 MiB as float32); otherwise DataLoader workers read it lazily (tar shards always stream)")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes per training process for lazy sources")
+    image_column: str | None = Field(None, description="Hugging Face datasets: the image column (default: image/img)")
+    text_column: str | None = Field(None, description="Hugging Face datasets: the caption column (default: text/caption)")
+    label_column: str | None = Field(None, description="Hugging Face datasets: the class column (default: label)")
     latent_cache: str | None = Field(
         None, description="second stage: folder for the on-disk latent cache, keyed by the autoencoder's weights, "
         "the images and the augmentation (None: encode in memory at every start)")

@@ -25,15 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ldmkit.conditioning import Adapter, ControlNet, controlled_unet
-from ldmkit.data import build_dataset
 from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.checkpoint import load_diffusion, resolve
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
-from ldmkit.data.tensors import TensorData, control_maps, materialize
-from ldmkit.train.latents import encode_dataset, sample_latents, warm_caption_cache
-from ldmkit.train.loop import Task, batch_indices, fit
+from ldmkit.data.tensors import TensorData, control_maps
+from ldmkit.train.data import MemoryData, open_train_data, posterior_of
+from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
+from ldmkit.train.loop import Task, fit
 
 
 class ControlTrainConfig(BaseModel):
@@ -152,17 +152,24 @@ class ControlTask(Task):
         self.ldm, self.base_folder = load_base(cfg.base, drop_prompt=cfg.drop_prompt)
         if d.size != self.ldm.config.image_size:
             raise LdmkitError(f"data.size is {d.size} but the base model was trained at {self.ldm.config.image_size}")
-        dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
-                                allow_outside_links=d.allow_outside_links)
-        self.data = materialize(dataset, desc="train data", progress=self.progress)
+        o = cfg.optim
+        self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress)
+        self.data = self.source.preview  # in memory: every item; lazy: the first few
         self.maps = control_maps(self.data, cfg.control, d.dataset)  # (N, C, H, W) in [0, 1]
         self.ldm.to(device)
-        self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        self.mean = self.std = None
+        if isinstance(self.source, MemoryData):
+            self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        elif type(getattr(self.source, "dataset", None)).__name__ == "LatentShards":
+            raise LdmkitError("ControlNet training needs the images and their maps, not latent shards; give the collection")
         self.module = self.net = build_control(cfg.kind, self.ldm, self.maps.shape[1]).to(device)
         self.name = self.kind = cfg.kind
         self.model_config = self.net.config
         if self.ldm.config.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
-            warm_caption_cache(self.ldm.conditioner.text_encoder, self.data.texts)
+            if isinstance(self.source, MemoryData):
+                warm_caption_cache(self.ldm.conditioner.text_encoder, self.data.texts)
+            else:
+                self.ldm.conditioner.text_encoder.cache_limit = CAPTION_CACHE
 
     def forward_module(self) -> nn.Module:
         if self.optim.channels_last:  # the frozen base runs in the same layout as the control network
@@ -176,15 +183,19 @@ class ControlTask(Task):
 
     def piece_loss_at(self, step: int):
         o, ldm = self.optim, self.ldm
-        idx = batch_indices(step, len(self.data), o.batch_size, self.cfg.data.seed)  # the global batch
         cc = ldm.config.conditioner
         use_text, use_labels = bool(cc.text_encoder), bool(cc.num_classes)
         shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
-            r, rows, z0 = sample_latents(self.mean, self.std, idx, lo, hi, o, step, shift, scale)  # z0: (b, c, h, w)
-            batch = self.data.batch(rows)
-            hint = self.maps[rows].to(self.device)  # (b, C, H, W) in [0, 1]
+            batch = self.source.batch(step, lo, hi)
+            mean, std = posterior_of(batch, self.mean, self.std, ldm.autoencoder, self.device)
+            r, z0 = sample_latents(mean, std, o, step, lo, hi, shift, scale)  # z0: (b, c, h, w)
+            if "_rows" in batch:
+                hint = self.maps[batch["_rows"]].to(self.device)  # (b, C, H, W) in [0, 1]
+            else:  # a lazily read folder's conditioning images come in [-1, 1]
+                which = self.cfg.control
+                hint = ((batch[which] + 1) / 2 if which == "control" else batch[which].float()).to(self.device)
             if o.channels_last:
                 z0 = z0.contiguous(memory_format=torch.channels_last)
             with autocast(o.precision, self.device):

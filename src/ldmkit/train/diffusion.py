@@ -19,17 +19,17 @@ import torch
 
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.conditioning import Conditioner
-from ldmkit.data import build_dataset
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 from ldmkit.device import autocast
 from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_weights, read_config
 from ldmkit.train.config import DiffusionTrainConfig
-from ldmkit.data.tensors import TensorData, materialize
-from ldmkit.train.latents import encode_dataset, sample_latents, warm_caption_cache
+from ldmkit.data.tensors import TensorData
+from ldmkit.train.data import MemoryData, check_lazy_source, open_train_data, posterior_of
+from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.distributed import check_in_sync, cleanup, full_state_dict, is_sharded, setup
-from ldmkit.train.loop import Task, batch_indices, fit
+from ldmkit.train.loop import Task, fit
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
@@ -122,18 +122,28 @@ class DiffusionTask(Task):
     def __init__(self, cfg: DiffusionTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         super().__init__(cfg, out, dist, device, progress)
         self.ae_meta = self._build_model(cfg)
-        d = cfg.data
-        dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
-                                allow_outside_links=d.allow_outside_links)
-        self.data = materialize(dataset, desc="train data", progress=self.progress)
+        d, o = cfg.data, cfg.optim
+        self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress)
+        self.data = self.source.preview  # in memory: every item; lazy: the first few (conditions for sample grids)
         self.ldm.to(device)
-        self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        self.mean = self.std = None
+        if isinstance(self.source, MemoryData):
+            self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
+        else:
+            if d.latent_cache and cfg.concat is None:
+                from ldmkit.train.encode import cached_latent_source
+
+                self.source = cached_latent_source(self.ldm.autoencoder, d, o.batch_size, dist, o.grad_accum, self.progress)
+            check_lazy_source(self.source, self.ldm, cfg)
         if cfg.conditioner.num_classes and (self.data.labels < 0).all():
             raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
         if cfg.conditioner.text_encoder and not any(self.data.texts):
             raise LdmkitError(f"dataset '{d.dataset}' has no captions, but the config asks for text conditioning")
         if cfg.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
-            warm_caption_cache(self.conditioner.text_encoder, self.data.texts)
+            if isinstance(self.source, MemoryData):
+                warm_caption_cache(self.conditioner.text_encoder, self.data.texts)
+            else:  # a collection's captions are encoded as they come; the cache keeps the most recent
+                self.conditioner.text_encoder.cache_limit = CAPTION_CACHE
         self.module = self.ldm.unet
         self.ldm.train()
 
@@ -167,14 +177,13 @@ class DiffusionTask(Task):
         return self._with_unet(full_state_dict(self.ema.module))
 
     def piece_loss_at(self, step: int):
-        cfg, o, d, data = self.cfg, self.optim, self.cfg.data, self.data
-        idx = batch_indices(step, len(data), o.batch_size, d.seed)  # the global batch
+        cfg, o, d = self.cfg, self.optim, self.cfg.data
         use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
         shift, scale = self.ldm.autoencoder.config.shift_factor, self.ldm.autoencoder.config.scaling_factor
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
-            r, rows, z0 = sample_latents(self.mean, self.std, idx, lo, hi, o, step, shift, scale)  # z0: (b, c, h, w)
-            batch = data.batch(rows)
+            batch = self.source.batch(step, lo, hi)
+            r, z0 = sample_latents(*self._posterior(batch), o, step, lo, hi, shift, scale)  # z0: (b, c, h, w)
             if d.hflip:
                 flip = (r.rand() < 0.5).to(z0.device)
                 z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
@@ -192,6 +201,9 @@ class DiffusionTask(Task):
                                      masks=batch.get("mask"), unet=self.trained)
 
         return piece_loss
+
+    def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return posterior_of(batch, self.mean, self.std, self.ldm.autoencoder, self.device)
 
     def sample_grid(self, step: int) -> None:
         # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone

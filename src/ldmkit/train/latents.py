@@ -65,6 +65,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import atomic_write
 from ldmkit.rng import BatchRandom, step_generator
 
+CAPTION_CACHE = 8192  # captions a lazily read collection keeps encoded (the most recent)
 FORMAT = 1  # bump when the layout or what is stored changes: old caches then get new keys
 INDEX = "index.json"
 
@@ -302,17 +303,15 @@ def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, p
     return torch.cat([m for m, _ in parts]).to(device), torch.cat([s for _, s in parts]).to(device)
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, optim, step: int,
-                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor, torch.Tensor]:
-    """Rows [lo, hi) of step `step`'s global batch `idx`: (the step's BatchRandom, the rows' dataset
-    indices, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made for the whole
-    global batch and sliced, so the result does not depend on how many processes / micro-batches share
-    the batch; the step's later draws continue from the returned BatchRandom."""
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, optim, step: int, lo: int, hi: int,
+                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor]:
+    """Rows [lo, hi) of step `step`'s global batch, given their posteriors `mean`, `std` (b, c, h, w):
+    (the step's BatchRandom, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made
+    for the whole global batch and sliced, so the result does not depend on how many processes /
+    micro-batches share the batch; the step's later draws continue from the returned BatchRandom."""
     r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
-    rows = idx[lo:hi]
-    rows_d = rows.to(mean.device)
-    z = mean[rows_d] + std[rows_d] * r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
-    return r, rows, (z - shift) * scale
+    z = mean + std * r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
+    return r, (z - shift) * scale
 
 
 def warm_caption_cache(text_encoder, texts: list[str]) -> None:

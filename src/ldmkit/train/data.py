@@ -1,0 +1,320 @@
+"""Where a training step's batch comes from: held in memory, read lazily by DataLoader workers, or streamed.
+
+Every trainer asks `source.batch(step, lo, hi)` for rows [lo, hi) of step `step`'s global batch, and
+gets {image, label, text[, control, mask, edge]} (or {mean, std, label, text} from latent shards).
+
+    MemoryData   the built-in sets and small collections, stacked tensors (`data.tensors`); no per-item
+                 Python work competes with the model for the CPU's cores.
+    LoaderData   map-style sources too big for memory (image folders, Hugging Face datasets, latent
+                 shards): DataLoader workers decode this process's rows of each step ahead of time.
+                 The order is `batch_indices(step)` and each item's crop is drawn from a generator seeded
+                 by (seed, step, row), so a resume at any step repeats the run exactly, on any number of
+                 processes; memory holds a few batches, whatever the collection's size.
+    StreamData   tar shards (`data.shards.ShardStream`): each process and worker reads its own shards;
+                 each reader's place is checkpointed (`state_dict`) and restored on resume.
+
+`data.in_memory: auto` keeps built-in sets, and map-style collections whose float32 pixels would take
+at most IN_MEMORY_BYTES, in memory (measured faster on 2 cores: benchmarks/data.py); the rest is lazy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldmkit.data import DATASETS, build_dataset
+from ldmkit.data.shards import ShardStream, is_shard_spec, list_shards, read_items
+from ldmkit.data.tensors import TensorData, materialize
+from ldmkit.data.transforms import item_seed
+from ldmkit.errors import LdmkitError
+from ldmkit.train.loop import batch_indices
+
+IN_MEMORY_BYTES = 256 << 20
+PREVIEW = 64  # items kept in memory from a lazy source: sample-grid conditions, caption checks
+
+
+def collate(items: list[dict]) -> dict:
+    """Items -> a batch; an item that failed to load (a dict with "_error") makes the batch that error."""
+    for it in items:
+        if "_error" in it:
+            return {"_error": it["_error"]}
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        values = [it[k] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[k] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[k] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[k] = values
+    return out
+
+
+class _Keyed(Dataset):
+    """`dataset[(index, seed)]` = the item, its random crop drawn from a generator seeded by `seed`;
+    a load error comes back as {"_error": message} (raised in the training process, with its own words)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        try:
+            if hasattr(self.dataset, "load"):
+                return self.dataset.load(index, torch.Generator().manual_seed(seed))
+            return self.dataset[index]
+        except LdmkitError as e:
+            return {"_error": f"{e}; fix or remove it (ldmkit data check names every bad file)"}
+
+
+class _StepBatches(Sampler):
+    """Per step from `start`: this process's rows [lo, hi) of the global batch `batch_indices(step)`,
+    each as (index, augmentation seed of (seed, step, row))."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, lo: int, hi: int):
+        self.n, self.batch_size, self.seed, self.start, self.lo, self.hi = n, batch_size, seed, start, lo, hi
+
+    def __iter__(self):  # without end: the trainer decides how many steps it takes
+        for step in itertools.count(self.start):
+            idx = batch_indices(step, self.n, self.batch_size, self.seed)
+            rows = range(self.lo, self.hi)
+            yield [(int(idx[r]), item_seed(self.seed, step, r)) for r in rows]
+
+
+class TrainData(ABC):
+    """A training set as the trainers see it (module docstring)."""
+
+    preview: TensorData  # a few items in memory: sample-grid conditions, caption/label checks
+    num_classes: int = 0
+
+    @abstractmethod
+    def batch(self, step: int, lo: int, hi: int) -> dict:
+        """Rows [lo, hi) of step `step`'s global batch (lo, hi inside this process's rows)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryData(TrainData):
+    def __init__(self, data: TensorData, batch_size: int, seed: int, num_classes: int = 0):
+        self.data, self.preview, self.batch_size, self.seed = data, data, batch_size, seed
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def indices(self, step: int) -> torch.Tensor:
+        return batch_indices(step, len(self.data), self.batch_size, self.seed)
+
+    def batch(self, step: int, lo: int, hi: int) -> dict:
+        rows = self.indices(step)[lo:hi]
+        return {**self.data.batch(rows), "_rows": rows}
+
+
+class _Prefetched(TrainData):
+    """The per-step batches of an iterator over this process's rows [lo, hi) of each global batch."""
+
+    def __init__(self, rows: tuple[int, int], workers: int):
+        self.rows, self.workers = rows, workers
+        self._iter = None
+        self._step: int | None = None  # the step whose batch `_current` holds
+        self._current: dict | None = None
+
+    @abstractmethod
+    def _start(self, step: int):
+        """A fresh iterator whose first batch is step `step`'s."""
+
+    def _consumed(self, batch: dict) -> None:
+        """Called with each batch taken from the iterator (stream positions)."""
+
+    def batch(self, step: int, lo: int, hi: int) -> dict:
+        if self._step != step:
+            if self._iter is None or self._step is None or step != self._step + 1:
+                self.close()
+                self._iter = self._start(step)
+            got = next(self._iter)
+            if "_error" in got:
+                self.close()
+                raise LdmkitError(got["_error"])
+            self._consumed(got)
+            self._current, self._step = got, step
+        a, b = lo - self.rows[0], hi - self.rows[0]
+        if not 0 <= a < b <= self.rows[1] - self.rows[0]:
+            raise ValueError(f"rows [{lo}, {hi}) are not this process's rows {self.rows}")
+        return {k: v[a:b] for k, v in self._current.items() if not k.startswith("_")}
+
+    def close(self) -> None:
+        self._iter = None  # a DataLoader iterator shuts its workers down when collected
+        self._step = None
+
+
+class LoaderData(_Prefetched):
+    """A map-style dataset read by DataLoader workers in `batch_indices` order (module docstring)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rows: tuple[int, int],
+                 workers: int, preview: TensorData, num_classes: int = 0):
+        super().__init__(rows, workers)
+        if len(dataset) < batch_size:
+            raise LdmkitError(f"the dataset has {len(dataset)} items, fewer than one batch of {batch_size}; "
+                              "lower optim.batch_size")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.preview, self.num_classes = preview, num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _start(self, step: int):
+        sampler = _StepBatches(len(self.dataset), self.batch_size, self.seed, step, *self.rows)
+        loader = DataLoader(_Keyed(self.dataset), batch_sampler=sampler, num_workers=self.workers, collate_fn=collate,
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False)
+        return iter(loader)
+
+
+class StreamData(_Prefetched):
+    """Tar shards streamed by `ShardStream`; `state_dict()` is this process's readers' places."""
+
+    def __init__(self, shards: list[str], size: int, batch_size: int, seed: int, rows: tuple[int, int], rank: int,
+                 world: int, workers: int, random_crop: bool, skip_bad: bool, preview: TensorData):
+        super().__init__(rows, workers)
+        self.args = dict(shards=shards, size=size, batch=rows[1] - rows[0], seed=seed, rank=rank, world=world,
+                         workers=max(1, workers), random_crop=random_crop, skip_bad=skip_bad)
+        self.preview = preview
+        self.num_classes = int(preview.labels.max()) + 1 if len(preview) and preview.labels.max() >= 0 else 0
+        self.readers = ShardStream(**self.args).workers  # after the cut to the shards available
+        self.position = {"batches": 0, "slots": {}, "world": world, "workers": self.readers}
+
+    def _start(self, step: int):
+        stream = ShardStream(**self.args, state={"batches": self.position["batches"], "slots": self.position["slots"]})
+        workers = self.readers if self.args["workers"] and self.workers else 0
+        loader = DataLoader(stream, batch_size=None, num_workers=workers,
+                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        return iter(loader)
+
+    def _consumed(self, batch: dict) -> None:
+        slot, epoch, k, offset = (int(v) for v in batch["_pos"])
+        self.position["batches"] += 1
+        self.position["slots"][str(slot)] = [epoch, k, offset]
+
+    def state_dict(self) -> dict:
+        return {"batches": self.position["batches"], "slots": dict(self.position["slots"]),
+                "world": self.position["world"], "workers": self.position["workers"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state.get("world") != self.position["world"] or state.get("workers") != self.readers:
+            warnings.warn(f"the shards were read by {state.get('world')} processes x {state.get('workers')} workers "
+                          f"before and now by {self.position['world']} x {self.readers}: the stream restarts at the "
+                          "earliest epoch it had reached, so some items of that epoch are seen twice", stacklevel=2)
+            epoch = min((v[0] for v in state.get("slots", {}).values()), default=0)
+            self.position.update(batches=0, slots={str(s): [epoch, 0, 0] for s in range(self.readers)})
+        else:
+            self.position.update(batches=int(state["batches"]), slots={k: list(v) for k, v in state["slots"].items()})
+        self.close()
+
+
+def _map_dataset(spec: str, d, split: str, random_crop: bool) -> Dataset:
+    from ldmkit.data.hf import HFImageDataset, is_hf_spec
+
+    if is_hf_spec(spec):
+        return HFImageDataset(spec, d.size, split, image_column=d.image_column, text_column=d.text_column,
+                              label_column=d.label_column, random_crop=random_crop)
+    ds = build_dataset(spec, d.size, split, seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
+                       allow_outside_links=d.allow_outside_links)
+    if random_crop and hasattr(ds, "random_crop") and split == "train":
+        ds.random_crop = True
+    return ds
+
+
+def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: bool) -> TrainData:
+    """The training split of `d.dataset` as a TrainData for this process (`d`: the config's data section)."""
+    from ldmkit.train.distributed import micro_batches
+
+    pieces = micro_batches(batch_size, dist, accum)
+    rows = (pieces[0][0], pieces[-1][1])  # this process's rows of every global batch
+    spec, random_crop = d.dataset, d.crop == "random"
+    if spec not in DATASETS and is_shard_spec(spec):
+        if d.in_memory is True:
+            raise LdmkitError("tar shards are always streamed; set data.in_memory to auto or false")
+        shards = list_shards(spec)
+        preview = _items_data(read_items(shards, d.size, "train", PREVIEW))
+        return StreamData(shards, d.size, batch_size, d.seed, rows, dist.rank, dist.world, d.workers, random_crop,
+                          d.skip_bad_images, preview)
+    if spec not in DATASETS:
+        from ldmkit.data.latent_shards import LatentShards, is_latent_spec
+
+        if is_latent_spec(spec):
+            ds = LatentShards(spec)
+            return LoaderData(ds, batch_size, seed, rows, d.workers, ds.preview(PREVIEW), ds.num_classes)
+    ds = _map_dataset(spec, d, "train", random_crop)
+    num_classes = getattr(ds, "num_classes", 0)
+    in_memory = d.in_memory
+    if in_memory == "auto":
+        in_memory = spec in DATASETS or len(ds) * 3 * d.size * d.size * 4 <= IN_MEMORY_BYTES
+    if in_memory:
+        return MemoryData(materialize(ds, desc="train data", progress=progress), batch_size, seed, num_classes)
+    preview = materialize(ds, limit=PREVIEW, progress=False)
+    return LoaderData(ds, batch_size, seed, rows, d.workers, preview, num_classes)
+
+
+def _items_data(items: list[dict]) -> TensorData:
+    if not items:
+        raise LdmkitError("no readable samples in the shards' training split")
+    extras = {"control": torch.stack([it["control"] for it in items])} if all("control" in it for it in items) else {}
+    return TensorData(images=torch.stack([it["image"] for it in items]),
+                      labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
+                      texts=[it["text"] for it in items], extras=extras)
+
+
+def open_val_data(d, limit: int, progress: bool) -> TensorData:
+    """Up to `limit` held-out items of `d.dataset`, centre-cropped, in memory (validation is small)."""
+    spec = d.dataset
+    if spec not in DATASETS and is_shard_spec(spec):
+        return _items_data(read_items(list_shards(spec), d.size, "val", limit))
+    return materialize(_map_dataset(spec, d, "val", False), limit, "val data", progress)
+
+
+def posterior_of(batch: dict, mean: torch.Tensor | None, std: torch.Tensor | None, ae, device: torch.device):
+    """(mean, std) of q(z|x) for a batch's rows: looked up in the in-memory set's encoded posteriors (its
+    "_rows"), read from latent shards, or encoded now from the batch's images (a lazily read collection)."""
+    if "_rows" in batch:
+        rows = batch["_rows"].to(mean.device)
+        return mean[rows], std[rows]
+    if "mean" in batch:
+        return batch["mean"].to(device), batch["std"].to(device)
+    with torch.no_grad():
+        post = ae.encode(batch["image"].to(device))
+    return post.mean.contiguous(), post.std.contiguous()  # (b, c, h, w) each
+
+
+def check_lazy_source(source: TrainData, ldm, cfg) -> None:
+    """A lazy source for the second stage: latent shards must come from this first stage, at this size."""
+    ds = getattr(source, "dataset", None)
+    from ldmkit.data.latent_shards import LatentShards
+
+    if not isinstance(ds, LatentShards):
+        return
+    from ldmkit.train.encode import autoencoder_digest
+
+    if cfg.concat is not None:
+        raise LdmkitError("a concatenation route needs the images themselves; train it from the images, not latent shards")
+    if ds.index.get("autoencoder") != autoencoder_digest(ldm.autoencoder):
+        raise LdmkitError(f"the latents in {ds.folder} were encoded by another first stage than {cfg.autoencoder}; "
+                          "encode again with this one (ldmkit encode --autoencoder ...) or point `autoencoder:` at that one")
+    if ds.index.get("image_size") != cfg.data.size:
+        raise LdmkitError(f"the latents in {ds.folder} are of {ds.index.get('image_size')} px images but data.size is "
+                          f"{cfg.data.size}; set data.size={ds.index.get('image_size')}")
