@@ -214,6 +214,43 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_make_shards(args: argparse.Namespace) -> int:
+    from ldmkit.data.shards import make_shards
+
+    t0 = time.time()
+    paths = make_shards(args.folder, args.out, args.shard_size, skip_bad=args.skip_bad_images, progress=not args.quiet)
+    last = len(paths) - 1
+    print(f"{len(paths)} shards written to {args.out} in {time.time() - t0:.1f} s; train from them with "
+          f"--data '{Path(args.out) / f'{{00000..{last:05d}}}.tar'}'")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ldmkit.train.config import DataConfig
+    from ldmkit.train.diffusion import load_first_stage
+    from ldmkit.train.distributed import cleanup, setup
+    from ldmkit.train.encode import encode_source
+
+    dist, device = setup("auto")
+    try:
+        ae, meta = load_first_stage(args.autoencoder)
+        size = args.size or meta.get("image_size")
+        if size is None:
+            raise LdmkitError(f"{args.autoencoder} does not record its image size; pass --size")
+        d = DataConfig(dataset=args.data, size=size)
+        t0 = time.time()
+        out = encode_source(ae.to(device), d, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                            workers=args.workers, rank=dist.rank, world=dist.world,
+                            barrier=dist.barrier if dist.enabled else None, progress=not args.quiet and dist.main)
+        if dist.main:
+            index = json.loads((out / "latents.json").read_text())
+            print(f"{index['count']} latents {tuple(index['latent_shape'])} in {len(index['shards'])} shards written to "
+                  f"{out} in {time.time() - t0:.1f} s; train with: ldmkit train --data {out} --autoencoder {args.autoencoder}")
+    finally:
+        cleanup(dist)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ldmkit.checkpoint import read_config
 
@@ -368,6 +405,27 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--skip-bad-images", action="store_true", help="report bad files as a warning, not an error")
     dc.add_argument("--allow-outside-links", action="store_true", help="symlinks may point outside the folder")
     dc.set_defaults(func=cmd_data_check)
+
+    ds = dsub.add_parser("make-shards", help="write a folder of images (and its metadata.jsonl) as WebDataset tar "
+                         "shards, to stream a big collection from")
+    ds.add_argument("folder", help="folder of images (with an optional metadata.jsonl)")
+    ds.add_argument("out", help="output folder for 00000.tar, 00001.tar, ...")
+    ds.add_argument("--shard-size", type=POSITIVE, default=1000, help="samples per shard (default: %(default)s)")
+    ds.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out instead of stopping")
+    ds.add_argument("--quiet", action="store_true", help="no progress bar")
+    ds.set_defaults(func=cmd_data_make_shards)
+
+    en = sub.add_parser("encode", help="encode a collection's training split with a first stage into latent shards "
+                        "that `ldmkit train --data LATENTS` reads (resumable; split across torchrun ranks)")
+    en.add_argument("--autoencoder", required=True, help="first-stage checkpoint (any format `ldmkit train` accepts)")
+    en.add_argument("--data", required=True, help="built-in name, image folder, tar shards or Hugging Face dataset")
+    en.add_argument("--out", required=True, help="output folder (latents.json + NNNNN.safetensors)")
+    en.add_argument("--size", type=_number(int, 8), default=None, help="image size (default: the first stage's)")
+    en.add_argument("--shard-size", type=POSITIVE, default=4096, help="items per latent shard (map-style sources)")
+    en.add_argument("--batch-size", type=POSITIVE, default=64, help="images per encoder pass")
+    en.add_argument("--workers", type=_number(int, 0), default=2, help="DataLoader workers decoding images")
+    en.add_argument("--quiet", action="store_true", help="no progress bar")
+    en.set_defaults(func=cmd_encode)
 
     e = sub.add_parser("evaluate", help="measure a checkpoint and write a report with image grids")
     e.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")

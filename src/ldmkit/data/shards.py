@@ -151,11 +151,15 @@ def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, t
             raise ImageProblem("sample", where, "its .cls is not an integer") from None
     if not isinstance(label, int) or isinstance(label, bool) or label < -1:
         raise ImageProblem("sample", where, f"label {label!r} is not a non-negative integer")
-    image = to_rgb(open_image(io.BytesIO(read(image_field)), size, what=f"image {where}.{image_field}"))
+    def picture(field: str):
+        try:
+            return to_rgb(open_image(io.BytesIO(read(field)), size))
+        except ImageProblem as e:
+            raise ImageProblem("image", f"{where}.{field}", e.reason) from None
+
     control_field = next((f for f in CONTROL_FIELDS if f in fields), None)
-    control = None
-    if control_field is not None:
-        control = to_rgb(open_image(io.BytesIO(read(control_field)), size, what=f"image {where}.{control_field}"))
+    control = picture(control_field) if control_field is not None else None
+    image = picture(image_field)
     x, c, _ = resize_crop(image, size, generator, control)
     item = {"image": x, "text": str(text), "label": label}
     if c is not None:
@@ -167,14 +171,21 @@ def in_split(key: str, split: str, val_fraction: float) -> bool:
     return split == "all" or (_hash_fraction(key) < val_fraction) == (split == "val")
 
 
-def read_items(shards: list[str], size: int, split: str, limit: int, val_fraction: float = 0.05) -> list[dict]:
+def read_items(shards: list[str], size: int, split: str, limit: int, val_fraction: float = 0.05,
+               skip_bad: bool = False) -> list[dict]:
     """The first `limit` samples of `split` in shard order, centre-cropped (validation, sample grids)."""
     out: list[dict] = []
     for path in shards:
+        samples = list_samples(path)  # names an unreadable shard
         with tarfile.open(path, "r:") as tar:
-            for key, fields in list_samples(path):
+            for key, fields in samples:
                 if in_split(key, split, val_fraction):
-                    out.append(decode_sample(tar, path, key, fields, size, None))
+                    try:
+                        out.append(decode_sample(tar, path, key, fields, size, None))
+                    except LdmkitError as e:
+                        if skip_bad:
+                            continue
+                        raise LdmkitError(f"{e}; fix or remove it, or pass --skip-bad-images") from None
                     if len(out) == limit:
                         return out
     return out

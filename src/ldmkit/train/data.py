@@ -251,7 +251,7 @@ def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: b
         if d.in_memory is True:
             raise LdmkitError("tar shards are always streamed; set data.in_memory to auto or false")
         shards = list_shards(spec)
-        preview = _items_data(read_items(shards, d.size, "train", PREVIEW))
+        preview = _items_data(read_items(shards, d.size, "train", PREVIEW, skip_bad=d.skip_bad_images))
         return StreamData(shards, d.size, batch_size, d.seed, rows, dist.rank, dist.world, d.workers, random_crop,
                           d.skip_bad_images, preview)
     if spec not in DATASETS:
@@ -284,7 +284,7 @@ def open_val_data(d, limit: int, progress: bool) -> TensorData:
     """Up to `limit` held-out items of `d.dataset`, centre-cropped, in memory (validation is small)."""
     spec = d.dataset
     if spec not in DATASETS and is_shard_spec(spec):
-        return _items_data(read_items(list_shards(spec), d.size, "val", limit))
+        return _items_data(read_items(list_shards(spec), d.size, "val", limit, skip_bad=d.skip_bad_images))
     return materialize(_map_dataset(spec, d, "val", False), limit, "val data", progress)
 
 

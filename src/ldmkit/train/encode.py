@@ -65,8 +65,9 @@ def encode_key(digest: str, d, shard_size: int | None) -> str:
 def _tar_items(path: str, size: int, val_fraction: float = 0.05) -> list[dict]:
     import tarfile
 
+    samples = list_samples(path)  # names an unreadable shard
     with tarfile.open(path, "r:") as tar:
-        return [decode_sample(tar, path, key, fields, size, None) for key, fields in list_samples(path)
+        return [decode_sample(tar, path, key, fields, size, None) for key, fields in samples
                 if in_split(key, "train", val_fraction)]
 
 

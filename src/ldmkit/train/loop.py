@@ -250,6 +250,12 @@ def _restore(task: Task, resume: bool) -> tuple[int, dict]:
         task.load_weights(folder)
         start = int(state["step"])
         task.log.truncate_after(start)
+        positions = state.get("data")
+        if positions and getattr(task, "source", None) is not None:
+            if len(positions) != task.dist.world:
+                raise LdmkitError(f"{folder} was trained by {len(positions)} processes reading a stream; resume it with "
+                                  f"as many (torchrun --nproc_per_node {len(positions)})")
+            task.source.load_state_dict(positions[task.dist.rank])
     # from the (resumed) live weights, before sharding
     task.ema = EMA(task.module, task.optim.ema_decay) if task.optim.ema_decay else None
     if folder is not None and task.ema is not None and (folder / EMA_WEIGHTS).is_file():
@@ -284,6 +290,7 @@ def _checkpointer(task: Task, opt: torch.optim.Optimizer, stepper: Stepper) -> C
 
     def checkpoint(step: int, meta: dict | None = None) -> Path:
         folder = task.out / "checkpoints" / f"step_{step:08d}"
+        positions = _data_positions(task)  # collective: every rank's place in a streamed source
         if not (task.main or is_sharded(task.module)):
             task.dist.barrier()
             return folder
@@ -294,6 +301,8 @@ def _checkpointer(task: Task, opt: torch.optim.Optimizer, stepper: Stepper) -> C
             state["rng"] = rng_state()
         state["stepper"] = stepper.state_dict()
         state.update(task.extra_state())
+        if positions:
+            state["data"] = positions
         if task.ema is not None:
             state["ema"] = task.ema.state_dict()
         if task.main:
@@ -304,6 +313,20 @@ def _checkpointer(task: Task, opt: torch.optim.Optimizer, stepper: Stepper) -> C
         return folder
 
     return checkpoint
+
+
+def _data_positions(task: Task) -> list[dict] | None:
+    """Each rank's `source.state_dict()` (a stream's reader places), gathered; None when no source has one."""
+    source = getattr(task, "source", None)
+    local = source.state_dict() if source is not None else {}
+    if task.dist.enabled:
+        import torch.distributed as dist
+
+        gathered: list[dict] = [{} for _ in range(task.dist.world)]
+        dist.all_gather_object(gathered, local)
+    else:
+        gathered = [local]
+    return gathered if any(gathered) else None
 
 
 def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Stepper, bar, checkpoint,
