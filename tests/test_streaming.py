@@ -306,3 +306,41 @@ def test_lazy_folder_second_stage_encodes_on_the_fly_and_caches(folder, folder_a
     a, b, c = (_weights(tmp_path / n) for n in ("fly", "c1", "c2"))
     assert _equal(b, c)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_torchrun_ranks_see_each_item_of_an_epoch_once(tmp_path, source):
+    """Under torchrun --nproc_per_node 2 (gloo), with 2 DataLoader workers per rank: over one epoch the two
+    ranks together see every training item exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    from ldmkit.data.folder import ImageFolderDataset
+
+    root = _unique_folder(tmp_path, 48)
+    train = {item.text for item in ImageFolderDataset(str(root), 16, "train").items}
+    spec, batch = str(root), 4
+    if source == "shards":
+        make_shards(str(root), tmp_path / "s", shard_size=6, progress=False)
+        spec = str(tmp_path / "s")
+        # a stream's epoch is every training sample of every shard: read as many batches as that makes
+        from ldmkit.data.shards import in_split, list_samples
+
+        train = {f"item {int(k)}" for p in list_shards(spec) for k, _ in list_samples(p) if in_split(k, "train", 0.05)}
+    steps = 2 * len(train) // batch  # two epochs' worth
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "data" / "stream_ranks.py"), spec, str(tmp_path), str(steps), str(batch)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    first = [text for text, epoch in seen if epoch == 0]
+    later = [text for text, epoch in seen if epoch == 1]
+    assert len(first) == len(set(first)) and len(later) == len(set(later))  # nothing twice in an epoch
+    if source == "shards":  # every reader streams the whole of its epoch 0
+        assert sorted(first) == sorted(train)
+        assert all(r["state"]["world"] == 2 and r["state"]["batches"] == steps for r in ranks)
+    else:  # the step order: each epoch's full batches, a last partial batch dropped
+        assert set(first) <= train and len(train) - len(first) < batch

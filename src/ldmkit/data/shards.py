@@ -206,7 +206,8 @@ def collate(items: list[dict]) -> dict:
 
 class ShardStream(IterableDataset):
     """This rank's endless stream of batches of `batch` items from tar shards (module docstring), each a
-    collated batch plus "_pos": (slot, epoch, k, offset), its reader's place after the batch.
+    collated batch plus "_pos": (slot, epoch, k, offset), its reader's place after the batch, and
+    "_epochs": the epoch each item was read in.
 
     `state` ({"batches": c, "slots": {slot: [epoch, k, offset]}}) continues a checkpointed stream.
     An item that does not decode stops the stream with its shard and key named (a dict {"_error": why}
@@ -257,7 +258,7 @@ class ShardStream(IterableDataset):
                         if self.random_crop:
                             g = torch.Generator().manual_seed(((self.seed * 7919 + epoch) * 1_000_003 + shard) * 65_537 + offset)
                         try:
-                            items.append(decode_sample(tar, path, key, fields, self.size, g))
+                            items.append({**decode_sample(tar, path, key, fields, self.size, g), "_epoch": epoch})
                         except LdmkitError as e:
                             if self.skip_bad:
                                 continue
@@ -265,7 +266,7 @@ class ShardStream(IterableDataset):
                             return
                         got = True
                         if len(items) == self.batch:
-                            yield {**collate(items), "_pos": (slot, epoch, k, offset)}
+                            yield {**collate(items), "_epochs": [it["_epoch"] for it in items], "_pos": (slot, epoch, k, offset)}
                             items = []
                 k, offset = k + 1, 0
             epoch, k = epoch + 1, 0
