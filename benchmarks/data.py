@@ -54,6 +54,8 @@ def _make(args: tuple[str, int, int]) -> dict:
     """Image i of the collection: a pure function of i."""
     root, i, seed = args
     rng = np.random.default_rng([seed, i])
+    fmt = ("jpg", "png", "webp")[i % 3]
+    file = f"{i // 1000:03d}/{i:06d}.{fmt}"
     name = PHOTOS[int(rng.integers(len(PHOTOS)))]
     photo = _photo(name)
     w, h = photo.size
@@ -65,7 +67,9 @@ def _make(args: tuple[str, int, int]) -> dict:
     x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
     crop = photo.crop((x, y, x + side, y + side))
     place = PLACES[(min(2, 3 * (y + side // 2) // h), min(2, 3 * (x + side // 2) // w))]
-    fmt = ("jpg", "png", "webp")[i % 3]
+    row = {"file_name": file, "text": f"a crop from the {place} of the {name.replace('_', ' ')} photograph"}
+    if (Path(root) / file).is_file():  # an interrupted build resumes
+        return row
     buf = io.BytesIO()
     if fmt == "jpg":
         crop.save(buf, format="JPEG", quality=90)
@@ -73,10 +77,10 @@ def _make(args: tuple[str, int, int]) -> dict:
         crop.save(buf, format="PNG", compress_level=1)
     else:
         crop.save(buf, format="WEBP", quality=85, method=0)
-    file = f"{i // 1000:03d}/{i:06d}.{fmt}"
     (Path(root) / file).parent.mkdir(parents=True, exist_ok=True)
-    (Path(root) / file).write_bytes(buf.getvalue())
-    return {"file_name": file, "text": f"a crop from the {place} of the {name.replace('_', ' ')} photograph"}
+    (Path(root) / (file + ".tmp")).write_bytes(buf.getvalue())
+    os.replace(Path(root) / (file + ".tmp"), Path(root) / file)
+    return row
 
 
 def build_collections(out: Path, sizes: list[int], procs: int) -> dict[int, Path]:

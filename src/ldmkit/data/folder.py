@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -41,7 +42,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.data.transforms import resize_crop
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each entry also holds the image's width and height (aspect-ratio buckets)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
 MAX_NAMED = 5  # bad files named in one error message; the rest are counted
@@ -55,13 +56,21 @@ class _Item:
     control: str | None = None  # conditioning image, relative to the root
 
 
-def _problem(path: str, size: int) -> str | None:
-    """None if the file decodes, else a short reason."""
+def _problem(path: str, size: int) -> tuple[str | None, int, int]:
+    """(None if the file decodes, else a short reason; its upright width and height at full scale)."""
+    w = h = 0
+    try:
+        with Image.open(path) as im:  # the header alone: JPEG's draft decode in open_image shrinks the image
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn it a quarter
+                w, h = h, w
+    except Exception:  # noqa: BLE001 - open_image below names what is wrong with the file
+        pass
     try:
         open_image(path, size)
     except ImageProblem as exc:
-        return exc.reason
-    return None
+        return exc.reason, 0, 0
+    return None, w, h
 
 
 def index_path(root: str) -> Path:
@@ -183,7 +192,7 @@ class ImageFolderDataset(Dataset):
         decoding); report or drop bad ones. `self.checked` = (files, of which reused from the index)."""
         files = sorted({item.file for item in items} | {item.control for item in items if item.control})
         index_file = index_path(self.root)
-        index, stamps, problems = _load_index(index_file), {}, {}
+        index, stamps, problems, dims = _load_index(index_file), {}, {}, {}
         for f in files:
             try:
                 st = os.stat(self._path(f))
@@ -191,17 +200,18 @@ class ImageFolderDataset(Dataset):
             except OSError:
                 stamps[f] = None  # vanished since the listing: decoding it names the problem
             entry = index.get(f)
-            if stamps[f] is not None and isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamps[f]:
-                problems[f] = entry[2]
+            if stamps[f] is not None and isinstance(entry, list) and len(entry) == 5 and entry[:2] == stamps[f]:
+                problems[f], dims[f] = entry[2], tuple(entry[3:])
         todo = [f for f in files if f not in problems]
         self.checked = (len(files), len(files) - len(todo))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             results = pool.map(lambda f: _problem(self._path(f), self.size), todo)
-            for f, why in tqdm(zip(todo, results), total=len(todo), desc="checking images", leave=False,
-                               disable=len(todo) < 2000):
-                problems[f] = why
+            for f, (why, w, h) in tqdm(zip(todo, results), total=len(todo), desc="checking images", leave=False,
+                                       disable=len(todo) < 2000):
+                problems[f], dims[f] = why, (w, h)
+        self.dims = dims  # file -> (width, height): aspect-ratio buckets place each image without opening it
         if todo:
-            index.update({f: stamps[f] + [problems[f]] for f in todo if stamps[f] is not None})
+            index.update({f: stamps[f] + [problems[f], *dims[f]] for f in todo if stamps[f] is not None})
             try:  # a cache: a read-only home only costs the next run its decode
                 index_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(index_file, json.dumps({"version": INDEX_VERSION, "root": os.path.realpath(self.root),
