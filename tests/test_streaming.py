@@ -344,3 +344,48 @@ def test_torchrun_ranks_see_each_item_of_an_epoch_once(tmp_path, source):
         assert all(r["state"]["world"] == 2 and r["state"]["batches"] == steps for r in ranks)
     else:  # the step order: each epoch's full batches, a last partial batch dropped
         assert set(first) <= train and len(train) - len(first) < batch
+
+
+def test_buckets_cover_the_area_and_each_batch_is_one_bucket():
+    from ldmkit.data.buckets import BucketOrder, make_buckets, nearest
+
+    buckets = make_buckets(64, 8)
+    assert (64, 64) in buckets and (48, 88) in buckets and (88, 48) in buckets
+    assert all(h % 8 == 0 and w % 8 == 0 and 0.5 <= w / h <= 2 and abs(h * w / 64**2 - 1) < 0.15 for h, w in buckets)
+    assert buckets[nearest(200, 100, buckets)] == (48, 88) and buckets[nearest(100, 100, buckets)] == (64, 64)
+    assignment = [i % 3 for i in range(30)]  # 10 items in each of 3 buckets
+    order = BucketOrder(assignment, 3, 4, seed=0)
+    assert order.per_epoch == 6  # 2 whole batches per bucket; 2 items of each wait for another epoch
+    epoch = [order(s) for s in range(6)]
+    for bucket, items in epoch:
+        assert len(items) == 4 and {assignment[i] for i in items} == {bucket}
+    flat = [i for _, items in epoch for i in items]
+    assert len(flat) == len(set(flat)) == 24
+    assert [order(s) for s in range(6, 12)] != epoch and order(7) == BucketOrder(assignment, 3, 4, seed=0)(7)
+
+
+@pytest.mark.slow
+def test_bucketed_training_keeps_aspect_ratios(tmp_path, capsys):
+    """Wide and tall images train in their own buckets (every batch one shape), resume exactly, and the
+    items record their original size and crop."""
+    from ldmkit.data.folder import ImageFolderDataset
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(24):
+        w, h = [(64, 32), (32, 64), (40, 40)][i % 3]
+        _image(rng, w, h).save(root / f"{i:02d}.png")
+    ds = ImageFolderDataset(str(root), 16, "all")
+    item = ds.load(0, None, (8, 24))
+    assert item["image"].shape == (3, 8, 24) and item["original_size_crop"].tolist() == [32, 64, 2, 0]
+    args = [*AE, "--data", str(root), "--set", "data.buckets=true", "--set", "optim.batch_size=4",
+            "--set", "data.crop=random", "--set", "logging.keep_checkpoints=5"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*args, "--out", str(whole)]) == 0
+    shutil.copytree(whole, part)
+    _rewind(part, 3)
+    assert main([*args, "--out", str(part), "--resume"]) == 0
+    assert _equal(_weights(whole), _weights(part))
+    rc = main([*AE, "--data", str(root), "--set", "data.buckets=[[10, 20]]", "--out", str(tmp_path / "bad")])
+    assert rc != 0 and "bucket 10x20 is not a multiple of 4" in capsys.readouterr().err

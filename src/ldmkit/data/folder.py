@@ -236,14 +236,16 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, index: int, generator: torch.Generator | None = None) -> dict:
-        """Item `index`, cut at a random place drawn from `generator` when this split crops at random (else
-        centred). The streaming loader passes a generator seeded by (seed, step, row), so crops resume exactly."""
+    def load(self, index: int, generator: torch.Generator | None = None, target: tuple[int, int] | None = None) -> dict:
+        """Item `index` at `target` (height, width; default size x size), cut at a random place drawn from
+        `generator` when this split crops at random (else centred). The streaming loader passes a generator
+        seeded by (seed, step, row), so crops resume exactly. "original_size_crop" is (original height,
+        width, crop top, left), SDXL's micro-conditioning values."""
         item = self.items[index]
-        image = to_rgb(open_image(self._path(item.file), self.size))
+        image = to_rgb(open_image(self._path(item.file), max(target) if target else self.size))
         control = to_rgb(open_image(self._path(item.control), self.size)) if item.control is not None else None
-        x, c, _ = resize_crop(image, self.size, generator if self.random_crop else None, control)
-        out = {"image": x, "text": item.text, "label": item.label}
+        x, c, record = resize_crop(image, target or self.size, generator if self.random_crop else None, control)
+        out = {"image": x, "text": item.text, "label": item.label, "original_size_crop": torch.tensor(record)}
         if c is not None:
             out["control"] = c
         return out

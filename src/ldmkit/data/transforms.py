@@ -22,29 +22,32 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def crop_box(width: int, height: int, size: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a size x size square in a (width, height) image: centred without a
-    generator, uniformly placed with one."""
+def crop_box(width: int, height: int, size: int | tuple[int, int], generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a box of `size` (a side, or (height, width)) in a (width, height) image:
+    centred without a generator, uniformly placed with one."""
+    th, tw = (size, size) if isinstance(size, int) else size
     if generator is None:
-        left, top = (width - size) // 2, (height - size) // 2
+        left, top = (width - tw) // 2, (height - th) // 2
     else:
-        left = int(torch.randint(width - size + 1, (), generator=generator))
-        top = int(torch.randint(height - size + 1, (), generator=generator))
-    return left, top, left + size, top + size
+        left = int(torch.randint(width - tw + 1, (), generator=generator))
+        top = int(torch.randint(height - th + 1, (), generator=generator))
+    return left, top, left + tw, top + th
 
 
-def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side `size`; never below `size` on either side."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
+def resized_shape(width: int, height: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) scaled to cover `size` (a side: the shorter side becomes it; or (height, width))."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    scale = max(tw / width, th / height)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
 
 
-def resize_crop(image: Image.Image, size: int, generator: torch.Generator | None = None,
+def resize_crop(image: Image.Image, size: int | tuple[int, int], generator: torch.Generator | None = None,
                 companion: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """(image (3, size, size) in [-1, 1], the companion cut the same way or None, [orig_h, orig_w, top, left]).
+    """(image (3, H, W) in [-1, 1], the companion cut the same way or None, [orig_h, orig_w, top, left]).
 
-    `companion` (a conditioning image) is stretched to the image's resized shape first, then cut with the
-    same box, so a map drawn on the image stays registered with it whatever its own size."""
+    `size` is a side (a square) or a (height, width) bucket. `companion` (a conditioning image) is stretched
+    to the image's resized shape first, then cut with the same box, so a map drawn on the image stays
+    registered with it whatever its own size."""
     w, h = image.size
     resized = resized_shape(w, h, size)
     box = crop_box(*resized, size, generator)

@@ -23,7 +23,7 @@ from ldmkit.imageio import save_grid
 from ldmkit.rng import BatchRandom, step_generator
 from ldmkit.train.config import AutoencoderTrainConfig, save_config
 from ldmkit.data.tensors import TensorData
-from ldmkit.train.data import MemoryData, TrainData, open_train_data, open_val_data
+from ldmkit.train.data import MemoryData, TrainData, check_buckets, open_train_data, open_val_data
 from ldmkit.train.loop import Task, adamw, batch_indices, fit
 from ldmkit.train.stepper import Stepper
 
@@ -103,6 +103,7 @@ class AutoencoderTask(Task):
         self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress)
         self.val = open_val_data(d, d.val_images, self.progress)
         self.module = self.model = AutoencoderKL(cfg.model).to(device)
+        check_buckets(self.source, self.model.downsample_factor, "the first stage's downsampling factor")
         self.model_config = cfg.model  # the same object `finish` fills with the latent scale
         self.loss_fn = AutoencoderLoss(cfg.loss, cfg.model.in_channels).to(device)
         self.disc = self.loss_fn.discriminator  # stays the bare module for checkpoints

@@ -43,6 +43,10 @@ class DataConfig(BaseModel):
         "auto", description="hold the decoded training set in memory (auto: built-in sets, and collections of at most "
         "256 MiB as float32); otherwise DataLoader workers read it lazily (tar shards always stream)")
     workers: int = Field(2, ge=0, description="DataLoader worker processes per training process for lazy sources")
+    buckets: bool | list[tuple[int, int]] = Field(
+        False, description="aspect-ratio buckets for image folders: true for (height, width) pairs of about size² "
+        "pixels from 1:2 to 2:1 in steps of bucket_step, or a list of [height, width]; each batch one bucket")
+    bucket_step: int | None = Field(None, ge=8, description="side step of automatic buckets (default: size/8, at least 8)")
     image_column: str | None = Field(None, description="Hugging Face datasets: the image column (default: image/img)")
     text_column: str | None = Field(None, description="Hugging Face datasets: the caption column (default: text/caption)")
     label_column: str | None = Field(None, description="Hugging Face datasets: the class column (default: label)")

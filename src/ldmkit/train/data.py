@@ -65,9 +65,11 @@ class _Keyed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        index, seed, *target = key  # target: a bucket's (height, width)
         try:
+            if target:
+                return self.dataset.load(index, torch.Generator().manual_seed(seed), tuple(target))
             if hasattr(self.dataset, "load"):
                 return self.dataset.load(index, torch.Generator().manual_seed(seed))
             return self.dataset[index]
@@ -87,6 +89,20 @@ class _StepBatches(Sampler):
             idx = batch_indices(step, self.n, self.batch_size, self.seed)
             rows = range(self.lo, self.hi)
             yield [(int(idx[r]), item_seed(self.seed, step, r)) for r in rows]
+
+
+class _BucketBatches(_StepBatches):
+    """As `_StepBatches`, each global batch drawn from one aspect-ratio bucket (`BucketOrder`); keys carry
+    the bucket's (height, width)."""
+
+    def __init__(self, order, buckets: list[tuple[int, int]], seed: int, start: int, lo: int, hi: int):
+        self.order, self.buckets, self.seed, self.start, self.lo, self.hi = order, buckets, seed, start, lo, hi
+
+    def __iter__(self):
+        for step in itertools.count(self.start):
+            bucket, idx = self.order(step)
+            h, w = self.buckets[bucket]
+            yield [(idx[r], item_seed(self.seed, step, r), h, w) for r in range(self.lo, self.hi)]
 
 
 class TrainData(ABC):
@@ -166,8 +182,16 @@ class LoaderData(_Prefetched):
     """A map-style dataset read by DataLoader workers in `batch_indices` order (module docstring)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rows: tuple[int, int],
-                 workers: int, preview: TensorData, num_classes: int = 0):
+                 workers: int, preview: TensorData, num_classes: int = 0, buckets: list[tuple[int, int]] | None = None):
         super().__init__(rows, workers)
+        self.buckets, self.order = buckets, None
+        if buckets:  # every item to the bucket nearest its aspect ratio (the folder index knows each size)
+            from ldmkit.data.buckets import BucketOrder, nearest
+
+            sizes = [dataset.dims[item.file] for item in dataset.items]
+            assignment = [nearest(w, h, buckets) for w, h in sizes]
+            self.order = BucketOrder(assignment, len(buckets), batch_size, seed)
+            self.bucket_counts = [assignment.count(b) for b in range(len(buckets))]
         if len(dataset) < batch_size:
             raise LdmkitError(f"the dataset has {len(dataset)} items, fewer than one batch of {batch_size}; "
                               "lower optim.batch_size")
@@ -178,7 +202,10 @@ class LoaderData(_Prefetched):
         return len(self.dataset)
 
     def _start(self, step: int):
-        sampler = _StepBatches(len(self.dataset), self.batch_size, self.seed, step, *self.rows)
+        if self.order is not None:
+            sampler = _BucketBatches(self.order, self.buckets, self.seed, step, *self.rows)
+        else:
+            sampler = _StepBatches(len(self.dataset), self.batch_size, self.seed, step, *self.rows)
         loader = DataLoader(_Keyed(self.dataset), batch_sampler=sampler, num_workers=self.workers, collate_fn=collate,
                             prefetch_factor=4 if self.workers else None, persistent_workers=False)
         return iter(loader)
@@ -262,6 +289,19 @@ def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: b
             return LoaderData(ds, batch_size, seed, rows, d.workers, ds.preview(PREVIEW), ds.num_classes)
     ds = _map_dataset(spec, d, "train", random_crop)
     num_classes = getattr(ds, "num_classes", 0)
+    if d.buckets:
+        from ldmkit.data.buckets import make_buckets
+        from ldmkit.data.folder import ImageFolderDataset
+
+        if not isinstance(ds, ImageFolderDataset):
+            raise LdmkitError("data.buckets needs each image's size before training: use an image folder "
+                              f"(not {spec!r}), or turn data.buckets off")
+        if d.in_memory is True:
+            raise LdmkitError("aspect-ratio buckets give batches of different shapes: set data.in_memory=auto or false")
+        buckets = ([tuple(b) for b in d.buckets] if isinstance(d.buckets, list)
+                   else make_buckets(d.size, d.bucket_step or max(8, d.size // 8)))
+        preview = materialize(ds, limit=PREVIEW, progress=False)
+        return LoaderData(ds, batch_size, seed, rows, d.workers, preview, num_classes, buckets=buckets)
     in_memory = d.in_memory
     if in_memory == "auto":
         in_memory = spec in DATASETS or len(ds) * 3 * d.size * d.size * 4 <= IN_MEMORY_BYTES
@@ -278,6 +318,14 @@ def _items_data(items: list[dict]) -> TensorData:
     return TensorData(images=torch.stack([it["image"] for it in items]),
                       labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
                       texts=[it["text"] for it in items], extras=extras)
+
+
+def check_buckets(source: TrainData, multiple: int, what: str) -> None:
+    """Every bucket's sides must be multiples of `multiple` (the first stage's factor, times the U-Net's)."""
+    for h, w in getattr(source, "buckets", None) or []:
+        if h % multiple or w % multiple:
+            raise LdmkitError(f"bucket {h}x{w} is not a multiple of {multiple} ({what}); set data.bucket_step to a "
+                              f"multiple of {multiple} or list data.buckets yourself")
 
 
 def open_val_data(d, limit: int, progress: bool) -> TensorData:

@@ -26,7 +26,7 @@ from ldmkit.device import autocast
 from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_weights, read_config
 from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.data.tensors import TensorData
-from ldmkit.train.data import MemoryData, check_lazy_source, open_train_data, posterior_of
+from ldmkit.train.data import MemoryData, check_buckets, check_lazy_source, open_train_data, posterior_of
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.distributed import check_in_sync, cleanup, full_state_dict, is_sharded, setup
 from ldmkit.train.loop import Task, fit
@@ -130,6 +130,11 @@ class DiffusionTask(Task):
         if isinstance(self.source, MemoryData):
             self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
         else:
+            f = self.ldm.autoencoder.downsample_factor
+            check_buckets(self.source, f * self.model_config.unet.size_multiple, f"the first stage's factor {f} times "
+                          f"the U-Net's {self.model_config.unet.size_multiple}")
+            if d.latent_cache and d.buckets:
+                raise LdmkitError("data.latent_cache stores one latent shape; turn it off with data.buckets")
             if d.latent_cache and cfg.concat is None:
                 from ldmkit.train.encode import cached_latent_source
 
