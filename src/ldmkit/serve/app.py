@@ -6,8 +6,6 @@ thread (`worker`); the request awaits its job's Future, so the event loop stays 
 credentials, as A1111's `--api-auth user:pass[,user2:pass2]`.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -76,7 +74,7 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
     """The ASGI app serving `checkpoints` (the first is loaded now; the others when a client switches)."""
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from fastapi.responses import HTMLResponse, JSONResponse
     except ImportError:
         raise LdmkitError("ldmkit serve needs FastAPI and uvicorn: pip install 'ldmkit[serve]'") from None
 
@@ -94,14 +92,7 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
                   description="A page at / and the AUTOMATIC1111 web UI's API (/sdapi/v1) over ldmkit models.")
     app.state.store, app.state.worker = store, worker
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if credentials and not _authorised(request.headers.get("authorization"), credentials):
-            return Response("credentials needed", status_code=401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY:
-            return JSONResponse({"detail": f"request larger than {MAX_BODY >> 20} MB"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(Guard, credentials=credentials)
 
     @app.exception_handler(FieldProblem)
     async def field_problem(request: Request, exc: FieldProblem):
@@ -115,24 +106,36 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
     async def refused(request: Request, exc: LdmkitError):  # the model refused an input the checks could not foresee
         return JSONResponse({"detail": [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]}, status_code=422)
 
-    async def run_job(job: Job) -> Any:
-        return await asyncio.wrap_future(worker.submit(job))
+    async def run_job(job: Job, request: Request | None = None) -> Any:
+        """Queue `job` and wait for it. When the client of `request` goes away, its job is dropped from the
+        queue or, running, stopped at its next step: nobody is left to receive it."""
+        result = asyncio.ensure_future(asyncio.wrap_future(worker.submit(job)))
+        while request is not None:
+            done, _ = await asyncio.wait([result], timeout=0.5)
+            if done:
+                break
+            if await request.is_disconnected():
+                if not job.future.cancel():
+                    worker.interrupt(job)
+                break
+        return await result
 
-    async def generate(req: Txt2ImgRequest, images: bool):
+    async def generate(req: Txt2ImgRequest, images: bool, request: Request):
         gen = await asyncio.to_thread(resolve, req, store, images)  # decodes images: off the event loop
-        return await run_job(Job(lambda w: run_generation(gen, store, w), steps=gen.steps_per_batch * gen.n_iter))
+        job = Job(lambda w: run_generation(gen, store, w), steps=gen.steps_per_batch * gen.n_iter)
+        return await run_job(job, request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(page_html())
 
     @app.post("/sdapi/v1/txt2img", tags=["A1111"], summary="Text to image")
-    async def txt2img(req: Txt2ImgRequest) -> dict:
-        return await generate(req, images=False)
+    async def txt2img(req: Txt2ImgRequest, request: Request) -> dict:
+        return await generate(req, False, request)
 
     @app.post("/sdapi/v1/img2img", tags=["A1111"], summary="Image to image, inpainting")
-    async def img2img(req: Img2ImgRequest) -> dict:
-        return await generate(req, images=True)
+    async def img2img(req: Img2ImgRequest, request: Request) -> dict:
+        return await generate(req, True, request)
 
     @app.get("/sdapi/v1/progress", tags=["A1111"], summary="Progress, eta and a preview of the running job")
     async def progress(skip_current_image: bool = False) -> dict:
@@ -193,6 +196,29 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
                 "queue_size": worker.queue.maxsize}
 
     return app
+
+
+class Guard:
+    """ASGI middleware (a plain one: it keeps the client's disconnect visible to the endpoints): HTTP basic
+    credentials on every path when the server has some, and a 413 for a body over MAX_BODY."""
+
+    def __init__(self, app, credentials: list[tuple[str, str]]):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+        from starlette.responses import JSONResponse, Response
+
+        headers = Headers(scope=scope)
+        if self.credentials and not _authorised(headers.get("authorization"), self.credentials):
+            response = Response("credentials needed", status_code=401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
+            return await response(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return await JSONResponse({"detail": f"request larger than {MAX_BODY >> 20} MB"}, status_code=413)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _authorised(header: str | None, credentials: list[tuple[str, str]]) -> bool:

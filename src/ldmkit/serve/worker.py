@@ -85,9 +85,10 @@ class Worker:
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
         return max(1, math.ceil(mean))
 
-    def interrupt(self) -> None:
+    def interrupt(self, job: Job | None = None) -> None:
+        """Stop the running job (only if it is `job`, when given) at its next step."""
         with self._lock:
-            if self._job is not None:
+            if self._job is not None and (job is None or self._job is job):
                 self._interrupt.set()
 
     def progress(self, skip_current_image: bool = False) -> dict:
