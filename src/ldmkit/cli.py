@@ -97,7 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
     from ldmkit.device import autocast, pick_device
-    from ldmkit.checkpoint import load_control
+    from ldmkit.checkpoint import load_control, weights_sha256
 
     if args.num_samples is not None and (args.prompt or args.prompts_file or args.label):
         raise LdmkitError(f"--num-samples is for unconditional models; with prompts or labels use "
@@ -156,7 +156,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-            negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name, **spatial,
+            negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
+            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0

@@ -90,6 +90,7 @@ def sample_to_folder(
     progress: bool = True,
     negative_prompt: str | None = None,
     model_name: str | None = None,
+    model_hash: str | None = None,
     **spatial,
 ) -> list[Path]:
     """Sample and write PNGs, each with its generation parameters in an A1111-style `parameters` text
@@ -134,7 +135,7 @@ def sample_to_folder(
         first = k - k % batch_size  # the batch this image was drawn in, and its seed
         params = infotext(texts[k] if texts else "", negative_prompt, steps, sampler, guidance, seed + first,
                           ldm.config.image_size, model_name, spatial.get("sigmas"), strength,
-                          batch_size=min(batch_size, total - first), batch_pos=k - first)
+                          batch_size=min(batch_size, total - first), batch_pos=k - first, model_hash=model_hash)
         save_png(Image.fromarray(to_uint8(img)), p, text={"parameters": params})
         paths.append(p)
     save_grid(images, out / "grid.png", nrow=rep if rep > 1 else None, upscale=max(1, 128 // images.shape[-1]))

@@ -9,7 +9,6 @@ loaded module, so the page and the request checks follow the model, never a gues
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,30 +72,10 @@ def _titles(paths: list[str]) -> list[str]:
     return [f"{Path(p).resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def weights_sha256(path: str | Path) -> str | None:
-    """sha256 of the weights a checkpoint holds (A1111 lists a model's file hash; its first 10 hex digits are
-    the `Model hash:` of an image's parameters). An ldmkit folder: its EMA weights, else its weights."""
-    from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, is_checkpoint, resolve
-
-    path = Path(path)
-    if is_checkpoint(path):
-        folder = resolve(path)
-        file = folder / EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
-    elif path.is_file():
-        file = path
-    else:
-        return None
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoint(path: str, device: torch.device) -> Loaded:
     """The LatentDiffusion (and control network) a checkpoint holds, as `ldmkit sample` reads it."""
     import ldmkit
-    from ldmkit.checkpoint import is_checkpoint, load_control, read_config
+    from ldmkit.checkpoint import is_checkpoint, load_control, read_config, weights_sha256
     from ldmkit.pipeline import LatentDiffusion
 
     if not Path(path).exists():
