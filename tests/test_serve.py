@@ -208,6 +208,9 @@ def test_models_options_and_samplers(client, models):
     # "DPM++ 2M Karras" (older A1111 names carry the schedule) works
     r = client.post("/sdapi/v1/txt2img", json={**TXT, "sampler_name": "DPM++ 2M Karras"})
     assert "Schedule type: Karras" in json.loads(r.json()["info"])["infotexts"][0]
+    # A1111's even-in-timestep schedules run on the model's own spacing, and say so
+    r = client.post("/sdapi/v1/txt2img", json={**TXT, "sampler_name": "Euler", "scheduler": "SGM Uniform"})
+    assert r.status_code == 200 and json.loads(r.json()["info"])["not_honoured"][0].startswith("scheduler SGM Uniform")
     assert client.get("/docs").status_code == 200 and "/sdapi/v1/txt2img" in client.get("/openapi.json").text
 
 
@@ -330,14 +333,20 @@ def test_the_webuiapi_client_generates_through_the_server(live):
 
 
 def _post(port: int, body: dict, timeout: float = 120) -> int:
+    """The status of one txt2img request; a 200 must carry every image asked for."""
     import requests
 
-    return requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=body, timeout=timeout).status_code
+    r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=body, timeout=timeout)
+    if r.status_code == 200:
+        assert len(r.json()["images"]) == body.get("batch_size", 1) * body.get("n_iter", 1)
+    elif r.status_code == 503:
+        assert int(r.headers["Retry-After"]) >= 1
+    return r.status_code
 
 
 def test_ten_clients_forty_requests_each_get_an_image_or_503(live):
     app, port = live
-    body = {**TXT, "steps": 2}
+    body = {**TXT, "steps": 2, "batch_size": 2}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(10) as pool:
         codes = list(pool.map(lambda i: _post(port, {**body, "seed": i}), range(40)))

@@ -107,6 +107,8 @@ def find_sampler(name: str | None) -> tuple[str, str | None] | None:
 
 
 SCHEDULERS = {"automatic": None, "uniform": None, "": None, "karras": "karras", "exponential": "exponential"}
+# A1111 schedules that space steps evenly in timestep, close to the model's own spacing, which is used
+NEAR_UNIFORM = ("normal", "simple", "sgm_uniform", "sgm uniform", "ddim")
 
 
 @dataclass
@@ -234,15 +236,19 @@ def resolve(req: Txt2ImgRequest, store, images: bool) -> Generation:
         known = ", ".join(A1111_SAMPLERS.get(s, s) for s in SAMPLERS)
         raise FieldProblem(sampler_field, f"unknown sampler {req.sampler_name or req.sampler_index!r}; choose one of {known}")
     sampler, sigmas = found
+    notes = []
     if req.scheduler is not None:
         key = req.scheduler.strip().lower()
-        if key not in SCHEDULERS:
+        if key in NEAR_UNIFORM:
+            key = "uniform"
+            notes.append(f"scheduler {req.scheduler}: the model's own timestep spacing is used")
+        elif key not in SCHEDULERS:
             raise FieldProblem("scheduler", f"unknown scheduler {req.scheduler!r}; choose automatic, uniform, karras or exponential")
         sigmas = SCHEDULERS[key] or sigmas
     batch, n_iter = req.batch_size or 1, req.n_iter or 1
     if batch * n_iter > MAX_IMAGES_PER_REQUEST:
         raise FieldProblem("n_iter", f"batch_size × n_iter = {batch * n_iter}; at most {MAX_IMAGES_PER_REQUEST} images per request")
-    not_honoured = _not_honoured(req)
+    not_honoured = _not_honoured(req) + notes
     prompt, negative = req.prompt or "", req.negative_prompt or None
     if not caps["text"]:
         if prompt:
