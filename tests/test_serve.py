@@ -128,7 +128,7 @@ def test_fields_ldmkit_cannot_honour_are_reported_in_info(client):
     ({"steps": 0}, "steps"), ({"steps": 1000}, "steps"), ({"cfg_scale": 99}, "cfg_scale"), ({"batch_size": 64}, "batch_size"),
     ({"width": 64}, "width"), ({"height": 512}, "height"), ({"sampler_name": "Heun"}, "sampler_name"),
     ({"sampler_index": "nope", "sampler_name": None}, "sampler_index"), ({"scheduler": "beta"}, "scheduler"),
-    ({"batch_size": 16, "n_iter": 16}, "n_iter"), ({"seed": "x"}, "seed"),
+    ({"batch_size": 16, "n_iter": 16}, "n_iter"), ({"seed": "x"}, "seed"), ({"seed": 2**64}, "seed"),
 ])
 def test_txt2img_refuses_bad_fields_before_queuing_naming_them(client, body, field):
     switch(client, "text")
@@ -173,6 +173,14 @@ def test_img2img_and_inpainting_keep_the_pixels_outside_the_mask(client):
     assert np.abs(out[keep].astype(int) - np.asarray(init)[keep]).max() <= 1  # pasted back exactly (±rounding)
     info = json.loads(r.json()["info"])
     assert info["is_using_inpainting_conditioning"] and any(n.startswith("mask_blur") for n in info["not_honoured"])
+    # strokes on a transparent layer (RGBA) are read by their alpha, as A1111 reads them; inverted on request
+    strokes = np.zeros((SIZE, SIZE, 4), np.uint8)
+    strokes[8:, 8:] = (255, 0, 0, 255)
+    body = {**body, "mask": b64_png(Image.fromarray(strokes, "RGBA"))}
+    assert client.post("/sdapi/v1/img2img", json=body).json()["images"] == r.json()["images"]
+    inv = client.post("/sdapi/v1/img2img", json={**body, "mask": b64_png(Image.fromarray(255 - mask)),
+                                                 "inpainting_mask_invert": 1}).json()
+    assert inv["images"] == r.json()["images"]
     # an inpainting model needs its image and mask
     assert client.post("/sdapi/v1/txt2img", json=TXT).json()["detail"][0]["loc"] == ["body", "init_images"]
     assert client.post("/sdapi/v1/img2img", json={**TXT, "init_images": [b64_png(init)]}).json()["detail"][0]["loc"] == ["body", "mask"]
@@ -277,7 +285,14 @@ def test_non_loopback_host_needs_auth_or_an_explicit_flag(models, capsys):
     check_host("::1", None, False)
     check_host("localhost", None, False)
     assert main(["serve", "--checkpoint", models["text"], "--api-auth", "nocolon"]) == 2
+    assert "user:password" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(Path(models["text"]) / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: one line, before any model is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--checkpoint", models["text"], "--port", str(taken.getsockname()[1])]) == 2
+        assert "pick another --port" in capsys.readouterr().err
 
 
 # --- a live server -----------------------------------------------------------------------------------

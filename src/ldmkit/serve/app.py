@@ -14,6 +14,7 @@ import ipaddress
 import secrets
 import socket
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
@@ -247,6 +248,9 @@ def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860
 
     parse_auth(auth)
     check_host(host, auth, insecure_no_auth)
+    for path in checkpoints:  # every refusal that needs no model comes before the first is loaded
+        if not Path(path).exists():
+            raise LdmkitError(f"--checkpoint {path} does not exist")
     try:
         import uvicorn
     except ImportError:

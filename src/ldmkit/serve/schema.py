@@ -48,7 +48,7 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str | None = Field("", description="what to draw (text-conditioned models)")
     negative_prompt: str | None = Field("", description="what to steer away from: the unconditional branch of guidance")
-    seed: int | None = Field(-1, description="-1: a random seed; one seed draws the whole batch")
+    seed: int | None = Field(-1, ge=-1, le=2**63 - 1, description="-1: a random seed; one seed draws the whole batch")
     sampler_name: str | None = Field(None, description="A1111 name (Euler a, DPM++ 2M, DPM++ 2M Karras...) or ldmkit's")
     sampler_index: str | None = Field(None, description="older name of sampler_name, used when that is absent")
     scheduler: str | None = Field(None, description="automatic / uniform (the model's spacing), karras, exponential")
@@ -140,9 +140,10 @@ class Generation:
         """Steps the sampler runs per batch: img2img keeps the last round(strength·steps) of them."""
         return self.steps if self.init_image is None else max(1, round(self.strength * self.steps))
 
-def decode_image(data: Any, name: str):
+def decode_image(data: Any, name: str, mask: bool = False):
     """A base64 image (raw, or a data: URL as browsers and A1111 clients send) → a PIL image, decoded whole;
-    anything else is a FieldProblem naming `name`."""
+    anything else is a FieldProblem naming `name`. A `mask` with varying transparency is its alpha channel
+    (as the A1111 web UI reads one: painted strokes on a transparent layer)."""
     from PIL import Image, UnidentifiedImageError
 
     from ldmkit.imageio import to_rgb
@@ -163,6 +164,10 @@ def decode_image(data: Any, name: str):
                 raise FieldProblem(name, f"{im.width}x{im.height} pixels, more than this server reads "
                                          f"({MAX_IMAGE_PIXELS:,}); downscale it")
             im.load()
+            if mask and im.mode in ("RGBA", "LA", "PA", "P"):
+                alpha = im.convert("RGBA").getchannel("A")
+                if alpha.getextrema() != (255, 255):
+                    return alpha.convert("RGB")
             return to_rgb(im)
     except FieldProblem:
         raise
@@ -290,7 +295,7 @@ def _resolve_images(req: Img2ImgRequest, gen: Generation, caps: dict) -> None:
         if not caps["inpainting"]:
             raise FieldProblem("mask", "this model has no inpainting route (trained without concat.kind=inpaint); "
                                        "send no mask, or switch to an inpainting model")
-        m = to_tensor(decode_image(req.mask, "mask"), size, 1, False, mode).round()  # (1, 1, S, S), 1 = repaint
+        m = to_tensor(decode_image(req.mask, "mask", mask=True), size, 1, False, mode).round()  # (1, 1, S, S), 1 = repaint
         gen.mask = 1 - m if req.inpainting_mask_invert else m
         extra = req.model_extra or {}
         if (extra.get("mask_blur") or 0) > 0:
