@@ -209,6 +209,7 @@ def test_sampled_pngs_carry_their_parameters_as_a1111_writes_them(base, tmp_path
         assert fields["Steps"] == "3" and fields["Sampler"] == "UniPC" and fields["Schedule type"] == "Karras"
         assert fields["CFG scale"] == "2.5" and fields["Seed"] == "7" and fields["Size"] == "16x16"
         assert fields["Model"] == "ldm" and fields["Batch size"] == "2" and fields["Batch pos"] == str(pos)
+        assert len(fields["Model hash"]) == 10  # the first 10 hex digits of the weights' sha256, as A1111 writes
         assert fields["Version"].startswith("ldmkit ")
     assert "parameters" not in Image.open(out / "grid.png").text
 

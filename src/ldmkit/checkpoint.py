@@ -24,6 +24,7 @@ checkpoints (train, interop, evaluate, cli); it never imports the interop format
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -275,3 +276,22 @@ def is_checkpoint(path: str | Path) -> bool:
         return path.is_dir() and "kind" in json.loads((path / CONFIG).read_text())
     except (OSError, ValueError, TypeError):
         return False
+
+
+def weights_sha256(path: str | Path) -> str | None:
+    """sha256 of the weights a checkpoint holds (A1111 lists a model's file hash; its first 10 hex digits are
+    the `Model hash:` of an image's parameters). An ldmkit folder: its EMA weights, else its weights; a
+    single file: the file; None for a folder of another format (diffusers)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        folder = resolve(path)
+        file = folder / EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
+    elif path.is_file():
+        file = path
+    else:
+        return None
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -97,7 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
     from ldmkit.device import autocast, pick_device
-    from ldmkit.checkpoint import load_control
+    from ldmkit.checkpoint import load_control, weights_sha256
 
     if args.num_samples is not None and (args.prompt or args.prompts_file or args.label):
         raise LdmkitError(f"--num-samples is for unconditional models; with prompts or labels use "
@@ -156,7 +156,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-            negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name, **spatial,
+            negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
+            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
@@ -294,6 +295,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ldmkit.serve import run_server
+
+    run_server(args.checkpoint, host=args.host, port=args.port, auth=args.api_auth,
+               insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, device=args.device,
+               preview_every=args.preview_every)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ldmkit.train.config import AUTOENCODER_PRESETS
 
@@ -385,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast for the U-Net (fp16: CUDA only; the autoencoder decodes in float32 under fp16)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
+
+    sv = sub.add_parser("serve", help="a web page and the AUTOMATIC1111-compatible HTTP API (needs ldmkit[serve])")
+    sv.add_argument("--checkpoint", action="append", required=True,
+                    help="a model to serve, as `sample --checkpoint` takes (repeatable: clients switch between them)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=_number(int, 1, 65535), default=7860, help="port (default: %(default)s, as A1111)")
+    sv.add_argument("--api-auth", default=None, metavar="USER:PASS",
+                    help="HTTP basic credentials for the page and the API (several: user:pass,user2:pass2)")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="listen on a non-loopback --host without --api-auth (anyone who reaches the port can generate)")
+    sv.add_argument("--queue-size", type=POSITIVE, default=8, help="requests that may wait; more get 503 (default: %(default)s)")
+    sv.add_argument("--preview-every", type=_number(int, 0), default=5,
+                    help="decode a preview of the running generation every N steps (0: none; default: %(default)s)")
+    sv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("convert", help="convert between ldmkit, diffusers and original Stable Diffusion formats")
     c.add_argument("--from", dest="src", required=True, help="ldmkit folder, diffusers model/pipeline folder, or .safetensors/.ckpt")

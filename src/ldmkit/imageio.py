@@ -133,9 +133,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, upsca
     return img
 
 
-def save_png(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
-    """Write a PNG atomically (`atomic_write`), so a reader never sees half a file; `text` becomes iTXt
-    chunks (e.g. the A1111 `parameters` chunk that image tools read back)."""
+def png_bytes(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """The PNG file of `img` as bytes; `text` becomes iTXt chunks (e.g. the A1111 `parameters` chunk that
+    image tools read back)."""
     info = None
     if text:
         from PIL.PngImagePlugin import PngInfo
@@ -145,9 +145,14 @@ def save_png(img: Image.Image, path: str | Path, text: dict[str, str] | None = N
             info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
+    """Write a PNG (`png_bytes`) atomically (`atomic_write`), so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, png_bytes(img, text))
 
 
 def umask() -> int:

@@ -60,13 +60,13 @@ A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "unipc
 
 def infotext(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int,
              size: int, model: str | None = None, sigmas: str | None = None, strength: float | None = None,
-             batch_size: int = 1, batch_pos: int = 0) -> str:
+             batch_size: int = 1, batch_pos: int = 0, model_hash: str | None = None) -> str:
     """The generation parameters as the A1111 web UI writes them into a PNG's `parameters` chunk: the
     prompt, a "Negative prompt:" line, then "Key: value" pairs; image browsers and web UIs read it
     back. Seed is the batch's (one generator draws the whole batch), with its size and the position."""
     fields = {"Steps": steps, "Sampler": A1111_SAMPLERS.get(sampler, sampler),
               "Schedule type": sigmas.capitalize() if sigmas else None, "CFG scale": f"{guidance:g}", "Seed": seed,
-              "Size": f"{size}x{size}", "Model": model, "Denoising strength": strength,
+              "Size": f"{size}x{size}", "Model hash": model_hash, "Model": model, "Denoising strength": strength,
               "Batch size": batch_size if batch_size > 1 else None, "Batch pos": batch_pos if batch_size > 1 else None}
     from ldmkit import __version__
 
@@ -90,6 +90,7 @@ def sample_to_folder(
     progress: bool = True,
     negative_prompt: str | None = None,
     model_name: str | None = None,
+    model_hash: str | None = None,
     **spatial,
 ) -> list[Path]:
     """Sample and write PNGs, each with its generation parameters in an A1111-style `parameters` text
@@ -134,7 +135,7 @@ def sample_to_folder(
         first = k - k % batch_size  # the batch this image was drawn in, and its seed
         params = infotext(texts[k] if texts else "", negative_prompt, steps, sampler, guidance, seed + first,
                           ldm.config.image_size, model_name, spatial.get("sigmas"), strength,
-                          batch_size=min(batch_size, total - first), batch_pos=k - first)
+                          batch_size=min(batch_size, total - first), batch_pos=k - first, model_hash=model_hash)
         save_png(Image.fromarray(to_uint8(img)), p, text={"parameters": params})
         paths.append(p)
     save_grid(images, out / "grid.png", nrow=rep if rep > 1 else None, upscale=max(1, 128 // images.shape[-1]))
