@@ -30,6 +30,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.checkpoint import load_diffusion, resolve
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
+from ldmkit.data.latent_shards import LatentShards
 from ldmkit.data.tensors import TensorData, control_maps
 from ldmkit.train.data import MemoryData, open_train_data, posterior_of
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
@@ -160,7 +161,7 @@ class ControlTask(Task):
         self.mean = self.std = None
         if isinstance(self.source, MemoryData):
             self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
-        elif type(getattr(self.source, "dataset", None)).__name__ == "LatentShards":
+        elif isinstance(getattr(self.source, "dataset", None), LatentShards):
             raise LdmkitError("ControlNet training needs the images and their maps, not latent shards; give the collection")
         self.module = self.net = build_control(cfg.kind, self.ldm, self.maps.shape[1]).to(device)
         self.name = self.kind = cfg.kind
