@@ -389,3 +389,19 @@ def test_bucketed_training_keeps_aspect_ratios(tmp_path, capsys):
     assert _equal(_weights(whole), _weights(part))
     rc = main([*AE, "--data", str(root), "--set", "data.buckets=[[10, 20]]", "--out", str(tmp_path / "bad")])
     assert rc != 0 and "bucket 10x20 is not a multiple of 4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_encode_from_shards_and_make_shards_cli(folder, folder_ae, tmp_path, capsys):
+    """`ldmkit data make-shards` then `ldmkit encode` from the shards: one latent shard per tar shard,
+    holding that shard's training samples."""
+    from ldmkit.data.latent_shards import LatentShards
+    from ldmkit.data.shards import in_split, list_samples
+
+    assert main(["data", "make-shards", str(folder), str(tmp_path / "s"), "--shard-size", "15", "--quiet"]) == 0
+    assert "3 shards written" in capsys.readouterr().out
+    assert main(["encode", "--autoencoder", str(folder_ae), "--data", str(tmp_path / "s" / "{00000..00002}.tar"),
+                 "--out", str(tmp_path / "lat"), "--quiet"]) == 0
+    ds = LatentShards(tmp_path / "lat")
+    want = [k for p in list_shards(str(tmp_path / "s")) for k, _ in list_samples(p) if in_split(k, "train", 0.05)]
+    assert len(ds) == len(want) and len(ds.shards) == 3 and ds[0]["mean"].shape == ds.shape
