@@ -221,7 +221,6 @@ def main() -> None:
               json.dumps(memory_vs_lazy(ldmkit, folders[min(a.sizes)], out, a.steps, a.workers)))
         return
     results: list[dict] = []
-    (out / "runs").mkdir(exist_ok=True)
     for n in sorted(a.sizes):
         shards = out / f"shards-{n}"
         if not shards.is_dir():
