@@ -405,3 +405,45 @@ def test_encode_from_shards_and_make_shards_cli(folder, folder_ae, tmp_path, cap
     ds = LatentShards(tmp_path / "lat")
     want = [k for p in list_shards(str(tmp_path / "s")) for k, _ in list_samples(p) if in_split(k, "train", 0.05)]
     assert len(ds) == len(want) and len(ds.shards) == 3 and ds[0]["mean"].shape == ds.shape
+
+
+def test_micro_conditioning_vector():
+    from ldmkit.conditioning import Conditioner
+    from ldmkit.conditioning.conditioner import ConditionerConfig
+
+    cond = Conditioner(ConditionerConfig(micro_conditioning=True, num_classes=3))
+    assert cond.vector_dim == 6 * 256
+    a = cond.default_size_crop(2, 64, 48)
+    assert a.tolist() == [[64, 48, 0, 0, 64, 48]] * 2
+    b = torch.tensor([[128.0, 96, 10, 0, 64, 48], [64, 48, 0, 0, 64, 48]])
+    va, vb = cond(labels=torch.tensor([0, 1]), size_crop=a).vector, cond(labels=torch.tensor([0, 1]), size_crop=b).vector
+    assert va.shape == (2, 1536) and not torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
+    assert torch.equal(cond.uncond(2, a).vector, va)  # never dropped: the null branch keeps the sizes
+    with pytest.raises(LdmkitError, match="size_crop"):
+        cond(labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.slow
+def test_buckets_with_micro_conditioning_train_and_sample(tmp_path, folder_ae):
+    """The second stage on buckets with SDXL's size/crop route: the U-Net's vector route gets 6 x 256
+    features per item from the recorded sizes; sampling fills in the uncropped default."""
+    import ldmkit
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(24):
+        w, h = [(64, 32), (32, 64), (40, 40)][i % 3]
+        _image(rng, w, h).save(root / f"{i:02d}.png")
+        lines.append(json.dumps({"file_name": f"{i:02d}.png", "text": f"shape {i % 3}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "ldm"
+    assert main(["train", "--config", "tiny", "--autoencoder", str(folder_ae), "--quiet", "--data", str(root),
+                 "--out", str(out), "--set", "data.buckets=true", "--set", "optim.batch_size=4",
+                 "--set", "conditioner.micro_conditioning=true", "--set", "conditioner.num_classes=0",
+                 "--set", "unet.num_classes=0", "--set", "optim.steps=3"]) == 0
+    ldm = ldmkit.load(str(out))
+    assert ldm.unet.config.vector_dim == 1536
+    images = ldm.sample(texts=["shape 0", "shape 1"], steps=2, seed=0)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()

@@ -183,8 +183,10 @@ class LatentDiffusion(nn.Module):
         masks: torch.Tensor | None = None,
         unet: Callable[..., torch.Tensor] | None = None,
         control: torch.Tensor | None = None,
+        size_crop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoising loss on normalised latents z0 (B, c, h, w), conditions dropped per route.
+        `size_crop` (B, 6) are the micro-conditions of a model that has them (default: uncropped, own size).
         `images` (B, 3, H, W) in [-1, 1] (and the dataset's `masks` (B, 1, H, W), optional) feed the
         concatenation route; its random masks and dropout come from `generator` too (a BatchRandom
         when the batch is one piece of a larger one). `unet(z_t, t, cond)` is the model to call when it
@@ -192,7 +194,11 @@ class LatentDiffusion(nn.Module):
         which reads `control` (B, C_hint, H, W) in [0, 1], the control maps, from the Cond."""
         unet = self.unet if unet is None else unet
         generator = BatchRandom.of(generator, latents.shape[0]) if generator is not None else None
-        cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator)
+        if self.conditioner.cfg.micro_conditioning and size_crop is None:  # an uncropped image at its own size
+            f = self.config.autoencoder.downsample_factor
+            size_crop = self.conditioner.default_size_crop(latents.shape[0], latents.shape[2] * f, latents.shape[3] * f)
+        cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator,
+                                size_crop=size_crop)
         cond = cond.to(latents.device)
         cond.control = control
         if self.config.concat is not None:
@@ -339,7 +345,10 @@ class LatentDiffusion(nn.Module):
                       negative_prompt=None) -> tuple[Cond, Cond | None]:
         """The conditional Cond and, when guiding, the unconditional one (every route at its null value,
         the caption the negative prompt when one is given)."""
-        cond = self.conditioner(texts=texts, labels=labels, batch_size=n).to(device)
+        size_crop = None
+        if self.conditioner.cfg.micro_conditioning:  # SDXL's sampling default: an uncropped image of this size
+            size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
+        cond = self.conditioner(texts=texts, labels=labels, batch_size=n, size_crop=size_crop).to(device)
         uncond = None
         if negative_prompt is not None:
             if not self.config.conditioner.text_encoder:
@@ -348,9 +357,10 @@ class LatentDiffusion(nn.Module):
             if len(negatives) not in (1, n):
                 raise LdmkitError(f"got {len(negatives)} negative prompts for {n} samples; give one, or one per sample")
             if guidance != 1.0:
-                uncond = self.conditioner(texts=negatives * (n // len(negatives)), labels=None, batch_size=n).to(device)
+                uncond = self.conditioner(texts=negatives * (n // len(negatives)), labels=None, batch_size=n,
+                                          size_crop=size_crop).to(device)
         elif guidance != 1.0:
-            uncond = self.conditioner.uncond(n).to(device)
+            uncond = self.conditioner.uncond(n, size_crop).to(device)
         cc = self.config.concat
         if cc is not None:
             cond.concat = self.concat_condition(image, mask)

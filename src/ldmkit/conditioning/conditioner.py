@@ -16,7 +16,11 @@ from ldmkit.conditioning.cond import Cond
 from ldmkit.conditioning.labels import label_condition
 from ldmkit.conditioning.text import CachedTextEncoder, build_text_encoder
 from ldmkit.errors import LdmkitError
+from ldmkit.layers.embeddings import timestep_embedding
 from ldmkit.rng import BatchRandom
+
+MICRO_FIELDS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+MICRO_DIM = 256  # SDXL's addition_time_embed_dim
 
 
 class ConditionerConfig(BaseModel):
@@ -24,6 +28,9 @@ class ConditionerConfig(BaseModel):
 
     text_encoder: str | None = Field(None, description="'minilm' (bundled), a local folder, or None: no text route")
     pooled_text: bool = Field(False, description="also give the mean caption token as a vector (time-embedding route)")
+    micro_conditioning: bool = Field(
+        False, description="SDXL's size and crop conditioning: (original height, width, crop top, left, target height, "
+        "width) as Fourier features on the vector route, so a model trained on crops and buckets learns what a crop is")
     num_classes: int = Field(0, ge=0, description="class-label route (0: off)")
     drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training")
     drop_label: float = Field(0.1, ge=0, le=1, description="P(label → null class) in training")
@@ -46,6 +53,28 @@ class Conditioner(nn.Module):
     def text_encoder(self) -> CachedTextEncoder | None:
         return self._text
 
+    @property
+    def vector_dim(self) -> int:
+        """Width of the vector route: the pooled caption, then the micro-conditioning features."""
+        pooled = self.context_dim if (self.cfg.pooled_text and self.context_dim) else 0
+        return pooled + (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
+
+    @staticmethod
+    def default_size_crop(n: int, height: int, width: int) -> torch.Tensor:
+        """The micro-conditions of an uncropped image made at its own size (SDXL's sampling default)."""
+        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(n, -1)
+
+    def _micro(self, size_crop: torch.Tensor | None, n: int) -> torch.Tensor:
+        """(B, 6) micro-conditions → (B, 6·256) Fourier features (Podell et al. 2023, §2.2: each value through
+        the timestep embedding, concatenated)."""
+        if size_crop is None:
+            raise LdmkitError("this model takes SDXL size/crop conditioning; pass size_crop (B, 6) or sample through "
+                              "LatentDiffusion.sample, which fills it in")
+        if size_crop.shape != (n, len(MICRO_FIELDS)):
+            raise LdmkitError(f"size_crop must be ({n}, {len(MICRO_FIELDS)}): {', '.join(MICRO_FIELDS)}; got "
+                              f"{tuple(size_crop.shape)}")
+        return timestep_embedding(size_crop.reshape(-1).float(), MICRO_DIM).reshape(n, -1)
+
     def forward(
         self,
         texts: list[str] | None = None,
@@ -53,8 +82,10 @@ class Conditioner(nn.Module):
         batch_size: int | None = None,
         train: bool = False,
         generator: torch.Generator | BatchRandom | None = None,
+        size_crop: torch.Tensor | None = None,
     ) -> Cond:
-        """Build the Cond for a batch. In training, drop each route per sample with its probability."""
+        """Build the Cond for a batch. In training, drop each route per sample with its probability.
+        `size_crop` (B, 6): the micro-conditions of a model with `micro_conditioning` (never dropped)."""
         n = batch_size or (len(texts) if texts is not None else (labels.shape[0] if labels is not None else 0))
         cond = Cond()
         if self._text is not None:
@@ -72,6 +103,9 @@ class Conditioner(nn.Module):
                 cond.vector = (cond.context * m).sum(1) / m.sum(1).clamp_min(1)  # (B, D)
         elif texts is not None and any(texts):
             raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
+        if self.cfg.micro_conditioning:
+            micro = self._micro(size_crop, n)
+            cond.vector = micro if cond.vector is None else torch.cat([cond.vector, micro.to(cond.vector.device)], 1)
         if self.cfg.num_classes:
             drop = self.cfg.drop_label if train else 0.0
             cond.labels = label_condition(labels, self.cfg.num_classes, n, drop, generator)
@@ -79,6 +113,8 @@ class Conditioner(nn.Module):
             raise LdmkitError("this model has no class conditioning; train it with num_classes > 0 to use labels")
         return cond
 
-    def uncond(self, batch_size: int) -> Cond:
-        """Every route at its null value: the unconditional branch of guidance."""
-        return self.forward(texts=[""] * batch_size if self._text is not None else None, labels=None, batch_size=batch_size)
+    def uncond(self, batch_size: int, size_crop: torch.Tensor | None = None) -> Cond:
+        """Every route at its null value: the unconditional branch of guidance (the micro-conditions, which
+        are never dropped, as the conditional branch's)."""
+        return self.forward(texts=[""] * batch_size if self._text is not None else None, labels=None,
+                            batch_size=batch_size, size_crop=size_crop)

@@ -80,9 +80,11 @@ def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, condition
             raise LdmkitError(f"unet.context_dim is {u.context_dim} but the text encoder gives {conditioner.context_dim}-d tokens")
     elif u.context_dim is not None:
         raise LdmkitError("unet.context_dim is set but conditioner.text_encoder is not; set text_encoder: minilm")
-    want_vector = conditioner.context_dim if (cfg.conditioner.pooled_text and conditioner.context_dim) else 0
-    if cfg.conditioner.pooled_text and not want_vector:
+    if cfg.conditioner.pooled_text and not conditioner.context_dim:
         raise LdmkitError("conditioner.pooled_text needs a text encoder (conditioner.text_encoder)")
+    want_vector = conditioner.vector_dim
+    if cfg.conditioner.micro_conditioning and u.vector_dim != want_vector:  # follows from the routes, as concat does
+        u = u.model_copy(update={"vector_dim": want_vector})
     if u.vector_dim != want_vector:
         raise LdmkitError(f"unet.vector_dim is {u.vector_dim} but the conditioner gives "
                           + (f"{want_vector}-d pooled captions" if want_vector else "no vector; set conditioner.pooled_text"))
@@ -203,9 +205,18 @@ class DiffusionTask(Task):
                 return self.ldm.loss(z0, texts=batch["text"] if use_text else None,
                                      labels=batch["label"] if use_labels else None, generator=r,
                                      images=batch["image"] if cfg.concat is not None else None,
-                                     masks=batch.get("mask"), unet=self.trained)
+                                     masks=batch.get("mask"), unet=self.trained, size_crop=self._size_crop(batch, z0))
 
         return piece_loss
+
+    def _size_crop(self, batch: dict, z0: torch.Tensor) -> torch.Tensor | None:
+        """(b, 6) micro-conditions: each item's recorded original size and crop, and the batch's size (None:
+        the model has none, or the source records none, and the loss takes an uncropped image of its size)."""
+        if not self.cfg.conditioner.micro_conditioning or "original_size_crop" not in batch:
+            return None
+        f = self.ldm.autoencoder.downsample_factor
+        target = torch.tensor([z0.shape[2] * f, z0.shape[3] * f]).expand(z0.shape[0], -1)
+        return torch.cat([batch["original_size_crop"], target], 1).float()
 
     def _posterior(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return posterior_of(batch, self.mean, self.std, self.ldm.autoencoder, self.device)
