@@ -20,6 +20,7 @@ import torch
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.conditioning import Conditioner
 from ldmkit.data import build_dataset
+from ldmkit.data.shapes import with_vocabulary
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
@@ -125,6 +126,7 @@ class DiffusionTask(Task):
         d = cfg.data
         dataset = build_dataset(d.dataset, d.size, "train", seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
                                 allow_outside_links=d.allow_outside_links)
+        dataset = with_vocabulary(dataset, d.vocabulary)  # shapes' extended words (issue 15)
         self.data = materialize(dataset, desc="train data", progress=self.progress)
         self.ldm.to(device)
         self.mean, self.std = encode_dataset(self.ldm.autoencoder, self.data, progress=self.progress, cache=d.latent_cache)
@@ -222,7 +224,8 @@ class DiffusionTask(Task):
         self.sample_grid(step)
         return {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": self.cfg.data.dataset,
                 "autoencoder": str(self.cfg.autoencoder), "autoencoder_val": self.ae_meta.get("val"),
-                "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist)}
+                "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist),
+                **({"vocabulary": self.cfg.data.vocabulary} if self.cfg.data.vocabulary != "basic" else {})}
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -230,9 +233,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
     """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
     training early at a step boundary — the same checkpoint logic applies. Under torchrun every
     process calls this; see `ldmkit.train.distributed`."""
+    from ldmkit.train.finetune import FinetuneTask, needs_finetune
+
     o = cfg.optim
+    task = FinetuneTask if needs_finetune(cfg) else DiffusionTask  # --init-from, LoRA (train/finetune.py)
     dist_info, device = setup(o.device)
     try:
-        return fit(DiffusionTask, cfg, Path(out), resume, progress, time_limit, dist_info, device)
+        return fit(task, cfg, Path(out), resume, progress, time_limit, dist_info, device)
     finally:
         cleanup(dist_info)
