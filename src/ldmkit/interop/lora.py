@@ -325,8 +325,7 @@ def _from_diffusers(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> 
     out: Lora = {}
     for path in sorted(downs):
         r = downs[path].shape[0]
-        part = path.split(".", 1)[0]
-        alpha = alphas.get(path, alpha_of.get(part, r))  # no alpha anywhere: scale 1 (diffusers' reading)
+        alpha = alphas.get(path, _alpha_for(path, alpha_of, r))  # no alpha anywhere: scale 1 (diffusers' reading)
         out[path] = Adapter(downs[path], ups[path], float(alpha))
     return out
 
@@ -342,7 +341,9 @@ def _canonical(name: str) -> str:
 
 
 def _metadata_alphas(meta: Mapping[str, str]) -> dict[str, float]:
-    """lora_alpha per model part from diffusers' `lora_adapter_metadata` (a peft LoraConfig as JSON)."""
+    """lora_alpha per model part from diffusers' `lora_adapter_metadata`: a peft LoraConfig as JSON, its
+    keys prefixed with the part (`{"unet.lora_alpha": 6, "unet.r": 2, ...}`), or nested per part.
+    peft's `alpha_pattern` (per-layer alphas) is read as `part.<layer suffix>` entries."""
     raw = meta.get(METADATA_KEY)
     if not raw:
         return {}
@@ -350,14 +351,30 @@ def _metadata_alphas(meta: Mapping[str, str]) -> dict[str, float]:
         doc = json.loads(raw)
     except json.JSONDecodeError:
         return {}
-    out = {}
-    for key, cfg in doc.items() if isinstance(doc, dict) else ():
-        part = key.split(".", 1)[0]
-        if isinstance(cfg, dict) and "lora_alpha" in cfg and part in _PARTS:
-            out[part] = float(cfg["lora_alpha"])
-    if "lora_alpha" in doc:  # a single config for the U-Net
-        out.setdefault("unet", float(doc["lora_alpha"]))
+    if not isinstance(doc, dict):
+        return {}
+    flat: dict[str, object] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and key in _PARTS:
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key if key.split(".", 1)[0] in _PARTS else f"unet.{key}"] = value
+    out: dict[str, float] = {}
+    for part in _PARTS:
+        if isinstance(flat.get(f"{part}.lora_alpha"), (int, float)):
+            out[part] = float(flat[f"{part}.lora_alpha"])
+        for layer, alpha in (flat.get(f"{part}.alpha_pattern") or {}).items():
+            out[f"{part}.{layer}"] = float(alpha)
     return out
+
+
+def _alpha_for(path: str, alphas: Mapping[str, float], rank: int) -> float:
+    """The most specific alpha the metadata gives `path` (a per-layer pattern, then its part), else the rank."""
+    part = path.split(".", 1)[0]
+    for key, alpha in alphas.items():
+        if key != part and (path == key or path.endswith("." + key.split(".", 1)[1])):
+            return alpha
+    return alphas.get(part, float(rank))
 
 
 def _from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Lora:
