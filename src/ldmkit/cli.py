@@ -91,8 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     folder = train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"diffusion model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES")
     if cfg.finetune.train == "lora":
-        print(f"LoRA adapter ({cfg.lora.format} layout): {Path(args.out) / 'lora.safetensors'}; apply it to the base "
-              f"with: ldmkit sample --checkpoint {cfg.finetune.init_from} --lora {Path(args.out) / 'lora.safetensors'}")
+        lora = Path(args.out) / "lora.safetensors"
+        if cfg.finetune.decoder_steps:
+            print(f"LoRA adapter ({cfg.lora.format} layout): {lora}; this run also fine-tuned the first stage's "
+                  f"decoder, so apply the adapter to a base with that decoder (the run's own checkpoint has both)")
+        else:
+            print(f"LoRA adapter ({cfg.lora.format} layout): {lora}; apply it to the base with: "
+                  f"ldmkit sample --checkpoint {cfg.finetune.init_from} --lora {lora}")
     return 0
 
 

@@ -3,6 +3,8 @@
     MODEL (ldmkit run | diffusers pipeline folder | original SD single file) ──load_any──> LatentDiffusion
         its model config (first stage, U-Net, text encoder) replaces the training config's model sections;
         its U-Net weights start training; its first stage (and, unless trained, text encoder) stay frozen
+    finetune.decoder_steps > 0  first the first stage's decoder learns to draw the training images (encoder frozen,
+                                so the latents stay): a first stage cannot decode what it never saw
     finetune.train = unet       every U-Net weight trained, as in `ldmkit train`
                      unet+text  the U-Net and the text encoder's transformer
                      lora       peft adapters on `lora.targets` (ldmkit.interop.lora); only A, B trained
@@ -16,10 +18,12 @@ state, from which `--resume` restores it.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ldmkit.checkpoint import load_training_state
 from ldmkit.conditioning import Conditioner
@@ -71,6 +75,10 @@ class FinetuneTask(DiffusionTask):
             raise LdmkitError("finetune.train: unet+text is not supported yet (the text encoder's captions are "
                               "encoded once and cached); use unet or lora")
         super().__init__(cfg, out, dist, device, progress)
+        self.decoder_seconds = None
+        if ft.decoder_steps:
+            self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, self.data.images, self.mean, self.std,
+                                                    ft.decoder_steps, ft.decoder_lr, cfg.optim.batch_size, cfg.optim.seed)
         if ft.train == "lora":
             lo = cfg.lora
             lora_io.add_adapter(self.ldm.unet, lo.rank, lo.alpha, lo.dropout, lo.targets)
@@ -128,6 +136,8 @@ class FinetuneTask(DiffusionTask):
         meta = super().finish(step, t0)
         ft = self.cfg.finetune
         meta.update({"init_from": ft.init_from, "finetune": ft.train, "autoencoder": ft.init_from or meta["autoencoder"]})
+        if self.decoder_seconds is not None:
+            meta["decoder"] = {"steps": ft.decoder_steps, "seconds": round(self.decoder_seconds, 1)}
         if self.lora and self.main:
             net = self.ema.module if self.ema is not None else self.module
             lora_io.save_lora(lora_io.adapter_of(net), self.out / LORA_FILE, self.cfg.lora.format)
@@ -136,6 +146,33 @@ class FinetuneTask(DiffusionTask):
                             "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
                             "seconds": round(time.time() - t0, 1)}
         return meta
+
+
+def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, steps: int, lr: float,
+                     batch_size: int, seed: int) -> float:
+    """Teach the first stage's decoder to draw the training images from their latents z ~ q(z|x) = N(mean, std²)
+    (the cached posteriors): L2 reconstruction, AdamW with cosine decay, the encoder untouched, so the latents the
+    U-Net learns and their measured scale stay what they were. Returns the seconds it took."""
+    t0 = time.time()
+    params = [p for n, p in ae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    ae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    ae.train()
+    for step in range(steps):
+        rows = torch.randint(len(images), (batch_size,), generator=g)
+        rows_d = rows.to(mean.device)
+        z = mean[rows_d] + std[rows_d] * torch.randn(mean[rows_d].shape, generator=g).to(mean.device)  # (B, c, h, w)
+        loss = F.mse_loss(ae.decode(z), images[rows].to(mean.device))  # images (B, 3, H, W) in [-1, 1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+    ae.eval().requires_grad_(False)
+    return time.time() - t0
 
 
 def _plain(lora: lora_io.Lora) -> dict:
