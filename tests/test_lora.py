@@ -222,3 +222,12 @@ def test_lora_needs_a_model_and_bad_targets_are_named(sd_folder, tmp_path):
     assert rc == 2
     with pytest.raises(Exception, match="no layer"):
         L.add_adapter(copy.deepcopy(load_any(sd_folder).unet), 2, targets=["to_qq"])
+
+
+def test_decoder_steps_teach_the_decoder_and_leave_the_encoder(sd_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--init-from", str(sd_folder), "--out", str(out), "--quiet",
+                 "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=3", "--set", "optim.steps=1"]) == 0
+    ae, base = load_any(out).autoencoder.state_dict(), load_any(sd_folder).autoencoder.state_dict()
+    moved = {k for k in ae if not torch.equal(ae[k], base[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
