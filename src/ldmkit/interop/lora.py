@@ -89,7 +89,12 @@ def _module(parts: Mapping[str, nn.Module], path: str) -> nn.Module:
     if part not in parts:
         raise LdmkitError(f"the LoRA adapts {path}, but this model has no {part}")
     try:
-        m = parts[part].get_submodule(rest)
+        try:
+            m = parts[part].get_submodule(rest)
+        except AttributeError:
+            if not rest.startswith("text_model."):
+                raise
+            m = parts[part].get_submodule(rest.removeprefix("text_model."))  # transformers >= 5.6 flattened CLIP
     except AttributeError:
         raise LdmkitError(f"the LoRA adapts {path}, which this model does not have: it was made for another "
                           "architecture") from None
@@ -385,6 +390,8 @@ def _from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Lora:
             for name, m in parts[part].named_modules():
                 if isinstance(m, (nn.Linear, nn.Conv2d)) or hasattr(m, "base_layer"):
                     table[prefix + name.replace(".", "_")] = f"{part}.{name}"
+                    if part == "text_encoder" and not name.startswith("text_model."):  # a flattened CLIPTextModel
+                        table[f"{prefix}text_model_{name.replace('.', '_')}"] = f"{part}.{name}"
     out: Lora = {}
     for k, v in sd.items():
         if not k.endswith(".lora_down.weight"):

@@ -471,10 +471,10 @@ def ldm_shapes_lora() -> DiffusionTrainConfig:
     cfg = ldm_shapes_text()
     cfg.data.vocabulary = "extended"
     # The demo's first stage decodes white as orange-red and a diamond as a teardrop (it saw neither), so
-    # its decoder learns them first: 100 % of held-out new-word reconstructions read right after 600 steps.
-    cfg.finetune = FinetuneConfig(train="lora", decoder_steps=600)
+    # its decoder learns them first: 100 % of held-out new-word reconstructions read right after 300 steps.
+    cfg.finetune = FinetuneConfig(train="lora", decoder_steps=300)
     cfg.lora = LoraConfig(rank=8, alpha=8)
-    cfg.optim = OptimConfig(steps=1500, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, grad_clip=1.0)
+    cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, grad_clip=1.0)
     cfg.logging = LoggingConfig(val_every=500, ckpt_every=500)
     cfg.sample.prompts = ["a white diamond in the bottom left", "a white circle in the top right",
                           "a red diamond in the top left", "a blue square in the bottom right"]
@@ -484,8 +484,8 @@ def ldm_shapes_lora() -> DiffusionTrainConfig:
 def ldm_shapes_finetune() -> DiffusionTrainConfig:
     """shapes-lora as a full fine-tune: every U-Net weight trained, at a lower learning rate."""
     cfg = ldm_shapes_lora()
-    cfg.finetune = FinetuneConfig(train="unet", decoder_steps=600)
-    cfg.optim = OptimConfig(steps=1500, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=None, grad_clip=1.0)
+    cfg.finetune = FinetuneConfig(train="unet", decoder_steps=300)
+    cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=None, grad_clip=1.0)
     return cfg
 
 

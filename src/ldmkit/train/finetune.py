@@ -185,4 +185,5 @@ def _adapters(state: dict) -> lora_io.Lora:
 
 
 def needs_finetune(cfg: DiffusionTrainConfig) -> bool:
-    return bool(cfg.finetune.init_from) or cfg.finetune.train != "unet"
+    ft = cfg.finetune
+    return bool(ft.init_from) or ft.train != "unet" or ft.decoder_steps > 0
