@@ -135,12 +135,17 @@ def _peft_layers(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, m
 
 
+def adapter_of_layer(m: nn.Module) -> Adapter:
+    """The Adapter of one peft LoRA layer (its weights detached, not copied)."""
+    return Adapter(m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.lora_alpha["default"]))
+
+
 def adapter_of(module: nn.Module, part: str = "unet") -> Lora:
-    """The LoRA held by the peft layers of `module` (one model part), as module path -> Adapter."""
+    """The LoRA held by the peft layers of `module` (one model part), as module path -> Adapter (copies)."""
     out: Lora = {}
     for name, m in _peft_layers(module):
-        out[f"{part}.{name}"] = Adapter(m.lora_A["default"].weight.detach().clone(),
-                                        m.lora_B["default"].weight.detach().clone(), float(m.lora_alpha["default"]))
+        a = adapter_of_layer(m)
+        out[f"{part}.{name}"] = Adapter(a.down.clone(), a.up.clone(), a.alpha)
     return out
 
 
@@ -171,10 +176,6 @@ def plain_state_dict(module: nn.Module, scale: float = 1.0) -> dict[str, torch.T
         w = sd[f"{name}.weight"]
         sd[f"{name}.weight"] = w + scale * a.delta(w.dtype).to(w.device)
     return sd
-
-
-def adapter_of_layer(m: nn.Module) -> Adapter:
-    return Adapter(m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.lora_alpha["default"]))
 
 
 # --- sampling and converting: merge into the weights ----------------------------------------------
