@@ -116,3 +116,42 @@ def test_probes_are_drawn_independently_and_read_back_right():
         wrong += check_attributes(image) != {"colour": p.colours[i], "position": p.quadrants[i], "shape": p.shapes[i]}
     assert wrong <= 2  # measured 99.8 % on 1,000 probes (the smallest turned triangles sit near the rule's edge)
     assert len(set(p.shapes)) == 3 and len(set(p.quadrants)) == 4
+
+
+# ---- the extended vocabulary (issue 15): white and diamond
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_extended_words_read_right_on_clean_renders(size):
+    """All 112 extended combinations (white, diamond and the basic 72), jittered, read right with the
+    extended judge; the basic judge's answers on the basic 72 are unchanged."""
+    from ldmkit.data.shapes import combos
+
+    for seed in range(4):
+        rng = np.random.default_rng([seed, size, 15])
+        for shape, colour, position in combos("extended"):
+            image, _, _ = render_shape(shape, colour, position, size, rng)
+            assert check_attributes(image, "extended") == {"colour": colour, "position": position, "shape": shape}
+            if (shape, colour, position) in COMBOS:
+                assert check_attributes(image) == {"colour": colour, "position": position, "shape": shape}
+
+
+def test_diamond_is_told_from_triangle_by_its_symmetry():
+    """Both fill half of their upright box; only the diamond is the same upside down."""
+    tri, _, _ = render_shape("triangle", "white", "top left", 32)
+    dia, _, _ = render_shape("diamond", "white", "top left", 32)
+    assert check_attributes(tri, "extended")["shape"] == "triangle"
+    assert check_attributes(dia, "extended")["shape"] == "diamond"
+    assert check_attributes(dia)["shape"] == "square"  # the basic judge has no diamond: a square at 45 degrees
+
+
+def test_extended_captions_pick_the_extended_judge():
+    from ldmkit.data.shapes import ShapesDataset as DS
+
+    ds = DS(size=32, length=224, seed=3, vocabulary="extended")
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    captions = [ds[i]["text"] for i in range(len(ds))]
+    assert {"white", "diamond"} <= set(" ".join(captions).split())
+    assert score_captions(images, captions) == {"colour": 1.0, "position": 1.0, "shape": 1.0, "all": 1.0, "n": 224}
+    with pytest.raises(LdmkitError, match="cannot score"):
+        score_captions(images[:1], ["a white diamond in the top left"], vocabulary="basic")

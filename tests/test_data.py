@@ -408,3 +408,26 @@ def test_folder_honours_exif_orientation(tmp_path):
     image = ImageFolderDataset(tmp_path, size=16, val_fraction=0.0)[0]["image"]  # (3, 16, 16)
     assert image[0, 1].mean() > 0.8 and image[2, 1].mean() < -0.8  # top row red
     assert image[2, -2].mean() > 0.8 and image[0, -2].mean() < -0.8  # bottom row blue
+
+
+def test_extended_vocabulary_shapes():
+    """`data.vocabulary: extended`: white and diamond join the 72 (112 combinations, balanced in blocks),
+    captions parse, the diamond is |dx| + |dy| <= r (half its box) and the free layout is refused."""
+    from ldmkit.data.shapes import combos, is_new, with_vocabulary
+
+    ds = ShapesDataset(size=32, seed=1, vocabulary="extended")
+    assert len(ds) == 11200 and ds.num_classes == 28 and len(combos("extended")) == 112
+    assert sorted(ds.combo(i) for i in range(112)) == sorted(combos("extended"))
+    assert sum(is_new(c) for c in combos("extended")) == 40
+    assert parse_caption("a white diamond in the bottom left") == ("diamond", "white", "bottom left")
+    image, mask, _ = render_shape("diamond", "white", "top left", 64)
+    assert 0.45 < mask.sum() / (0.4 * 64) ** 2 < 0.55 and tuple(image[16, 16]) == (240, 240, 240)
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    assert (box == box[::-1]).mean() > 0.95 and (box == box[:, ::-1]).mean() > 0.95  # symmetric both ways
+    basic = ShapesDataset(size=32, length=144, seed=1)
+    assert with_vocabulary(basic, "basic") is basic
+    ext = with_vocabulary(basic, "extended")
+    assert ext.vocabulary == "extended" and len(ext) == 144
+    with pytest.raises(LdmkitError, match="fixed layout"):
+        ShapesDataset(size=32, layout="free", vocabulary="extended")

@@ -65,6 +65,7 @@ def test_readme_command_can_run_as_written(command):
         assert args.config in presets, f"{command}: no preset {args.config!r} (have {', '.join(presets)})"
         cfg = load_config(args.config, cls, presets, args.overrides)  # validates every --set
         if args.command == "train":
-            assert args.autoencoder or cfg.autoencoder, f"{command}: needs --autoencoder (the preset names none)"
+            assert args.autoencoder or cfg.autoencoder or args.init_from, \
+                f"{command}: needs --autoencoder or --init-from (the preset names no first stage)"
         if args.command == "train-control":
             assert args.base or cfg.base, f"{command}: needs --base"

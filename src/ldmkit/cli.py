@@ -81,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, DiffusionTrainConfig, DIFFUSION_PRESETS, args.overrides)
     if args.autoencoder:
         cfg.autoencoder = args.autoencoder
+    if args.init_from:
+        cfg.finetune.init_from = args.init_from
     if args.data is not None:
         cfg.data.dataset = args.data
     if args.skip_bad_images:
@@ -88,6 +90,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_writable_dir(args.out)
     folder = train_diffusion(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"diffusion model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES")
+    if cfg.finetune.train == "lora":
+        lora = Path(args.out) / "lora.safetensors"
+        if cfg.finetune.decoder_steps:
+            print(f"LoRA adapter ({cfg.lora.format} layout): {lora}; this run also fine-tuned the first stage's "
+                  f"decoder, so apply the adapter to a base with that decoder (the run's own checkpoint has both)")
+        else:
+            print(f"LoRA adapter ({cfg.lora.format} layout): {lora}; apply it to the base with: "
+                  f"ldmkit sample --checkpoint {cfg.finetune.init_from} --lora {lora}")
     return 0
 
 
@@ -119,6 +129,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
+    if args.lora:
+        from ldmkit.interop.lora import apply_loras
+
+        apply_loras(ldm, args.lora)  # merged into the weights; several add up
     if args.negative_prompt is not None and not ldm.config.conditioner.text_encoder:
         raise LdmkitError("--negative-prompt needs a text-conditioned model; this one has no text route")
     for path in args.controlnet or []:
@@ -187,8 +201,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from ldmkit.interop.convert import convert
 
+    from ldmkit.interop.lora import convert_lora_file, is_lora_file
+
+    if is_lora_file(args.src):  # a LoRA file: rewrite it in another layout
+        print(convert_lora_file(args.src, args.dst, args.format, model=args.config, overwrite=args.overwrite))
+        return 0
+    if args.format == "kohya":
+        raise LdmkitError("--format kohya is a LoRA layout: give --from a LoRA .safetensors file")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    print(convert(args.src, args.dst, args.format, config=args.config, overwrite=args.overwrite, dtype=dtype))
+    print(convert(args.src, args.dst, args.format, config=args.config, overwrite=args.overwrite, dtype=dtype,
+                  loras=args.merge_lora or ()))
     return 0
 
 
@@ -285,7 +307,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ldmkit.evaluate.diffusion import evaluate_diffusion
 
         res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-                                 dataset=dataset, num_images=args.num_images, seed=args.seed)
+                                 dataset=dataset, num_images=args.num_images, seed=args.seed,
+                                 vocabulary=args.vocabulary or meta.get("vocabulary", "basic"))
     else:
         raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
     print(json.dumps(res, indent=2))
@@ -335,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tr, list(DIFFUSION_PRESETS))
     tr.add_argument("--out", required=True, help="output folder (checkpoints, samples, log)")
     tr.add_argument("--autoencoder", default=None, help="first-stage checkpoint folder (overrides `autoencoder:`)")
+    tr.add_argument("--init-from", default=None, metavar="MODEL",
+                    help="fine-tune MODEL (ldmkit run, diffusers pipeline folder or SD single file): its U-Net weights, "
+                         "first stage and text encoder (sets finetune.init_from; finetune.train: unet | lora)")
     tr.add_argument("--data", default=None, help="dataset name or image folder (overrides data.dataset)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--skip-bad-images", action="store_true", help="skip unreadable image files instead of stopping")
@@ -383,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control residual scale, one for all or one per network (default: each network's, 1)")
     s.add_argument("--keep-known", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: pin the latent cells the mask does not touch to the image's own latent")
+    s.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, diffusers or kohya layout) at SCALE (default 1); repeatable, "
+                        "the scaled adapters add")
     s.add_argument("--negative-prompt", default=None,
                    help="what to steer away from: the unconditional branch of guidance encodes it (needs --guidance > 1)")
     s.add_argument("--sigmas", default=None, choices=["karras", "exponential"],
@@ -414,8 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert between ldmkit, diffusers and original Stable Diffusion formats")
     c.add_argument("--from", dest="src", required=True, help="ldmkit folder, diffusers model/pipeline folder, or .safetensors/.ckpt")
     c.add_argument("--to", dest="dst", required=True, help="output folder (ldmkit, diffusers) or file (original)")
-    c.add_argument("--format", required=True, choices=["ldmkit", "diffusers", "original"], help="output format")
-    c.add_argument("--config", default=None, help="diffusers folder with configs for a single file without them")
+    c.add_argument("--format", required=True, choices=["ldmkit", "diffusers", "original", "kohya"],
+                   help="output format (for a LoRA file: diffusers or kohya)")
+    c.add_argument("--config", default=None, help="diffusers folder with configs for a single file without them; for "
+                   "a kohya LoRA, the model it adapts (its layer names resolve kohya's)")
+    c.add_argument("--merge-lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fold a LoRA into the written model at SCALE (default 1); repeatable, the adapters add")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights dtype of the output")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_convert)
@@ -464,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=POSITIVE, default=2, help="diffusion: samples per caption/label")
     e.add_argument("--steps", type=POSITIVE, default=25, help="diffusion: sampling steps")
     e.add_argument("--guidance", type=NON_NEGATIVE, default=2.0, help="diffusion: guidance scale")
+    e.add_argument("--vocabulary", choices=["basic", "extended"], default=None,
+                   help="shapes captions to judge: extended adds white and diamond (default: what the model learned)")
     e.set_defaults(func=cmd_evaluate)
     return p
 

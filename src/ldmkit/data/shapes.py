@@ -15,6 +15,11 @@ nearly one size, so the caption decides almost all of the picture. `free` (the d
 turns squares and triangles by a random angle: the caption still names shape, colour and the
 quadrant of the shape's centroid, but only a spatial condition (mask, edges, an inpainting hole)
 can say exactly where and how large — which is what the spatial routes must be measured on.
+
+Two vocabularies. `basic` (the default) is the 3 shapes x 6 colours above. `extended`
+(`data.vocabulary: extended`, fixed layout only) adds the colour `white` (240, 240, 240) and the shape
+`diamond` (the points with |dx| + |dy| <= r, in the same 2r x 2r box as the circle): 4 x 7 x 4 = 112
+combinations, blocks of 112, a concept a model trained on `basic` has never seen (issue 15's LoRA test).
 """
 
 from __future__ import annotations
@@ -44,6 +49,32 @@ NUM_CLASSES = len(SHAPES) * len(COLOURS)  # class id = shape_index * 6 + colour_
 # All 72 combinations; index k <-> caption all_captions()[k], and label = k // len(POSITIONS).
 COMBOS = tuple((s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS)
 
+# The extended vocabulary: the words a `basic` model never saw, appended after the basic ones.
+EXTRA_SHAPES = ("diamond",)
+EXTRA_COLOURS = {"white": (240, 240, 240)}
+VOCABULARIES = ("basic", "extended")
+
+
+def vocabulary(name: str = "basic") -> tuple[tuple[str, ...], dict[str, tuple[int, int, int]]]:
+    """(shapes, colours) of vocabulary `name`; the extended one lists the basic words first."""
+    if name == "basic":
+        return SHAPES, COLOURS
+    if name == "extended":
+        return SHAPES + EXTRA_SHAPES, {**COLOURS, **EXTRA_COLOURS}
+    raise LdmkitError(f"unknown shapes vocabulary {name!r}: use one of {', '.join(VOCABULARIES)}")
+
+
+@functools.cache
+def combos(vocab: str = "basic") -> tuple[tuple[str, str, str], ...]:
+    """Every (shape, colour, position) of a vocabulary; `combos("basic") == COMBOS`."""
+    shapes, colours = vocabulary(vocab)
+    return tuple((s, c, p) for s in shapes for c in colours for p in POSITIONS)
+
+
+def is_new(combo: tuple[str, str, str]) -> bool:
+    """Whether a combination uses a word of the extended vocabulary (white and/or diamond)."""
+    return combo[0] in EXTRA_SHAPES or combo[1] in EXTRA_COLOURS
+
 SUPERSAMPLE = 4  # draw at 4x and box-average: coverage comes in steps of 1/16
 RADIUS = (0.18, 0.21)  # circle radius as a fraction of the side (uniform); 0.2 without jitter
 CENTRE_JITTER = 0.02  # max shift of the centre from its cell centre, fraction of the side
@@ -59,27 +90,29 @@ def caption(shape: str, colour: str, position: str) -> str:
     return f"a {colour} {shape} in the {position}"
 
 
-def label(shape: str, colour: str) -> int:
-    return SHAPES.index(shape) * len(COLOURS) + list(COLOURS).index(colour)
+def label(shape: str, colour: str, vocab: str = "basic") -> int:
+    shapes, colours = vocabulary(vocab)
+    return shapes.index(shape) * len(colours) + list(colours).index(colour)
 
 
-def all_captions() -> list[str]:
-    """The 72 captions, in `COMBOS` order (shape, then colour, then position)."""
-    return [caption(*combo) for combo in COMBOS]
+def all_captions(vocab: str = "basic") -> list[str]:
+    """The 72 captions (112 extended), in `combos(vocab)` order (shape, then colour, then position)."""
+    return [caption(*combo) for combo in combos(vocab)]
 
 
 @functools.cache
 def _caption_table() -> dict[str, tuple[str, str, str]]:
-    return {caption(*combo): combo for combo in COMBOS}
+    return {caption(*combo): combo for combo in combos("extended")}
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
-    """'a red circle in the top left' -> ('circle', 'red', 'top left'); LdmkitError outside the vocabulary."""
+    """'a red circle in the top left' -> ('circle', 'red', 'top left'); LdmkitError outside the (extended) vocabulary."""
     combo = _caption_table().get(" ".join(text.lower().split()))
     if combo is None:
+        shapes, colours = vocabulary("extended")
         raise LdmkitError(
             f"caption {text!r} is not a shapes caption: write 'a {{colour}} {{shape}} in the {{position}}' with "
-            f"colour in {', '.join(COLOURS)}, shape in {', '.join(SHAPES)}, position in {', '.join(POSITIONS)}"
+            f"colour in {', '.join(colours)}, shape in {', '.join(shapes)}, position in {', '.join(POSITIONS)}"
         )
     return combo
 
@@ -100,8 +133,12 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float | None = N
         pts = [(0.0, -r), (r, r), (-r, r)]
         if angle is not None:  # about the centroid, which lies r/3 below the box centre
             pts = [(x, y - r / 3) for x, y in pts]
+    elif shape == "diamond":
+        # |dx| + |dy| <= r: the circle's 2r x 2r box, half of it filled (area 2r^2, like the triangle),
+        # but symmetric top-to-bottom where the triangle is not.
+        pts = [(0.0, -r), (r, 0.0), (0.0, r), (-r, 0.0)]
     else:
-        raise LdmkitError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
+        raise LdmkitError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES + EXTRA_SHAPES)}")
     if angle is not None:
         c, s = math.cos(angle), math.sin(angle)
         pts = [(x * c - y * s, x * s + y * c) for x, y in pts]
@@ -147,8 +184,9 @@ def render_shape(
         raise LdmkitError(f"unknown shapes layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if size < 16:
         raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
-    if colour not in COLOURS:
-        raise LdmkitError(f"unknown colour {colour!r}: choose one of {', '.join(COLOURS)}")
+    palette = {**COLOURS, **EXTRA_COLOURS}
+    if colour not in palette:
+        raise LdmkitError(f"unknown colour {colour!r}: choose one of {', '.join(palette)}")
     if position not in POSITIONS:
         raise LdmkitError(f"unknown position {position!r}: choose one of {', '.join(POSITIONS)}")
     if layout == "free":
@@ -181,16 +219,16 @@ def render_shape(
     # Inside the outline coverage is already 1 (so the colour is exact); pin it anyway so the contract
     # "interior == palette colour" holds even for a sliver pixel next to a sharp corner.
     coverage[mask & ~edge] = 1.0
-    rgb = np.asarray(COLOURS[colour], dtype=np.float32)
+    rgb = np.asarray(palette[colour], dtype=np.float32)
     image = np.rint(coverage[..., None] * rgb).astype(np.uint8)  # (size, size, 3)
     return image, mask, edge
 
 
 @functools.lru_cache(maxsize=256)
-def _block_order(seed: int, split_id: int, block: int) -> np.ndarray:
-    """The shuffled order of the 72 combinations in one block of items."""
+def _block_order(seed: int, split_id: int, block: int, n: int = len(COMBOS)) -> np.ndarray:
+    """The shuffled order of the `n` combinations (72, or 112 extended) in one block of items."""
     # Stream tag 0 = block order, 1 = per-item jitter, so the two never share random numbers.
-    return np.random.default_rng([seed, split_id, 0, block]).permutation(len(COMBOS))
+    return np.random.default_rng([seed, split_id, 0, block]).permutation(n)
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -203,16 +241,24 @@ class ShapesDataset(Dataset):
 
     `length` defaults to 7,200 for train and 720 for val (100 and 10 of each combination). The split
     only changes the random stream: val images have the same captions but never the same jitter.
-    `layout="free"` is the dataset `shapes-free` (see the module docstring).
+    `layout="free"` is the dataset `shapes-free` (see the module docstring); `vocabulary="extended"`
+    adds white and diamond (fixed layout only; labels are then shape·7 + colour, 28 classes).
     """
 
     num_classes = NUM_CLASSES
 
     def __init__(self, size: int = 32, length: int | None = None, seed: int = 0, split: str = "train",
-                 layout: str = "fixed"):
+                 layout: str = "fixed", vocabulary: str = "basic"):
         if layout not in LAYOUTS:
             raise LdmkitError(f"unknown shapes layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-        self.layout = layout
+        if vocabulary not in VOCABULARIES:
+            raise LdmkitError(f"unknown shapes vocabulary {vocabulary!r}: use one of {', '.join(VOCABULARIES)}")
+        if vocabulary != "basic" and layout != "fixed":
+            raise LdmkitError("the extended shapes vocabulary needs the fixed layout: the free one turns squares, "
+                              "and a square turned by 45 degrees is a diamond")
+        self.layout, self.vocabulary = layout, vocabulary
+        self._combos = combos(vocabulary)
+        self.num_classes = len(self._combos) // len(POSITIONS)
         self.name = "shapes" if layout == "fixed" else "shapes-free"
         if split not in ("train", "val"):
             raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
@@ -220,15 +266,17 @@ class ShapesDataset(Dataset):
             raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
         self.size, self.seed, self.split = size, int(seed), split
         self._split_id = 0 if split == "train" else 1
-        self.length = length if length is not None else (7200 if split == "train" else 720)
+        per_combo = 100 if split == "train" else 10
+        self.length = length if length is not None else per_combo * len(self._combos)
 
     def __len__(self) -> int:
         return self.length
 
     def combo(self, index: int) -> tuple[str, str, str]:
         """(shape, colour, position) of item `index`, without rendering it."""
-        block, k = divmod(index, len(COMBOS))
-        return COMBOS[_block_order(self.seed, self._split_id, block)[k]]
+        n = len(self._combos)
+        block, k = divmod(index, n)
+        return self._combos[_block_order(self.seed, self._split_id, block, n)[k]]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
@@ -239,7 +287,20 @@ class ShapesDataset(Dataset):
         return {
             "image": _to_tensor(image),  # (3, H, W) in [-1, 1]
             "text": caption(shape, colour, position),
-            "label": label(shape, colour),
+            "label": label(shape, colour, self.vocabulary),
             "mask": torch.from_numpy(mask).float()[None],  # (1, H, W) in {0, 1}
             "edge": torch.from_numpy(edge).float()[None],  # (1, H, W) in {0, 1}
         }
+
+
+def with_vocabulary(dataset: Dataset, vocab: str) -> Dataset:
+    """`dataset` as `data.vocabulary` asks: itself for `basic`; for `extended`, the same shapes dataset
+    (size, length, seed, split) over the extended vocabulary, or an error for any other dataset."""
+    if vocab == "basic":
+        return dataset
+    if not isinstance(dataset, ShapesDataset):
+        raise LdmkitError(f"data.vocabulary: {vocab} is for the shapes dataset; "
+                          f"{getattr(dataset, 'name', type(dataset).__name__)} has its own captions")
+    ds = dataset
+    length = None if ds.length == (100 if ds.split == "train" else 10) * len(COMBOS) else ds.length
+    return ShapesDataset(size=ds.size, length=length, seed=ds.seed, split=ds.split, layout=ds.layout, vocabulary=vocab)

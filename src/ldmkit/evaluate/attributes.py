@@ -15,6 +15,12 @@ The rules are simple image statistics:
   the fill of the smallest-area rectangle around the foreground (over all orientations): square ~1,
   circle pi/4, triangle 1/2 — below TRIANGLE_BELOW it is a triangle; otherwise the fill of the disc
   around the centroid through the farthest pixel tells circle (~1) from square (2/pi).
+
+The extended vocabulary (`vocabulary="extended"`; shapes' `data.vocabulary: extended`, upright shapes
+only) adds the colour white (240, 240, 240) to the palette and the shape diamond (|dx| + |dy| <= r):
+about half of its upright bounding box filled, like the upright triangle, but symmetric top-to-bottom
+(the mask and its upside-down mirror overlap almost wholly; a triangle's overlap is about 1/3). A
+diamond is a square turned by 45 degrees, so this judge needs shapes drawn upright.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ PALETTE = {
     "cyan": (40, 220, 220),
 }
 SHAPE_NAMES = ("circle", "square", "triangle")
+EXTENDED_PALETTE = {**PALETTE, "white": (240, 240, 240)}
+EXTENDED_SHAPE_NAMES = (*SHAPE_NAMES, "diamond")
+VOCABULARIES = ("basic", "extended")
 POSITION_NAMES = ("top left", "top right", "bottom left", "bottom right")
 
 FOREGROUND = 80  # max-channel threshold (0..255): well above black, below every palette colour's ~1/3 coverage
@@ -47,6 +56,11 @@ MIN_PIXELS = 4  # fewer foreground pixels than this: nothing there
 # 64 px in the fixed layout and 99.9 % in the free one at 32 px; at 16 px the grid blurs the fills together.
 TRIANGLE_BELOW = 0.69
 CIRCLE_ABOVE = 0.91
+# Extended vocabulary, set on clean upright renders (200 each at 32 and 64 px, fixed-layout jitter): upright-
+# box fill diamond 0.49-0.67 and triangle 0.50-0.62 < circle >= 0.72 (square ~1); top-bottom mirror overlap
+# diamond >= 0.75 > triangle <= 0.44.
+HALF_BOX_BELOW = 0.69
+SYMMETRIC_ABOVE = 0.6
 _ANGLES = np.deg2rad(np.arange(0.0, 90.0, 2.0))  # rectangle orientations tried (a 2-degree grid)
 
 _CAPTION = re.compile(r"^an? (\w+) (\w+) in the (.+)$")
@@ -64,8 +78,16 @@ def _to_uint8(image) -> np.ndarray:
     return image
 
 
-def check_attributes(image) -> dict[str, str | None]:
-    """Colour, position and shape of the one shape in `image`; all None when the image is (nearly) black."""
+def _vocabulary(name: str) -> tuple[dict[str, tuple[int, int, int]], tuple[str, ...]]:
+    if name not in VOCABULARIES:
+        raise LdmkitError(f"unknown vocabulary {name!r}: use one of {', '.join(VOCABULARIES)}")
+    return (PALETTE, SHAPE_NAMES) if name == "basic" else (EXTENDED_PALETTE, EXTENDED_SHAPE_NAMES)
+
+
+def check_attributes(image, vocabulary: str = "basic") -> dict[str, str | None]:
+    """Colour, position and shape of the one shape in `image`; all None when the image is (nearly) black.
+    `vocabulary="extended"` also knows white and diamond (see the module docstring)."""
+    palette, _ = _vocabulary(vocabulary)
     image = _to_uint8(image)
     h, w, _ = image.shape
     brightness = image.max(axis=2)  # (H, W)
@@ -80,8 +102,8 @@ def check_attributes(image) -> dict[str, str | None]:
     # Colour: median of the pixels close to full brightness (interior), then nearest palette entry.
     core = fg & (brightness >= 0.75 * np.percentile(brightness[fg], 90))
     median = np.median(image[core].astype(np.float32), axis=0)  # (3,)
-    names = list(PALETTE)
-    dist = np.linalg.norm(np.asarray(list(PALETTE.values()), np.float32) - median, axis=1)
+    names = list(palette)
+    dist = np.linalg.norm(np.asarray(list(palette.values()), np.float32) - median, axis=1)
     colour = names[int(dist.argmin())]
 
     # Position: quadrant of the centroid (pixel centres at i + 0.5).
@@ -89,7 +111,17 @@ def check_attributes(image) -> dict[str, str | None]:
     top, left = ys.mean() + 0.5 < h / 2, xs.mean() + 0.5 < w / 2
     position = f"{'top' if top else 'bottom'} {'left' if left else 'right'}"
 
-    return {"colour": colour, "position": position, "shape": _shape(ys, xs)}
+    shape = "diamond" if vocabulary == "extended" and _is_diamond(fg, ys, xs) else _shape(ys, xs)
+    return {"colour": colour, "position": position, "shape": shape}
+
+
+def _is_diamond(fg: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> bool:
+    """About half of the upright box filled and the same upside down (unlike the upright triangle)."""
+    box = fg[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]  # (h, w) upright bounding box
+    if box.mean() >= HALF_BOX_BELOW:
+        return False
+    overlap = (box & box[::-1]).sum() / (box | box[::-1]).sum()  # IoU with the top-bottom mirror image
+    return bool(overlap > SYMMETRIC_ABOVE)
 
 
 def _shape(ys: np.ndarray, xs: np.ndarray) -> str:
@@ -105,10 +137,11 @@ def _shape(ys: np.ndarray, xs: np.ndarray) -> str:
     return "circle" if disc_fill > CIRCLE_ABOVE else "square"
 
 
-def parse_caption(text: str) -> tuple[str, str, str]:
+def parse_caption(text: str, vocabulary: str = "extended") -> tuple[str, str, str]:
     """'a red circle in the top left' -> (colour, shape, position); LdmkitError if it is not such a caption."""
+    palette, shapes = _vocabulary(vocabulary)
     match = _CAPTION.match(" ".join(text.lower().split()))
-    if not match or match[1] not in PALETTE or match[2] not in SHAPE_NAMES or match[3] not in POSITION_NAMES:
+    if not match or match[1] not in palette or match[2] not in shapes or match[3] not in POSITION_NAMES:
         raise LdmkitError(
             f"cannot score caption {text!r}: attribute scoring needs 'a {{colour}} {{shape}} in the {{position}}' "
             "captions from the shapes vocabulary"
@@ -116,18 +149,26 @@ def parse_caption(text: str) -> tuple[str, str, str]:
     return match[1], match[2], match[3]
 
 
-def score_captions(images: Iterable | torch.Tensor, captions: Sequence[str]) -> dict[str, float | int]:
+def caption_vocabulary(captions: Iterable[str]) -> str:
+    """"extended" when some caption names white or diamond, else "basic"."""
+    return "extended" if any(set(t.lower().split()) & {"white", "diamond"} for t in captions) else "basic"
+
+
+def score_captions(images: Iterable | torch.Tensor, captions: Sequence[str],
+                   vocabulary: str | None = None) -> dict[str, float | int]:
     """Fraction of images whose colour / position / shape (and all three) match their caption.
 
     `images`: a (N, 3, H, W) tensor in [-1, 1], or a sequence of (3, H, W) tensors or uint8 (H, W, 3) arrays.
+    `vocabulary`: the judge's words; None: extended when some caption needs it (`caption_vocabulary`).
     """
+    vocabulary = vocabulary or caption_vocabulary(captions)
     images = list(images)
     if len(images) != len(captions):
         raise LdmkitError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
     hits = {"colour": 0, "position": 0, "shape": 0, "all": 0}
     for image, text in zip(images, captions, strict=True):
-        colour, shape, position = parse_caption(text)
-        found = check_attributes(image)
+        colour, shape, position = parse_caption(text, vocabulary)
+        found = check_attributes(image, vocabulary)
         ok = {"colour": found["colour"] == colour, "position": found["position"] == position,
               "shape": found["shape"] == shape}
         for key, value in ok.items():

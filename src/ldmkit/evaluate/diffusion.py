@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.data import build_dataset
-from ldmkit.data.shapes import COLOURS, SHAPES, SHAPES_DATASETS, all_captions
+from ldmkit.data.shapes import COLOURS, SHAPES, SHAPES_DATASETS, all_captions, combos, is_new
 from ldmkit.data.tensors import materialize
 from ldmkit.diffusion.parameterization import to_x0_eps
 from ldmkit.diffusion.schedules import q_sample
@@ -36,9 +36,11 @@ HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, sp
 @torch.no_grad()
 def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sampler: str = "dpmpp_2m",
                        guidance: float = 2.0, batch_size: int = 72, dataset: str | None = None,
-                       num_images: int = 128, seed: int = 0) -> dict:
+                       num_images: int = 128, seed: int = 0, vocabulary: str = "basic") -> dict:
     """Judge `ldm` on what its training data allows (see the module docstring); `dataset` is the
-    name or folder it was trained on (None: unknown, so only samples are written)."""
+    name or folder it was trained on (None: unknown, so only samples are written). `vocabulary`:
+    shapes' words; "extended" judges all 112 captions and reports the 40 with white and/or diamond
+    (`text_new`) apart from the 72 basic ones (`text_basic`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cc = ldm.config.conditioner
@@ -54,11 +56,16 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
                                  "pass --data NAME_OR_FOLDER")
     if cc.text_encoder:
         if dataset in SHAPES_DATASETS:
-            caps = all_captions()
+            caps = all_captions(vocabulary)
             images = torch.cat([ldm.sample(texts=caps[i : i + batch_size], seed=1000 * s + i, **kw)
                                 for s in range(seeds) for i in range(0, len(caps), batch_size)])
-            res["text"] = score_captions(images, caps * seeds)
-            save_grid(images[: len(caps)], out / "text_samples.png", nrow=12, upscale=2)
+            res["text"] = score_captions(images, caps * seeds, vocabulary)
+            if vocabulary != "basic":  # the new words, and what the original captions kept
+                new = torch.tensor([is_new(c) for c in combos(vocabulary)] * seeds)
+                for key, keep in (("text_new", new), ("text_basic", ~new)):
+                    res[key] = score_captions(images[keep], [c for c, k in zip(caps * seeds, keep) if k], vocabulary)
+            save_grid(images[: len(caps)], out / "text_samples.png", nrow=16 if vocabulary != "basic" else 12,
+                      upscale=2)
         else:
             res["not_judged"].append(f"caption fidelity: the attribute checker reads only the built-in `shapes` "
                                      f"captions, and this model learned {_named(dataset)}")
@@ -179,10 +186,18 @@ def _report(res: dict, grids: list[tuple[str, str]], sampler: str, steps: int, g
                   "| with the conditions | every route null | gain (null / conditional) |", "| --- | --- | --- |",
                   row, ""]
     if "text" in res:
-        t = res["text"]
-        lines += ["## Text route (all 72 captions)", "", "| colour | position | shape | all | n |", "| --- | --- | --- | --- | --- |",
-                  f"| {100 * t['colour']:.1f} % | {100 * t['position']:.1f} % | {100 * t['shape']:.1f} % | {100 * t['all']:.1f} % | {t['n']} |",
-                  "", "![text samples](text_samples.png)", ""]
+        def row(t: dict) -> str:
+            return (f"{100 * t['colour']:.1f} % | {100 * t['position']:.1f} % | {100 * t['shape']:.1f} % | "
+                    f"{100 * t['all']:.1f} % | {t['n']} |")
+
+        if "text_new" in res:  # the extended vocabulary
+            lines += ["## Text route (all 112 captions of the extended vocabulary)", "",
+                      "| captions | colour | position | shape | all | n |", "| --- | --- | --- | --- | --- | --- |",
+                      f"| with white and/or diamond | {row(res['text_new'])}", f"| the 72 basic ones | {row(res['text_basic'])}",
+                      f"| all | {row(res['text'])}", "", "![text samples](text_samples.png)", ""]
+        else:
+            lines += ["## Text route (all 72 captions)", "", "| colour | position | shape | all | n |",
+                      "| --- | --- | --- | --- | --- |", f"| {row(res['text'])}", "", "![text samples](text_samples.png)", ""]
     if "label" in res:
         lab = res["label"]
         lines += ["## Label route (18 shape × colour classes)", "", "| colour | shape | n |", "| --- | --- | --- |",

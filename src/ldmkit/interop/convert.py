@@ -172,6 +172,7 @@ def convert(
     config=None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    loras=(),
 ) -> str:
     """Convert the checkpoint at `src` (any format `detect_format` knows) to `fmt` at `dst`:
 
@@ -180,7 +181,8 @@ def convert(
     - "original":  one .safetensors/.ckpt file (dst's suffix decides)
 
     `config`: for a single-file `src`, what its weights do not say (see `load_any`). `dtype`:
-    store the original format in e.g. torch.float16. Returns a one-line summary."""
+    store the original format in e.g. torch.float16. `loras`: 'FILE[:SCALE]' LoRAs folded into the weights
+    before writing (`ldmkit.interop.lora`). Returns a one-line summary."""
     if fmt not in FORMATS:
         raise LdmkitError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src, dst = Path(src), Path(dst)
@@ -194,6 +196,10 @@ def convert(
     if dtype is not None and fmt != "original":
         raise LdmkitError("dtype applies to the original format only")
     module = load_any(src, config=config)  # fully loaded and checked before anything is written
+    if loras:
+        from ldmkit.interop.lora import apply_loras
+
+        apply_loras(module, loras)
     # Written under a temporary sibling name, then swapped in: a conversion that fails (a bug, a full disk,
     # an interrupt) leaves the old output as it was and no half-written new one.
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -204,4 +210,5 @@ def convert(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-    return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}) to {dst} ({fmt})"
+    merged = f" with {len(loras)} LoRA(s) merged" if loras else ""
+    return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}){merged} to {dst} ({fmt})"

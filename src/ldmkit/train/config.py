@@ -53,6 +53,8 @@ class DataConfig(BaseModel):
     latent_cache: str | None = Field(
         None, description="second stage: folder for the on-disk latent cache, keyed by the autoencoder's weights, "
         "the images and the augmentation (None: encode in memory at every start)")
+    vocabulary: Literal["basic", "extended"] = Field(
+        "basic", description="shapes only: extended adds the colour white and the shape diamond (112 captions)")
 
 
 class OptimConfig(BaseModel):
@@ -277,6 +279,38 @@ class SampleConfig(BaseModel):
     num: int = Field(16, ge=1, description="images in each periodic grid")
 
 
+class FinetuneConfig(BaseModel):
+    """Starting from a trained model (`ldmkit train --init-from MODEL`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init_from: str | None = Field(None, description="an ldmkit run, a diffusers pipeline folder or an original SD "
+                                  "single file: its U-Net weights start training, its first stage and text encoder "
+                                  "are used (its model config replaces unet/autoencoder/conditioner's encoder)")
+    train: Literal["unet", "unet+text", "lora"] = Field(
+        "unet", description="what is trained: the whole U-Net; the U-Net and the text encoder; or only LoRA "
+        "adapters (the `lora:` section)")
+    decoder_steps: int = Field(0, ge=0, description="first fine-tune the first stage's decoder for this many steps "
+                               "(L2 reconstruction of the training images, encoder frozen so the latents and their "
+                               "scale stay): for images the first stage never saw and cannot draw")
+    decoder_lr: float = Field(1e-3, gt=0, description="the decoder's AdamW learning rate (cosine to 0)")
+
+
+class LoraConfig(BaseModel):
+    """Low-rank adapters (peft) for `finetune.train: lora`; see ldmkit.interop.lora."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(4, ge=1, description="r: the adapters' rank")
+    alpha: float | None = Field(None, gt=0, description="α: ΔW = (α / r)·BA (None: α = r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                               description="U-Net layer names to adapt (suffixes); add conv1, conv2 for the ResBlocks")
+    text_encoder: bool = Field(False, description="also adapt the text encoder's attention projections")
+    format: Literal["diffusers", "kohya"] = Field(
+        "diffusers", description="OUT/lora.safetensors: diffusers' load_lora_weights layout, or kohya's (A1111, ComfyUI)")
+
+
 class DiffusionTrainConfig(BaseModel):
     """Everything `ldmkit train` needs. Saved with every checkpoint."""
 
@@ -292,6 +326,8 @@ class DiffusionTrainConfig(BaseModel):
     optim: OptimConfig = OptimConfig(lr=1e-3, ema_decay=0.999, grad_clip=1.0)
     logging: LoggingConfig = LoggingConfig(val_every=1000, ckpt_every=1000)
     sample: SampleConfig = SampleConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 def _small_unet(**kw) -> UNetConfig:
@@ -442,6 +478,32 @@ def ldm_tiny_inpaint() -> DiffusionTrainConfig:
     return cfg
 
 
+def ldm_shapes_lora() -> DiffusionTrainConfig:
+    """Teach a shapes-text model white and diamond with LoRA (issue 15): `ldmkit train --init-from RUN
+    --config shapes-lora`. Adapters on every attention projection; the data is the extended vocabulary
+    (all 112 captions, so the 72 old ones are rehearsed and not forgotten). Measured figures: README,
+    "Fine-tuning and LoRA"."""
+    cfg = ldm_shapes_text()
+    cfg.data.vocabulary = "extended"
+    # The demo's first stage decodes white as orange-red and a diamond as a teardrop (it saw neither), so
+    # its decoder learns them first: 100 % of held-out new-word reconstructions read right after 300 steps.
+    cfg.finetune = FinetuneConfig(train="lora", decoder_steps=300)
+    cfg.lora = LoraConfig(rank=8, alpha=8)
+    cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, grad_clip=1.0)
+    cfg.logging = LoggingConfig(val_every=500, ckpt_every=500)
+    cfg.sample.prompts = ["a white diamond in the bottom left", "a white circle in the top right",
+                          "a red diamond in the top left", "a blue square in the bottom right"]
+    return cfg
+
+
+def ldm_shapes_finetune() -> DiffusionTrainConfig:
+    """shapes-lora as a full fine-tune: every U-Net weight trained, at a lower learning rate."""
+    cfg = ldm_shapes_lora()
+    cfg.finetune = FinetuneConfig(train="unet", decoder_steps=300)
+    cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=None, grad_clip=1.0)
+    return cfg
+
+
 DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-text": ldm_shapes_text,
     "shapes-free-text": ldm_shapes_free_text,
@@ -455,4 +517,6 @@ DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-free-inpaint": ldm_shapes_free_inpaint,
     "shapes-sr": ldm_shapes_sr,
     "tiny-inpaint": ldm_tiny_inpaint,
+    "shapes-lora": ldm_shapes_lora,
+    "shapes-finetune": ldm_shapes_finetune,
 }

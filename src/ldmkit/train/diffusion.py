@@ -250,7 +250,8 @@ class DiffusionTask(Task):
         self.sample_grid(step)
         return {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": self.cfg.data.dataset,
                 "autoencoder": str(self.cfg.autoencoder), "autoencoder_val": self.ae_meta.get("val"),
-                "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist)}
+                "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist),
+                **({"vocabulary": self.cfg.data.vocabulary} if self.cfg.data.vocabulary != "basic" else {})}
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -258,9 +259,12 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: str | Path, resume: bool = F
     """Train a LatentDiffusion; returns the final checkpoint folder. `time_limit` (seconds) ends
     training early at a step boundary — the same checkpoint logic applies. Under torchrun every
     process calls this; see `ldmkit.train.distributed`."""
+    from ldmkit.train.finetune import FinetuneTask, needs_finetune
+
     o = cfg.optim
+    task = FinetuneTask if needs_finetune(cfg) else DiffusionTask  # --init-from, LoRA (train/finetune.py)
     dist_info, device = setup(o.device)
     try:
-        return fit(DiffusionTask, cfg, Path(out), resume, progress, time_limit, dist_info, device)
+        return fit(task, cfg, Path(out), resume, progress, time_limit, dist_info, device)
     finally:
         cleanup(dist_info)
