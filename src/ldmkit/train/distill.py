@@ -88,7 +88,7 @@ def distill_shapes_free() -> DistillConfig:
     """The shapes-free text model (runs/free/text: a shape anywhere in its quadrant, any size and angle), whose
     few-step samples the attribute judge can tell apart, unlike the fixed layout's."""
     cfg = distill_shapes()
-    cfg.teacher, cfg.data.dataset = "runs/free/text", "shapes-free"
+    cfg.teacher, cfg.data.dataset, cfg.guidance = "runs/free/text", "shapes-free", 2.0
     return cfg
 
 
