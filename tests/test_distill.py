@@ -136,6 +136,18 @@ def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(t
     assert type(ldm).__name__ == "LatentDiffusion"
     capsys.readouterr()
 
+    # what the user leaves out comes from the checkpoint (a distilled one), else from the command's defaults
+    from ldmkit.cli import _fill_sampling_defaults, build_parser
+
+    for ckpt_dir, given, want in [(out, [], ("lcm", 4, 1.0)), (out, ["--steps", "2"], ("lcm", 2, 1.0)),
+                                  (teacher / "ldm", [], ("dpmpp_2m", 25, 1.0))]:
+        a = build_parser().parse_args(["sample", "--checkpoint", str(ckpt_dir), "--out", "x", *given])
+        _fill_sampling_defaults(a, a.checkpoint)
+        assert (a.sampler, a.steps, a.guidance) == want
+    a = build_parser().parse_args(["evaluate", "--checkpoint", str(teacher / "ldm")])
+    _fill_sampling_defaults(a, a.checkpoint, guidance=2.0)
+    assert (a.sampler, a.steps, a.guidance) == ("dpmpp_2m", 25, 2.0)
+
     # `ldmkit sample` uses the checkpoint's defaults (lcm, 4 steps, guidance 1); 1 and 2 steps work too
     for steps in ([], ["--steps", "1"], ["--steps", "2"]):
         dst = tmp_path / f"samples{len(steps)}{steps[-1] if steps else ''}"
