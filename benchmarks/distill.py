@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="the model it was distilled from")
     p.add_argument("--student-steps", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--teacher-steps", nargs="+", type=int, default=[25, 4, 2, 1])
-    p.add_argument("--control-steps", nargs="+", type=int, default=[1, 2, 4], help="the teacher with lcm, guidance 1")
+    p.add_argument("--control-steps", nargs="*", type=int, default=[1, 2, 4], help="the teacher with lcm, guidance 1")
     p.add_argument("--teacher-sampler", default="dpmpp_2m")
     p.add_argument("--guidance", type=float, default=None, help="the teacher's guidance scale (default: the "
                    "distillation's, from the student's meta)")
