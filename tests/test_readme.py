@@ -52,6 +52,7 @@ def test_the_readme_has_commands():
 def test_readme_command_can_run_as_written(command):
     from ldmkit.train.config import AUTOENCODER_PRESETS, DIFFUSION_PRESETS, AutoencoderTrainConfig, DiffusionTrainConfig, load_config
     from ldmkit.train.control import CONTROL_PRESETS, ControlTrainConfig
+    from ldmkit.train.distill import DISTILL_PRESETS, DistillConfig
 
     argv = shlex.split(command)[1:]
     try:
@@ -59,7 +60,8 @@ def test_readme_command_can_run_as_written(command):
     except SystemExit:
         pytest.fail(f"README command does not parse: {command}")
     kinds = {"train-autoencoder": (AutoencoderTrainConfig, AUTOENCODER_PRESETS),
-             "train": (DiffusionTrainConfig, DIFFUSION_PRESETS), "train-control": (ControlTrainConfig, CONTROL_PRESETS)}
+             "train": (DiffusionTrainConfig, DIFFUSION_PRESETS), "train-control": (ControlTrainConfig, CONTROL_PRESETS),
+             "distill": (DistillConfig, DISTILL_PRESETS)}
     if args.command in kinds:
         cls, presets = kinds[args.command]
         assert args.config in presets, f"{command}: no preset {args.config!r} (have {', '.join(presets)})"
@@ -69,3 +71,5 @@ def test_readme_command_can_run_as_written(command):
                 f"{command}: needs --autoencoder or --init-from (the preset names no first stage)"
         if args.command == "train-control":
             assert args.base or cfg.base, f"{command}: needs --base"
+        if args.command == "distill":
+            assert args.teacher or cfg.teacher, f"{command}: needs --teacher"

@@ -59,7 +59,7 @@ STD_TOL = {"ddpm": 0.10, "euler_a": 0.10, "ddim": 0.05, "euler": 0.05, "dpmpp_2m
 
 
 @pytest.mark.parametrize("prediction_type,zero_snr", [("eps", False), ("v", True)])
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "lcm"])  # lcm needs a consistency function: test_distill
 def test_recovers_gaussian_data(name, prediction_type, zero_snr):
     schedule = make_schedule("cosine", rescale_zero_terminal_snr=zero_snr)  # z_T ≈ N(0, I) exactly
     denoiser = Denoiser(gaussian_model(schedule, MU, STD, prediction_type), schedule, prediction_type)

@@ -267,6 +267,18 @@ def load_control(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return net, ldm.eval().requires_grad_(False), meta
 
 
+def sampling_defaults(path: str | Path) -> dict[str, Any]:
+    """How a checkpoint asks to be sampled when the user does not say (`meta["sampling"]`: sampler, steps,
+    guidance; `ldmkit distill` writes it, as a consistency student wants `lcm`, few steps and guidance 1),
+    or {} when it says nothing or is not an ldmkit folder."""
+    if not is_checkpoint(path):
+        return {}
+    try:
+        return dict(read_config(path)[3].get("sampling") or {})
+    except LdmkitError:
+        return {}
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` looks like an ldmkit checkpoint folder or training output folder (not another format)."""
     path = Path(path)

@@ -120,6 +120,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     amp = autocast(args.precision, device, "--precision")  # refuses fp16 off CUDA before anything is loaded
 
     ldm = load_any(args.checkpoint, config=args.config, device=device)
+    _fill_sampling_defaults(args, args.checkpoint)
     nets = []
     if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
         net, ldm, _ = load_control(args.checkpoint, device=device)
@@ -174,6 +175,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
             model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
+SAMPLING_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 25}
+
+
+def _fill_sampling_defaults(args: argparse.Namespace, checkpoint: str, guidance: float = 1.0) -> None:
+    """--sampler, --steps and --guidance the user left out: the checkpoint's own (meta.sampling, e.g. a
+    distilled model's lcm, 4 steps, guidance 1), else the command's defaults."""
+    from ldmkit.checkpoint import sampling_defaults
+
+    own = sampling_defaults(checkpoint)
+    for key, default in {**SAMPLING_DEFAULTS, "guidance": guidance}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, type(default)(own.get(key, default)))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ldmkit.train.config import load_config
+    from ldmkit.train.distill import DISTILL_PRESETS, DistillConfig, distill
+
+    cfg = load_config(args.config, DistillConfig, DISTILL_PRESETS, args.overrides)
+    if args.teacher:
+        cfg.teacher = args.teacher
+    if args.data is not None:
+        cfg.data.dataset = args.data
+    check_writable_dir(args.out)
+    folder = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"distilled model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES "
+          f"(lcm, {cfg.sample_steps} steps, guidance 1 by default)")
     return 0
 
 
@@ -281,6 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _, kind, _, meta = read_config(args.checkpoint)
     model = ldmkit.load(args.checkpoint)
+    _fill_sampling_defaults(args, args.checkpoint, guidance=2.0)
     out = Path(args.out or Path(args.checkpoint) / "evaluation")
     dataset = args.data or meta.get("dataset")  # what the model learned: the only data it can be judged on
     if kind == "autoencoder":
@@ -307,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ldmkit.evaluate.diffusion import evaluate_diffusion
 
         res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-                                 dataset=dataset, num_images=args.num_images, seed=args.seed,
+                                 sampler=args.sampler, dataset=dataset, num_images=args.num_images, seed=args.seed,
                                  vocabulary=args.vocabulary or meta.get("vocabulary", "basic"))
     else:
         raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
@@ -381,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--quiet", action="store_true", help="no progress bar")
     tc.set_defaults(func=cmd_train_control)
 
+    from ldmkit.train.distill import DISTILL_PRESETS
+
+    di = sub.add_parser("distill", help="distil a diffusion model into a few-step student (latent consistency distillation)")
+    _add_config_args(di, list(DISTILL_PRESETS))
+    di.add_argument("--teacher", default=None, help="the trained diffusion model (folder from `ldmkit train`)")
+    di.add_argument("--out", required=True, help="output folder (checkpoints, samples, log)")
+    di.add_argument("--data", default=None, help="dataset name or image folder (overrides data.dataset)")
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    di.add_argument("--quiet", action="store_true", help="no progress bar")
+    di.set_defaults(func=cmd_distill)
+
     s = sub.add_parser("sample", help="draw images from a diffusion checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
     s.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ... and grid.png")
@@ -391,9 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=POSITIVE, default=None,
                    help="samples for an unconditional model (default 16; with prompts or labels use --num-per-prompt)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=POSITIVE, default=25)
-    s.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
-    s.add_argument("--guidance", type=NON_NEGATIVE, default=1.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--steps", type=POSITIVE, default=None, help="sampling steps (default: the checkpoint's, else 25)")
+    s.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="default: the checkpoint's (a distilled model: lcm), else dpmpp_2m")
+    s.add_argument("--guidance", type=NON_NEGATIVE, default=None,
+                   help="classifier-free guidance scale (1 = off; default: the checkpoint's, else 1)")
     s.add_argument("--guidance-rescale", type=_number(float, 0, 1), default=0.0,
                    help="guidance rescale φ in [0, 1] (Lin et al. 2024; 0 = off, 0.7 tames over-saturation at large --guidance)")
     s.add_argument("--batch-size", type=POSITIVE, default=64)
@@ -495,8 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-images", type=POSITIVE, default=256, help="held-out images to measure on")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--seeds", type=POSITIVE, default=2, help="diffusion: samples per caption/label")
-    e.add_argument("--steps", type=POSITIVE, default=25, help="diffusion: sampling steps")
-    e.add_argument("--guidance", type=NON_NEGATIVE, default=2.0, help="diffusion: guidance scale")
+    e.add_argument("--steps", type=POSITIVE, default=None, help="diffusion: sampling steps (default: the checkpoint's, else 25)")
+    e.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="diffusion: sampler (default: the checkpoint's, else dpmpp_2m)")
+    e.add_argument("--guidance", type=NON_NEGATIVE, default=None,
+                   help="diffusion: guidance scale (default: the checkpoint's, else 2)")
     e.add_argument("--vocabulary", choices=["basic", "extended"], default=None,
                    help="shapes captions to judge: extended adds white and diamond (default: what the model learned)")
     e.set_defaults(func=cmd_evaluate)

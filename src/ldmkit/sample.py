@@ -55,7 +55,7 @@ def read_image(path: str | Path, channels: int, size: int, name: str, signed: bo
 
 # ldmkit sampler → the name the A1111 web UI writes (and its readers expect) in a PNG's parameters
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler",
-                  "euler_a": "Euler a"}
+                  "euler_a": "Euler a", "lcm": "LCM"}
 
 
 def infotext(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int,

@@ -13,6 +13,7 @@ from ldmkit.diffusion.parameterization import (
     PREDICTION_TYPES,
     Denoiser,
     canonical_prediction_type,
+    consistency_scalings,
     target,
     to_x0_eps,
     v_target,
@@ -26,6 +27,7 @@ from ldmkit.diffusion.samplers import (
     sample_unipc,
     sample_euler,
     sample_euler_ancestral,
+    sample_lcm,
 )
 from ldmkit.diffusion.schedules import (
     SCHEDULE_KINDS,
@@ -53,6 +55,7 @@ __all__ = [
     "batched_classifier_free_guidance",
     "canonical_prediction_type",
     "classifier_free_guidance",
+    "consistency_scalings",
     "expand_like",
     "get_sampler",
     "make_schedule",
@@ -68,6 +71,7 @@ __all__ = [
     "sample_unipc",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_lcm",
     "target",
     "to_x0_eps",
     "v_target",

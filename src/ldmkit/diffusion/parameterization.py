@@ -64,6 +64,21 @@ def to_x0_eps(prediction_type: str, pred: torch.Tensor, z_t: torch.Tensor, alpha
     return pred, (z_t - alpha * pred) / sigma
 
 
+def consistency_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """The boundary-condition scalings of a consistency function f(z_t, t) = c_skip(t) z_t + c_out(t) x̂0(z_t, t)
+    (Song et al. 2023, eq. 7; Luo et al. 2023, "Latent Consistency Models", eq. 9), in the discrete form of the
+    LCM code and diffusers' `LCMScheduler.get_scalings_for_boundary_condition_discrete`, with s = t · timestep_scaling:
+
+        c_skip(t) = σ_data² / (s² + σ_data²)        c_out(t) = s / sqrt(s² + σ_data²)
+
+    so c_skip(0) = 1 and c_out(0) = 0 at the smallest timestep (f is the identity there: the boundary
+    condition f(z_ε, ε) = z_ε), and f ≈ x̂0 from the first timesteps on. `t` an int or a tensor."""
+    s = t * timestep_scaling
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / (s**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
 class Denoiser:
     """D(z_t, t) -> (x̂0, ε̂): a network of any prediction type seen through one interface.
 

@@ -273,7 +273,7 @@ class SampleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(25, ge=1)
-    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "euler_a"] = Field("dpmpp_2m", description="diffusion.samplers")
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "unipc", "euler", "euler_a", "lcm"] = Field("dpmpp_2m", description="diffusion.samplers")
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance scale (1 = off)")
     prompts: list[str] | None = Field(None, description="captions for sample grids (default: from the data)")
     num: int = Field(16, ge=1, description="images in each periodic grid")
