@@ -68,6 +68,17 @@ def _rewind(out: Path, step: int):
     (out / "latest").write_text(f"step_{step:08d}\n")
 
 
+def _resumed_equals_whole(args, tmp_path):
+    """Train `args` whole; copy the run, rewind it to its step-3 checkpoint (a kill), resume: same weights."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*args, "--out", str(whole)]) == 0
+    shutil.copytree(whole, part)
+    _rewind(part, 3)
+    assert main([*args, "--out", str(part), "--resume"]) == 0
+    assert _equal(_weights(whole), _weights(part))
+    return whole
+
+
 @pytest.mark.parametrize("source", ["folder", "shards"])
 def test_random_crops_resume_exactly(folder, tmp_path, source):
     """A run killed after step 3 and resumed ends with the uninterrupted run's weights: each item's random
@@ -78,15 +89,12 @@ def test_random_crops_resume_exactly(folder, tmp_path, source):
         data = str(tmp_path / "shards" / "{00000..00007}.tar")
     args = [*AE, "--data", data, "--set", "data.crop=random", "--set", "data.in_memory=false",
             "--set", "data.workers=2", "--set", "logging.keep_checkpoints=5"]
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    assert main([*args, "--out", str(whole)]) == 0
-    shutil.copytree(whole, part)
-    _rewind(part, 3)
-    assert main([*args, "--out", str(part), "--resume"]) == 0
-    assert _equal(_weights(whole), _weights(part))
-    if source == "shards":
-        state = json.loads((resolve(whole) / "config.json").read_text())  # the run is a normal checkpoint
-        assert state["kind"] == "autoencoder"
+    whole = _resumed_equals_whole(args, tmp_path)
+    if source == "shards":  # every reader's place is in the checkpoint: 6 batches read, by 2 workers
+        from ldmkit.checkpoint import load_training_state
+
+        [place] = load_training_state(resolve(whole))["data"]
+        assert place["batches"] == 6 and place["workers"] == 2 and len(place["slots"]) == 2
 
 
 def _epoch_keys(shards, world, workers, batch, batches_per_rank):
@@ -381,12 +389,7 @@ def test_bucketed_training_keeps_aspect_ratios(tmp_path, capsys):
     assert item["image"].shape == (3, 8, 24) and item["original_size_crop"].tolist() == [32, 64, 2, 0]
     args = [*AE, "--data", str(root), "--set", "data.buckets=true", "--set", "optim.batch_size=4",
             "--set", "data.crop=random", "--set", "logging.keep_checkpoints=5"]
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    assert main([*args, "--out", str(whole)]) == 0
-    shutil.copytree(whole, part)
-    _rewind(part, 3)
-    assert main([*args, "--out", str(part), "--resume"]) == 0
-    assert _equal(_weights(whole), _weights(part))
+    _resumed_equals_whole(args, tmp_path)
     rc = main([*AE, "--data", str(root), "--set", "data.buckets=[[10, 20]]", "--out", str(tmp_path / "bad")])
     assert rc != 0 and "bucket 10x20 is not a multiple of 4" in capsys.readouterr().err
 

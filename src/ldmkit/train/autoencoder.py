@@ -210,10 +210,12 @@ class AutoencoderTask(Task):
         from ldmkit.train.distributed import micro_batches
 
         pieces = micro_batches(o.batch_size, self.dist, o.grad_accum)
+        place = self.source.state_dict()  # a stream's place after the last step: the statistics do not move it
         with torch.no_grad():
             stats = latent_statistics(final_model, statistic_batches(self.source, cfg.latent_stat_batches, o.batch_size,
                                                                      cfg.data.seed, (pieces[0][0], pieces[-1][1])),
                                       cfg.data.seed)
+        self.source.load_state_dict(place)
         self.source.close()
         # z' = (z − shift)·scale has zero mean and unit variance over the training set.
         cfg.model.shift_factor = stats["mean"]
