@@ -450,3 +450,16 @@ def test_buckets_with_micro_conditioning_train_and_sample(tmp_path, folder_ae):
     assert ldm.unet.config.vector_dim == 1536
     images = ldm.sample(texts=["shape 0", "shape 1"], steps=2, seed=0)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_build_dataset_reads_shards_for_evaluation(folder, tmp_path):
+    """Commands that judge a model on its data (evaluate) get a stream's first held-out items."""
+    from ldmkit.data import build_dataset
+    from ldmkit.data.folder import ImageFolderDataset
+
+    make_shards(str(folder), tmp_path / "s", shard_size=16, progress=False)
+    everything = build_dataset(str(tmp_path / "s"), 16, "all")
+    assert len(everything) == 40 and everything.num_classes == 3
+    ref = ImageFolderDataset(str(folder), 16, "all")
+    assert torch.equal(everything[5]["image"], ref[5]["image"]) and everything[5]["text"] == ref[5]["text"]
+    assert len(build_dataset(str(tmp_path / "s"), 16, "all", length=7)) == 7

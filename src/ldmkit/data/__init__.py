@@ -57,13 +57,23 @@ def dataset_names() -> list[str]:
 
 def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_bad: bool = False,
                   length: int | None = None, allow_outside_links: bool = False) -> Dataset:
-    """A built-in dataset by name, or an `ImageFolderDataset` for a folder path.
+    """A built-in dataset by name, the first items of tar shards, a Hugging Face dataset, or an
+    `ImageFolderDataset` for a folder path.
 
     `length` sets the number of items of procedural datasets (shapes, photos) and is ignored by
     fixed ones; `skip_bad` only matters for folders. A built-in name wins over a folder of that name.
     """
     if name_or_path in DATASETS:
         return DATASETS[name_or_path](size=size, split=split, seed=seed, length=length)
+    from ldmkit.data.hf import is_hf_spec
+    from ldmkit.data.shards import ShardItems, is_shard_spec
+
+    if is_shard_spec(name_or_path):  # a stream: its first items (training streams them: ldmkit.train.data)
+        return ShardItems(name_or_path, size, split, limit=length or 1024, skip_bad=skip_bad)
+    if is_hf_spec(name_or_path):
+        from ldmkit.data.hf import HFImageDataset
+
+        return HFImageDataset(name_or_path, size, split)
     if os.path.isdir(name_or_path):
         from ldmkit.data.folder import ImageFolderDataset
 

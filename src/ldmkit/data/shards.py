@@ -41,7 +41,7 @@ from glob import glob
 from pathlib import Path
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ldmkit.data.transforms import resize_crop
@@ -189,6 +189,26 @@ def read_items(shards: list[str], size: int, split: str, limit: int, val_fractio
                     if len(out) == limit:
                         return out
     return out
+
+
+class ShardItems(Dataset):
+    """The first `limit` samples of a split of tar shards, decoded and centre-cropped, as a map-style
+    dataset: what evaluation and validation read from a collection that trains as a stream."""
+
+    def __init__(self, spec: str, size: int, split: str = "val", limit: int = 1024, skip_bad: bool = False):
+        if split not in ("train", "val", "all"):
+            raise LdmkitError(f"unknown split {split!r}: use 'train', 'val' or 'all'")
+        self.items = read_items(list_shards(spec), size, split, limit, skip_bad=skip_bad)
+        if not self.items:
+            raise LdmkitError(f"the {split} split of the shards {spec!r} is empty; add samples")
+        self.name = os.path.basename(os.path.normpath(spec.split("{")[0])) or spec
+        self.num_classes = max(it["label"] for it in self.items) + 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
 
 
 # --- the stream ----------------------------------------------------------------------------------
