@@ -37,6 +37,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -334,7 +335,13 @@ def _from_pretrained(cls, folder: Path):
             model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = "; ".join(ln for ln in lines if ln.startswith("size mismatch"))[:400] or (lines[0] if lines else type(e).__name__)
+        detail = "; ".join(ln for ln in lines if ln.startswith("size mismatch"))[:400]
+        # with accelerate installed diffusers loads through another path, which words a mismatch its own way
+        shapes = re.search(r"because (\S+) expected shape (torch\.Size\(\[[^\]]*\]\)), but got (torch\.Size\(\[[^\]]*\]\))",
+                           str(e))
+        if not detail and shapes:
+            detail = f"size mismatch for {shapes[1]}: the file holds {shapes[3]}, the config asks for {shapes[2]}"
+        detail = detail or (lines[0] if lines else type(e).__name__)
         raise LdmkitError(f"cannot load {folder}: {detail}") from e
     parts = []
     for label in ("missing_keys", "unexpected_keys", "mismatched_keys"):
