@@ -61,10 +61,6 @@ class CachedTextEncoder(nn.Module, ABC):
     def cache_size(self) -> int:
         return len(self._cache)
 
-    def clear_cache(self) -> None:
-        """Forget every cached caption (a server that sees endless distinct prompts bounds its memory so)."""
-        self._cache.clear()
-
 
 class MiniLMTextEncoder(CachedTextEncoder):
     """all-MiniLM-L6-v2 token embeddings (the BERT encoder's last hidden states, 384-d)."""

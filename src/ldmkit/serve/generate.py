@@ -22,7 +22,7 @@ from ldmkit.sample import A1111_SAMPLERS, infotext
 from ldmkit.serve.schema import Generation
 from ldmkit.serve.worker import Interrupted, Worker
 
-TEXT_CACHE_LIMIT = 4096  # distinct prompts whose encodings are kept; beyond, the cache starts again
+TEXT_CACHE_LIMIT = 4096  # distinct prompts whose encodings are kept (the most recent ones)
 
 
 def _b64_png(img, text: dict | None = None) -> str:
@@ -36,6 +36,8 @@ def _b64_png(img, text: dict | None = None) -> str:
 def run_generation(gen: Generation, store, worker: Worker) -> dict:
     loaded = store.get(gen.entry)
     ldm = loaded.ldm
+    if ldm.conditioner.text_encoder is not None:  # endless distinct prompts: keep the most recent encodings
+        ldm.conditioner.text_encoder.cache_limit = TEXT_CACHE_LIMIT
     size, batch = loaded.size, gen.batch_size
     device = next(ldm.unet.parameters()).device
     spatial = {}
@@ -74,9 +76,6 @@ def run_generation(gen: Generation, store, worker: Worker) -> dict:
         seeds += [seed] * batch
         if interrupted:
             break
-    enc = ldm.conditioner.text_encoder
-    if enc is not None and enc.cache_size() > TEXT_CACHE_LIMIT:
-        enc.clear_cache()
     return _response(gen, images, seeds, size, interrupted)
 
 
