@@ -14,6 +14,7 @@ file is mapped or loaded whole, so memory does not depend on the number or size 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -96,7 +97,7 @@ class LatentShards(Dataset):
         path, offset, header, _ = self.shards[shard]
         meta = header[name]
         dtype, width = _DTYPES[meta["dtype"]]
-        per_row = width * int(torch.tensor(meta["shape"][1:]).prod()) if len(meta["shape"]) > 1 else width
+        per_row = width * math.prod(meta["shape"][1:])
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = os.open(path, os.O_RDONLY)

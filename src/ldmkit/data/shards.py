@@ -173,7 +173,8 @@ def in_split(key: str, split: str, val_fraction: float) -> bool:
 
 def read_items(shards: list[str], size: int, split: str, limit: int, val_fraction: float = 0.05,
                skip_bad: bool = False) -> list[dict]:
-    """The first `limit` samples of `split` in shard order, centre-cropped (validation, sample grids)."""
+    """The first `limit` samples of `split` in shard order (all of them for a negative `limit`),
+    centre-cropped (validation, sample grids, encoding)."""
     out: list[dict] = []
     for path in shards:
         samples = list_samples(path)  # names an unreadable shard

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldmkit.data import DATASETS, build_dataset
 from ldmkit.data.shapes import with_vocabulary
-from ldmkit.data.shards import ShardStream, is_shard_spec, list_shards, read_items
+from ldmkit.data.shards import ShardItems, ShardStream, is_shard_spec, list_shards
 from ldmkit.data.tensors import TensorData, materialize
 from ldmkit.data.transforms import item_seed
 from ldmkit.errors import LdmkitError
@@ -227,7 +227,7 @@ class StreamData(_Prefetched):
 
     def _start(self, step: int):
         stream = ShardStream(**self.args, state={"batches": self.position["batches"], "slots": self.position["slots"]})
-        workers = self.readers if self.args["workers"] and self.workers else 0
+        workers = self.readers if self.workers else 0  # data.workers=0: read in this process
         loader = DataLoader(stream, batch_size=None, num_workers=workers,
                             prefetch_factor=4 if workers else None, persistent_workers=False)
         return iter(loader)
@@ -279,9 +279,8 @@ def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: b
     if spec not in DATASETS and is_shard_spec(spec):
         if d.in_memory is True:
             raise LdmkitError("tar shards are always streamed; set data.in_memory to auto or false")
-        shards = list_shards(spec)
-        preview = _items_data(read_items(shards, d.size, "train", PREVIEW, skip_bad=d.skip_bad_images))
-        return StreamData(shards, d.size, batch_size, d.seed, rows, dist.rank, dist.world, d.workers, random_crop,
+        preview = materialize(ShardItems(spec, d.size, "train", PREVIEW, d.skip_bad_images), progress=False)
+        return StreamData(list_shards(spec), d.size, batch_size, d.seed, rows, dist.rank, dist.world, d.workers, random_crop,
                           d.skip_bad_images, preview)
     if spec not in DATASETS:
         from ldmkit.data.latent_shards import LatentShards, is_latent_spec
@@ -313,15 +312,6 @@ def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: b
     return LoaderData(ds, batch_size, seed, rows, d.workers, preview, num_classes)
 
 
-def _items_data(items: list[dict]) -> TensorData:
-    if not items:
-        raise LdmkitError("no readable samples in the shards' training split")
-    extras = {"control": torch.stack([it["control"] for it in items])} if all("control" in it for it in items) else {}
-    return TensorData(images=torch.stack([it["image"] for it in items]),
-                      labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
-                      texts=[it["text"] for it in items], extras=extras)
-
-
 def check_buckets(source: TrainData, multiple: int, what: str) -> None:
     """Every bucket's sides must be multiples of `multiple` (the first stage's factor, times the U-Net's)."""
     for h, w in getattr(source, "buckets", None) or []:
@@ -332,10 +322,9 @@ def check_buckets(source: TrainData, multiple: int, what: str) -> None:
 
 def open_val_data(d, limit: int, progress: bool) -> TensorData:
     """Up to `limit` held-out items of `d.dataset`, centre-cropped, in memory (validation is small)."""
-    spec = d.dataset
-    if spec not in DATASETS and is_shard_spec(spec):
-        return _items_data(read_items(list_shards(spec), d.size, "val", limit, skip_bad=d.skip_bad_images))
-    return materialize(_map_dataset(spec, d, "val", False), limit, "val data", progress)
+    if d.dataset not in DATASETS and is_shard_spec(d.dataset):  # the stream's first held-out samples, no more
+        return materialize(ShardItems(d.dataset, d.size, "val", limit, d.skip_bad_images), progress=False)
+    return materialize(_map_dataset(d.dataset, d, "val", False), limit, "val data", progress)
 
 
 def posterior_of(batch: dict, mean: torch.Tensor | None, std: torch.Tensor | None, ae, device: torch.device):

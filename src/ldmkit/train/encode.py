@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ldmkit.autoencoder import AutoencoderKL
 from ldmkit.data import DATASETS
 from ldmkit.data.latent_shards import FORMAT, INDEX, VERSION
-from ldmkit.data.shards import decode_sample, in_split, is_shard_spec, list_samples, list_shards
+from ldmkit.data.shards import is_shard_spec, list_shards, read_items
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import atomic_write
 from ldmkit.train.latents import _sha256_tensors
@@ -62,15 +62,6 @@ def encode_key(digest: str, d, shard_size: int | None) -> str:
                                       "shard_size": shard_size}).encode()).hexdigest()[:32]
 
 
-def _tar_items(path: str, size: int, val_fraction: float = 0.05) -> list[dict]:
-    import tarfile
-
-    samples = list_samples(path)  # names an unreadable shard
-    with tarfile.open(path, "r:") as tar:
-        return [decode_sample(tar, path, key, fields, size, None) for key, fields in samples
-                if in_split(key, "train", val_fraction)]
-
-
 def _map_source(d) -> Dataset:
     from ldmkit.train.data import _map_dataset
 
@@ -88,6 +79,8 @@ def _collate(items: list[dict]) -> dict:
 
 @torch.no_grad()
 def _encode_items(ae: AutoencoderKL, batches, device: torch.device) -> dict:
+    """Posteriors, labels and captions of every batch; an input shard with no training samples gives an
+    empty latent shard (left out of latents.json)."""
     means, stds, labels, texts = [], [], [], []
     for batch in batches:
         post = ae.encode(batch["image"].to(device))
@@ -95,6 +88,8 @@ def _encode_items(ae: AutoencoderKL, batches, device: torch.device) -> dict:
         stds.append(post.std.float().cpu().contiguous())
         labels.append(batch["label"])
         texts += list(batch["text"])
+    if not means:
+        return {"mean": torch.zeros(0, 1), "std": torch.zeros(0, 1), "label": torch.zeros(0, dtype=torch.long), "text": []}
     return {"mean": torch.cat(means), "std": torch.cat(stds), "label": torch.cat(labels).long(), "text": texts}
 
 
@@ -126,21 +121,17 @@ def encode_source(ae: AutoencoderKL, d, out: str | Path, shard_size: int = 4096,
         jobs = list(range((n + shard_size - 1) // shard_size))
     key = encode_key(digest, d, None if streamed else shard_size)
     mine = [j for j in jobs if j % world == rank]
-    kept = 0
     for j in tqdm(mine, desc="encoding shards", disable=not progress, leave=False):
         path = out / f"{j:05d}.safetensors"
         if _shard_done(path, key):
-            kept += 1
             continue
-        if streamed:
-            items = _tar_items(inputs[j], d.size)
+        if streamed:  # every training sample of input shard j, centre-cropped
+            items = read_items([inputs[j]], d.size, "train", limit=-1)
             batches = [_collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
         else:
             part = Subset(dataset, range(j * shard_size, min((j + 1) * shard_size, n)))
             batches = DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-        enc = _encode_items(ae, batches, device) if (not streamed or items) else None
-        if enc is None:
-            enc = {"mean": torch.zeros(0, 1), "std": torch.zeros(0, 1), "label": torch.zeros(0, dtype=torch.long), "text": []}
+        enc = _encode_items(ae, batches, device)
         data = save_safetensors({k: enc[k] for k in ("mean", "std", "label")},
                                 metadata={"key": key, "text": json.dumps(enc["text"])})
         atomic_write(path, data)
