@@ -463,3 +463,17 @@ def test_build_dataset_reads_shards_for_evaluation(folder, tmp_path):
     ref = ImageFolderDataset(str(folder), 16, "all")
     assert torch.equal(everything[5]["image"], ref[5]["image"]) and everything[5]["text"] == ref[5]["text"]
     assert len(build_dataset(str(tmp_path / "s"), 16, "all", length=7)) == 7
+
+
+def test_source_fingerprint_follows_parquet_files_by_absolute_pattern(tmp_path):
+    """The latent cache's key for parquet files named by an absolute pattern (Path.glob refuses those)."""
+    import os
+
+    from ldmkit.train.encode import source_fingerprint
+
+    (tmp_path / "a.parquet").write_bytes(b"x")
+    first = source_fingerprint(str(tmp_path / "*.parquet"))
+    (tmp_path / "b.parquet").write_bytes(b"y")
+    assert source_fingerprint(str(tmp_path / "*.parquet")) != first
+    os.remove(tmp_path / "b.parquet")
+    assert source_fingerprint(str(tmp_path / "*.parquet")) == first

@@ -15,6 +15,7 @@ Hugging Face dataset, built-in set), or the samples of input tar shard i.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -47,8 +48,12 @@ def source_fingerprint(spec: str) -> str:
     added or removed image gives new latents, never stale ones. Built-in sets are fixed by their name."""
     if spec in DATASETS:
         return spec
-    paths = list_shards(spec) if is_shard_spec(spec) else (
-        sorted(str(p) for p in Path(spec).rglob("*") if p.is_file()) if os.path.isdir(spec) else sorted(map(str, Path().glob(spec))))
+    if is_shard_spec(spec):
+        paths = list_shards(spec)
+    elif os.path.isdir(spec):  # an image folder, or a Hugging Face save_to_disk folder
+        paths = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file())
+    else:  # parquet files, given by a pattern that may be absolute
+        paths = sorted(glob.glob(spec))
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
