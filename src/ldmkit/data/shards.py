@@ -44,18 +44,13 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ldmkit.data.folder import ImageFolderDataset, _hash_fraction  # one split rule for folders and shards
 from ldmkit.data.transforms import resize_crop
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 CONTROL_FIELDS = ("control.png", "control.jpg", "control.jpeg", "control.webp")
-
-
-def _hash_fraction(name: str) -> float:
-    from ldmkit.data.folder import _hash_fraction as fraction  # one split rule for folders and shards
-
-    return fraction(name)
 
 
 # --- naming shards -------------------------------------------------------------------------------
@@ -306,8 +301,6 @@ def make_shards(folder: str, out: str | Path, shard_size: int = 1000, skip_bad: 
     """Write the images of an image folder (and its metadata.jsonl captions, labels and conditioning
     images) as tar shards OUT/00000.tar, 00001.tar, … of `shard_size` samples, the files' bytes unchanged.
     Each shard is written whole to a temporary name and renamed, so a killed run leaves only whole shards."""
-    from ldmkit.data.folder import ImageFolderDataset
-
     if shard_size < 1:
         raise LdmkitError(f"--shard-size must be at least 1, got {shard_size}")
     ds = ImageFolderDataset(folder, size=8, split="all", skip_bad=skip_bad)  # checks every file (indexed)
