@@ -194,7 +194,7 @@ class LatentDiffusion(nn.Module):
         which reads `control` (B, C_hint, H, W) in [0, 1], the control maps, from the Cond."""
         unet = self.unet if unet is None else unet
         generator = BatchRandom.of(generator, latents.shape[0]) if generator is not None else None
-        if self.conditioner.cfg.micro_conditioning and size_crop is None:  # an uncropped image at its own size
+        if size_crop is None:  # an uncropped image at its own size
             f = self.config.autoencoder.downsample_factor
             size_crop = self.conditioner.default_size_crop(latents.shape[0], latents.shape[2] * f, latents.shape[3] * f)
         cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator,
@@ -345,9 +345,8 @@ class LatentDiffusion(nn.Module):
                       negative_prompt=None) -> tuple[Cond, Cond | None]:
         """The conditional Cond and, when guiding, the unconditional one (every route at its null value,
         the caption the negative prompt when one is given)."""
-        size_crop = None
-        if self.conditioner.cfg.micro_conditioning:  # SDXL's sampling default: an uncropped image of this size
-            size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
+        # SDXL's sampling default: an uncropped image of this size
+        size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
         cond = self.conditioner(texts=texts, labels=labels, batch_size=n, size_crop=size_crop).to(device)
         uncond = None
         if negative_prompt is not None:

@@ -59,9 +59,11 @@ class Conditioner(nn.Module):
         pooled = self.context_dim if (self.cfg.pooled_text and self.context_dim) else 0
         return pooled + (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
 
-    @staticmethod
-    def default_size_crop(n: int, height: int, width: int) -> torch.Tensor:
-        """The micro-conditions of an uncropped image made at its own size (SDXL's sampling default)."""
+    def default_size_crop(self, n: int, height: int, width: int) -> torch.Tensor | None:
+        """The micro-conditions of an uncropped image made at its own size (SDXL's sampling default); None
+        for a model without them."""
+        if not self.cfg.micro_conditioning:
+            return None
         return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(n, -1)
 
     def _micro(self, size_crop: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -136,9 +136,8 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32) -> dict:
         batch = data.batch(idx)
         images = batch["image"].to(device)
         z0 = ldm.encode_mean(images).float()
-        size_crop = None
-        if cc.micro_conditioning:  # the evaluation images are whole and at the model's size
-            size_crop = ldm.conditioner.default_size_crop(len(idx), images.shape[2], images.shape[3])
+        # the evaluation images are whole and at the model's size
+        size_crop = ldm.conditioner.default_size_crop(len(idx), images.shape[2], images.shape[3])
         cond = ldm.conditioner(texts=batch["text"] if cc.text_encoder else None,
                                labels=batch["label"].clamp_min(0) if cc.num_classes else None,
                                batch_size=len(idx), size_crop=size_crop).to(device)
