@@ -350,6 +350,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from ldmkit.study import run_study
+
+    check_writable_dir(args.out)
+    report = run_study(args.which, args.out, budget=args.budget, seeds=args.seeds, progress=not args.quiet)
+    print(f"study report written to {report}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ldmkit.serve import run_server
 
@@ -484,6 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decode a preview of the running generation every N steps (0: none; default: %(default)s)")
     sv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("study", help="answer the FAQ's design questions by experiment: first stage, U-Net, "
+                        "conditioning routes (report with verdicts, plots and the commands run)")
+    st.add_argument("which", choices=["vae", "unet", "routes", "all"], help="which study (all: each into OUT/<name>)")
+    st.add_argument("--out", required=True, help="output folder; rerunning on it reuses finished runs")
+    st.add_argument("--budget", type=_number(float, 0, low_open=True), default=1.0,
+                    help="scales every step and sample count (default 1: each study fits 30 min on 2 CPU cores)")
+    st.add_argument("--seeds", type=_number(int, 2), default=3, help="runs per arm (default: %(default)s)")
+    st.add_argument("--quiet", action="store_true", help="no progress bar")
+    st.set_defaults(func=cmd_study)
 
     c = sub.add_parser("convert", help="convert between ldmkit, diffusers and original Stable Diffusion formats")
     c.add_argument("--from", dest="src", required=True, help="ldmkit folder, diffusers model/pipeline folder, or .safetensors/.ckpt")
