@@ -187,3 +187,41 @@ def test_distill_refuses_a_teacher_that_is_not_a_diffusion_model(teacher, tmp_pa
     rc = main(["distill", "--config", "tiny", "--teacher", str(tmp_path / "nowhere"), "--quiet", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert rc != 0 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_lcm_lora_trains_only_adapters_and_the_file_on_the_teacher_is_the_run(teacher, tmp_path):
+    """LCM-LoRA (train: lora): the base weights stay the teacher's, the run's merged checkpoint equals the
+    teacher with OUT/lora.safetensors applied (so `sample --lora` on the teacher is the distilled model),
+    and a resumed run ends bit for bit where the uninterrupted one does."""
+    from ldmkit.interop import lora as lora_io
+
+    out = tmp_path / "lcm-lora"
+    args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet", "--set", "train=lora",
+            "--set", "lora.rank=2", "--set", "optim.ema_decay=null"]
+    assert main([*args, "--out", str(out)]) == 0
+    doc = json.loads((out / "checkpoints" / "step_00000006" / "config.json").read_text())
+    assert doc["meta"]["distillation"]["method"] == "lcm-lora" and doc["meta"]["lora"]["rank"] == 2
+    base = ldmkit.load(teacher / "ldm")
+    n_adapted = doc["meta"]["lora"]["trained_parameters"]
+    assert 0 < n_adapted < sum(p.numel() for p in base.unet.parameters()) / 5
+
+    merged = ldmkit.load(out)
+    applied = lora_io.apply_loras(ldmkit.load(teacher / "ldm"), [(str(out / "lora.safetensors"), 1.0)])
+    changed = 0
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, applied.state_dict()[k], atol=1e-6, rtol=0)
+        changed += not torch.equal(v, base.state_dict()[k])
+    assert changed > 0  # the adapters moved the model
+    # only adapted layers changed: every untouched weight is the teacher's, bit for bit
+    adapted = {p.removeprefix("unet.") for p in lora_io.load_lora(out / "lora.safetensors")}
+    for k, v in merged.unet.state_dict().items():
+        if k.rsplit(".", 1)[0] not in adapted:
+            assert torch.equal(v, base.unet.state_dict()[k]), k
+
+    res = tmp_path / "resumed"
+    shutil.copytree(out, res)
+    shutil.rmtree(res / "checkpoints" / "step_00000006")
+    (res / "latest").write_text("step_00000003\n")
+    assert main([*args, "--out", str(res), "--resume"]) == 0
+    a, b = load_file(out / "lora.safetensors"), load_file(res / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

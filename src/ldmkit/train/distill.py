@@ -47,8 +47,10 @@ from ldmkit.diffusion.parameterization import Denoiser, consistency_scalings, to
 from ldmkit.diffusion.schedules import expand_like, q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
+from ldmkit.interop import lora as lora_io
+from ldmkit.train.config import DataConfig, LoggingConfig, LoraConfig, OptimConfig, SampleConfig
 from ldmkit.train.data import MemoryData, open_train_data, posterior_of
+from ldmkit.train.finetune import LoraCheckpoints
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, fit
 
@@ -68,6 +70,10 @@ class DistillConfig(BaseModel):
     timestep_scaling: float = Field(10.0, gt=0, description="c_skip/c_out are computed at t·timestep_scaling "
                                     "(the LCM code's 10; σ_data = 0.5)")
     sample_steps: int = Field(4, ge=1, description="the default steps recorded for `ldmkit sample` (meta.sampling)")
+    train: Literal["unet", "lora"] = Field(
+        "unet", description="the student: the whole U-Net, or LoRA adapters on the teacher's (LCM-LoRA, Luo et al. "
+        "2023b: OUT/lora.safetensors turns the teacher, or a fine-tune of it, into a few-step model)")
+    lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=50, ema_decay=0.95, grad_clip=1.0)
     logging: LoggingConfig = LoggingConfig(val_every=500, ckpt_every=500)
@@ -92,6 +98,15 @@ def distill_shapes_free() -> DistillConfig:
     return cfg
 
 
+def distill_shapes_lcm_lora() -> DistillConfig:
+    """LCM-LoRA of the demo's model: rank-16 adapters on the attention projections and the ResBlock convolutions,
+    trained against the online student (no EMA target, as the LCM-LoRA code), lr 1e-3 as for the other LoRAs."""
+    cfg = distill_shapes()
+    cfg.train, cfg.lora = "lora", LoraConfig(rank=16, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    cfg.optim = cfg.optim.model_copy(update={"lr": 1e-3, "ema_decay": None})
+    return cfg
+
+
 def distill_tiny() -> DistillConfig:
     """Seconds-long run for tests."""
     return DistillConfig(
@@ -105,6 +120,7 @@ def distill_tiny() -> DistillConfig:
 DISTILL_PRESETS: dict[str, Callable[[], DistillConfig]] = {
     "shapes": distill_shapes,
     "shapes-free": distill_shapes_free,
+    "shapes-lcm-lora": distill_shapes_lcm_lora,
     "tiny": distill_tiny,
 }
 
@@ -151,9 +167,39 @@ def load_teacher(path: str):
     return ldm.eval().requires_grad_(False), folder, meta
 
 
-class DistillTask(Task):
-    """Latent consistency distillation for `fit`: the student U-Net trains; the teacher LatentDiffusion
-    stays frozen; the EMA of the student is the target network θ⁻."""
+class StudentCheckpoints(Task):
+    """A distillation checkpoint is a whole LatentDiffusion: the teacher's parts with the student's U-Net."""
+
+    def _with_unet(self, unet_sd: dict) -> dict:
+        sd = {k: v for k, v in self.ldm.state_dict().items() if not k.startswith("unet.")}
+        sd.update({f"unet.{k}": v for k, v in unet_sd.items()})
+        return sd
+
+    def weights(self) -> dict:
+        return self._with_unet(self.module.state_dict())
+
+    def ema_weights(self) -> dict:
+        return self._with_unet(self.ema.module.state_dict())
+
+    @staticmethod
+    def _load_unet(module: nn.Module, path: Path) -> None:
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise LdmkitError(f"cannot read weights {path} ({type(e).__name__}); resume from an earlier checkpoint") from e
+        module.load_state_dict({k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
+
+    def load_weights(self, folder: Path) -> None:
+        self._load_unet(self.module, folder / "model.safetensors")
+
+    def load_ema(self, ema_module: nn.Module, path: Path) -> None:
+        self._load_unet(ema_module, path)
+
+
+class DistillTask(LoraCheckpoints, StudentCheckpoints):
+    """Latent consistency distillation for `fit`: the student U-Net (or, `train: lora`, LoRA adapters on a
+    copy of the teacher's) trains; the teacher LatentDiffusion stays frozen; the EMA of the student is the
+    target network θ⁻ (no EMA: the online student, without gradient)."""
 
     name = "distill"
     kind = "latent_diffusion"
@@ -184,33 +230,16 @@ class DistillTask(Task):
             else:
                 self.ldm.conditioner.text_encoder.cache_limit = CAPTION_CACHE
         self.module = self.student = copy.deepcopy(self.ldm.unet).train().requires_grad_(True)
+        if self.lora:  # only the adapters train; the copied base stays the teacher's
+            lo = cfg.lora
+            self.student.requires_grad_(False)
+            lora_io.add_adapter(self.student, lo.rank, lo.alpha, lo.dropout, lo.targets)
+            self.student.to(device).train()
         self.model_config = self.ldm.config
 
-    # --- checkpoints: a whole LatentDiffusion, the student's U-Net in it ---------------------------
-    def _with_unet(self, unet: nn.Module) -> dict:
-        sd = {k: v for k, v in self.ldm.state_dict().items() if not k.startswith("unet.")}
-        sd.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
-        return sd
-
-    def weights(self) -> dict:
-        return self._with_unet(self.module)
-
-    def ema_weights(self) -> dict:
-        return self._with_unet(self.ema.module)
-
-    @staticmethod
-    def _load_unet(module: nn.Module, path: Path) -> None:
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise LdmkitError(f"cannot read weights {path} ({type(e).__name__}); resume from an earlier checkpoint") from e
-        module.load_state_dict({k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
-
-    def load_weights(self, folder: Path) -> None:
-        self._load_unet(self.module, folder / "model.safetensors")
-
-    def load_ema(self, ema_module: nn.Module, path: Path) -> None:
-        self._load_unet(ema_module, path)
+    @property
+    def lora(self) -> bool:
+        return self.cfg.train == "lora"
 
     def sampling_defaults(self) -> dict:
         return {"sampler": "lcm", "steps": self.cfg.sample_steps, "guidance": 1.0}
@@ -220,8 +249,8 @@ class DistillTask(Task):
         c = self.cfg
         base = {"step": step, "dataset": c.data.dataset, "teacher": str(self.teacher_folder.resolve()),
                 "teacher_step": self.teacher_step, "sampling": self.sampling_defaults(),
-                "distillation": {"method": "lcm", "guidance": c.guidance, "grid_steps": c.grid_steps, "loss": c.loss,
-                                 "timestep_scaling": c.timestep_scaling}}
+                "distillation": {"method": "lcm-lora" if self.lora else "lcm", "guidance": c.guidance,
+                                 "grid_steps": c.grid_steps, "loss": c.loss, "timestep_scaling": c.timestep_scaling}}
         return {**base, **(meta or {})}
 
     # --- the loss ----------------------------------------------------------------------------------
@@ -282,8 +311,11 @@ class DistillTask(Task):
         from ldmkit.train.distributed import check_in_sync
 
         self.sample_grid(step)
-        return {"train_seconds": round(time.time() - t0, 1), "world_size": self.dist.world,
+        meta = {"train_seconds": round(time.time() - t0, 1), "world_size": self.dist.world,
                 "rank_weight_sums": check_in_sync(self.module, self.dist)}
+        if self.lora and self.main:
+            meta["lora"] = self.save_lora_file(self.cfg.lora, t0)
+        return meta
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, progress: bool = True,
