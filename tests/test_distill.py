@@ -119,13 +119,14 @@ def teacher(tmp_path_factory):
 
 
 def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(teacher, tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "student"
     args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet"]
     assert main([*args, "--out", str(out)]) == 0
     ckpt = out / "checkpoints" / "step_00000006"
     doc = json.loads((ckpt / "config.json").read_text())
     assert doc["kind"] == "latent_diffusion"
-    assert doc["meta"]["sampling"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0}
+    assert doc["meta"]["sampling"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0, "grid_steps": 40}
     assert doc["meta"]["distillation"]["method"] == "lcm" and doc["meta"]["dataset"] == "shapes"
     # the student moved away from the teacher; the first stage is the teacher's
     student, ours = load_file(ckpt / "model.safetensors"), ldmkit.load(teacher / "ldm").state_dict()
@@ -162,11 +163,24 @@ def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(t
     imgs = ldm.sample(texts=["a red circle in the top left"], steps=4, sampler="lcm", seed=0)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
 
-    # convert reads it: to diffusers and back, the same weights
+    # convert reads it: to diffusers and back, the same weights and the same sampling defaults; diffusers
+    # gets its LCMScheduler on the student's grid, which picks ldmkit's lcm timesteps
     assert main(["convert", "--from", str(out), "--to", str(tmp_path / "dif"), "--format", "diffusers"]) == 0
     assert main(["convert", "--from", str(tmp_path / "dif"), "--to", str(tmp_path / "back"), "--format", "ldmkit"]) == 0
     back = ldmkit.load(tmp_path / "back").state_dict()
     assert all(torch.equal(v, back[k]) for k, v in ldm.state_dict().items() if k.startswith("unet."))
+    index = json.loads((tmp_path / "dif" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+    sched = diffusers.LCMScheduler.from_pretrained(tmp_path / "dif" / "scheduler")
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == make_timesteps(ldm.schedule, 4, "trailing").tolist()
+    for ckpt_dir in (tmp_path / "dif", tmp_path / "back"):
+        a = build_parser().parse_args(["sample", "--checkpoint", str(ckpt_dir), "--out", "x"])
+        _fill_sampling_defaults(a, a.checkpoint)
+        assert (a.sampler, a.steps, a.guidance) == ("lcm", 4, 1.0), ckpt_dir
+    capsys.readouterr()
+    assert main(["convert", "--from", str(out), "--to", str(tmp_path / "one.safetensors"), "--format", "original"]) == 0
+    assert "sample it with --sampler lcm --steps 4 --guidance 1.0" in capsys.readouterr().out
 
     # resume from step 3 (as if the run had died after it) reproduces step 6 bit for bit
     res = tmp_path / "resumed"

@@ -184,9 +184,9 @@ SAMPLING_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 25}
 def _fill_sampling_defaults(args: argparse.Namespace, checkpoint: str, guidance: float = 1.0) -> None:
     """--sampler, --steps and --guidance the user left out: the checkpoint's own (meta.sampling, e.g. a
     distilled model's lcm, 4 steps, guidance 1), else the command's defaults."""
-    from ldmkit.checkpoint import sampling_defaults
+    from ldmkit.interop.convert import sampling_defaults_any
 
-    own = sampling_defaults(checkpoint)
+    own = sampling_defaults_any(checkpoint)
     for key, default in {**SAMPLING_DEFAULTS, "guidance": guidance}.items():
         if getattr(args, key) is None:
             setattr(args, key, type(default)(own.get(key, default)))

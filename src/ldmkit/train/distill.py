@@ -242,7 +242,8 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
         return self.cfg.train == "lora"
 
     def sampling_defaults(self) -> dict:
-        return {"sampler": "lcm", "steps": self.cfg.sample_steps, "guidance": 1.0}
+        # grid_steps: the timesteps the student learned (diffusers' LCMScheduler original_inference_steps)
+        return {"sampler": "lcm", "steps": self.cfg.sample_steps, "guidance": 1.0, "grid_steps": self.cfg.grid_steps}
 
     def checkpoint_meta(self, step: int, meta: dict | None) -> dict:
         """Every checkpoint records the teacher, the data and how to sample it (`ldmkit sample`'s defaults)."""
