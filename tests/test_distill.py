@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldmkit
+from ldmkit.errors import LdmkitError
 from ldmkit.cli import main
 from ldmkit.diffusion import Denoiser, consistency_scalings, make_schedule, make_timesteps, sample_lcm
 from ldmkit.train.distill import skipping_grid
@@ -239,3 +240,49 @@ def test_lcm_lora_trains_only_adapters_and_the_file_on_the_teacher_is_the_run(te
     assert main([*args, "--out", str(res), "--resume"]) == 0
     a, b = load_file(out / "lora.safetensors"), load_file(res / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_learned_guidance_scale_gives_one_student_every_scale(teacher, tmp_path, capsys):
+    """guidance_range: the student gets a w-embedding (zero-initialised, so at step 0 it is the teacher at every
+    scale), samples differently at different scales with one network call per step, converts to diffusers with
+    the embedding (time_cond_proj_dim) and its default scale, and resumes bit for bit."""
+    out = tmp_path / "w"
+    args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet",
+            "--set", "guidance_range=[1.5, 4.0]", "--set", "guidance=2.5", "--set", "w_embedding_dim=16"]
+    assert main([*args, "--out", str(out)]) == 0
+    doc = json.loads((out / "checkpoints" / "step_00000006" / "config.json").read_text())
+    assert doc["config"]["unet"]["time_cond_proj_dim"] == 16
+    assert doc["meta"]["sampling"]["guidance"] == 2.5 and doc["meta"]["distillation"]["guidance_range"] == [1.5, 4.0]
+    ldm = ldmkit.load(out)
+    assert ldm.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the embedding learned something
+    calls = []
+    hook = ldm.unet.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    a = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=1.5, seed=0)
+    b = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    hook.remove()
+    assert calls == [1, 1, 1, 1]  # one unguided batch per step: the scale is an input, not a second branch
+    assert (a - b).abs().max() > 0  # six tiny steps move the zero-initialised embedding only a little
+    with pytest.raises(LdmkitError, match="negative prompt"):
+        ldm.sample(texts=["a red circle in the top left"], negative_prompt="blue", steps=2, sampler="lcm")
+    capsys.readouterr()
+
+    assert main(["convert", "--from", str(out), "--to", str(tmp_path / "dif"), "--format", "diffusers"]) == 0
+    unet_cfg = json.loads((tmp_path / "dif" / "unet" / "config.json").read_text())
+    assert unet_cfg["time_cond_proj_dim"] == 16
+    from ldmkit.interop.convert import load_any
+
+    again = load_any(tmp_path / "dif")
+    assert again.unet.config.time_cond_proj_dim == 16
+    c = again.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    assert (c - b).abs().max() < 1e-4
+
+    res = tmp_path / "resumed"
+    shutil.copytree(out, res)
+    shutil.rmtree(res / "checkpoints" / "step_00000006")
+    (res / "latest").write_text("step_00000003\n")
+    assert main([*args, "--out", str(res), "--resume"]) == 0
+    x, y = load_file(out / "checkpoints" / "step_00000006" / "ema.safetensors"), \
+        load_file(res / "checkpoints" / "step_00000006" / "ema.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    rc = main([*args[:-2], "--set", "guidance_range=[3, 2]", "--out", str(tmp_path / "bad")])
+    assert rc != 0 and "guidance_range must be [lo, hi]" in capsys.readouterr().err

@@ -203,8 +203,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg.data.dataset = args.data
     check_writable_dir(args.out)
     folder = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if cfg.guidance_range is not None:
+        lo, hi = cfg.guidance_range
+        scale = f"guidance {cfg.guidance:g} by default, any --guidance in [{lo:g}, {hi:g}] at no extra cost"
+    else:
+        scale = f"guidance {cfg.guidance:g} folded in, so sample at guidance 1 (the default)"
     print(f"distilled model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES "
-          f"(lcm, {cfg.sample_steps} steps, guidance 1 by default)")
+          f"(lcm, {cfg.sample_steps} steps; {scale})")
+    if cfg.train == "lora":
+        print(f"LCM-LoRA adapter: {Path(args.out) / 'lora.safetensors'}; on the teacher: ldmkit sample --checkpoint "
+              f"{cfg.teacher} --lora {Path(args.out) / 'lora.safetensors'} --sampler lcm --steps {cfg.sample_steps} "
+              "--guidance 1")
     return 0
 
 
