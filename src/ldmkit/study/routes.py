@@ -2,7 +2,7 @@
 
 The FAQ's third question (Rombach et al. 2022, §3.3; DESIGN.md's table of routes). Two tasks, each
 learnable by every route that claims it, on the bundled `shapes` data at 32 px (8x8x4 latents of one
-shared first stage), the same U-Net (widths 32, 64) and the same steps for every arm:
+shared first stage), one U-Net (widths 32, 64) per task and the same steps for every arm:
 
 - the class (shape x colour, 18 classes) as concatenated one-hot maps (`routes-onehot`), as FiLM
   (the class embedding in the time embedding drives each ResBlock's scale and shift, `routes-film`),
@@ -277,16 +277,21 @@ def _report(study: Study, classes: dict, spatial: dict) -> None:
     fac_seen, fac_held = _vals(classes["factors"], "seen_acc"), _vals(classes["factors"], "held_acc")
     ratio = lambda held, seen: sum(held) / max(1e-9, sum(seen))  # noqa: E731 - ratio of the means
     cap_r, fac_r = ratio(cap_held, cap_seen), ratio(fac_held, fac_seen)
-    composes = cap_r >= COMPOSE_RATIO and _above(cap_held, chance_combo)
+    # nothing is composed by a route that has not learned the seen combinations: its seen accuracy must
+    # stand clear of chance (3x, by its interval) before the held-out ratio means anything
+    learned = lambda seen: _above(seen, 3 * chance_combo)  # noqa: E731
+    composes = learned(cap_seen) and cap_r >= COMPOSE_RATIO and _above(cap_held, chance_combo)
     study.claim(f"Cross-attention on tokens composes what it saw apart: captions of the {HOLDOUT} (shape, colour, "
                 "position) combinations held out of training are drawn about as well as seen ones",
                 f"all three attributes right, caption: held-out {_ci(classes['caption'], 'held_acc')} vs seen "
                 f"{_ci(classes['caption'], 'seen_acc')} (ratio {cap_r:.2f}; chance {100 * chance_combo:.1f} %)",
                 "supported" if composes else "not supported",
-                f"rule: held-out at least {COMPOSE_RATIO:g} × seen and its interval above chance")
+                f"rule: seen accuracy above 3 × chance, held-out at least {COMPOSE_RATIO:g} × seen and its interval "
+                "above chance" + ("" if learned(cap_seen) else "; the caption route did not learn the seen "
+                                  "combinations at this budget, so nothing was composed"))
     per_seed = lambda runs: [r["held_acc"] / r["seen_acc"] if r["seen_acc"] else 0.0 for r in runs]  # noqa: E731
     c = compare(per_seed(classes["caption"]), per_seed(classes["factors"]))
-    fac_composes = fac_r >= COMPOSE_RATIO and _above(fac_held, chance_combo)
+    fac_composes = learned(fac_seen) and fac_r >= COMPOSE_RATIO and _above(fac_held, chance_combo)
     verdict = "supported" if composes and not fac_composes and c > 0 else "not supported"
     study.claim("Composition is cross-attention's own: a label that names the same three attributes (as one-hot "
                 "groups, concatenated) does not compose held-out combinations as the caption does",
@@ -341,7 +346,7 @@ def _report(study: Study, classes: dict, spatial: dict) -> None:
 def _tables(study: Study, classes: dict, spatial: dict, names: dict) -> None:
     from ldmkit.data.shapes import heldout_combos
 
-    study.add("## The class routes\n\nOne U-Net (widths 32, 64; self-attention at the 4x4 level and the middle), "
+    study.add("## The class routes\n\nOne U-Net (widths 32, 64; transformers at the 8x8 and 4x4 levels and the middle), "
               f"{study.n(CLASS_STEPS)} steps per arm on the first stage `runs/ae`; samples with DPM-Solver++ 2M, "
               f"{study.n(SAMPLE_STEPS, 2)} steps, guidance {GUIDANCE:g} against each route's own null condition. "
               "Accuracy is read by the independent attribute judge on the seen combinations' conditions (a label "
@@ -368,7 +373,8 @@ def _tables(study: Study, classes: dict, spatial: dict, names: dict) -> None:
         rows.append([names[arm], _ci(r, "seen_acc"), _ci(r, "held_acc"), _ci(r, "held_shape"), _ci(r, "held_colour"),
                      _ci(r, "held_position")])
     study.table(["route", "seen", "held out", "held-out shape", "held-out colour", "held-out position"], rows)
-    study.add(f"## The spatial routes\n\n`shapes-free` (a shape anywhere in its quadrant, any size and angle); the "
+    study.add(f"## The spatial routes\n\n`shapes-free` (a shape anywhere in its quadrant, any size and angle), a "
+              "U-Net of the same widths with self-attention at the 4x4 level and the middle; the "
               f"base model and the concatenation model train {study.n(BASE_STEPS)} steps, the ControlNet and the "
               f"adapter {study.n(CONTROL_STEPS)} more on the frozen base. Each is given {study.n(64, 4)} probe masks "
               "drawn independently of the training renderer; IoU of the generated shape's mask with the probe's.")
