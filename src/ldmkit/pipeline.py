@@ -89,6 +89,10 @@ class LatentDiffusion(nn.Module):
                                   f"got {config.unet.concat_channels}")
         elif config.unet.concat_channels:
             raise LdmkitError("unet.concat_channels is set but the model has no concat route (set concat.kind)")
+        if config.concat is not None and config.concat.kind == "map" and \
+                config.concat.map_factor != config.autoencoder.downsample_factor:
+            raise LdmkitError(f"concat.map_factor is {config.concat.map_factor} but the first stage downsamples by "
+                              f"{config.autoencoder.downsample_factor}; set them equal")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -144,10 +148,20 @@ class LatentDiffusion(nn.Module):
         return random_masks(n, size, masks, self.config.concat.mask_modes, generator)
 
     @torch.no_grad()
-    def concat_condition(self, images: torch.Tensor, masks: torch.Tensor | None = None, train: bool = False,
-                         generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
-        """The concat tensor (B, concat_channels, h, w) for images (B, 3, H, W) in [-1, 1] (`ConcatConfig.condition`)."""
-        return self.config.concat.condition(self.encode_mean, self.latent_shape[1:], images, masks, train, generator)
+    def concat_condition(self, images: torch.Tensor | None, masks: torch.Tensor | None = None, train: bool = False,
+                         generator: torch.Generator | BatchRandom | None = None,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The concat tensor (B, concat_channels, h, w) for images (B, 3, H, W) in [-1, 1], or the maps / labels
+        the route reads (`ConcatConfig.condition`)."""
+        return self.config.concat.condition(self.encode_mean, self.latent_shape[1:], images, masks, train, generator,
+                                            labels)
+
+    def _conditioner_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels the conditioner takes: none when only the onehot concatenation route reads them."""
+        cc = self.config.concat
+        if cc is not None and cc.reads_labels and not self.config.conditioner.num_classes:
+            return None
+        return labels
 
     def prepare_image(self, image, channels: int, batch: int, name: str) -> torch.Tensor:
         """An image-like input (init image, mask) → (batch, channels, S, S) at the model's resolution S,
@@ -197,14 +211,18 @@ class LatentDiffusion(nn.Module):
         if size_crop is None:  # an uncropped image at its own size
             f = self.config.autoencoder.downsample_factor
             size_crop = self.conditioner.default_size_crop(latents.shape[0], latents.shape[2] * f, latents.shape[3] * f)
-        cond = self.conditioner(texts=texts, labels=labels, batch_size=latents.shape[0], train=True, generator=generator,
-                                size_crop=size_crop)
+        cond = self.conditioner(texts=texts, labels=self._conditioner_labels(labels), batch_size=latents.shape[0],
+                                train=True, generator=generator, size_crop=size_crop)
         cond = cond.to(latents.device)
         cond.control = control
-        if self.config.concat is not None:
-            if images is None:
-                raise LdmkitError(f"the '{self.config.concat.kind}' concat route needs the batch's images")
-            cond.concat = self.concat_condition(images.to(latents.device), masks, train=True, generator=generator)
+        cc = self.config.concat
+        if cc is not None:
+            if images is None and not cc.reads_labels:
+                raise LdmkitError(f"the '{cc.kind}' concat route needs the batch's images")
+            masks = masks.to(latents.device) if masks is not None and cc.kind == "map" else masks
+            images = images.to(latents.device) if images is not None else None
+            cond.concat = self.concat_condition(images, masks, train=True, generator=generator,
+                                                labels=labels).to(latents.device)
         return self.objective(lambda z, t: unet(z, t, cond), latents, generator)
 
     # --- sampling --------------------------------------------------------------------------------
@@ -256,7 +274,7 @@ class LatentDiffusion(nn.Module):
         if labels is not None and not isinstance(labels, torch.Tensor):
             labels = torch.tensor(labels, dtype=torch.long)
         n = self._sample_count(texts, labels, num_samples, init_image)
-        self._check_sample_inputs(strength, guidance_rescale, init_image, mask, control, control_image)
+        self._check_sample_inputs(strength, guidance_rescale, init_image, mask, control, control_image, labels)
         device = next(self.unet.parameters()).device
         image = self.prepare_image(init_image, 3, n, "init image").to(device) if init_image is not None else None
         m = self.prepare_image(mask, 1, n, "mask").to(device).clamp(0, 1).round() if mask is not None else None
@@ -288,7 +306,7 @@ class LatentDiffusion(nn.Module):
         if return_latents:
             return z0
         out = self.decode(z0)
-        if m is not None and overlay:
+        if m is not None and overlay and self.config.concat.takes_mask:
             # The decoder spreads every latent cell over ~f pixels and the cells that straddle the hole's
             # edge are regenerated, so kept pixels next to the hole drift (docs/design.md: 2.1 dB under the
             # first stage on shapes-free); the pixels the user asked to keep are pasted back.
@@ -327,17 +345,18 @@ class LatentDiffusion(nn.Module):
             raise LdmkitError("nothing to sample: give prompts, labels or a number of samples")
         return n
 
-    def _check_sample_inputs(self, strength, guidance_rescale, init_image, mask, control, control_image) -> None:
+    def _check_sample_inputs(self, strength, guidance_rescale, init_image, mask, control, control_image,
+                             labels=None) -> None:
         if not 0.0 <= strength <= 1.0:
             raise LdmkitError(f"strength must be in [0, 1], got {strength}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise LdmkitError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         cc = self.config.concat
-        if mask is not None and (cc is None or not cc.takes_mask):
+        if mask is not None and (cc is None or not cc.reads_mask):
             raise LdmkitError("this model has no inpainting route (it was trained without concat.kind=inpaint); "
                               "it cannot take a mask")
         if cc is not None:
-            cc.check_inputs(init_image, mask)
+            cc.check_inputs(init_image, mask, labels)
         if control is not None and control_image is None:
             raise LdmkitError("a ControlNet/adapter was given without a control image")
         if control is None and control_image is not None:
@@ -349,7 +368,8 @@ class LatentDiffusion(nn.Module):
         the caption the negative prompt when one is given)."""
         # SDXL's sampling default: an uncropped image of this size
         size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
-        cond = self.conditioner(texts=texts, labels=labels, batch_size=n, size_crop=size_crop).to(device)
+        cond = self.conditioner(texts=texts, labels=self._conditioner_labels(labels), batch_size=n,
+                                size_crop=size_crop).to(device)
         uncond = None
         if self.unet.config.time_cond_proj_dim:  # guidance enters through the student's w-embedding (LCM)
             if negative_prompt is not None:
@@ -370,7 +390,7 @@ class LatentDiffusion(nn.Module):
             uncond = self.conditioner.uncond(n, size_crop).to(device)
         cc = self.config.concat
         if cc is not None:
-            cond.concat = self.concat_condition(image, mask)
+            cond.concat = self.concat_condition(image, mask, labels=labels).to(device)
             if uncond is not None:
                 uncond.concat = cc.null(cond.concat)
         return cond, uncond

@@ -20,6 +20,13 @@ Two vocabularies. `basic` (the default) is the 3 shapes x 6 colours above. `exte
 (`data.vocabulary: extended`, fixed layout only) adds the colour `white` (240, 240, 240) and the shape
 `diamond` (the points with |dx| + |dy| <= r, in the same 2r x 2r box as the circle): 4 x 7 x 4 = 112
 combinations, blocks of 112, a concept a model trained on `basic` has never seen (issue 15's LoRA test).
+
+Composition (`holdout=n`, `data.holdout`): the training split leaves out n of the 72 combinations
+(`heldout_combos`), chosen so that every pair of their attributes (shape and colour, shape and
+position, colour and position) still occurs in training; only the triple is new. The validation split
+keeps all 72, so a model can be asked for what it saw only in parts. `labels="combo"` labels each item
+with its combination's index k = shape·24 + colour·4 + position (72 classes, a mixed-radix number over
+the factors (3, 6, 4)) instead of the class shape·6 + colour.
 """
 
 from __future__ import annotations
@@ -74,6 +81,36 @@ def combos(vocab: str = "basic") -> tuple[tuple[str, str, str], ...]:
 def is_new(combo: tuple[str, str, str]) -> bool:
     """Whether a combination uses a word of the extended vocabulary (white and/or diamond)."""
     return combo[0] in EXTRA_SHAPES or combo[1] in EXTRA_COLOURS
+
+COMBO_FACTORS = (len(SHAPES), len(COLOURS), len(POSITIONS))  # combo index k: digits (shape, colour, position)
+LABEL_KINDS = ("class", "combo")
+
+
+@functools.cache
+def heldout_combos(n: int) -> tuple[tuple[str, str, str], ...]:
+    """n basic combinations to hold out of training, none of whose attribute pairs is held out twice.
+
+    A fixed shuffle of the 72 (seed 0) is walked, and a combination is taken when none of its three pairs
+    (shape, colour), (shape, position), (colour, position) belongs to one already taken: each held-out
+    pair then still occurs in training with the other 2 (position), 3 (colour) or 5 (shape) values of
+    the third attribute, so a held-out triple is made only of parts seen together. 12 is the most such
+    a set can hold (there are 12 (shape, position) pairs), and this shuffle reaches it."""
+    if not 0 <= n <= 12:
+        raise LdmkitError(f"data.holdout must be between 0 and 12 combinations, got {n}")
+    taken: list[tuple[str, str, str]] = []
+    pairs: set[tuple[int, str, str]] = set()
+    for k in np.random.default_rng(0).permutation(len(COMBOS)):
+        if len(taken) == n:
+            break
+        s, c, p = COMBOS[k]
+        mine = {(0, s, c), (1, s, p), (2, c, p)}
+        if not mine & pairs:
+            taken.append(COMBOS[k])
+            pairs |= mine
+    if len(taken) < n:
+        raise LdmkitError(f"cannot hold out {n} combinations without holding out one attribute pair twice")
+    return tuple(taken)
+
 
 SUPERSAMPLE = 4  # draw at 4x and box-average: coverage comes in steps of 1/16
 RADIUS = (0.18, 0.21)  # circle radius as a fraction of the side (uniform); 0.2 without jitter
@@ -248,7 +285,7 @@ class ShapesDataset(Dataset):
     num_classes = NUM_CLASSES
 
     def __init__(self, size: int = 32, length: int | None = None, seed: int = 0, split: str = "train",
-                 layout: str = "fixed", vocabulary: str = "basic"):
+                 layout: str = "fixed", vocabulary: str = "basic", holdout: int = 0, labels: str = "class"):
         if layout not in LAYOUTS:
             raise LdmkitError(f"unknown shapes layout {layout!r}: use one of {', '.join(LAYOUTS)}")
         if vocabulary not in VOCABULARIES:
@@ -256,9 +293,13 @@ class ShapesDataset(Dataset):
         if vocabulary != "basic" and layout != "fixed":
             raise LdmkitError("the extended shapes vocabulary needs the fixed layout: the free one turns squares, "
                               "and a square turned by 45 degrees is a diamond")
-        self.layout, self.vocabulary = layout, vocabulary
+        if labels not in LABEL_KINDS:
+            raise LdmkitError(f"unknown shapes labels {labels!r}: use one of {', '.join(LABEL_KINDS)}")
+        if (holdout or labels != "class") and vocabulary != "basic":
+            raise LdmkitError("data.holdout and data.labels: combo are for the basic shapes vocabulary")
+        self.layout, self.vocabulary, self.holdout, self.labels = layout, vocabulary, int(holdout), labels
         self._combos = combos(vocabulary)
-        self.num_classes = len(self._combos) // len(POSITIONS)
+        self.num_classes = len(self._combos) // len(POSITIONS) if labels == "class" else len(COMBOS)
         self.name = "shapes" if layout == "fixed" else "shapes-free"
         if split not in ("train", "val"):
             raise LdmkitError(f"unknown split {split!r}: use 'train' or 'val'")
@@ -266,6 +307,9 @@ class ShapesDataset(Dataset):
             raise LdmkitError(f"shapes images must be at least 16 pixels wide, got {size}; use --size 16 or more")
         self.size, self.seed, self.split = size, int(seed), split
         self._split_id = 0 if split == "train" else 1
+        # the combinations items are drawn from: all, or (training split) all but the held-out ones
+        held = set(heldout_combos(self.holdout)) if split == "train" else set()
+        self._drawn = tuple(c for c in self._combos if c not in held)
         per_combo = 100 if split == "train" else 10
         self.length = length if length is not None else per_combo * len(self._combos)
 
@@ -274,9 +318,9 @@ class ShapesDataset(Dataset):
 
     def combo(self, index: int) -> tuple[str, str, str]:
         """(shape, colour, position) of item `index`, without rendering it."""
-        n = len(self._combos)
+        n = len(self._drawn)
         block, k = divmod(index, n)
-        return self._combos[_block_order(self.seed, self._split_id, block, n)[k]]
+        return self._drawn[_block_order(self.seed, self._split_id, block, n)[k]]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
@@ -287,7 +331,7 @@ class ShapesDataset(Dataset):
         return {
             "image": _to_tensor(image),  # (3, H, W) in [-1, 1]
             "text": caption(shape, colour, position),
-            "label": label(shape, colour, self.vocabulary),
+            "label": label(shape, colour, self.vocabulary) if self.labels == "class" else COMBOS.index((shape, colour, position)),
             "mask": torch.from_numpy(mask).float()[None],  # (1, H, W) in {0, 1}
             "edge": torch.from_numpy(edge).float()[None],  # (1, H, W) in {0, 1}
         }
@@ -304,3 +348,18 @@ def with_vocabulary(dataset: Dataset, vocab: str) -> Dataset:
     ds = dataset
     length = None if ds.length == (100 if ds.split == "train" else 10) * len(COMBOS) else ds.length
     return ShapesDataset(size=ds.size, length=length, seed=ds.seed, split=ds.split, layout=ds.layout, vocabulary=vocab)
+
+
+def with_composition(dataset: Dataset, holdout: int, labels: str) -> Dataset:
+    """`dataset` with `data.holdout` combinations left out of its training split and `data.labels`
+    (class or combo), as `with_vocabulary`: itself when both are the defaults, else the same shapes
+    dataset rebuilt with them, or an error for any other dataset."""
+    if not holdout and labels == "class":
+        return dataset
+    if not isinstance(dataset, ShapesDataset):
+        raise LdmkitError(f"data.holdout and data.labels are for the shapes datasets, not "
+                          f"{getattr(dataset, 'name', type(dataset).__name__)}")
+    ds = dataset
+    length = None if ds.length == (100 if ds.split == "train" else 10) * len(ds._combos) else ds.length
+    return ShapesDataset(size=ds.size, length=length, seed=ds.seed, split=ds.split, layout=ds.layout,
+                         vocabulary=ds.vocabulary, holdout=holdout, labels=labels)

@@ -55,6 +55,11 @@ class DataConfig(BaseModel):
         "the images and the augmentation (None: encode in memory at every start)")
     vocabulary: Literal["basic", "extended"] = Field(
         "basic", description="shapes only: extended adds the colour white and the shape diamond (112 captions)")
+    holdout: int = Field(0, ge=0, le=12, description="shapes only: leave this many of the 72 (shape, colour, position) "
+                         "combinations out of training, no attribute pair twice (ldmkit.data.shapes.heldout_combos)")
+    labels: Literal["class", "combo"] = Field(
+        "class", description="shapes only: an item's label is its class shape·6 + colour (18) or its combination "
+        "shape·24 + colour·4 + position (72)")
 
 
 class OptimConfig(BaseModel):
@@ -504,6 +509,86 @@ def ldm_shapes_finetune() -> DiffusionTrainConfig:
     return cfg
 
 
+# --- the conditioning-routes study (`ldmkit study routes`, ldmkit.study.routes) --------------------
+# One U-Net for every class arm (widths 32, 64; transformers at both levels and the middle, as
+# shapes-text), one task: the class (shape x colour) of `shapes`, trained on the 60 combinations left by
+# data.holdout=12 so the same runs answer the composition question. Short: the study sets optim.steps
+# from its budget. Cross-attention at the 8x8 level too: at 300 steps with it only at 4x4 and the middle,
+# the caption route placed shapes in the named quadrant no better than chance (23 %); with it, 48 %.
+
+
+def _routes_unet(**kw) -> UNetConfig:
+    return _small_unet(model_channels=32, norm_groups=8, **({"attention_levels": (0, 1)} | kw))
+
+
+def ldm_routes_film() -> DiffusionTrainConfig:
+    """The class as FiLM: its embedding, added to the time embedding, drives every ResBlock's
+    GroupNorm scale and shift (`emb_mode: scale_shift`; AdaGN, Dhariwal & Nichol 2021, §3)."""
+    return DiffusionTrainConfig(
+        unet=_routes_unet(num_classes=18),
+        conditioner=ConditionerConfig(num_classes=18, drop_label=0.1),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        data=DataConfig(dataset="shapes", size=32, holdout=12),
+        optim=OptimConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995),
+        logging=LoggingConfig(val_every=100000, ckpt_every=100000),
+        sample=SampleConfig(guidance=2.0, steps=20),
+    )
+
+
+def ldm_routes_bias() -> DiffusionTrainConfig:
+    """The class as a bias: the same embedding added to the time embedding, which each ResBlock adds to
+    its features as a per-channel bias (`emb_mode: add`, as Stable Diffusion's class_embedding)."""
+    cfg = ldm_routes_film()
+    cfg.unet = cfg.unet.model_copy(update={"emb_mode": "add"})
+    return cfg
+
+
+def ldm_routes_onehot() -> DiffusionTrainConfig:
+    """The class as 18 constant one-hot maps concatenated to the U-Net's input (`concat.kind: onehot`);
+    zeros for dropped labels, the null condition of guidance."""
+    cfg = ldm_routes_film()
+    cfg.unet = cfg.unet.model_copy(update={"num_classes": 0})
+    cfg.conditioner = ConditionerConfig()
+    cfg.concat = ConcatConfig(kind="onehot", onehot_factors=(18,), drop=0.1)
+    return cfg
+
+
+def ldm_routes_caption() -> DiffusionTrainConfig:
+    """The condition as a caption ('a red circle in the top left') through cross-attention on MiniLM tokens."""
+    cfg = ldm_routes_film()
+    cfg.unet = cfg.unet.model_copy(update={"num_classes": 0, "context_dim": 384})
+    cfg.conditioner = ConditionerConfig(text_encoder="minilm", drop_text=0.1)
+    return cfg
+
+
+def ldm_routes_factors() -> DiffusionTrainConfig:
+    """A label that can compose: the combination's shape, colour and position as three one-hot groups
+    (3 + 6 + 4 maps) concatenated to the input (`data.labels: combo`, `concat.onehot_factors: [3, 6, 4]`)."""
+    cfg = ldm_routes_onehot()
+    cfg.data.labels = "combo"
+    cfg.concat = ConcatConfig(kind="onehot", onehot_factors=(3, 6, 4), drop=0.1)
+    return cfg
+
+
+def ldm_routes_free() -> DiffusionTrainConfig:
+    """Unconditional `shapes-free`: the base model the study's ControlNet and adapter learn on (self-attention
+    at the 4x4 level and the middle only: there is no condition to attend to)."""
+    cfg = ldm_routes_film()
+    cfg.unet = _routes_unet(attention_levels=(1,))
+    cfg.conditioner = ConditionerConfig()
+    cfg.data = DataConfig(dataset="shapes-free", size=32)
+    cfg.sample.guidance = 1.0
+    return cfg
+
+
+def ldm_routes_free_map() -> DiffusionTrainConfig:
+    """`shapes-free` with the shape's mask concatenated (pixel-unshuffled onto the 8x8 latent grid,
+    16 channels; `concat.kind: map`), trained from scratch: the concatenation spatial route."""
+    cfg = ldm_routes_free()
+    cfg.concat = ConcatConfig(kind="map", map_factor=4, drop=0.0)
+    return cfg
+
+
 DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "shapes-text": ldm_shapes_text,
     "shapes-free-text": ldm_shapes_free_text,
@@ -519,4 +604,11 @@ DIFFUSION_PRESETS: dict[str, Callable[[], DiffusionTrainConfig]] = {
     "tiny-inpaint": ldm_tiny_inpaint,
     "shapes-lora": ldm_shapes_lora,
     "shapes-finetune": ldm_shapes_finetune,
+    "routes-film": ldm_routes_film,
+    "routes-bias": ldm_routes_bias,
+    "routes-onehot": ldm_routes_onehot,
+    "routes-caption": ldm_routes_caption,
+    "routes-factors": ldm_routes_factors,
+    "routes-free": ldm_routes_free,
+    "routes-free-map": ldm_routes_free_map,
 }

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldmkit.data import DATASETS, build_dataset
-from ldmkit.data.shapes import with_vocabulary
+from ldmkit.data.shapes import with_composition, with_vocabulary
 from ldmkit.data.shards import ShardItems, ShardStream, is_shard_spec, list_shards
 from ldmkit.data.tensors import TensorData, materialize
 from ldmkit.data.transforms import item_seed
@@ -264,6 +264,7 @@ def _map_dataset(spec: str, d, split: str, random_crop: bool) -> Dataset:
     ds = build_dataset(spec, d.size, split, seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
                        allow_outside_links=d.allow_outside_links)
     ds = with_vocabulary(ds, getattr(d, "vocabulary", "basic"))  # shapes' extended words (fine-tuning a concept)
+    ds = with_composition(ds, getattr(d, "holdout", 0), getattr(d, "labels", "class"))  # shapes' composition test
     if random_crop and hasattr(ds, "random_crop") and split == "train":
         ds.random_crop = True
     return ds

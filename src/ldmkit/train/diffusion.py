@@ -111,6 +111,8 @@ def sample_prompts(cfg: DiffusionTrainConfig, data: TensorData, n: int) -> tuple
         texts = (texts * n)[:n]
     if cfg.conditioner.num_classes:
         labels = torch.arange(n) % cfg.conditioner.num_classes
+    elif cfg.concat is not None and cfg.concat.reads_labels:
+        labels = torch.arange(n) % cfg.concat.num_labels
     return texts, labels
 
 
@@ -185,7 +187,9 @@ class DiffusionTask(Task):
 
     def piece_loss_at(self, step: int):
         cfg, o, d = self.cfg, self.optim, self.cfg.data
-        use_text, use_labels = bool(cfg.conditioner.text_encoder), bool(cfg.conditioner.num_classes)
+        use_text = bool(cfg.conditioner.text_encoder)
+        # labels feed the label route, or the onehot concatenation route
+        use_labels = bool(cfg.conditioner.num_classes) or (cfg.concat is not None and cfg.concat.reads_labels)
         shift, scale = self.ldm.autoencoder.config.shift_factor, self.ldm.autoencoder.config.scaling_factor
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
@@ -234,7 +238,9 @@ class DiffusionTask(Task):
             extra = {}
             if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
                 extra["init_image"] = self.data.images[:n].to(self.device)  # (n, C, H, W)
-                if cfg.concat.kind == "inpaint":
+                if cfg.concat.kind == "map":  # the data's own maps
+                    extra["mask"] = self.data.extras["mask"][:n]
+                elif cfg.concat.kind == "inpaint":
                     extra["mask"] = self.data.extras["mask"][:n] if "mask" in self.data.extras else ldm.random_masks(
                         n, cfg.data.size, None, torch.Generator().manual_seed(0))
             imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
