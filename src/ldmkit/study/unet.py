@@ -144,9 +144,10 @@ def _overrides(study: Study, arm: str, seed: int) -> list[str]:
 def _measure(study: Study, arm: str, run, data) -> dict:
     """Held-out error per timestep, judged samples, parameters, step and sampling time, loss log."""
     import ldmkit
+    from ldmkit.data.shapes import COLOURS, SHAPES
     from ldmkit.evaluate.attributes import check_attributes
     from ldmkit.evaluate.diffusion import heldout_error
-    from ldmkit.data.shapes import COLOURS, SHAPES
+    from ldmkit.imageio import save_grid
     from ldmkit.train.log import TrainLog
 
     ldm = ldmkit.load(run)
@@ -180,8 +181,6 @@ def _measure(study: Study, arm: str, run, data) -> dict:
     res["losses"] = [r["loss"] for r in recs]
     res["loss_steps"] = [r["step"] for r in recs]
     res["spikes"] = spikes(res["losses"], skip=sum(1 for r in recs if r["step"] <= warm))
-    from ldmkit.imageio import save_grid
-
     if not (study.out / f"samples_{arm}.png").exists():
         save_grid(images[: len(labels)], study.out / f"samples_{arm}.png", nrow=len(labels), upscale=2)
     return res
@@ -377,8 +376,10 @@ def _located(m, arm: str, ref: str, ts, where: str) -> tuple[str, bool]:
     ex = excess([r["eps_t"] for r in m[arm]], [r["eps_t"] for r in m[ref]])
     low, high = _at(ex, ts, LOW_T), _at(ex, ts, HIGH_T)
     here, there = (low, high) if where == "low" else (high, low)
+    per_t = [sum(col) / len(col) for col in zip(*ex)]
+    peak = max(range(len(ts)), key=lambda i: per_t[i])
     text = (f"excess over {ref} at low noise {fmt_ci(low, 100, 1, ' %')}, at high noise {fmt_ci(high, 100, 1, ' %')} "
-            f"(p = {welch_p(low, high):.3f})")
+            f"(p = {welch_p(low, high):.3f}), largest at t = {ts[peak]} ({100 * per_t[peak]:+.1f} %)")
     return text, compare(here, there) == 1
 
 
