@@ -118,9 +118,10 @@ def _some_captions(data, k: int = 8) -> list[str]:
 
 
 @torch.no_grad()
-def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32) -> dict:
-    """Mean ‖ε̂ − ε‖² over held-out images × HELDOUT_T, with the true conditions and with every route
-    at its null value; the same noise (seeded per image and timestep) for both."""
+def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELDOUT_T) -> dict:
+    """Mean ‖ε̂ − ε‖² over held-out images × `timesteps`, with the true conditions and with every route
+    at its null value; the same noise (seeded per image and timestep) for both. `eps_mse_t` (and
+    `eps_mse_null_t`) break the mean down by timestep, in the order of `t`."""
     cc = ldm.config.conditioner
     conditional = bool(cc.text_encoder or cc.num_classes)
     d = ldm.config.diffusion
@@ -128,8 +129,8 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32) -> dict:
     if cc.num_classes and int(data.labels.max()) >= cc.num_classes:
         raise LdmkitError(f"the evaluation data has class labels up to {int(data.labels.max())}, but the model has "
                           f"{cc.num_classes} classes; pass the --data it learned")
-    ts = [t for t in HELDOUT_T if t < d.num_timesteps] or [d.num_timesteps // 2]
-    sums = {"conditional": 0.0, "null": 0.0}
+    ts = [t for t in timesteps if t < d.num_timesteps] or [d.num_timesteps // 2]
+    sums = {"conditional": [0.0] * len(ts), "null": [0.0] * len(ts)}
     n = len(data)
     for lo in range(0, n, batch_size):
         idx = torch.arange(lo, min(n, lo + batch_size))
@@ -146,18 +147,19 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32) -> dict:
             cond.concat = ldm.concat_condition(images, batch.get("mask"))
             null.concat = ldm.config.concat.null(cond.concat)
         g = torch.Generator().manual_seed(seed * 1_000_003 + lo)  # the same noise for any device
-        for t in ts:
+        for i, t in enumerate(ts):
             eps = torch.randn(z0.shape, generator=g).to(device)
             tt = torch.full((len(idx),), t, device=device, dtype=torch.long)
             z_t = q_sample(ldm.schedule, z0, tt, eps)
             a, s = ldm.schedule.alpha(tt).view(-1, 1, 1, 1), ldm.schedule.sigma(tt).view(-1, 1, 1, 1)
             for name, c in (("conditional", cond), ("null", null)) if conditional else (("conditional", cond),):
                 _, eps_hat = to_x0_eps(d.prediction_type, ldm.unet(z_t, tt, c).float(), z_t, a, s)
-                sums[name] += (eps_hat - eps).pow(2).mean((1, 2, 3)).sum().item()
-    k = n * len(ts)
-    res = {"n": n, "t": ts, "eps_mse": sums["conditional"] / k}
+                sums[name][i] += (eps_hat - eps).pow(2).mean((1, 2, 3)).sum().item()
+    res = {"n": n, "t": ts, "eps_mse": sum(sums["conditional"]) / (n * len(ts)),
+           "eps_mse_t": [v / n for v in sums["conditional"]]}
     if conditional:
-        res["eps_mse_null"] = sums["null"] / k
+        res["eps_mse_null"] = sum(sums["null"]) / (n * len(ts))
+        res["eps_mse_null_t"] = [v / n for v in sums["null"]]
         res["gain"] = res["eps_mse_null"] / max(res["eps_mse"], 1e-12)
     return res
 
