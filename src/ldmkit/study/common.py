@@ -105,6 +105,7 @@ class Study:
         self.claims: list[Claim] = []
         self.body: list[str] = []
         self.started = time.time()
+        self.run_seconds = 0.0  # training time of every run the study used, trained now or reused
 
     def log(self, message: str) -> None:
         """One progress line (the runs themselves train without bars: a study is many short runs)."""
@@ -139,7 +140,7 @@ class Study:
         if not _finished(out, cfg.optim.steps):
             self.log(f"train-autoencoder {name}")
             train_autoencoder(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, read_config(out)[3]
+        return out, self._used(out)
 
     def train_diffusion(self, name: str, preset: str, overrides: list[str], autoencoder: Path) -> tuple[Path, dict]:
         """Train (or reuse a finished) second stage on `autoencoder`; returns (folder, meta)."""
@@ -153,7 +154,7 @@ class Study:
         if not _finished(out, cfg.optim.steps):
             self.log(f"train {name}")
             train_diffusion(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, read_config(out)[3]
+        return out, self._used(out)
 
     def train_control(self, name: str, preset: str, overrides: list[str], base: Path) -> tuple[Path, dict]:
         """Train (or reuse a finished) ControlNet/adapter on `base`; returns (folder, meta)."""
@@ -167,7 +168,12 @@ class Study:
         if not _finished(out, cfg.optim.steps):
             self.log(f"train-control {name}")
             train_control(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, read_config(out)[3]
+        return out, self._used(out)
+
+    def _used(self, out: Path) -> dict:
+        meta = read_config(out)[3]
+        self.run_seconds += float(meta.get("train_seconds") or 0.0)
+        return meta
 
     def cached(self, name: str, compute) -> Any:
         """`compute()`'s JSON result, kept in OUT/results/NAME.json so a rerun does not measure twice."""
@@ -207,8 +213,10 @@ class Study:
     def write(self) -> Path:
         minutes = (time.time() - self.started) / 60
         lines = [f"# {self.title}", "",
-                 f"`ldmkit study {self.name}`, budget {self.budget:g}, {self.seeds} seeds per arm; "
-                 f"{minutes:.1f} min on this machine (finished runs reused count nothing). Intervals are 95 % "
+                 f"`ldmkit study {self.name}`, budget {self.budget:g}, {self.seeds} seeds per arm; this invocation "
+                 f"took {minutes:.1f} min on this machine, and the training of the runs it used "
+                 f"{self.run_seconds / 60:.1f} min (runs reused from an earlier invocation count there too). "
+                 "Intervals are 95 % "
                  "Student-t intervals of the mean over seeds; 'resolved' means Welch's t-test at p < 0.05.", "",
                  "## Verdicts", "", "| claim | measurement | verdict |", "| --- | --- | --- |"]
         lines += [f"| {c.claim} | {c.measurement} | **{c.verdict}**{' — ' + c.why if c.why else ''} |"
@@ -218,5 +226,6 @@ class Study:
         report.write_text("\n".join(lines))
         (self.out / "verdicts.json").write_text(json.dumps(
             {"study": self.name, "budget": self.budget, "seeds": self.seeds, "minutes": minutes,
+             "run_training_minutes": self.run_seconds / 60,
              "claims": [asdict(c) for c in self.claims]}, indent=1))
         return report
