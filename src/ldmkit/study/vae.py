@@ -19,6 +19,7 @@ not of their scale.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -269,7 +270,11 @@ def _report(study: Study, grid, res) -> None:
     faces_f = sorted(f for d, f in grid if d == "faces")
     n_ae, n_ldm = study.n(AE_STEPS, floor=4), {d: study.n(s, floor=4) for d, s in LDM_STEPS.items()}
 
+    load = os.getloadavg()[1] if hasattr(os, "getloadavg") else math.nan
     study.add("## What was run\n\n"
+              f"On {torch.get_num_threads()} CPU thread(s); the machine's load average over the last 5 minutes was "
+              f"{load:.1f} when the report was written (above the thread count, other work shared the CPU and every "
+              "time here is longer than on an idle machine).\n\n"
               f"Each arm is the same first-stage network (widths 16/32/32, one ResBlock per level, 4 latent channels, "
               f"L2 reconstruction) trained {n_ae} steps at batch 4 on 32-px images, {study.seeds} seeds; on each, the "
               f"same second stage for {n_ldm['shapes']} steps at batch 16 (`shapes`: the `shapes-class` U-Net at widths 16/32, "
