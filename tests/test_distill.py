@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import ldmkit
+from ldmkit.errors import LdmkitError
 from ldmkit.cli import main
 from ldmkit.diffusion import Denoiser, consistency_scalings, make_schedule, make_timesteps, sample_lcm
 from ldmkit.train.distill import skipping_grid
@@ -119,13 +120,14 @@ def teacher(tmp_path_factory):
 
 
 def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(teacher, tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "student"
     args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet"]
     assert main([*args, "--out", str(out)]) == 0
     ckpt = out / "checkpoints" / "step_00000006"
     doc = json.loads((ckpt / "config.json").read_text())
     assert doc["kind"] == "latent_diffusion"
-    assert doc["meta"]["sampling"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0}
+    assert doc["meta"]["sampling"] == {"sampler": "lcm", "steps": 4, "guidance": 1.0, "grid_steps": 40}
     assert doc["meta"]["distillation"]["method"] == "lcm" and doc["meta"]["dataset"] == "shapes"
     # the student moved away from the teacher; the first stage is the teacher's
     student, ours = load_file(ckpt / "model.safetensors"), ldmkit.load(teacher / "ldm").state_dict()
@@ -162,11 +164,24 @@ def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(t
     imgs = ldm.sample(texts=["a red circle in the top left"], steps=4, sampler="lcm", seed=0)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
 
-    # convert reads it: to diffusers and back, the same weights
+    # convert reads it: to diffusers and back, the same weights and the same sampling defaults; diffusers
+    # gets its LCMScheduler on the student's grid, which picks ldmkit's lcm timesteps
     assert main(["convert", "--from", str(out), "--to", str(tmp_path / "dif"), "--format", "diffusers"]) == 0
     assert main(["convert", "--from", str(tmp_path / "dif"), "--to", str(tmp_path / "back"), "--format", "ldmkit"]) == 0
     back = ldmkit.load(tmp_path / "back").state_dict()
     assert all(torch.equal(v, back[k]) for k, v in ldm.state_dict().items() if k.startswith("unet."))
+    index = json.loads((tmp_path / "dif" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "LCMScheduler"]
+    sched = diffusers.LCMScheduler.from_pretrained(tmp_path / "dif" / "scheduler")
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == make_timesteps(ldm.schedule, 4, "trailing").tolist()
+    for ckpt_dir in (tmp_path / "dif", tmp_path / "back"):
+        a = build_parser().parse_args(["sample", "--checkpoint", str(ckpt_dir), "--out", "x"])
+        _fill_sampling_defaults(a, a.checkpoint)
+        assert (a.sampler, a.steps, a.guidance) == ("lcm", 4, 1.0), ckpt_dir
+    capsys.readouterr()
+    assert main(["convert", "--from", str(out), "--to", str(tmp_path / "one.safetensors"), "--format", "original"]) == 0
+    assert "sample it with --sampler lcm --steps 4 --guidance 1.0" in capsys.readouterr().out
 
     # resume from step 3 (as if the run had died after it) reproduces step 6 bit for bit
     res = tmp_path / "resumed"
@@ -187,3 +202,87 @@ def test_distill_refuses_a_teacher_that_is_not_a_diffusion_model(teacher, tmp_pa
     rc = main(["distill", "--config", "tiny", "--teacher", str(tmp_path / "nowhere"), "--quiet", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert rc != 0 and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_lcm_lora_trains_only_adapters_and_the_file_on_the_teacher_is_the_run(teacher, tmp_path):
+    """LCM-LoRA (train: lora): the base weights stay the teacher's, the run's merged checkpoint equals the
+    teacher with OUT/lora.safetensors applied (so `sample --lora` on the teacher is the distilled model),
+    and a resumed run ends bit for bit where the uninterrupted one does."""
+    from ldmkit.interop import lora as lora_io
+
+    out = tmp_path / "lcm-lora"
+    args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet", "--set", "train=lora",
+            "--set", "lora.rank=2", "--set", "optim.ema_decay=null"]
+    assert main([*args, "--out", str(out)]) == 0
+    doc = json.loads((out / "checkpoints" / "step_00000006" / "config.json").read_text())
+    assert doc["meta"]["distillation"]["method"] == "lcm-lora" and doc["meta"]["lora"]["rank"] == 2
+    base = ldmkit.load(teacher / "ldm")
+    n_adapted = doc["meta"]["lora"]["trained_parameters"]
+    assert 0 < n_adapted < sum(p.numel() for p in base.unet.parameters()) / 5
+
+    merged = ldmkit.load(out)
+    applied = lora_io.apply_loras(ldmkit.load(teacher / "ldm"), [(str(out / "lora.safetensors"), 1.0)])
+    changed = 0
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, applied.state_dict()[k], atol=1e-6, rtol=0)
+        changed += not torch.equal(v, base.state_dict()[k])
+    assert changed > 0  # the adapters moved the model
+    # only adapted layers changed: every untouched weight is the teacher's, bit for bit
+    adapted = {p.removeprefix("unet.") for p in lora_io.load_lora(out / "lora.safetensors")}
+    for k, v in merged.unet.state_dict().items():
+        if k.rsplit(".", 1)[0] not in adapted:
+            assert torch.equal(v, base.unet.state_dict()[k]), k
+
+    res = tmp_path / "resumed"
+    shutil.copytree(out, res)
+    shutil.rmtree(res / "checkpoints" / "step_00000006")
+    (res / "latest").write_text("step_00000003\n")
+    assert main([*args, "--out", str(res), "--resume"]) == 0
+    a, b = load_file(out / "lora.safetensors"), load_file(res / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_learned_guidance_scale_gives_one_student_every_scale(teacher, tmp_path, capsys):
+    """guidance_range: the student gets a w-embedding (zero-initialised, so at step 0 it is the teacher at every
+    scale), samples differently at different scales with one network call per step, converts to diffusers with
+    the embedding (time_cond_proj_dim) and its default scale, and resumes bit for bit."""
+    out = tmp_path / "w"
+    args = ["distill", "--config", "tiny", "--teacher", str(teacher / "ldm"), "--quiet",
+            "--set", "guidance_range=[1.5, 4.0]", "--set", "guidance=2.5", "--set", "w_embedding_dim=16"]
+    assert main([*args, "--out", str(out)]) == 0
+    doc = json.loads((out / "checkpoints" / "step_00000006" / "config.json").read_text())
+    assert doc["config"]["unet"]["time_cond_proj_dim"] == 16
+    assert doc["meta"]["sampling"]["guidance"] == 2.5 and doc["meta"]["distillation"]["guidance_range"] == [1.5, 4.0]
+    ldm = ldmkit.load(out)
+    assert ldm.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the embedding learned something
+    calls = []
+    hook = ldm.unet.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    a = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=1.5, seed=0)
+    b = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    hook.remove()
+    assert calls == [1, 1, 1, 1]  # one unguided batch per step: the scale is an input, not a second branch
+    assert (a - b).abs().max() > 0  # six tiny steps move the zero-initialised embedding only a little
+    with pytest.raises(LdmkitError, match="negative prompt"):
+        ldm.sample(texts=["a red circle in the top left"], negative_prompt="blue", steps=2, sampler="lcm")
+    capsys.readouterr()
+
+    assert main(["convert", "--from", str(out), "--to", str(tmp_path / "dif"), "--format", "diffusers"]) == 0
+    unet_cfg = json.loads((tmp_path / "dif" / "unet" / "config.json").read_text())
+    assert unet_cfg["time_cond_proj_dim"] == 16
+    from ldmkit.interop.convert import load_any
+
+    again = load_any(tmp_path / "dif")
+    assert again.unet.config.time_cond_proj_dim == 16
+    c = again.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    assert (c - b).abs().max() < 1e-4
+
+    res = tmp_path / "resumed"
+    shutil.copytree(out, res)
+    shutil.rmtree(res / "checkpoints" / "step_00000006")
+    (res / "latest").write_text("step_00000003\n")
+    assert main([*args, "--out", str(res), "--resume"]) == 0
+    x, y = load_file(out / "checkpoints" / "step_00000006" / "ema.safetensors"), \
+        load_file(res / "checkpoints" / "step_00000006" / "ema.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    rc = main([*args[:-2], "--set", "guidance_range=[3, 2]", "--out", str(tmp_path / "bad")])
+    assert rc != 0 and "guidance_range must be [lo, hi]" in capsys.readouterr().err

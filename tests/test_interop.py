@@ -476,3 +476,37 @@ def test_penultimate_layer_text_encoder_is_written_as_diffusers_runs_it(sd_folde
     assert pipe.text_encoder.config.num_hidden_layers == enc.model.config.num_hidden_layers - 1
     with torch.no_grad():
         assert max_diff(enc(["a cat"])[0], pipe.encode_prompt("a cat", "cpu", 1, False)[0]) == 0
+
+
+def test_w_embedded_unet_matches_diffusers_time_cond_proj():
+    """A guidance-distilled student's w-embedding (LCM): diffusers' UNet2DConditionModel with time_cond_proj_dim,
+    fed the LCM pipeline's own guidance-scale embedding of (g − 1), equals ldmkit's U-Net given the scale g; the
+    config and weights round-trip, and no scale means no w term on both sides."""
+    from ldmkit.conditioning import Cond
+
+    torch.manual_seed(4)
+    d = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8, time_cond_proj_dim=16,
+    )  # fmt: skip
+    perturb(d.eval(), seed=5)
+    ours = from_diffusers(d)
+    assert ours.config.time_cond_proj_dim == 16
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 32)
+    g = torch.tensor([1.0, 4.5])
+    emb = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, g - 1, embedding_dim=16)
+    with torch.no_grad():
+        ref = d(x, t, encoder_hidden_states=ctx, timestep_cond=emb).sample
+        out = ours(x, t, Cond(context=ctx, guidance=g))
+        assert max_diff(out, ref) < 1e-4
+        assert max_diff(ours(x, t, Cond(context=ctx)), d(x, t, encoder_hidden_states=ctx).sample) < 1e-4
+        assert max_diff(out, ours(x, t, Cond(context=ctx, guidance=g + 1))) > 1e-3  # the scale is used
+    back = to_diffusers(ours)
+    assert back.config.time_cond_proj_dim == 16 and same_state(back.state_dict(), d.state_dict())
+    with pytest.raises(LdmkitError, match="no w-embedding"):
+        from_diffusers(diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+        ))(x, t, Cond(context=ctx, guidance=g))  # fmt: skip

@@ -184,9 +184,9 @@ SAMPLING_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 25}
 def _fill_sampling_defaults(args: argparse.Namespace, checkpoint: str, guidance: float = 1.0) -> None:
     """--sampler, --steps and --guidance the user left out: the checkpoint's own (meta.sampling, e.g. a
     distilled model's lcm, 4 steps, guidance 1), else the command's defaults."""
-    from ldmkit.checkpoint import sampling_defaults
+    from ldmkit.interop.convert import sampling_defaults_any
 
-    own = sampling_defaults(checkpoint)
+    own = sampling_defaults_any(checkpoint)
     for key, default in {**SAMPLING_DEFAULTS, "guidance": guidance}.items():
         if getattr(args, key) is None:
             setattr(args, key, type(default)(own.get(key, default)))
@@ -203,8 +203,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg.data.dataset = args.data
     check_writable_dir(args.out)
     folder = distill(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if cfg.guidance_range is not None:
+        lo, hi = cfg.guidance_range
+        scale = f"guidance {cfg.guidance:g} by default, any --guidance in [{lo:g}, {hi:g}] at no extra cost"
+    else:
+        scale = f"guidance {cfg.guidance:g} folded in, so sample at guidance 1 (the default)"
     print(f"distilled model saved to {folder}; sample with: ldmkit sample --checkpoint {args.out} --out SAMPLES "
-          f"(lcm, {cfg.sample_steps} steps, guidance 1 by default)")
+          f"(lcm, {cfg.sample_steps} steps; {scale})")
+    if cfg.train == "lora":
+        print(f"LCM-LoRA adapter: {Path(args.out) / 'lora.safetensors'}; on the teacher: ldmkit sample --checkpoint "
+              f"{cfg.teacher} --lora {Path(args.out) / 'lora.safetensors'} --sampler lcm --steps {cfg.sample_steps} "
+              "--guidance 1")
     return 0
 
 

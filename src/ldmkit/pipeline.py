@@ -266,7 +266,9 @@ class LatentDiffusion(nn.Module):
         z = torch.randn((n, *self.latent_shape), generator=g).to(device)
         cond, uncond = self._sample_conds(texts, labels, n, guidance, image, m, device, negative_prompt)
         model = self._control(cond, uncond, control, control_image, control_scale, z)
-        fn = batched_classifier_free_guidance(model, cond, uncond, guidance, rescale=guidance_rescale, cat=cat_conds)
+        # a w-embedded student takes the scale as an input (cond.guidance) and needs no unconditional branch
+        scale = 1.0 if self.unet.config.time_cond_proj_dim else guidance
+        fn = batched_classifier_free_guidance(model, cond, uncond, scale, rescale=guidance_rescale, cat=cat_conds)
         denoiser = Denoiser(fn, self.schedule, self.config.diffusion.prediction_type)
         known = keep = None
         if self.config.concat is not None and self.config.concat.takes_mask and keep_known:
@@ -349,6 +351,12 @@ class LatentDiffusion(nn.Module):
         size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
         cond = self.conditioner(texts=texts, labels=labels, batch_size=n, size_crop=size_crop).to(device)
         uncond = None
+        if self.unet.config.time_cond_proj_dim:  # guidance enters through the student's w-embedding (LCM)
+            if negative_prompt is not None:
+                raise LdmkitError("this model takes its guidance scale as an input (a w-embedded student) and has no "
+                                  "unconditional branch for a negative prompt; leave the negative prompt out")
+            cond.guidance = torch.full((n,), float(guidance), device=device)
+            guidance = 1.0
         if negative_prompt is not None:
             if not self.config.conditioner.text_encoder:
                 raise LdmkitError("a negative prompt needs a text-conditioned model; this one has no text route")

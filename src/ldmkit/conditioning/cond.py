@@ -10,6 +10,7 @@ as one object, never as keyword lists that each consumer unpacks by hand).
 | control        | ControlNet hint image(s), read by the ControlNet (`controlled_unet`), never by the U-Net |
 | down_residuals / mid_residual | ControlNet output       | skip connections / middle    |
 | adapter_residuals | T2I-Adapter output                  | end of each encoder level    |
+| guidance       | guidance scale of a w-embedded student (LCM)| time embedding (w-embedding)|
 
 The U-Net and the ControlNet take a Cond (`unet(x, t, cond)`); keyword routes
 (`unet(x, t, context=..., class_labels=...)`) are folded into one by `Cond.of`, so every consumer
@@ -38,6 +39,7 @@ class Cond:
     down_residuals: list[torch.Tensor] | None = None
     mid_residual: torch.Tensor | None = None
     adapter_residuals: list[torch.Tensor] | None = None  # one per U-Net level
+    guidance: torch.Tensor | None = None  # (B,) float: the guidance scale a w-embedded student takes as input
 
     @classmethod
     def of(cls, cond: Cond | None = None, **routes) -> Cond:

@@ -80,7 +80,7 @@ def batched_classifier_free_guidance(
     model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
     cond: Any,
     uncond: Any,
-    scale: float,
+    scale: float | torch.Tensor,
     *,
     rescale: float = 0.0,
     cat: Callable[[Any, Any], Any] | None = None,
@@ -88,8 +88,9 @@ def batched_classifier_free_guidance(
     """Guidance from one model_fn(z_t, t, cond): runs a single doubled batch [uncond; cond] when
     the two conditions can be stacked (tensors of equal shape, or dicts/dataclasses of them; `cat`,
     when given, stacks them instead, e.g. `cat_conds`, which pads token sequences), two calls
-    otherwise. scale == 1 calls the conditional branch only."""
-    if scale == 1.0:
+    otherwise. scale == 1 calls the conditional branch only. `scale` may be a tensor that broadcasts
+    against the output, e.g. (B, 1, 1, 1): one scale per sample (a w-embedded student's teacher)."""
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return lambda z_t, t: model_fn(z_t, t, cond)
     try:
         both = (cat or _cat)(uncond, cond)

@@ -22,12 +22,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ldmkit.checkpoint import is_checkpoint, kind_of, load
+from ldmkit.checkpoint import is_checkpoint, kind_of, load, sampling_defaults
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import diffusers as dif
 from ldmkit.interop import original as orig
@@ -93,9 +93,28 @@ def load_any(path: str | Path, config=None, ema: bool = True, device: str | torc
     return orig.load_original(path, config=config, ema=ema, device=device)
 
 
-def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "") -> Path:
+def sampling_defaults_any(path: str | Path) -> dict[str, Any]:
+    """How the model at `path` asks to be sampled when the user does not say: an ldmkit checkpoint's
+    meta.sampling, a diffusers pipeline's (`ldmkit.interop.diffusers.pipeline_sampling_defaults`), else {}
+    (also for a path that is not a model: the command's own check says so)."""
+    try:
+        fmt = detect_format(path)
+    except LdmkitError:
+        return {}
+    if fmt == "ldmkit":
+        return sampling_defaults(path)
+    if fmt == "diffusers_pipeline":
+        try:
+            return dif.pipeline_sampling_defaults(path)
+        except LdmkitError:
+            return {}
+    return {}
+
+
+def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "", sampling: dict[str, Any] | None = None) -> Path:
     """Write `module` as an ldmkit checkpoint folder (config.json + model.safetensors), atomically.
-    A CLIP text encoder is saved inside it (text_encoder/, tokenizer/) and the config points there."""
+    A CLIP text encoder is saved inside it (text_encoder/, tokenizer/) and the config points there.
+    `sampling`: the model's sampling defaults, kept as meta.sampling."""
     from safetensors.torch import save_file
 
     from ldmkit.conditioning.text import CLIPTextEncoder
@@ -114,7 +133,8 @@ def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "") -> Path
             cfg = cfg.model_copy(update={"conditioner": cond})
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"))
-        doc = {"kind": kind, "config": cfg.model_dump(mode="json"), "meta": {"converted_from": source}, "step": 0}
+        meta: dict[str, Any] = {"converted_from": source, **({"sampling": dict(sampling)} if sampling else {})}
+        doc = {"kind": kind, "config": cfg.model_dump(mode="json"), "meta": meta, "step": 0}
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, folder)
     except BaseException:
@@ -135,14 +155,15 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}{text}, {n / 1e6:.1f}M parameters"
 
 
-def _write(module: nn.Module, dst: Path, fmt: str, source: str, dtype: torch.dtype | None) -> None:
+def _write(module: nn.Module, dst: Path, fmt: str, source: str, dtype: torch.dtype | None,
+           sampling: dict[str, Any]) -> None:
     from ldmkit.pipeline import LatentDiffusion
 
     if fmt == "ldmkit":
-        save_ldmkit(module, dst, source=source)
+        save_ldmkit(module, dst, source=source, sampling=sampling)
     elif fmt == "diffusers":
         if isinstance(module, LatentDiffusion):
-            dif.save_diffusers_pipeline(module, dst)
+            dif.save_diffusers_pipeline(module, dst, sampling=sampling)
         else:
             dif.save_diffusers_model(module, dst)
     else:
@@ -196,6 +217,8 @@ def convert(
     if dtype is not None and fmt != "original":
         raise LdmkitError("dtype applies to the original format only")
     module = load_any(src, config=config)  # fully loaded and checked before anything is written
+    # a distilled model's sampler, steps and guidance travel with it (a single file has no place for them)
+    sampling = sampling_defaults_any(src) if kind_of(module) == "latent_diffusion" else {}
     if loras:
         from ldmkit.interop.lora import apply_loras
 
@@ -205,10 +228,14 @@ def convert(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.stem}.partial-{os.getpid()}{dst.suffix}")
     try:
-        _write(module, tmp, fmt, str(src), dtype)
+        _write(module, tmp, fmt, str(src), dtype, sampling)
         _swap_in(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     merged = f" with {len(loras)} LoRA(s) merged" if loras else ""
-    return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}){merged} to {dst} ({fmt})"
+    note = ""
+    if sampling and fmt == "original":
+        note = (f"; a single file cannot record the model's sampling defaults: sample it with --sampler "
+                f"{sampling.get('sampler')} --steps {sampling.get('steps')} --guidance {sampling.get('guidance')}")
+    return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}){merged} to {dst} ({fmt}){note}"

@@ -514,10 +514,28 @@ def _readme_minilm() -> str:
     )
 
 
-def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path) -> Path:
+LCM_SAMPLING = {"sampler": "lcm", "steps": 4, "guidance": 1.0}  # a latent consistency model's usual call
+
+
+def pipeline_sampling_defaults(folder: str | Path) -> dict[str, Any]:
+    """How a pipeline folder asks to be sampled: what ldmkit stored (`_ldmkit.sampling`), else, for a
+    pipeline whose scheduler is diffusers' LCMScheduler (a latent consistency model, e.g. an LCM-distilled
+    SD), lcm at 4 steps without guidance; else {}."""
+    index = _read_json(Path(folder) / MODEL_INDEX)
+    ours = (index.get(LDMKIT_KEY) or {}).get("sampling")
+    if ours:
+        return dict(ours)
+    return dict(LCM_SAMPLING) if (index.get("scheduler") or [None, None])[1] == "LCMScheduler" else {}
+
+
+def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: Mapping[str, Any] | None = None) -> Path:
     """Write a `LatentDiffusion` as a diffusers `StableDiffusionPipeline` folder (vae/, unet/,
     scheduler/, and text_encoder/ + tokenizer/ when it uses CLIP; see the module docstring for
-    MiniLM). The folder is written under a temporary name and renamed into place."""
+    MiniLM). The folder is written under a temporary name and renamed into place.
+
+    `sampling`: how the model asks to be sampled (an ldmkit checkpoint's meta.sampling). A consistency
+    student (sampler lcm) gets diffusers' LCMScheduler, with the distillation grid as its
+    original_inference_steps, so diffusers samples it as ldmkit does; ldmkit keeps the whole entry."""
     dm = _diffusers()
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -528,7 +546,12 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path) -> Path:
         raise LdmkitError(f"image_size {cfg.image_size} is not a multiple of the autoencoder's factor {f}")
     vae = vae_to_diffusers(ldm.autoencoder, sample_size=cfg.image_size)
     unet = unet_to_diffusers(ldm.unet, sample_size=cfg.image_size // f)
-    scheduler = dm.DDIMScheduler(**diffusion_config_to_scheduler(cfg.diffusion))
+    sampling = dict(sampling or {})
+    if sampling.get("sampler") == "lcm":
+        scheduler = dm.LCMScheduler(**diffusion_config_to_scheduler(cfg.diffusion),
+                                    original_inference_steps=int(sampling.get("grid_steps", 50)))
+    else:
+        scheduler = dm.DDIMScheduler(**diffusion_config_to_scheduler(cfg.diffusion))
     text = _text_encoder_parts(ldm)
     ours: dict[str, Any] = {
         "diffusion": cfg.diffusion.model_dump(mode="json"),
@@ -538,6 +561,8 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path) -> Path:
         "unet": cfg.unet.model_dump(mode="json"),
         "autoencoder": cfg.autoencoder.model_dump(mode="json"),
     }
+    if sampling:
+        ours["sampling"] = sampling
     if text is None and cfg.conditioner.text_encoder is not None:
         if cfg.conditioner.text_encoder != "minilm":
             raise LdmkitError(
@@ -552,7 +577,7 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path) -> Path:
         "image_encoder": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
         "text_encoder": ["transformers", "CLIPTextModel"] if text else [None, None],
         "tokenizer": ["transformers", "CLIPTokenizer"] if text else [None, None],
         "unet": ["diffusers", "UNet2DConditionModel"],

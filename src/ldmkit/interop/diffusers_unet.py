@@ -46,7 +46,6 @@ _FIXED = {
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -141,6 +140,7 @@ def config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: int | None =
             freq_shift=freq_shift,
             emb_mode="scale_shift" if get("resnet_time_scale_shift", "default") == "scale_shift" else "add",
             num_classes=0 if num_class_embeds is None else num_class_embeds - 1,
+            time_cond_proj_dim=get("time_cond_proj_dim"),
             zero_init=False,
             **head_options,
         )
@@ -187,6 +187,7 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         use_linear_projection=cfg.use_linear_projection,
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
         resnet_time_scale_shift="scale_shift" if cfg.emb_mode == "scale_shift" else "default",
+        time_cond_proj_dim=cfg.time_cond_proj_dim,
     )
 
 

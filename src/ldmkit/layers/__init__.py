@@ -1,7 +1,7 @@
 """Building blocks shared by the autoencoder, the U-Net and ControlNet."""
 
 from ldmkit.layers.attention import Attention, SpatialSelfAttention
-from ldmkit.layers.embeddings import TimestepEmbedding, timestep_embedding
+from ldmkit.layers.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from ldmkit.layers.resnet import Downsample, ResBlock, Upsample, group_norm
 from ldmkit.layers.transformer import GEGLU, FeedForward, SpatialTransformer, TransformerBlock
 
@@ -9,6 +9,7 @@ __all__ = [
     "Attention",
     "SpatialSelfAttention",
     "TimestepEmbedding",
+    "guidance_embedding",
     "timestep_embedding",
     "Downsample",
     "ResBlock",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,10 +47,13 @@ from ldmkit.diffusion.parameterization import Denoiser, consistency_scalings, to
 from ldmkit.diffusion.schedules import expand_like, q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
+from ldmkit.interop import lora as lora_io
+from ldmkit.train.config import DataConfig, LoggingConfig, LoraConfig, OptimConfig, SampleConfig
 from ldmkit.train.data import MemoryData, open_train_data, posterior_of
+from ldmkit.train.finetune import LoraCheckpoints
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, fit
+from ldmkit.unet import UNet
 
 
 class DistillConfig(BaseModel):
@@ -68,10 +71,30 @@ class DistillConfig(BaseModel):
     timestep_scaling: float = Field(10.0, gt=0, description="c_skip/c_out are computed at t·timestep_scaling "
                                     "(the LCM code's 10; σ_data = 0.5)")
     sample_steps: int = Field(4, ge=1, description="the default steps recorded for `ldmkit sample` (meta.sampling)")
+    guidance_range: tuple[float, float] | None = Field(
+        None, description="learn the guidance scale instead of fixing it: each item's teacher scale g is drawn "
+        "uniformly from [lo, hi] and given to the student through a w-embedding (LCM eq. 10), so the student samples "
+        "at any g in the range with one network call per step (`--guidance`; `guidance` is then the default)")
+    w_embedding_dim: int = Field(256, ge=2, description="width of the w-embedding's sinusoids (LCM on SD: 256)")
+    train: Literal["unet", "lora"] = Field(
+        "unet", description="the student: the whole U-Net, or LoRA adapters on the teacher's (LCM-LoRA, Luo et al. "
+        "2023b: OUT/lora.safetensors turns the teacher, or a fine-tune of it, into a few-step model)")
+    lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=50, ema_decay=0.95, grad_clip=1.0)
     logging: LoggingConfig = LoggingConfig(val_every=500, ckpt_every=500)
     sample: SampleConfig = SampleConfig(steps=4, sampler="lcm", guidance=1.0, num=16)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "DistillConfig":
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            if not 1.0 <= lo <= hi:
+                raise ValueError(f"guidance_range must be [lo, hi] with 1 <= lo <= hi, got [{lo}, {hi}]")
+            if not lo <= self.guidance <= hi:
+                raise ValueError(f"guidance {self.guidance} (the student's default scale) must lie in guidance_range "
+                                 f"[{lo}, {hi}]")
+        return self
 
 
 def distill_shapes() -> DistillConfig:
@@ -92,6 +115,23 @@ def distill_shapes_free() -> DistillConfig:
     return cfg
 
 
+def distill_shapes_lcm_lora() -> DistillConfig:
+    """LCM-LoRA of the demo's model: rank-16 adapters on the attention projections and the ResBlock convolutions,
+    trained against the online student (no EMA target, as the LCM-LoRA code), lr 1e-3 as for the other LoRAs."""
+    cfg = distill_shapes()
+    cfg.train, cfg.lora = "lora", LoraConfig(rank=16, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    cfg.optim = cfg.optim.model_copy(update={"lr": 1e-3, "ema_decay": None})
+    return cfg
+
+
+def distill_shapes_w() -> DistillConfig:
+    """The demo's model with a learned guidance scale: the teacher guided at g ~ U[1.5, 4], the scale given to
+    the student through a w-embedding, so one student samples at any scale in the range (default 2.5)."""
+    cfg = distill_shapes()
+    cfg.guidance_range = (1.5, 4.0)
+    return cfg
+
+
 def distill_tiny() -> DistillConfig:
     """Seconds-long run for tests."""
     return DistillConfig(
@@ -105,6 +145,8 @@ def distill_tiny() -> DistillConfig:
 DISTILL_PRESETS: dict[str, Callable[[], DistillConfig]] = {
     "shapes": distill_shapes,
     "shapes-free": distill_shapes_free,
+    "shapes-lcm-lora": distill_shapes_lcm_lora,
+    "shapes-w": distill_shapes_w,
     "tiny": distill_tiny,
 }
 
@@ -151,9 +193,39 @@ def load_teacher(path: str):
     return ldm.eval().requires_grad_(False), folder, meta
 
 
-class DistillTask(Task):
-    """Latent consistency distillation for `fit`: the student U-Net trains; the teacher LatentDiffusion
-    stays frozen; the EMA of the student is the target network θ⁻."""
+class StudentCheckpoints(Task):
+    """A distillation checkpoint is a whole LatentDiffusion: the teacher's parts with the student's U-Net."""
+
+    def _with_unet(self, unet_sd: dict) -> dict:
+        sd = {k: v for k, v in self.ldm.state_dict().items() if not k.startswith("unet.")}
+        sd.update({f"unet.{k}": v for k, v in unet_sd.items()})
+        return sd
+
+    def weights(self) -> dict:
+        return self._with_unet(self.module.state_dict())
+
+    def ema_weights(self) -> dict:
+        return self._with_unet(self.ema.module.state_dict())
+
+    @staticmethod
+    def _load_unet(module: nn.Module, path: Path) -> None:
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise LdmkitError(f"cannot read weights {path} ({type(e).__name__}); resume from an earlier checkpoint") from e
+        module.load_state_dict({k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
+
+    def load_weights(self, folder: Path) -> None:
+        self._load_unet(self.module, folder / "model.safetensors")
+
+    def load_ema(self, ema_module: nn.Module, path: Path) -> None:
+        self._load_unet(ema_module, path)
+
+
+class DistillTask(LoraCheckpoints, StudentCheckpoints):
+    """Latent consistency distillation for `fit`: the student U-Net (or, `train: lora`, LoRA adapters on a
+    copy of the teacher's) trains; the teacher LatentDiffusion stays frozen; the EMA of the student is the
+    target network θ⁻ (no EMA: the online student, without gradient)."""
 
     name = "distill"
     kind = "latent_diffusion"
@@ -183,45 +255,49 @@ class DistillTask(Task):
                 warm_caption_cache(self.ldm.conditioner.text_encoder, self.data.texts)
             else:
                 self.ldm.conditioner.text_encoder.cache_limit = CAPTION_CACHE
-        self.module = self.student = copy.deepcopy(self.ldm.unet).train().requires_grad_(True)
-        self.model_config = self.ldm.config
+        if cfg.guidance_range is not None:
+            self.module = self.student = self._w_student(cfg)
+        else:
+            self.module = self.student = copy.deepcopy(self.ldm.unet).train().requires_grad_(True)
+        if self.lora:  # only the adapters train; the copied base stays the teacher's
+            lo = cfg.lora
+            self.student.requires_grad_(False)
+            lora_io.add_adapter(self.student, lo.rank, lo.alpha, lo.dropout, lo.targets)
+            self.student.to(device).train()
+        self.model_config = self.ldm.config.model_copy(update={"unet": self.student.config})
 
-    # --- checkpoints: a whole LatentDiffusion, the student's U-Net in it ---------------------------
-    def _with_unet(self, unet: nn.Module) -> dict:
-        sd = {k: v for k, v in self.ldm.state_dict().items() if not k.startswith("unet.")}
-        sd.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
-        return sd
+    @property
+    def lora(self) -> bool:
+        return self.cfg.train == "lora"
 
-    def weights(self) -> dict:
-        return self._with_unet(self.module)
-
-    def ema_weights(self) -> dict:
-        return self._with_unet(self.ema.module)
-
-    @staticmethod
-    def _load_unet(module: nn.Module, path: Path) -> None:
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise LdmkitError(f"cannot read weights {path} ({type(e).__name__}); resume from an earlier checkpoint") from e
-        module.load_state_dict({k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")})
-
-    def load_weights(self, folder: Path) -> None:
-        self._load_unet(self.module, folder / "model.safetensors")
-
-    def load_ema(self, ema_module: nn.Module, path: Path) -> None:
-        self._load_unet(ema_module, path)
+    def _w_student(self, cfg: DistillConfig) -> nn.Module:
+        """The teacher's U-Net plus a w-embedding (time_embedding.cond_proj). Its projection starts at zero, so the
+        student starts as the teacher at every scale and learns what the scale changes."""
+        if self.lora:
+            raise LdmkitError("train: lora keeps the teacher's network, which has no w-embedding; leave guidance_range "
+                              "unset (LCM-LoRA folds one scale in) or set train: unet")
+        if not self.ldm.unet.config.use_time_modulation:
+            raise LdmkitError("the teacher's U-Net has no time embedding (use_time_modulation=false) for a w-embedding")
+        unet = UNet(self.ldm.unet.config.model_copy(update={"time_cond_proj_dim": cfg.w_embedding_dim}))
+        missing, unexpected = unet.load_state_dict(self.ldm.unet.state_dict(), strict=False)
+        assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+        nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+        return unet.to(next(self.ldm.unet.parameters()).device).train().requires_grad_(True)
 
     def sampling_defaults(self) -> dict:
-        return {"sampler": "lcm", "steps": self.cfg.sample_steps, "guidance": 1.0}
+        # grid_steps: the timesteps the student learned (diffusers' LCMScheduler original_inference_steps);
+        # a w-embedded student samples at its default scale through the embedding, any other at 1 (folded in)
+        g = self.cfg.guidance if self.cfg.guidance_range is not None else 1.0
+        return {"sampler": "lcm", "steps": self.cfg.sample_steps, "guidance": g, "grid_steps": self.cfg.grid_steps}
 
     def checkpoint_meta(self, step: int, meta: dict | None) -> dict:
         """Every checkpoint records the teacher, the data and how to sample it (`ldmkit sample`'s defaults)."""
         c = self.cfg
         base = {"step": step, "dataset": c.data.dataset, "teacher": str(self.teacher_folder.resolve()),
                 "teacher_step": self.teacher_step, "sampling": self.sampling_defaults(),
-                "distillation": {"method": "lcm", "guidance": c.guidance, "grid_steps": c.grid_steps, "loss": c.loss,
-                                 "timestep_scaling": c.timestep_scaling}}
+                "distillation": {"method": "lcm-lora" if self.lora else "lcm", "guidance": c.guidance,
+                                 "guidance_range": list(c.guidance_range) if c.guidance_range else None,
+                                 "grid_steps": c.grid_steps, "loss": c.loss, "timestep_scaling": c.timestep_scaling}}
         return {**base, **(meta or {})}
 
     # --- the loss ----------------------------------------------------------------------------------
@@ -243,12 +319,19 @@ class DistillTask(Task):
             texts = batch["text"] if cc.text_encoder else None
             labels = batch["label"].clamp_min(0) if cc.num_classes else None
             cond = ldm.conditioner(texts=texts, labels=labels, batch_size=b).to(z0.device)  # no dropout
+            w = cfg.guidance
+            if cfg.guidance_range is not None:  # Algorithm 1, line 4: ω ~ U[ω_min, ω_max], one per item
+                lo_w, hi_w = cfg.guidance_range
+                g = lo_w + (hi_w - lo_w) * r.rand().to(z0.device)  # (b,)
+                w = expand_like(g, z0)  # (b, 1, 1, 1): the teacher's scale per item
             with torch.no_grad(), autocast(o.precision, self.device):
                 # line 6: one guided DDIM step of the teacher, t → s (Song et al. 2021, eq. 12 with η = 0)
                 uncond = ldm.conditioner.uncond(b).to(z0.device)
-                guided = batched_classifier_free_guidance(ldm.unet, cond, uncond, cfg.guidance, cat=cat_conds)
+                guided = batched_classifier_free_guidance(ldm.unet, cond, uncond, w, cat=cat_conds)
                 x0, eps = Denoiser(guided, schedule, pt)(z_t, t)  # (b, c, h, w) each
                 z_s = expand_like(schedule.alpha(s), z_t) * x0.float() + expand_like(schedule.sigma(s), z_t) * eps.float()
+                if cfg.guidance_range is not None:
+                    cond.guidance = g  # the student and its target see the scale the teacher used (eq. 10)
                 target = consistency_fn(target_net, z_s, s, cond, schedule, pt, cfg.timestep_scaling)  # f_θ⁻(ẑ_s, s)
             with autocast(o.precision, self.device):
                 pred = consistency_fn(self.trained, z_t, t, cond, schedule, pt, cfg.timestep_scaling)  # f_θ(z_t, t)
@@ -270,8 +353,9 @@ class DistillTask(Task):
             labels = torch.arange(n) % ldm.config.conditioner.num_classes
         live, ldm.unet = ldm.unet, self.ema.module if self.ema is not None else self.module
         try:
+            guidance = self.sampling_defaults()["guidance"] if self.cfg.guidance_range is not None else s.guidance
             imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
-                              guidance=s.guidance, seed=0)
+                              guidance=guidance, seed=0)
         finally:
             ldm.unet = live
         grid = self.out / "samples" / f"samples_{step:08d}.png"
@@ -282,8 +366,11 @@ class DistillTask(Task):
         from ldmkit.train.distributed import check_in_sync
 
         self.sample_grid(step)
-        return {"train_seconds": round(time.time() - t0, 1), "world_size": self.dist.world,
+        meta = {"train_seconds": round(time.time() - t0, 1), "world_size": self.dist.world,
                 "rank_weight_sums": check_in_sync(self.module, self.dist)}
+        if self.lora and self.main:
+            meta["lora"] = self.save_lora_file(self.cfg.lora, t0)
+        return meta
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, progress: bool = True,

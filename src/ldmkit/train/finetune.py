@@ -60,7 +60,54 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
     return ldm
 
 
-class FinetuneTask(DiffusionTask):
+class LoraCheckpoints:
+    """Checkpoints of a task whose trained U-Net (`self.module`) may carry LoRA adapters (`self.lora`): the
+    weights hold the plain model (the adapter folded in at scale 1), so `sample`, `convert` and `serve` read
+    the run as any other; the training state holds the adapter alone (live and EMA), which `--resume`
+    restores; `save_lora_file` writes it as OUT/lora.safetensors. Mixed in before the task class."""
+
+    lora: bool
+
+    def weights(self) -> dict:
+        if not self.lora:
+            return super().weights()
+        return self._with_unet(lora_io.plain_state_dict(self.module))
+
+    def ema_weights(self) -> dict:
+        if not self.lora:
+            return super().ema_weights()
+        return self._with_unet(lora_io.plain_state_dict(self.ema.module))
+
+    def extra_state(self) -> dict:
+        if not self.lora:
+            return super().extra_state()
+        state = {"lora": _plain(lora_io.adapter_of(self.module))}
+        if self.ema is not None:
+            state["lora_ema"] = _plain(lora_io.adapter_of(self.ema.module))
+        return state
+
+    def load_weights(self, folder: Path) -> None:
+        if not self.lora:
+            return super().load_weights(folder)
+        lora_io.load_adapter_(self.module, _adapters(load_training_state(folder)["lora"]))
+
+    def load_ema(self, ema_module, path: Path) -> None:
+        if not self.lora:
+            return super().load_ema(ema_module, path)
+        state = load_training_state(path.parent)
+        lora_io.load_adapter_(ema_module, _adapters(state.get("lora_ema", state["lora"])))
+
+    def save_lora_file(self, lora_cfg, t0: float) -> dict:
+        """Write the adapter (of the EMA where there is one) as OUT/lora.safetensors; its meta entry."""
+        net = self.ema.module if self.ema is not None else self.module
+        lora_io.save_lora(lora_io.adapter_of(net), self.out / LORA_FILE, lora_cfg.format)
+        return {"file": LORA_FILE, "format": lora_cfg.format, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha or lora_cfg.rank,
+                "targets": lora_cfg.targets,
+                "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
+                "seconds": round(time.time() - t0, 1)}
+
+
+class FinetuneTask(LoraCheckpoints, DiffusionTask):
     """`DiffusionTask` started from `finetune.init_from`, training the U-Net, U-Net + text encoder, or LoRA."""
 
     name = "finetune"
@@ -104,37 +151,6 @@ class FinetuneTask(DiffusionTask):
     def lora(self) -> bool:
         return self.cfg.finetune.train == "lora"
 
-    # --- what a checkpoint holds: the plain model (adapter folded in), the adapter in the training state
-
-    def weights(self) -> dict:
-        if not self.lora:
-            return super().weights()
-        return self._with_unet(lora_io.plain_state_dict(self.module))
-
-    def ema_weights(self) -> dict:
-        if not self.lora:
-            return super().ema_weights()
-        return self._with_unet(lora_io.plain_state_dict(self.ema.module))
-
-    def extra_state(self) -> dict:
-        if not self.lora:
-            return {}
-        state = {"lora": _plain(lora_io.adapter_of(self.module))}
-        if self.ema is not None:
-            state["lora_ema"] = _plain(lora_io.adapter_of(self.ema.module))
-        return state
-
-    def load_weights(self, folder: Path) -> None:
-        if not self.lora:
-            return super().load_weights(folder)
-        lora_io.load_adapter_(self.module, _adapters(load_training_state(folder)["lora"]))
-
-    def load_ema(self, ema_module, path: Path) -> None:
-        if not self.lora:
-            return super().load_ema(ema_module, path)
-        state = load_training_state(path.parent)
-        lora_io.load_adapter_(ema_module, _adapters(state.get("lora_ema", state["lora"])))
-
     def finish(self, step: int, t0: float) -> dict:
         meta = super().finish(step, t0)
         ft = self.cfg.finetune
@@ -142,12 +158,7 @@ class FinetuneTask(DiffusionTask):
         if self.decoder_seconds is not None:
             meta["decoder"] = {"steps": ft.decoder_steps, "seconds": round(self.decoder_seconds, 1)}
         if self.lora and self.main:
-            net = self.ema.module if self.ema is not None else self.module
-            lora_io.save_lora(lora_io.adapter_of(net), self.out / LORA_FILE, self.cfg.lora.format)
-            meta["lora"] = {"file": LORA_FILE, "format": self.cfg.lora.format, "rank": self.cfg.lora.rank,
-                            "alpha": self.cfg.lora.alpha or self.cfg.lora.rank, "targets": self.cfg.lora.targets,
-                            "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
-                            "seconds": round(time.time() - t0, 1)}
+            meta["lora"] = self.save_lora_file(self.cfg.lora, t0)
         return meta
 
 

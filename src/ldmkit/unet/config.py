@@ -48,6 +48,9 @@ class UNetConfig(BaseModel):
     vector_dim: int = Field(
         0, ge=0, description="a (B, vector_dim) condition (pooled text, scalars) through an MLP into the time embedding"
     )
+    time_cond_proj_dim: int | None = Field(
+        None, ge=2, description="a guidance-distilled student's w-embedding width: the guidance scale, embedded "
+        "(LCM's w-embedding), projected and added to the time features (diffusers' time_cond_proj_dim); None = none")
     # ---- ablation switches (all True = the standard LDM U-Net)
     use_skip_connections: bool = Field(True, description="off: the decoder gets no encoder features")
     use_attention: bool = Field(True, description="off: no transformer anywhere (so no cross-attention)")

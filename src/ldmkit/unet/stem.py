@@ -16,7 +16,7 @@ from torch import nn
 from ldmkit.conditioning.cond import Cond
 from ldmkit.errors import LdmkitError
 from ldmkit.layers.resnet import group_norm
-from ldmkit.layers import TimestepEmbedding, timestep_embedding
+from ldmkit.layers import TimestepEmbedding, guidance_embedding, timestep_embedding
 from ldmkit.unet.config import UNetConfig
 
 
@@ -29,7 +29,8 @@ class UNetStem(nn.Module):
         width = cfg.widths[0]
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, width, 3, padding=1)
         # Sinusoidal features of t (width of level 0, as diffusers' time_proj) → MLP → (B, time_embed_dim).
-        self.time_embedding = TimestepEmbedding(width, cfg.time_embed_dim) if cfg.use_time_modulation else None
+        self.time_embedding = (TimestepEmbedding(width, cfg.time_embed_dim, cfg.time_cond_proj_dim)
+                               if cfg.use_time_modulation else None)
         widths = {width, *cfg.widths}
         self.single_channel_groups = any(group_norm(w, cfg.norm_groups).num_groups == w for w in widths)
         # One extra row, index num_classes, is the "no label" class that classifier-free guidance
@@ -51,7 +52,11 @@ class UNetStem(nn.Module):
             raise LdmkitError(f"timestep t has shape {tuple(t.shape)}; expected a scalar or ({b},) for a batch of {b}")
         c = self.unet_config
         feats = timestep_embedding(t, c.widths[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
-        emb = self.time_embedding(feats.to(x.dtype))  # (B, 4·C0)
+        w = None
+        if c.time_cond_proj_dim and cond.guidance is not None:  # a student's w-embedding of its scale g: LCM eq. 10
+            # (no scale given: no w term, as diffusers' UNet2DConditionModel without timestep_cond)
+            w = guidance_embedding(cond.guidance.to(x.device).float() - 1.0, c.time_cond_proj_dim)  # (B, D_w)
+        emb = self.time_embedding(feats.to(x.dtype), w)  # (B, 4·C0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(cond.labels)  # (B, 4·C0)
         if self.vector_embedding is not None:
@@ -112,6 +117,11 @@ class UNetStem(nn.Module):
             raise LdmkitError(f"this U-Net takes a ({b}, {c.vector_dim}) vector condition; pass vector")
         if vector is not None and tuple(vector.shape) != (b, c.vector_dim):
             raise LdmkitError(f"vector must be ({b}, {c.vector_dim}), got {tuple(vector.shape)}")
+        # guidance-scale route (a w-embedded student)
+        if cond.guidance is not None and not c.time_cond_proj_dim:
+            raise LdmkitError("got a guidance scale as input, but this U-Net has no w-embedding (time_cond_proj_dim)")
+        if cond.guidance is not None and tuple(cond.guidance.shape) != (b,):
+            raise LdmkitError(f"guidance must be ({b},), got {tuple(cond.guidance.shape)}")
         # concatenation route
         concat = cond.concat
         if concat is not None and not c.concat_channels:
