@@ -341,8 +341,9 @@ def _report(study: Study, grid, res) -> None:
               "- **Roughness and blur.** A decoder that loses detail draws straight, featureless paths: a first stage "
               "whose latent carries little (a strong KL weight) scores a low roughness for that reason. Read roughness "
               "beside PSNR and sharpness.\n"
-              "- **Kurtosis** is that of all normalised latent values pooled: a plain AE's heavy tails (a few large "
-              "values carrying the shape) are what a noise schedule built for N(0, I) meets.\n"
+              "- **Kurtosis** is that of all normalised latent values pooled. On `shapes` most latent cells code the "
+              "black background and a few code the shape, so every arm's latents can be heavy-tailed; the probe asks "
+              "which is nearer a Gaussian, the distribution the noise schedule assumes.\n"
               "- **Time per step** of the second stage depends on the latent's size alone, not on how the first stage "
               "was trained; f = 8 has a quarter of f = 4's latent positions.")
     _claims(study, grid, res, shapes_f, faces_f)
