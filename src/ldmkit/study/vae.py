@@ -518,7 +518,8 @@ def _figures(study: Study, grid, res) -> None:
     panels = [d for d in ("shapes", "faces") if any(dd == d for dd, _ in grid)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, d in zip(axes[0], panels):
-        key, label = ("fidelity", "class fidelity (%)") if d == "shapes" else ("distance", _distance_name(d) + " (lower is better)")
+        key, label = (("fidelity", "class fidelity (%)") if d == "shapes" else
+                      ("distance", _distance_name(d).split(" (")[0] + " (lower is better)"))
         scale = 100 if d == "shapes" else 1
         for (dd, f), kinds in grid.items():
             if dd != d:
@@ -532,7 +533,7 @@ def _figures(study: Study, grid, res) -> None:
                             fmt="o" if f == 4 else "s", capsize=3, label=f"{KINDS[k][0]}, f={f}")
         ax.set_xlabel("first-stage held-out PSNR (dB)")
         ax.set_ylabel(label)
-        ax.set_title(f"`{d}`: second stage against reconstruction")
+        ax.set_title(f"{d}: second stage against reconstruction")
         ax.legend(fontsize=7)
     study.figure(fig, "reconstruction_vs_second_stage.png",
                  "Each first stage's reconstruction (x) against the second stage trained on it (y); mean ± 95 % interval "
