@@ -26,48 +26,13 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.evaluate.latent_probes import interpolation_roughness, prior_realism
 from ldmkit.evaluate.metrics import psnr
 from ldmkit.train.autoencoder import train_autoencoder
 from ldmkit.checkpoint import load
 from ldmkit.train.config import AUTOENCODER_PRESETS
 from ldmkit.data.tensors import materialize
 from ldmkit.data import build_dataset
-
-
-@torch.no_grad()
-def interpolation_roughness(ae, x: torch.Tensor, pairs: int = 16, steps: int = 16) -> float:
-    ratios = []
-    for k in range(pairs):
-        a, b = x[2 * k : 2 * k + 1], x[2 * k + 1 : 2 * k + 2]
-        za, zb = ae.encode(a).mean, ae.encode(b).mean
-        s = torch.linspace(0, 1, steps)[:, None, None, None]
-        frames = ae.decode((1 - s) * za + s * zb).clamp(-1, 1)  # (steps, 3, H, W)
-        path = (frames[1:] - frames[:-1]).flatten(1).norm(dim=1).sum()
-        direct = (frames[-1] - frames[0]).flatten().norm().clamp_min(1e-6)
-        ratios.append((path / direct).item())
-    return sum(ratios) / len(ratios)
-
-
-@torch.no_grad()
-def prior_realism(ae, n: int = 256, seed: int = 0) -> float:
-    """Fraction of decoded N(0, I) latents the shapes checker reads as a palette-coloured shape."""
-    from ldmkit.evaluate.attributes import PALETTE, check_attributes
-
-    c, f = ae.config.latent_channels, ae.config.downsample_factor
-    z = torch.randn((n, c, 32 // f, 32 // f), generator=torch.Generator().manual_seed(seed))
-    imgs = ae.decode_latents(z).clamp(-1, 1)
-    ok = 0
-    for img in imgs:
-        att = check_attributes(img)
-        if att["shape"] is None:
-            continue
-        # the checker always names the nearest colour; require the colour to really be close
-        fg = ((img + 1) * 127.5).permute(1, 2, 0).reshape(-1, 3)
-        bright = fg[fg.max(1).values > 80]
-        med = bright.median(0).values
-        if min((med - torch.tensor(p, dtype=torch.float32)).norm().item() for p in PALETTE.values()) < 40:
-            ok += 1
-    return ok / n
 
 
 def main() -> None:
