@@ -23,9 +23,9 @@ from ldmkit.checkpoint import load, read_config
 from ldmkit.train.config import (
     AutoencoderTrainConfig,
     DiffusionTrainConfig,
-    ae_shapes,
+    ae_demo,
     ae_tiny,
-    ldm_shapes_text,
+    ldm_demo,
     ldm_tiny,
     save_config,
 )
@@ -47,7 +47,7 @@ def demo_configs(quick: bool) -> tuple[AutoencoderTrainConfig, DiffusionTrainCon
         ldm.unet.num_classes = 0
         ldm.conditioner.num_classes = 0
         return ae, ldm
-    return ae_shapes(), ldm_shapes_text()
+    return ae_demo(), ldm_demo()
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool = True, seeds: int = 3) -> Path:
