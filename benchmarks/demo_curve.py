@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.run:
         name, ae_dir, ldm_dir = _dirs(spec)
         ae_meta, ldm_meta = read_config(ae_dir)[3], read_config(ldm_dir)[3]
-        ae_s, per_step = paces.get(name, (ae_meta["train_seconds"], ldm_meta["train_seconds"] / ldm_meta["step"]))
+        if name in paces:
+            ae_s, per_step = paces[name]
+        else:
+            ae_s, per_step = ae_meta["train_seconds"], ldm_meta["train_seconds"] / ldm_meta["step"]
         rows = []
         for ck in sorted((ldm_dir / "checkpoints").glob("step_*")):
             step = int(ck.name.split("_")[1])

@@ -190,7 +190,8 @@ def _train(dataset: str, size: int) -> tuple[FeatureNet, dict]:
     start, cpu = time.perf_counter(), time.process_time()
     images, labels, mirror = _training_set(dataset, size)
     batch = max(8, BATCH * 32 // max(size, 32))
-    with torch.random.fork_rng(devices=[]):
+    # enable_grad: the first call may come from inside a caller's torch.no_grad() (an evaluation)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(SEED)
         g = torch.Generator().manual_seed(SEED)
         net = FeatureNet(size, int(labels.max()) + 1)
