@@ -129,46 +129,46 @@ class Study:
         sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
         return f"ldmkit {verb} --config {preset} {sets}{extra} --out {shlex.quote(str(out))} --quiet".replace("  ", " ")
 
+    def _run(self, verb: str, name: str, preset: str, overrides: list[str], cls, presets, train,
+             field: str | None = None, value: Path | None = None) -> tuple[Path, dict]:
+        """Build the config as `ldmkit VERB --config PRESET --set …` does (`field` = `value`: the run's input, its
+        own flag), record that command, and train unless a finished run is there; returns (folder, meta)."""
+        from ldmkit.train.config import load_config
+
+        out = self.run_dir(name)
+        cfg = load_config(preset, cls, presets, overrides)
+        extra = ""
+        if field is not None:
+            setattr(cfg, field, str(value))
+            extra = f" --{field.replace('_', '-')} {shlex.quote(str(value))}"
+        self.command(self._cmd(verb, preset, overrides, out, extra))
+        if not _finished(out, cfg.optim.steps):
+            self.log(f"{verb} {name}")
+            train(cfg, out, resume=(out / "latest").exists(), progress=False)
+        return out, self._used(out)
+
     def train_autoencoder(self, name: str, preset: str, overrides: list[str]) -> tuple[Path, dict]:
         """Train (or reuse a finished) first stage; returns (folder, checkpoint meta)."""
         from ldmkit.train.autoencoder import train_autoencoder
-        from ldmkit.train.config import AUTOENCODER_PRESETS, AutoencoderTrainConfig, load_config
+        from ldmkit.train.config import AUTOENCODER_PRESETS, AutoencoderTrainConfig
 
-        out = self.run_dir(name)
-        cfg = load_config(preset, AutoencoderTrainConfig, AUTOENCODER_PRESETS, overrides)
-        self.command(self._cmd("train-autoencoder", preset, overrides, out))
-        if not _finished(out, cfg.optim.steps):
-            self.log(f"train-autoencoder {name}")
-            train_autoencoder(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, self._used(out)
+        return self._run("train-autoencoder", name, preset, overrides, AutoencoderTrainConfig, AUTOENCODER_PRESETS,
+                         train_autoencoder)
 
     def train_diffusion(self, name: str, preset: str, overrides: list[str], autoencoder: Path) -> tuple[Path, dict]:
         """Train (or reuse a finished) second stage on `autoencoder`; returns (folder, meta)."""
-        from ldmkit.train.config import DIFFUSION_PRESETS, DiffusionTrainConfig, load_config
+        from ldmkit.train.config import DIFFUSION_PRESETS, DiffusionTrainConfig
         from ldmkit.train.diffusion import train_diffusion
 
-        out = self.run_dir(name)
-        cfg = load_config(preset, DiffusionTrainConfig, DIFFUSION_PRESETS, overrides)
-        cfg.autoencoder = str(autoencoder)
-        self.command(self._cmd("train", preset, overrides, out, f" --autoencoder {shlex.quote(str(autoencoder))}"))
-        if not _finished(out, cfg.optim.steps):
-            self.log(f"train {name}")
-            train_diffusion(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, self._used(out)
+        return self._run("train", name, preset, overrides, DiffusionTrainConfig, DIFFUSION_PRESETS, train_diffusion,
+                         "autoencoder", autoencoder)
 
     def train_control(self, name: str, preset: str, overrides: list[str], base: Path) -> tuple[Path, dict]:
         """Train (or reuse a finished) ControlNet/adapter on `base`; returns (folder, meta)."""
-        from ldmkit.train.config import load_config
         from ldmkit.train.control import CONTROL_PRESETS, ControlTrainConfig, train_control
 
-        out = self.run_dir(name)
-        cfg = load_config(preset, ControlTrainConfig, CONTROL_PRESETS, overrides)
-        cfg.base = str(base)
-        self.command(self._cmd("train-control", preset, overrides, out, f" --base {shlex.quote(str(base))}"))
-        if not _finished(out, cfg.optim.steps):
-            self.log(f"train-control {name}")
-            train_control(cfg, out, resume=(out / "latest").exists(), progress=False)
-        return out, self._used(out)
+        return self._run("train-control", name, preset, overrides, ControlTrainConfig, CONTROL_PRESETS, train_control,
+                         "base", base)
 
     def _used(self, out: Path) -> dict:
         meta = read_config(out)[3]
