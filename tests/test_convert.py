@@ -222,7 +222,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, 
     convert(src, dst, "ldmkit")
     before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
 
-    def fails_half_way(module, folder, source=""):
+    def fails_half_way(module, folder, source="", sampling=None):
         Path(folder).mkdir()
         (Path(folder) / "config.json").write_text("{}")  # a partial output
         raise OSError(28, "No space left on device")

@@ -67,8 +67,11 @@ def controlnet_config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: i
 
 def controlnet_config_to_diffusers(cfg: ControlNetConfig) -> dict[str, Any]:
     """`ControlNetConfig` → keyword arguments of `ControlNetModel` (LdmkitError where diffusers has no equivalent)."""
+    if cfg.unet.time_cond_proj_dim:
+        raise LdmkitError("this ControlNet copies a U-Net with a w-embedding (time_cond_proj_dim); diffusers' "
+                          "ControlNetModel has none")
     kw = config_to_diffusers(cfg.unet)
-    for unet_only in ("out_channels", "up_block_types", "dropout"):
+    for unet_only in ("out_channels", "up_block_types", "dropout", "time_cond_proj_dim"):
         kw.pop(unet_only)
     return kw | dict(
         conditioning_channels=cfg.hint_channels,
