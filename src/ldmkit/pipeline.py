@@ -282,10 +282,8 @@ class LatentDiffusion(nn.Module):
         if seed is not None:
             g.manual_seed(seed)
         z = torch.randn((n, *self.latent_shape), generator=g).to(device)
-        cond, uncond = self._sample_conds(texts, labels, n, guidance, image, m, device, negative_prompt)
+        cond, uncond, scale = self._sample_conds(texts, labels, n, guidance, image, m, device, negative_prompt)
         model = self._control(cond, uncond, control, control_image, control_scale, z)
-        # a w-embedded student takes the scale as an input (cond.guidance) and needs no unconditional branch
-        scale = 1.0 if self.unet.config.time_cond_proj_dim else guidance
         fn = batched_classifier_free_guidance(model, cond, uncond, scale, rescale=guidance_rescale, cat=cat_conds)
         denoiser = Denoiser(fn, self.schedule, self.config.diffusion.prediction_type)
         known = keep = None
@@ -363,9 +361,10 @@ class LatentDiffusion(nn.Module):
             raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")
 
     def _sample_conds(self, texts, labels, n: int, guidance: float, image, mask, device,
-                      negative_prompt=None) -> tuple[Cond, Cond | None]:
-        """The conditional Cond and, when guiding, the unconditional one (every route at its null value,
-        the caption the negative prompt when one is given)."""
+                      negative_prompt=None) -> tuple[Cond, Cond | None, float]:
+        """The conditional Cond, the unconditional one when guiding (every route at its null value, the
+        caption the negative prompt when one is given), and the scale to guide with: 1 for a w-embedded
+        student, which takes the scale as an input (`cond.guidance`) and needs no unconditional branch."""
         # SDXL's sampling default: an uncropped image of this size
         size_crop = self.conditioner.default_size_crop(n, self.config.image_size, self.config.image_size)
         cond = self.conditioner(texts=texts, labels=self._conditioner_labels(labels), batch_size=n,
@@ -393,7 +392,7 @@ class LatentDiffusion(nn.Module):
             cond.concat = self.concat_condition(image, mask, labels=labels).to(device)
             if uncond is not None:
                 uncond.concat = cc.null(cond.concat)
-        return cond, uncond
+        return cond, uncond, guidance
 
     def _control(self, cond: Cond, uncond: Cond | None, control: Control | None, control_image, scale,
                  z: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]:

@@ -93,14 +93,16 @@ def load_any(path: str | Path, config=None, ema: bool = True, device: str | torc
     return orig.load_original(path, config=config, ema=ema, device=device)
 
 
-def sampling_defaults_any(path: str | Path) -> dict[str, Any]:
+def sampling_defaults_any(path: str | Path, fmt: str | None = None) -> dict[str, Any]:
     """How the model at `path` asks to be sampled when the user does not say: an ldmkit checkpoint's
     meta.sampling, a diffusers pipeline's (`ldmkit.interop.diffusers.pipeline_sampling_defaults`), else {}
-    (also for a path that is not a model: the command's own check says so)."""
-    try:
-        fmt = detect_format(path)
-    except LdmkitError:
-        return {}
+    (also for a path that is not a model: the command's own check says so). `fmt`: the path's format
+    when the caller has already detected it."""
+    if fmt is None:
+        try:
+            fmt = detect_format(path)
+        except LdmkitError:
+            return {}
     if fmt == "ldmkit":
         return sampling_defaults(path)
     if fmt == "diffusers_pipeline":
@@ -218,7 +220,7 @@ def convert(
         raise LdmkitError("dtype applies to the original format only")
     module = load_any(src, config=config)  # fully loaded and checked before anything is written
     # a distilled model's sampler, steps and guidance travel with it (a single file has no place for them)
-    sampling = sampling_defaults_any(src) if kind_of(module) == "latent_diffusion" else {}
+    sampling = sampling_defaults_any(src, src_fmt) if kind_of(module) == "latent_diffusion" else {}
     if loras:
         from ldmkit.interop.lora import apply_loras
 
