@@ -210,11 +210,27 @@ class Study:
         plt.close(fig)
         self.add(f"![{caption}]({filename})\n\n*{caption}*")
 
+    def _machine(self) -> str:
+        """The threads the study ran on and whether other work shared the CPU (the 5-minute load average
+        beyond the study's own threads), which every time in the report depends on."""
+        import os
+
+        import torch
+
+        threads = torch.get_num_threads()
+        text = f"on {threads} CPU thread(s)"
+        if hasattr(os, "getloadavg"):
+            load = os.getloadavg()[1]
+            busy = load > threads + 0.5
+            text += (f", 5-minute load average {load:.1f} at the end" + (
+                " (other work shared the CPU: times are longer than on a quiet machine)" if busy else ""))
+        return text
+
     def write(self) -> Path:
         minutes = (time.time() - self.started) / 60
         lines = [f"# {self.title}", "",
                  f"`ldmkit study {self.name}`, budget {self.budget:g}, {self.seeds} seeds per arm; this invocation "
-                 f"took {minutes:.1f} min on this machine, and the training of the runs it used "
+                 f"took {minutes:.1f} min {self._machine()}, and the training of the runs it used "
                  f"{self.run_seconds / 60:.1f} min (runs reused from an earlier invocation count there too). "
                  "Intervals are 95 % "
                  "Student-t intervals of the mean over seeds; 'resolved' means Welch's t-test at p < 0.05.", "",

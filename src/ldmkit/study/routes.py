@@ -46,7 +46,11 @@ SPATIAL_ROUTES = {  # arm -> what it is
     "adapter": "adapter on the frozen base",
 }
 HOLDOUT = 12
-CLASS_STEPS, BASE_STEPS, CONTROL_STEPS, AE_STEPS = 300, 300, 150, 300
+# The class arms get 600 steps: with the v-loss weighted uniformly (the routes presets) the caption route
+# has placed 50-100 % of its held-out samples in the named quadrant by then (by seed), so composition can
+# be judged; at 300 steps (and min-SNR-γ) it had not, for two seeds of three. The first stage is the `demo` recipe on
+# `shapes-free` (700 steps, ~30 dB): shape accuracy, the weakest attribute, is capped by its decodes.
+CLASS_STEPS, BASE_STEPS, CONTROL_STEPS, AE_STEPS = 600, 300, 150, 700
 SAMPLE_STEPS, GUIDANCE = 20, 2.0
 COMPOSE_RATIO = 0.8  # held-out accuracy at least this fraction of the seen one: "composes"
 
@@ -77,8 +81,8 @@ def _common(study: Study, steps: int, seed: int) -> list[str]:
 
 
 def _first_stage(study: Study):
-    """One first stage for every arm: the shapes recipe at half width, on `shapes-free`, whose shapes of
-    any size, place and angle include the fixed layout's."""
+    """One first stage for every arm: the `demo` recipe (the shapes recipe at half width) on `shapes-free`,
+    whose shapes of any size, place and angle include the fixed layout's."""
     steps = study.n(AE_STEPS, 4)
     sets = ["model.base_channels=16", "model.norm_groups=8", f"optim.steps={steps}", f"logging.val_every={steps}",
             f"logging.ckpt_every={steps}", f"latent_stat_batches={study.n(10, 2)}", f"data.val_images={study.n(128, 16)}"]
@@ -171,7 +175,8 @@ def _class_eval(study: Study, folder, meta: dict, arm: str, seed: int) -> dict:
     if composes:
         all3 = ("shape", "colour", "position")
         res |= {"seen_acc": acc(right[:n_seen], all3), "held_acc": acc(right[n_seen:], all3),
-                **{f"held_{k}": acc(right[n_seen:], (k,)) for k in all3}}
+                **{f"held_{k}": acc(right[n_seen:], (k,)) for k in all3},
+                "seen_position": acc(right[:n_seen], ("position",))}
     study.command(f"# in-process: {arm} seed {seed}: ldm.sample({n_seen} seen conditions"
                   + (f" + {len(combos) - n_seen} held-out" if composes else "")
                   + f", dpmpp_2m, {kw['steps']} steps, guidance {GUIDANCE}) judged by check_attributes "
@@ -272,34 +277,39 @@ def _report(study: Study, classes: dict, spatial: dict) -> None:
                 "not supported" if c < 0 else "supported",
                 "rule: the caption not below the best label route at p < 0.05")
 
-    # 5. composition
-    cap_seen, cap_held = _vals(classes["caption"], "seen_acc"), _vals(classes["caption"], "held_acc")
-    fac_seen, fac_held = _vals(classes["factors"], "seen_acc"), _vals(classes["factors"], "held_acc")
-    ratio = lambda held, seen: sum(held) / max(1e-9, sum(seen))  # noqa: E731 - ratio of the means
-    cap_r, fac_r = ratio(cap_held, cap_seen), ratio(fac_held, fac_seen)
+    # 5. composition. Held-out and seen combinations are drawn by the same model, so they are compared
+    # within each seed (the held-out / seen ratio per seed) and the ratios averaged. Pooling each over seeds
+    # instead measures how far the seeds got with the quadrant (the attribute learned last), not whether
+    # what a model learned carries over to combinations it never saw.
+    ratios = lambda runs: [r["held_acc"] / r["seen_acc"] if r["seen_acc"] else 0.0 for r in runs]  # noqa: E731
+    cap_seen, fac_seen = _vals(classes["caption"], "seen_acc"), _vals(classes["factors"], "seen_acc")
+    cap_r, fac_r = ratios(classes["caption"]), ratios(classes["factors"])
     # nothing is composed by a route that has not learned the seen combinations: its seen accuracy must
     # stand clear of chance (3x, by its interval) before the held-out ratio means anything
     learned = lambda seen: _above(seen, 3 * chance_combo)  # noqa: E731
-    composes = learned(cap_seen) and cap_r >= COMPOSE_RATIO and _above(cap_held, chance_combo)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    composes = learned(cap_seen) and mean(cap_r) >= COMPOSE_RATIO
+    per_seed = ", ".join(f"{r:.2f}" for r in cap_r)
     study.claim(f"Cross-attention on tokens composes what it saw apart: captions of the {HOLDOUT} (shape, colour, "
                 "position) combinations held out of training are drawn about as well as seen ones",
                 f"all three attributes right, caption: held-out {_ci(classes['caption'], 'held_acc')} vs seen "
-                f"{_ci(classes['caption'], 'seen_acc')} (ratio {cap_r:.2f}; chance {100 * chance_combo:.1f} %)",
+                f"{_ci(classes['caption'], 'seen_acc')} (chance {100 * chance_combo:.1f} %); held-out / seen per seed "
+                f"{per_seed}, mean {mean(cap_r):.2f}",
                 "supported" if composes else "not supported",
-                f"rule: seen accuracy above 3 × chance, held-out at least {COMPOSE_RATIO:g} × seen and its interval "
-                "above chance" + ("" if learned(cap_seen) else "; the caption route did not learn the seen "
-                                  "combinations at this budget, so nothing was composed"))
-    per_seed = lambda runs: [r["held_acc"] / r["seen_acc"] if r["seen_acc"] else 0.0 for r in runs]  # noqa: E731
-    c = compare(per_seed(classes["caption"]), per_seed(classes["factors"]))
-    fac_composes = learned(fac_seen) and fac_r >= COMPOSE_RATIO and _above(fac_held, chance_combo)
+                f"rule: seen accuracy above 3 × chance and held-out at least {COMPOSE_RATIO:g} × seen (mean of the "
+                "per-seed ratios)" + ("" if learned(cap_seen) else "; the caption route did not learn the seen "
+                                      "combinations at this budget, so nothing was composed"))
+    c = compare(cap_r, fac_r)
+    fac_composes = learned(fac_seen) and mean(fac_r) >= COMPOSE_RATIO
     verdict = "supported" if composes and not fac_composes and c > 0 else "not supported"
     study.claim("Composition is cross-attention's own: a label that names the same three attributes (as one-hot "
                 "groups, concatenated) does not compose held-out combinations as the caption does",
-                f"held-out / seen accuracy: caption {cap_r:.2f}, factorised label {fac_r:.2f} (held-out "
-                f"{_ci(classes['factors'], 'held_acc')}, seen {_ci(classes['factors'], 'seen_acc')}); per-seed ratios "
-                f"Welch p = {welch_p(per_seed(classes['caption']), per_seed(classes['factors'])):.3f}",
+                f"held-out / seen accuracy, mean of the per-seed ratios: caption {mean(cap_r):.2f}, factorised label "
+                f"{mean(fac_r):.2f} (held-out {_ci(classes['factors'], 'held_acc')}, seen "
+                f"{_ci(classes['factors'], 'seen_acc')}); per-seed ratios Welch p = {welch_p(cap_r, fac_r):.3f}",
                 verdict, "rule: the caption composes, the factorised label does not, and the caption's per-seed "
-                "ratio is above the label's at p < 0.05")
+                "ratio is above the label's at p < 0.05" + (
+                    "; the factorised label composes too" if fac_composes else ""))
 
     # 6. spatial routes follow the map
     base_iou = _vals(spatial["base"], "iou")
@@ -370,9 +380,12 @@ def _tables(study: Study, classes: dict, spatial: dict, names: dict) -> None:
     rows = []
     for arm in ("caption", "factors"):
         r = classes[arm]
-        rows.append([names[arm], _ci(r, "seen_acc"), _ci(r, "held_acc"), _ci(r, "held_shape"), _ci(r, "held_colour"),
-                     _ci(r, "held_position")])
-    study.table(["route", "seen", "held out", "held-out shape", "held-out colour", "held-out position"], rows)
+        ratio = ", ".join(f"{x['held_acc'] / x['seen_acc']:.2f}" if x["seen_acc"] else "n/a" for x in r)
+        seen_pos = _ci(r, "seen_position") if all("seen_position" in x for x in r) else "n/a"
+        rows.append([names[arm], _ci(r, "seen_acc"), _ci(r, "held_acc"), ratio, _ci(r, "held_shape"),
+                     _ci(r, "held_colour"), seen_pos, _ci(r, "held_position")])
+    study.table(["route", "seen", "held out", "held-out / seen, per seed", "held-out shape", "held-out colour",
+                 "seen position", "held-out position"], rows)
     study.add(f"## The spatial routes\n\n`shapes-free` (a shape anywhere in its quadrant, any size and angle), a "
               "U-Net of the same widths with self-attention at the 4x4 level and the middle; the "
               f"base model and the concatenation model train {study.n(BASE_STEPS)} steps, the ControlNet and the "

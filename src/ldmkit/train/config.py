@@ -548,11 +548,17 @@ def _routes_unet(**kw) -> UNetConfig:
 
 def ldm_routes_film() -> DiffusionTrainConfig:
     """The class as FiLM: its embedding, added to the time embedding, drives every ResBlock's
-    GroupNorm scale and shift (`emb_mode: scale_shift`; AdaGN, Dhariwal & Nichol 2021, §3)."""
+    GroupNorm scale and shift (`emb_mode: scale_shift`; AdaGN, Dhariwal & Nichol 2021, §3).
+
+    Every routes preset weights the v-loss uniformly over t, as `demo` does: the position a caption or
+    label names is decided at high noise, where min-SNR-γ's weight goes to 0. With min-SNR-γ and 300
+    steps the caption route drew the named quadrant for one seed of three; weighted uniformly, after 600
+    steps it was right for 50, 67 and 100 % of the held-out captions' samples (seeds 0-2; 73 % for seed
+    0 after 900)."""
     return DiffusionTrainConfig(
         unet=_routes_unet(num_classes=18),
         conditioner=ConditionerConfig(num_classes=18, drop_label=0.1),
-        diffusion=DiffusionConfig(prediction_type="v", weighting="min_snr"),
+        diffusion=DiffusionConfig(prediction_type="v", weighting="uniform"),
         data=DataConfig(dataset="shapes", size=32, holdout=12),
         optim=OptimConfig(steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995),
         logging=LoggingConfig(val_every=100000, ckpt_every=100000),
