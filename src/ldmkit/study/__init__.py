@@ -43,7 +43,10 @@ def _index(out: Path, reports: dict[str, Path]) -> Path:
              "Each report states the FAQ's claims, what was measured and a verdict; the commands it ran are at its end.", ""]
     for name, report in reports.items():
         v = json.loads((report.parent / "verdicts.json").read_text())
-        lines += [f"## [{name}]({name}/report.md)", "", "| claim | verdict |", "| --- | --- |"]
+        lines += [f"## [{name}]({name}/report.md)", "",
+                  f"Budget {v['budget']:g}, {v['seeds']} seeds per arm; {v['minutes']:.1f} min for the invocation "
+                  f"that wrote the report, {v['run_training_minutes']:.1f} min of it training.", "",
+                  "| claim | verdict |", "| --- | --- |"]
         lines += [f"| {c['claim']} | {c['verdict']} |" for c in v["claims"]]
         lines.append("")
     index = out / "README.md"
