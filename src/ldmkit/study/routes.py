@@ -47,9 +47,11 @@ SPATIAL_ROUTES = {  # arm -> what it is
 }
 HOLDOUT = 12
 # The class arms get 600 steps: with the v-loss weighted uniformly (the routes presets) the caption route
-# has placed 50-100 % of its held-out samples in the named quadrant by then (by seed), so composition can
-# be judged; at 300 steps (and min-SNR-γ) it had not, for two seeds of three. The first stage is the `demo` recipe on
-# `shapes-free` (700 steps, ~30 dB): shape accuracy, the weakest attribute, is capped by its decodes.
+# has learned the named quadrant by then for one seed of three and half of it for the others (seen
+# captions: 100, 53 and 55 % placed, chance 25 %), enough for composition to be judged within each
+# seed; at 300 steps with min-SNR-γ it had barely started. 900 steps would not fit 30 minutes. The first
+# stage is the `demo` recipe on `shapes-free` (700 steps, 30 dB): shape accuracy, the weakest
+# attribute, is capped by its decodes.
 CLASS_STEPS, BASE_STEPS, CONTROL_STEPS, AE_STEPS = 600, 300, 150, 700
 SAMPLE_STEPS, GUIDANCE = 20, 2.0
 COMPOSE_RATIO = 0.8  # held-out accuracy at least this fraction of the seen one: "composes"

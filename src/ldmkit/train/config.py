@@ -552,9 +552,9 @@ def ldm_routes_film() -> DiffusionTrainConfig:
 
     Every routes preset weights the v-loss uniformly over t, as `demo` does: the position a caption or
     label names is decided at high noise, where min-SNR-γ's weight goes to 0. With min-SNR-γ and 300
-    steps the caption route drew the named quadrant for one seed of three; weighted uniformly, after 600
-    steps it was right for 50, 67 and 100 % of the held-out captions' samples (seeds 0-2; 73 % for seed
-    0 after 900)."""
+    steps the caption route put 48, 25 and 10 % of its held-out captions' samples in the named quadrant
+    (seeds 0-2, chance 25 %); weighted uniformly, after 600 steps 100, 42 and 44 % (`ldmkit study
+    routes`, docs/faq/routes)."""
     return DiffusionTrainConfig(
         unet=_routes_unet(num_classes=18),
         conditioner=ConditionerConfig(num_classes=18, drop_label=0.1),
