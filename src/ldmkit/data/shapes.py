@@ -345,9 +345,7 @@ def with_vocabulary(dataset: Dataset, vocab: str) -> Dataset:
     if not isinstance(dataset, ShapesDataset):
         raise LdmkitError(f"data.vocabulary: {vocab} is for the shapes dataset; "
                           f"{getattr(dataset, 'name', type(dataset).__name__)} has its own captions")
-    ds = dataset
-    length = None if ds.length == (100 if ds.split == "train" else 10) * len(COMBOS) else ds.length
-    return ShapesDataset(size=ds.size, length=length, seed=ds.seed, split=ds.split, layout=ds.layout, vocabulary=vocab)
+    return _rebuilt(dataset, vocabulary=vocab)
 
 
 def with_composition(dataset: Dataset, holdout: int, labels: str) -> Dataset:
@@ -359,7 +357,13 @@ def with_composition(dataset: Dataset, holdout: int, labels: str) -> Dataset:
     if not isinstance(dataset, ShapesDataset):
         raise LdmkitError(f"data.holdout and data.labels are for the shapes datasets, not "
                           f"{getattr(dataset, 'name', type(dataset).__name__)}")
-    ds = dataset
-    length = None if ds.length == (100 if ds.split == "train" else 10) * len(ds._combos) else ds.length
-    return ShapesDataset(size=ds.size, length=length, seed=ds.seed, split=ds.split, layout=ds.layout,
-                         vocabulary=ds.vocabulary, holdout=holdout, labels=labels)
+    return _rebuilt(dataset, holdout=holdout, labels=labels)
+
+
+def _rebuilt(ds: ShapesDataset, **changes) -> ShapesDataset:
+    """The same shapes dataset with `changes`: its size, seed, split, layout, vocabulary, holdout and labels
+    kept unless changed, and its length kept unless it was the default (which then follows the change)."""
+    default = (100 if ds.split == "train" else 10) * len(ds._combos)
+    kw = dict(size=ds.size, length=None if ds.length == default else ds.length, seed=ds.seed, split=ds.split,
+              layout=ds.layout, vocabulary=ds.vocabulary, holdout=ds.holdout, labels=ds.labels)
+    return ShapesDataset(**(kw | changes))
