@@ -245,23 +245,15 @@ def test_evaluate_judges_only_what_knows_the_models_data(tmp_path):
     assert (tmp_path / "b" / "text_samples.png").is_file()
 
 
-def test_heldout_error_of_a_zero_predictor_is_one_and_ignores_the_condition():
+def test_heldout_error_of_a_zero_predictor_is_one_and_ignores_the_condition(zero_predictor):
     """Analytic check of the held-out figure: predicting ε̂ = 0 gives E‖ε‖² = 1 per element, with or
     without the condition (gain exactly 1)."""
     from ldmkit.data import build_dataset
     from ldmkit.data.tensors import materialize
     from ldmkit.evaluate.diffusion import heldout_error
 
-    class Zero(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, z, t, cond):
-            return torch.zeros_like(z)
-
     ldm = make_ldm(text=False, classes=18)
-    ldm.unet = Zero()
+    ldm.unet = zero_predictor
     data = materialize(build_dataset("shapes", 16, "val", length=64), progress=False)
     res = heldout_error(ldm, data)
     assert res["n"] == 64 and res["gain"] == 1.0

@@ -48,7 +48,7 @@ def test_excess_is_relative_to_the_reference_mean_per_timestep():
     assert excess([[2.0, 4.0], [3.0, 2.0]], ref) == [[0.0, 0.0], [0.5, -0.5]]
 
 
-def test_heldout_error_by_timestep_of_a_zero_predictor_is_one_at_every_t():
+def test_heldout_error_by_timestep_of_a_zero_predictor_is_one_at_every_t(zero_predictor):
     """ε̂ = 0 gives E‖ε‖² = 1 per element at every noise level; the per-t figures average to the total."""
     from ldmkit.autoencoder.model import AutoencoderConfig
     from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
@@ -59,14 +59,6 @@ def test_heldout_error_by_timestep_of_a_zero_predictor_is_one_at_every_t():
     from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
     from ldmkit.unet import UNetConfig
 
-    class Zero(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, z, t, cond):
-            return torch.zeros_like(z)
-
     cond = ConditionerConfig(num_classes=18)
     cfg = LatentDiffusionConfig(
         autoencoder=AutoencoderConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4),
@@ -74,7 +66,7 @@ def test_heldout_error_by_timestep_of_a_zero_predictor_is_one_at_every_t():
                         norm_groups=4, num_classes=18),
         conditioner=cond, diffusion=DiffusionConfig(prediction_type="eps"), image_size=16)
     ldm = LatentDiffusion(cfg, conditioner=Conditioner(cond)).eval()
-    ldm.unet = Zero()
+    ldm.unet = zero_predictor
     data = materialize(build_dataset("shapes", 16, "val", length=64), progress=False)
     res = heldout_error(ldm, data, timesteps=(25, 500, 950, 5000))  # 5000 is past the schedule: dropped
     assert res["t"] == [25, 500, 950] and len(res["eps_mse_t"]) == len(res["eps_mse_null_t"]) == 3
