@@ -375,8 +375,9 @@ def ldm_demo() -> DiffusionTrainConfig:
 
     Colour and shape come within a few hundred steps; the quadrant comes suddenly, and later. It is decided at
     high noise, where min-SNR-γ with v-prediction weights the loss by min(SNR, γ)/(SNR + 1) → 0 (Hang et al.
-    2023): with it the quadrant was still at chance (51 %) after 1,200 steps for one training seed of three;
-    weighted uniformly, every seed had it right by step 900 (docs/benchmarks.md, "Time to quality")."""
+    2023): with it, after 1,200 steps, one training seed of three put only 51 % of samples in the named
+    quadrant (chance 25 %); weighted uniformly, every seed had it right by step 900 (docs/benchmarks.md,
+    "Time to quality")."""
     cfg = ldm_shapes_text()
     cfg.diffusion = cfg.diffusion.model_copy(update={"weighting": "uniform"})
     cfg.optim = cfg.optim.model_copy(update={"steps": 1200})
