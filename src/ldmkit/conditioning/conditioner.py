@@ -85,9 +85,13 @@ class Conditioner(nn.Module):
         train: bool = False,
         generator: torch.Generator | BatchRandom | None = None,
         size_crop: torch.Tensor | None = None,
+        prompt_syntax: bool = False,
     ) -> Cond:
         """Build the Cond for a batch. In training, drop each route per sample with its probability.
-        `size_crop` (B, 6): the micro-conditions of a model with `micro_conditioning` (never dropped)."""
+        `size_crop` (B, 6): the micro-conditions of a model with `micro_conditioning` (never dropped).
+        `prompt_syntax`: read the captions as prompts in the A1111 web UI's syntax (emphasis, BREAK, chunks
+        past the encoder's window, embedding names); generation sets it, training never does (a caption's
+        parentheses are text)."""
         n = batch_size or (len(texts) if texts is not None else (labels.shape[0] if labels is not None else 0))
         cond = Cond()
         if self._text is not None:
@@ -98,7 +102,7 @@ class Conditioner(nn.Module):
             if train and self.cfg.drop_text > 0:
                 keep = BatchRandom.of(generator, n).rand() >= self.cfg.drop_text
                 texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
-            cond.context, cond.context_mask = self._text(list(texts))
+            cond.context, cond.context_mask = self._text(list(texts), syntax=prompt_syntax)
             if self.cfg.pooled_text:
                 # Mean over real tokens: all-MiniLM-L6-v2's own sentence embedding is this mean pooling.
                 m = cond.context_mask[..., None].to(cond.context.dtype)  # (B, M, 1)

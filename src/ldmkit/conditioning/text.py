@@ -38,8 +38,9 @@ class CachedTextEncoder(nn.Module, ABC):
         """Encode uncached captions: tokens (B, M, D) and a (B, M) mask of real tokens."""
 
     @torch.no_grad()
-    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch."""
+    def forward(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch.
+        `syntax`: prompts in the A1111 web UI's syntax (not yet read: the text is encoded as it is)."""
         missing = sorted({t for t in texts if t not in self._cache})
         for i in range(0, len(missing), 256):
             chunk = missing[i : i + 256]
