@@ -24,14 +24,22 @@ from ldmkit.errors import LdmkitError
 
 
 class CachedTextEncoder(nn.Module, ABC):
-    """Base: subclasses implement `_encode(texts) -> (tokens (B, M, D), mask (B, M))`."""
+    """Base: subclasses implement `_encode(texts) -> (tokens (B, M, D), mask (B, M))` and, for prompts in
+    A1111 syntax, `_piece_ids`, `_run_ids` and the special-token ids (see `_syntax_seqs`)."""
 
     dim: int
+    fixed_window = False  # True: every chunk is the full window, padding tokens included (CLIP, as SD attends to them)
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    comma_id: int | None = None
 
     def __init__(self):
         super().__init__()
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict = {}  # caption → (M, D); ("a1111", embeddings version, prompt) → (M, D) for syntax prompts
         self.cache_limit: int | None = None  # keep at most this many captions (the most recently added)
+        self.embeddings = None  # an EmbeddingLibrary (conditioning.embeddings.attach_embeddings), read in syntax prompts
+        self._emb_ids: tuple | None = None  # (library version, {first token: [(ids, name), …] longest first})
 
     @abstractmethod
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +48,33 @@ class CachedTextEncoder(nn.Module, ABC):
     @torch.no_grad()
     def forward(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch.
-        `syntax`: prompts in the A1111 web UI's syntax (not yet read: the text is encoded as it is)."""
-        missing = sorted({t for t in texts if t not in self._cache})
-        for i in range(0, len(missing), 256):
-            chunk = missing[i : i + 256]
-            tokens, mask = self._encode(chunk)
-            for text, tok, m in zip(chunk, tokens, mask):
-                self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
-        seqs = [self._cache[t] for t in texts]
+
+        `syntax`: prompts in the A1111 web UI's syntax (`conditioning.prompt`): emphasis, BREAK, chunks of
+        the encoder's window concatenated along the tokens past it, embedding names. Generation sets it,
+        training never does. A syntax prompt is cached apart from the same caption read as plain text.
+        With a fixed-window encoder (CLIP) a prompt with fewer chunks than the longest in the batch is
+        padded with the empty prompt's chunk, attended to (A1111), not masked; `match_chunk_counts` does the
+        same between the conditional and unconditional (negative prompt) batches of guidance."""
+        if syntax:
+            version = self._embeddings_version()
+            keys = [("a1111", version, t) for t in texts]
+            self._drop_stale_syntax(version)
+            missing_keys = sorted({k for k in keys if k not in self._cache}, key=lambda k: k[2])
+            for i in range(0, len(missing_keys), 256):
+                chunk = missing_keys[i : i + 256]
+                for key, seq in zip(chunk, self._syntax_seqs([k[2] for k in chunk])):
+                    self._cache[key] = seq
+        else:
+            keys = list(texts)
+            missing = sorted({t for t in texts if t not in self._cache})
+            for i in range(0, len(missing), 256):
+                chunk = missing[i : i + 256]
+                tokens, mask = self._encode(chunk)
+                for text, tok, m in zip(chunk, tokens, mask):
+                    self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
+        seqs = [self._cache[k] for k in keys]
+        if syntax and self.fixed_window:
+            seqs = self._pad_chunks(seqs, max(s.shape[0] for s in seqs))
         if self.cache_limit is not None:  # dicts keep insertion order: drop the oldest captions
             for old in list(self._cache)[: max(0, len(self._cache) - self.cache_limit)]:
                 del self._cache[old]
@@ -61,6 +88,177 @@ class CachedTextEncoder(nn.Module, ABC):
 
     def cache_size(self) -> int:
         return len(self._cache)
+
+    # ---- A1111 prompt syntax (conditioning.prompt): chunks, emphasis, textual-inversion embeddings
+
+    @property
+    def chunk_length(self) -> int:
+        """Prompt tokens per chunk: the window less the start and end tokens (75 for CLIP's 77)."""
+        return self.window - 2
+
+    @property
+    def window(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without start/end tokens and without truncation."""
+        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+
+    def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The transformer on token ids (B, L) with a (B, L) bool mask of real tokens → hidden states (B, L, D);
+        the very call `_encode` makes, so a plain prompt gives the same context either way."""
+        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+
+    def _is_continuation(self, token_id: int) -> bool:
+        """Whether a token continues the word before it (WordPiece `##…`): an embedding name must end a word."""
+        return False
+
+    def input_embeddings(self) -> nn.Embedding:
+        """The token-embedding table at the transformer's input (where textual-inversion vectors go)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read textual-inversion embeddings")
+
+    @property
+    def embedding_width(self) -> int:
+        return self.input_embeddings().weight.shape[1]
+
+    def _embeddings_version(self):
+        return None if self.embeddings is None else (id(self.embeddings), self.embeddings.version)
+
+    def _drop_stale_syntax(self, version) -> None:
+        """Syntax prompts encoded with another set of embeddings (a refresh, another library) are stale."""
+        if getattr(self, "_syntax_version", None) == version:
+            return
+        self._syntax_version = version
+        for k in [k for k in self._cache if isinstance(k, tuple) and k[1] != version]:
+            del self._cache[k]
+
+    def _embedding_lookup(self) -> dict[int, list[tuple[tuple[int, ...], str]]]:
+        """{first token id: [(token ids of an embedding's name, name), …] longest first}, A1111's
+        `EmbeddingDatabase.ids_lookup`: a name is found by its tokens, as the tokenizer writes it."""
+        version = self._embeddings_version()
+        if self._emb_ids is None or self._emb_ids[0] != version:
+            names = self.embeddings.all_names()
+            table: dict[int, list] = {}
+            for name, ids in zip(names, self._piece_ids(names)):
+                if ids:
+                    table.setdefault(ids[0], []).append((tuple(ids), name))
+            for entries in table.values():
+                entries.sort(key=lambda e: -len(e[0]))
+            self._emb_ids = (version, table)
+        return self._emb_ids[1]
+
+    def _finder(self):
+        if self.embeddings is None:
+            return None
+        table = self._embedding_lookup()
+        library = self.embeddings
+
+        def find(ids, pos):
+            for name_ids, name in table.get(ids[pos], ()):
+                end = pos + len(name_ids)
+                if tuple(ids[pos:end]) == name_ids and not (end < len(ids) and self._is_continuation(ids[end])):
+                    vectors = library.vectors_for(name, self.embedding_width)  # raises for a damaged / skipped file
+                    return name, vectors.shape[0], len(name_ids)
+            return None
+
+        return find
+
+    def _syntax_seqs(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Prompts → one (M_i, D) float32 context each: parse, chunk, encode chunk i of every prompt as one
+        batch, weight, concatenate the chunks along the tokens (A1111's `forward`/`process_tokens`)."""
+        from ldmkit.conditioning.prompt import chunk_prompt, parse_prompt
+
+        find = self._finder()
+        per_prompt = [chunk_prompt(parse_prompt(p), self._piece_ids, self.chunk_length, self.comma_id, find)
+                      for p in prompts]
+        parts: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for c in range(max(len(ch) for ch in per_prompt)):
+            rows = [(i, ch[c]) for i, ch in enumerate(per_prompt) if c < len(ch)]
+            for (i, _), z in zip(rows, self._encode_chunks([chunk for _, chunk in rows])):
+                parts[i].append(z)
+        return [torch.cat(p) for p in parts]
+
+    def _encode_chunks(self, chunks) -> list[torch.Tensor]:
+        """Chunks → their contexts: [start] + tokens + [end] (+ padding to the window for a fixed-window
+        encoder), the embedding vectors put in at the input, then each output token times its weight with
+        the chunk's mean restored (A1111's `EmphasisOriginal`)."""
+        rows = [[self.bos_id] + ch.tokens + [self.eos_id] for ch in chunks]
+        length = self.window if self.fixed_window else max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)  # (B, L)
+        attention = torch.zeros(len(rows), length, dtype=torch.bool)  # (B, L)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            attention[b, : len(r)] = True
+        fixes = [(b, 1 + off, self.embeddings.vectors_for(name, self.embedding_width))
+                 for b, ch in enumerate(chunks) for off, name, _ in ch.fixes]
+        if fixes:
+            table = self.input_embeddings()
+
+            def put_vectors(module, args, out):  # out: (B, L, D) token embeddings, before positions are added
+                out = out.clone()
+                for b, start, vec in fixes:
+                    out[b, start : start + vec.shape[0]] = vec.to(out.dtype)  # (n, D)
+                return out
+
+            handle = table.register_forward_hook(put_vectors)
+            try:
+                h = self._run_ids(ids, attention)  # (B, L, D)
+            finally:
+                handle.remove()
+        else:
+            h = self._run_ids(ids, attention)  # (B, L, D)
+        out = []
+        for b, ch in enumerate(chunks):
+            n = length if self.fixed_window else len(rows[b])
+            z = h[b, :n].float().cpu()  # (n, D)
+            if any(w != 1.0 for w in ch.weights):
+                # EmphasisOriginal: z ← z·w, then rescaled so the chunk's mean is what it was.
+                w = torch.ones(n)
+                w[1 : 1 + len(ch.weights)] = torch.tensor(ch.weights)
+                mean = z.mean()
+                z = z * w[:, None]  # (n, D)
+                z = z * (mean / z.mean())
+            out.append(z.clone())
+        return out
+
+    def _pad_chunks(self, seqs: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+        """Each (M, D) context extended to `length` tokens with the empty prompt's chunk (A1111 pads a batch,
+        and the negative prompt against the prompt, this way)."""
+        if all(s.shape[0] == length for s in seqs):
+            return seqs
+        key = ("a1111", self._embeddings_version(), "")
+        if key not in self._cache:
+            self._cache[key] = self._syntax_seqs([""])[0]
+        empty = self._cache[key]  # (window, D)
+        out = []
+        for s in seqs:
+            extra, rem = divmod(length - s.shape[0], empty.shape[0])
+            if rem:
+                raise ValueError(f"contexts of {s.shape[0]} and {length} tokens are not whole chunks of {empty.shape[0]}")
+            out.append(torch.cat([s] + [empty] * extra) if extra else s)
+        return out
+
+
+def match_chunk_counts(encoder: CachedTextEncoder | None, *conds):
+    """The conditional and unconditional Conds of guidance with their contexts at one length: where the
+    prompt and the negative prompt have different numbers of chunks, the shorter is padded with the empty
+    prompt's chunk, as A1111's CFG denoiser does (attended to, not masked out). Conds without a context,
+    an encoder without fixed windows (MiniLM: masked padding is exact there), or equal lengths: unchanged."""
+    from dataclasses import replace
+
+    ctxs = [c.context for c in conds if c is not None and c.context is not None]
+    if encoder is None or not encoder.fixed_window or len({x.shape[1] for x in ctxs}) <= 1:
+        return conds
+    length = max(x.shape[1] for x in ctxs)
+    out = []
+    for c in conds:
+        if c is None or c.context is None or c.context.shape[1] == length:
+            out.append(c)
+            continue
+        rows = encoder._pad_chunks([row.float().cpu() for row in c.context], length)
+        ctx = torch.stack(rows).to(device=c.context.device, dtype=c.context.dtype)  # (B, length, D)
+        out.append(replace(c, context=ctx, context_mask=torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)))
+    return tuple(out)
 
 
 class MiniLMTextEncoder(CachedTextEncoder):
@@ -92,14 +290,34 @@ class MiniLMTextEncoder(CachedTextEncoder):
         self.model = SentenceTransformer(path, device="cpu")
         self.model.eval().requires_grad_(False)
         self.max_length = max_length
+        tok = self.model.tokenizer
+        self.bos_id, self.eos_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+        self.comma_id = tok.convert_tokens_to_ids(",")
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.model.tokenizer
         feats = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return self._run_ids(feats["input_ids"], feats["attention_mask"].bool()), feats["attention_mask"]
+
+    # A1111 syntax: chunks of max_length − 2 WordPiece tokens, each [CLS] … [SEP], only past the window
+    # the plain path truncates at; the contexts are concatenated (the mask drops each row's padding).
+    @property
+    def window(self) -> int:
+        return self.max_length
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+
+    def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         bert = self.model[0].auto_model
-        out = bert(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"],
-                   token_type_ids=feats.get("token_type_ids"))
-        return out.last_hidden_state, feats["attention_mask"]
+        # token_type_ids: all zeros for one sentence, as the tokenizer gives them
+        return bert(input_ids=ids, attention_mask=attention.long(), token_type_ids=torch.zeros_like(ids)).last_hidden_state
+
+    def _is_continuation(self, token_id: int) -> bool:
+        return self.model.tokenizer.convert_ids_to_tokens(token_id).startswith("##")
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model[0].auto_model.get_input_embeddings()
 
 
 class CLIPTextEncoder(CachedTextEncoder):
@@ -130,6 +348,7 @@ class CLIPTextEncoder(CachedTextEncoder):
         self.dim = self.model.config.hidden_size
         self.skip_last_layer = skip_last_layer
         self.path, self.tokenizer_path = str(path), str(tokenizer_path)
+        self._special_ids()
 
     @classmethod
     def from_parts(cls, model, tokenizer, skip_last_layer: bool = False) -> "CLIPTextEncoder":
@@ -142,11 +361,36 @@ class CLIPTextEncoder(CachedTextEncoder):
         enc.dim = model.config.hidden_size
         enc.skip_last_layer = skip_last_layer
         enc.path = enc.tokenizer_path = None
+        enc._special_ids()
         return enc
+
+    fixed_window = True  # SD attends to all 77 positions, padding included
+
+    def _special_ids(self) -> None:
+        tok = self.tokenizer
+        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
+        # SD 1's tokenizer pads with the end token, SD 2's with "!" (id 0): after the end token, its pad token
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        comma = tok.convert_tokens_to_ids(",</w>")
+        self.comma_id = comma if comma != tok.unk_token_id else None
+
+    @property
+    def window(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def _piece_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
+        # SD attends to all 77 positions, padding included; keep that (mask all True) for parity.
+        return self._run_ids(ids, torch.ones(ids.shape, dtype=torch.bool)), torch.ones(ids.shape, dtype=torch.bool)
+
+    def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         out = self.model(ids, output_hidden_states=self.skip_last_layer)
         if self.skip_last_layer:
             # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older versions wrap it
@@ -154,8 +398,7 @@ class CLIPTextEncoder(CachedTextEncoder):
             h = final_norm(out.hidden_states[-2])
         else:
             h = out.last_hidden_state
-        # SD attends to all 77 positions, padding included; keep that (mask all True) for parity.
-        return h, torch.ones(ids.shape, dtype=torch.bool)
+        return h
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
