@@ -217,7 +217,8 @@ class CachedTextEncoder(nn.Module, ABC):
                 w[1 : 1 + len(ch.weights)] = torch.tensor(ch.weights)
                 mean = z.mean()
                 z = z * w[:, None]  # (n, D)
-                z = z * (mean / z.mean())
+                if z.mean() != 0:  # (a chunk whose mean is 0 has none to restore: A1111 would give NaN)
+                    z = z * (mean / z.mean())
             out.append(z.clone())
         return out
 
