@@ -274,6 +274,19 @@ def test_an_unbalanced_bracket_is_refused_only_in_syntax_prompts(clip):
     assert clip(["a (cat"])[0].shape == (1, 16, 32)  # a training caption's bracket is text
 
 
+def test_an_encoder_without_the_syntax_path_reads_prompts_as_text():
+    from ldmkit.conditioning.text import CachedTextEncoder
+
+    class Lengths(CachedTextEncoder):  # a custom encoder with only `_encode`: one token, the text's length
+        dim = 1
+
+        def _encode(self, texts):
+            return torch.tensor([[[float(len(t))]] for t in texts]), torch.ones(len(texts), 1, dtype=torch.bool)
+
+    enc = Lengths()
+    assert not enc.reads_syntax and enc(["a (cat"], syntax=True)[0].item() == len("a (cat")
+
+
 # ---- the bundled MiniLM encoder: emphasis the same way, chunks only past its window
 
 

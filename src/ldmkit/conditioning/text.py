@@ -9,6 +9,12 @@
 The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
 and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
 first few steps — the LDM recipe of precomputing conditioning, at no memory cost.
+
+Generation reads prompts in the AUTOMATIC1111 web UI's syntax (`forward(texts, syntax=True)`): the
+prompt is parsed and cut into chunks of the encoder's window (`conditioning.prompt`), each chunk is
+encoded on its own with textual-inversion vectors put in at the transformer's input
+(`conditioning.embeddings`), weighted at its output, and the chunks' contexts are concatenated. Both
+paths run the transformer through one `_run_ids`, so a plain prompt gives the same context either way.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ class CachedTextEncoder(nn.Module, ABC):
         With a fixed-window encoder (CLIP) a prompt with fewer chunks than the longest in the batch is
         padded with the empty prompt's chunk, attended to (A1111), not masked; `match_chunk_counts` does the
         same between the conditional and unconditional (negative prompt) batches of guidance."""
-        if syntax:
+        if syntax and self.reads_syntax:
             version = self._embeddings_version()
             keys = [("a1111", version, t) for t in texts]
             self._drop_stale_syntax(version)
@@ -73,7 +79,7 @@ class CachedTextEncoder(nn.Module, ABC):
                 for text, tok, m in zip(chunk, tokens, mask):
                     self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
         seqs = [self._cache[k] for k in keys]
-        if syntax and self.fixed_window:
+        if syntax and self.reads_syntax and self.fixed_window:
             seqs = self._pad_chunks(seqs, max(s.shape[0] for s in seqs))
         if self.cache_limit is not None:  # dicts keep insertion order: drop the oldest captions
             for old in list(self._cache)[: max(0, len(self._cache) - self.cache_limit)]:
@@ -90,6 +96,12 @@ class CachedTextEncoder(nn.Module, ABC):
         return len(self._cache)
 
     # ---- A1111 prompt syntax (conditioning.prompt): chunks, emphasis, textual-inversion embeddings
+
+    @property
+    def reads_syntax(self) -> bool:
+        """Whether this encoder implements the syntax path; one that does not (a test double, a custom
+        encoder with only `_encode`) reads every prompt as plain text."""
+        return type(self)._run_ids is not CachedTextEncoder._run_ids
 
     @property
     def chunk_length(self) -> int:
@@ -197,7 +209,7 @@ class CachedTextEncoder(nn.Module, ABC):
             def put_vectors(module, args, out):  # out: (B, L, D) token embeddings, before positions are added
                 out = out.clone()
                 for b, start, vec in fixes:
-                    out[b, start : start + vec.shape[0]] = vec.to(out.dtype)  # (n, D)
+                    out[b, start : start + vec.shape[0]] = vec.to(out.device, out.dtype)  # (n, D)
                 return out
 
             handle = table.register_forward_hook(put_vectors)
