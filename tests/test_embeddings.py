@@ -26,7 +26,8 @@ def clip():
 
 
 def a1111_pt(path, vectors, **meta):
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem,
+    # A1111 saves the trained vectors as they are, still requiring grad
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors.clone().requires_grad_()}, "name": path.stem,
                 "step": meta.get("step", 1500), "sd_checkpoint": "4c86efd0", "sd_checkpoint_name": "v1-5-pruned"}, path)
     return path
 

@@ -135,11 +135,6 @@ def parse_prompt(text: str, strict: bool = True) -> list[list[Piece]]:
     return [[p for p in s if p[0]] for s in sections]
 
 
-def has_syntax(text: str) -> bool:
-    """Whether `text` holds any character or keyword the parser reads (else it parses to itself, weight 1)."""
-    return bool(re.search(r"[\\()\[\]]", text) or _BREAK.search(text))
-
-
 @dataclass
 class Chunk:
     """One window of the text encoder: `tokens` without the start/end tokens, a weight per token, and

@@ -319,7 +319,7 @@ class MiniLMTextEncoder(CachedTextEncoder):
         return self.max_length
 
     def _piece_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.model.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+        return self.model.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
 
     def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         bert = self.model[0].auto_model
@@ -392,7 +392,7 @@ class CLIPTextEncoder(CachedTextEncoder):
         return self.tokenizer.model_max_length
 
     def _piece_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+        return self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] if texts else []
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
