@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ldmkit.conditioning.prompt import chunk_prompt, parse_prompt
 from ldmkit.errors import LdmkitError
 
 
@@ -178,8 +180,6 @@ class CachedTextEncoder(nn.Module, ABC):
     def _syntax_seqs(self, prompts: list[str]) -> list[torch.Tensor]:
         """Prompts → one (M_i, D) float32 context each: parse, chunk, encode chunk i of every prompt as one
         batch, weight, concatenate the chunks along the tokens (A1111's `forward`/`process_tokens`)."""
-        from ldmkit.conditioning.prompt import chunk_prompt, parse_prompt
-
         find = self._finder()
         per_prompt = [chunk_prompt(parse_prompt(p), self._piece_ids, self.chunk_length, self.comma_id, find)
                       for p in prompts]
@@ -257,8 +257,6 @@ def match_chunk_counts(encoder: CachedTextEncoder | None, *conds):
     prompt and the negative prompt have different numbers of chunks, the shorter is padded with the empty
     prompt's chunk, as A1111's CFG denoiser does (attended to, not masked out). Conds without a context,
     an encoder without fixed windows (MiniLM: masked padding is exact there), or equal lengths: unchanged."""
-    from dataclasses import replace
-
     ctxs = [c.context for c in conds if c is not None and c.context is not None]
     if encoder is None or not encoder.fixed_window or len({x.shape[1] for x in ctxs}) <= 1:
         return conds
