@@ -165,13 +165,14 @@ def test_an_embedding_never_straddles_two_chunks_and_takes_its_weight():
 # ---- the CLIP text encoder (a tiny random one: window 16, so 14 prompt tokens per chunk)
 
 
-def tiny_clip_encoder(seed=0):
+def tiny_clip_encoder(seed=0, sd2=False):
+    """`sd2`: SD 2's conventions, a pad token ("!") other than the end token and the penultimate layer."""
     from ldmkit.conditioning.text import CLIPTextEncoder
 
     chars = [chr(i) for i in range(33, 127)]
     vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
     tok = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[("c", "a"), ("ca", "t</w>")],
-                                     model_max_length=16)
+                                     model_max_length=16, **({"pad_token": "!"} if sd2 else {}))
     torch.manual_seed(seed)
     cfg = transformers.CLIPTextConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
@@ -181,7 +182,7 @@ def tiny_clip_encoder(seed=0):
     with torch.no_grad():  # a trained CLIP's last LayerNorm has a bias; with none every token's mean is 0, and
         # A1111's emphasis (restore the chunk's mean) would divide 0 by 0
         getattr(model, "text_model", model).final_layer_norm.bias.normal_(0.5, 0.2)
-    return CLIPTextEncoder.from_parts(model, tok)
+    return CLIPTextEncoder.from_parts(model, tok, skip_last_layer=sd2)
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +194,28 @@ def by_hand(enc, chunk_ids):
     """A chunk's context computed the plain way: [BOS] + ids + [EOS], padded to the window, through the model."""
     ids = [enc.bos_id] + chunk_ids + [enc.eos_id]
     ids += [enc.pad_id] * (enc.window - len(ids))
-    return enc.model(torch.tensor([ids])).last_hidden_state[0]  # (16, D)
+    out = enc.model(torch.tensor([ids]), output_hidden_states=True)
+    if enc.skip_last_layer:
+        return getattr(enc.model, "text_model", enc.model).final_layer_norm(out.hidden_states[-2])[0]  # (16, D)
+    return out.last_hidden_state[0]  # (16, D)
 
 
-def test_a_plain_prompt_within_the_window_gives_exactly_todays_context(clip):
+@pytest.mark.parametrize("sd2", [False, True])
+def test_a_plain_prompt_within_the_window_gives_exactly_todays_context(sd2):
+    enc = tiny_clip_encoder(sd2=sd2)
     texts = ["a cat", "", "the cat sat, on a mat"]
-    plain, plain_mask = clip(texts)
-    syntax, syntax_mask = clip(texts, syntax=True)
+    plain, plain_mask = enc(texts)
+    syntax, syntax_mask = enc(texts, syntax=True)
     assert torch.equal(plain, syntax) and torch.equal(plain_mask, syntax_mask)
-    assert clip.chunk_length == 14
+    assert enc.chunk_length == 14 and (enc.pad_id != enc.eos_id) == sd2
+
+
+def test_sd2_chunks_pad_with_its_pad_token_after_the_end_token():
+    enc = tiny_clip_encoder(sd2=True)
+    text = "a b c d e f g h i j k l m n o p q r s"
+    ids = enc._piece_ids([text])[0]
+    expected = torch.cat([by_hand(enc, ids[:14]), by_hand(enc, ids[14:])])
+    torch.testing.assert_close(enc([text], syntax=True)[0][0], expected, rtol=0, atol=1e-6)
 
 
 def test_the_cache_keeps_a_syntax_prompt_apart_from_the_same_caption(clip):
