@@ -137,6 +137,18 @@ def char_tokens(texts):
     return [[ord(c) for c in t if c != " "] for t in texts]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="abc,", max_size=60), st.integers(2, 8), st.integers(0, 10))
+def test_chunks_keep_every_token_in_order_and_each_fits_the_window(text, length, backtrack):
+    chunks = chunk_prompt(parse_prompt(text), char_tokens, chunk_length=length, comma_id=ord(","), backtrack=backtrack)
+    assert [t for c in chunks for t in c.tokens] == [ord(ch) for ch in text]
+    assert all(len(c.tokens) <= length and len(c.weights) == len(c.tokens) for c in chunks)
+    assert len(chunks) >= max(1, -(-len(text) // length))
+    for c, nxt in zip(chunks, chunks[1:]):  # a chunk cut short ends just after a comma, within `backtrack`
+        if len(c.tokens) < length:
+            assert c.tokens[-1] == ord(",") and length - len(c.tokens) < backtrack
+
+
 def test_chunks_hold_chunk_length_tokens_and_break_starts_a_new_one():
     chunks = chunk_prompt(parse_prompt("abcdefghij BREAK kl"), char_tokens, chunk_length=4)
     assert [[chr(i) for i in c.tokens] for c in chunks] == [list("abcd"), list("efgh"), list("ij"), list("kl")]
