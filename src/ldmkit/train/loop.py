@@ -115,14 +115,25 @@ def build_optimizer(params, o, device: torch.device, sharded: bool = False) -> t
         # multiplies it (1.0, as the authors advise). Its running sums are param-group entries (d, d_numerator, ...):
         # plain floats in state_dict(), so they resume exactly. Under FSDP each rank sees a shard: the library sums
         # the estimate across ranks when told (fsdp_in_use).
+        import contextlib
+        import io
+        import warnings
+
+        if o.lr < 0.1:  # kept as given (a user may mean it), but said: an AdamW-sized lr leaves it ~1000x too slow
+            warnings.warn(f"optim.optimizer=prodigy multiplies its own step-size estimate by optim.lr={o.lr:g}; its "
+                          "authors use lr=1.0 (--set optim.lr=1)", stacklevel=2)
         Prodigy = _import("prodigyopt", "Prodigy", "prodigy")
-        return Prodigy(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fsdp_in_use=sharded)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every build
+            return Prodigy(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fsdp_in_use=sharded)
     if name == "lion":
         # Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms"): lucidrains' lion-pytorch, the
         # implementation kohya's sd-scripts use; weight decay p ← p·(1 − lr·λ) as torch's AdamW
         Lion = _import("lion_pytorch", "Lion", "lion")
         return Lion(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     if name == "adamw8bit":
+        if sharded:
+            raise LdmkitError("optim.optimizer=adamw8bit does not run with optim.distributed=fsdp (its block-quantised "
+                              "moments do not follow the weights' shards); use ddp or another optimizer")
         return _adamw8bit(params, o, device)
     raise LdmkitError(f"unknown optim.optimizer {name!r}")  # the config's Literal refuses it first
 
@@ -145,13 +156,15 @@ def _adamw8bit(params: list, o, device: torch.device) -> torch.optim.Optimizer:
 
     # bitsandbytes' CPU backend tries, at import, to fetch an optional 4-bit matmul kernel from a hub and logs a
     # warning when it cannot (no network, untrusted repo); ldmkit uses only the optimizer, so the line is noise
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         AdamW8bit = _import("bitsandbytes.optim", "AdamW8bit", "adamw8bit")
     finally:
-        quiet.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     try:
         probe = torch.zeros(4096, device=device, requires_grad=True)
         probe.grad = torch.ones_like(probe)
