@@ -237,6 +237,7 @@ class Task(ABC):
     name = "train"  # the progress bar's label
     fsdp_refusal: str | None = None  # why optim.distributed=fsdp is refused, for tasks that refuse it
     saves_rng = False  # record the RNG state in the training state (the autoencoder's checkpoints do)
+    ema_warmup = True  # the EMA's decay warms up (ema.EMA); False: optim.ema_decay from the first step
     plot_keys: tuple[str, ...] = ("loss",)  # log keys drawn in OUT/loss.png
     module: nn.Module
     kind: str
@@ -358,7 +359,7 @@ def _restore(task: Task, resume: bool) -> tuple[int, dict]:
                                   f"as many (torchrun --nproc_per_node {len(positions)})")
             task.source.load_state_dict(positions[task.dist.rank])
     # from the (resumed) live weights, before sharding
-    task.ema = EMA(task.module, task.optim.ema_decay) if task.optim.ema_decay else None
+    task.ema = EMA(task.module, task.optim.ema_decay, task.ema_warmup) if task.optim.ema_decay else None
     if folder is not None and task.ema is not None and (folder / EMA_WEIGHTS).is_file():
         task.load_ema(task.ema.module, folder / EMA_WEIGHTS)
         task.ema.load_state_dict(state.get("ema", {"num_updates": start}))
