@@ -77,6 +77,22 @@ def test_unet_dropout_resumes_bit_for_bit(first_stage, tmp_path):
     assert_same_weights(ref, resumed)
 
 
+def test_lora_dropout_resumes_bit_for_bit(first_stage, tmp_path):
+    """peft's lora_dropout draws from the same global RNG: LoRA adapters (on the ResBlocks' convolutions) fine-tuned
+    from a trained model with dropout 0.3 resume bit for bit too."""
+    pytest.importorskip("peft")
+    from ldmkit.train.config import FinetuneConfig, LoraConfig
+
+    base = tiny_diffusion(first_stage)
+    train_diffusion(base, tmp_path / "base", progress=False)
+    cfg = tiny_diffusion(first_stage)
+    cfg.finetune = FinetuneConfig(init_from=str(tmp_path / "base"), train="lora")
+    cfg.lora = LoraConfig(rank=2, dropout=0.3, targets=["conv1", "conv2"])
+    ref, resumed = straight_and_resumed(cfg, tmp_path / "lora")
+    assert "lora" in torch.load(ref / "training_state.pt", weights_only=True)  # a LoRA run: only adapters trained
+    assert_same_weights(ref, resumed)  # its weights: the model with the adapter folded in
+
+
 def test_step_seed_is_a_function_of_seed_step_and_rank():
     """The masks of step `step` on rank `rank` depend on nothing else, and differ between steps and ranks (a
     global RNG stream apart from the step generator's: rng.step_generator(seed, step) is seeded differently)."""
