@@ -48,8 +48,9 @@ def test_each_optimizer_resumes_bit_for_bit(name, first_stage, tmp_path):  # noq
     expect = {"adamw": {"exp_avg", "exp_avg_sq"}, "adamw8bit": {"state1", "state2"}, "adafactor": {"row_var", "col_var"},
               "prodigy": {"exp_avg", "exp_avg_sq", "s", "p0"}, "lion": {"exp_avg"}}[name]
     assert expect <= set(first), sorted(first)  # the library's own state went into the checkpoint
-    if name == "prodigy":  # its step-size estimate lives in the param group: checkpointed too, and grown from d0
-        assert state["param_groups"][0]["d"] > 1e-6
+    if name == "prodigy":  # its step-size estimate's running sums live in the param group: checkpointed too
+        group = state["param_groups"][0]
+        assert group["d"] >= 1e-6 and group["d_numerator"] > 0, group
 
 
 def _train(opt_cfg: OptimConfig, steps: int = 5) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

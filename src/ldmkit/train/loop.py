@@ -114,7 +114,8 @@ def build_optimizer(params, o, device: torch.device, sharded: bool = False) -> t
         # Mishchenko & Defazio 2024: D-Adaptation's estimate of the distance to the solution sets the step; lr
         # multiplies it (1.0, as the authors advise). Its running sums are param-group entries (d, d_numerator, ...):
         # plain floats in state_dict(), so they resume exactly. Under FSDP each rank sees a shard: the library sums
-        # the estimate across ranks when told (fsdp_in_use).
+        # the estimate across ranks when told (fsdp_in_use). Bias correction, and the safeguard that keeps `fit`'s
+        # linear warm-up out of the estimate's denominator: what its authors advise for diffusion models (README).
         import contextlib
         import io
         import warnings
@@ -124,7 +125,8 @@ def build_optimizer(params, o, device: torch.device, sharded: bool = False) -> t
                           "authors use lr=1.0 (--set optim.lr=1)", stacklevel=2)
         Prodigy = _import("prodigyopt", "Prodigy", "prodigy")
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every build
-            return Prodigy(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fsdp_in_use=sharded)
+            return Prodigy(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, use_bias_correction=True,
+                           safeguard_warmup=o.warmup_steps > 0, fsdp_in_use=sharded)
     if name == "lion":
         # Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms"): lucidrains' lion-pytorch, the
         # implementation kohya's sd-scripts use; weight decay p ← p·(1 − lr·λ) as torch's AdamW
