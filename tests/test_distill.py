@@ -286,3 +286,37 @@ def test_a_learned_guidance_scale_gives_one_student_every_scale(teacher, tmp_pat
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     rc = main([*args[:-2], "--set", "guidance_range=[3, 2]", "--out", str(tmp_path / "bad")])
     assert rc != 0 and "guidance_range must be [lo, hi]" in capsys.readouterr().err
+
+
+def test_an_unlabelled_item_is_distilled_with_the_null_class_not_class_0():
+    """Label −1 (no label) is the null class everywhere (training, guidance's unconditional branch); distillation
+    once turned it into class 0 with clamp_min(0)."""
+    from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
+    from ldmkit.train.distill import batch_condition
+
+    conditioner = Conditioner(ConditionerConfig(num_classes=18, drop_label=0.5))
+    cond = batch_condition(conditioner, {"label": torch.tensor([-1, 0, 5, -1]), "text": ["", "", "", ""]}, 4)
+    assert cond.labels.tolist() == [18, 0, 5, 18]  # and no dropout: the 0 and the 5 stay
+    assert torch.equal(cond.labels[:1], conditioner.uncond(1).labels)
+
+
+def test_the_target_network_averages_at_the_constant_lcm_rate():
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ with μ = optim.ema_decay from the first update (LCM Algorithm 1, line 8; diffusers'
+    train_lcm_distill_sd_wds.py, 0.95), not the warm-up min(μ, (1 + n)/(10 + n)) of the other trainers' EMA."""
+    from ldmkit.train.distill import DistillTask
+    from ldmkit.train.ema import EMA
+    from ldmkit.train.loop import Task
+
+    assert DistillTask.ema_warmup is False and Task.ema_warmup is True
+    live = torch.nn.Linear(3, 2)
+    ema = EMA(live, 0.95, warmup=DistillTask.ema_warmup)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    ema.update(live)
+    torch.testing.assert_close(ema.module.weight, 0.95 * start + 0.05 * live.weight.detach(), rtol=0, atol=1e-7)
+    warm = EMA(torch.nn.Linear(3, 2), 0.95)  # the warm-up's first rate: (1 + 1)/(10 + 1)
+    w0 = warm.module.weight.detach().clone()
+    target = torch.nn.Linear(3, 2)
+    warm.update(target)
+    torch.testing.assert_close(warm.module.weight, 2 / 11 * w0 + 9 / 11 * target.weight.detach(), rtol=0, atol=1e-6)

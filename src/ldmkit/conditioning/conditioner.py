@@ -1,9 +1,13 @@
 """The Conditioner: a batch of raw conditions → `Cond`, with per-route condition dropout.
 
 Classifier-free guidance (Ho & Salimans, 2022) needs one model that is both conditional and
-unconditional; it is trained by replacing each condition with its "null" value with probability
-p_route, independently per route (so text and label can be guided separately). Null values:
-the empty caption "" for text (as Stable Diffusion), the extra class index `num_classes` for labels.
+unconditional; it is trained by replacing conditions with their "null" values. Two draws per item, as
+Stability's generative-models (SGM) conditioner: each route is dropped with its own probability p_route
+(`drop_text`, `drop_label`: SGM's `ucg_rate` per embedder), and with probability `drop_all` every route
+is dropped together. Guidance's unconditional branch (`uncond`) nulls all routes at once, so that is the
+condition it needs trained: with independent draws alone, text and label at 0.1 each give it 1 % of the
+items; P(all null) = p_all + (1 − p_all)·p_text·p_label. Null values: the empty caption "" for text (as
+Stable Diffusion), the extra class index `num_classes` for labels; the micro-conditions are never dropped.
 """
 
 from __future__ import annotations
@@ -32,8 +36,14 @@ class ConditionerConfig(BaseModel):
         False, description="SDXL's size and crop conditioning: (original height, width, crop top, left, target height, "
         "width) as Fourier features on the vector route, so a model trained on crops and buckets learns what a crop is")
     num_classes: int = Field(0, ge=0, description="class-label route (0: off)")
-    drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training")
-    drop_label: float = Field(0.1, ge=0, le=1, description="P(label → null class) in training")
+    drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training, drawn per item on its own "
+                             "(SGM's ucg_rate of the text embedder); the text is also dropped with drop_all")
+    drop_label: float = Field(0.1, ge=0, le=1, description="P(label → null class) in training, drawn per item on its "
+                              "own (SGM's ucg_rate of the class embedder); the label is also dropped with drop_all")
+    drop_all: float = Field(0.0, ge=0, le=1, description="P(every route → null together) in training: the condition "
+                            "guidance's unconditional branch uses. Independent drops alone give it "
+                            "drop_text·drop_label (1 % at 0.1 each); 0 keeps that (and earlier configs' draws). "
+                            "P(text null) = drop_all + (1 − drop_all)·drop_text, likewise for the label")
 
 
 class Conditioner(nn.Module):
@@ -87,20 +97,30 @@ class Conditioner(nn.Module):
         size_crop: torch.Tensor | None = None,
         prompt_syntax: bool = False,
     ) -> Cond:
-        """Build the Cond for a batch. In training, drop each route per sample with its probability.
+        """Build the Cond for a batch. In training, drop every route of an item with probability drop_all, and
+        each route on its own with its probability (module docstring).
         `size_crop` (B, 6): the micro-conditions of a model with `micro_conditioning` (never dropped).
         `prompt_syntax`: read the captions as prompts in the A1111 web UI's syntax (emphasis, BREAK, chunks
         past the encoder's window, embedding names); generation sets it, training never does (a caption's
         parentheses are text)."""
         n = batch_size or (len(texts) if texts is not None else (labels.shape[0] if labels is not None else 0))
         cond = Cond()
+        # drop_all first, then each route's own draw, all from the step's generator (exact resume); with drop_all = 0
+        # nothing extra is drawn, so a config without it draws exactly what it drew before the option existed
+        null_all = None
+        if train and self.cfg.drop_all > 0:
+            null_all = (BatchRandom.of(generator, n).rand() < self.cfg.drop_all).cpu()  # (n,) bool
         if self._text is not None:
             if texts is None:
                 texts = [""] * n
             if len(texts) != n:
                 raise LdmkitError(f"got {len(texts)} captions for a batch of {n}")
-            if train and self.cfg.drop_text > 0:
-                keep = BatchRandom.of(generator, n).rand() >= self.cfg.drop_text
+            if train and (self.cfg.drop_text > 0 or null_all is not None):
+                keep = torch.ones(n, dtype=torch.bool)
+                if self.cfg.drop_text > 0:
+                    keep = (BatchRandom.of(generator, n).rand() >= self.cfg.drop_text).cpu()  # (n,)
+                if null_all is not None:
+                    keep &= ~null_all
                 texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
             cond.context, cond.context_mask = self._text(list(texts), syntax=prompt_syntax)
             if self.cfg.pooled_text:
@@ -114,7 +134,7 @@ class Conditioner(nn.Module):
             cond.vector = micro if cond.vector is None else torch.cat([cond.vector, micro.to(cond.vector.device)], 1)
         if self.cfg.num_classes:
             drop = self.cfg.drop_label if train else 0.0
-            cond.labels = label_condition(labels, self.cfg.num_classes, n, drop, generator)
+            cond.labels = label_condition(labels, self.cfg.num_classes, n, drop, generator, force_null=null_all)
         elif labels is not None and (labels >= 0).any():
             raise LdmkitError("this model has no class conditioning; train it with num_classes > 0 to use labels")
         return cond

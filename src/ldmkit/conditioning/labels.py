@@ -13,9 +13,10 @@ from ldmkit.rng import BatchRandom
 
 
 def label_condition(labels: torch.Tensor | None, num_classes: int, n: int, drop: float = 0.0,
-                    generator: torch.Generator | BatchRandom | None = None) -> torch.Tensor:
+                    generator: torch.Generator | BatchRandom | None = None,
+                    force_null: torch.Tensor | None = None) -> torch.Tensor:
     """(n,) long labels in [0, num_classes], num_classes = null; None → all null; each dropped to null
-    with probability `drop` (training)."""
+    with probability `drop` (training), and those where `force_null` (n,) bool is set (the Conditioner's drop_all)."""
     null = num_classes
     if labels is None:
         labels = torch.full((n,), -1, dtype=torch.long)  # no label: the null class, below
@@ -26,4 +27,6 @@ def label_condition(labels: torch.Tensor | None, num_classes: int, n: int, drop:
     if drop > 0:
         dropped = (BatchRandom.of(generator, n).rand() < drop).cpu()
         labels[dropped] = null
+    if force_null is not None:
+        labels[force_null.cpu()] = null
     return labels

@@ -67,9 +67,19 @@ class OptimConfig(BaseModel):
 
     steps: int = Field(2000, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="global batch size")
-    lr: float = Field(2e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = Field(
+        "adamw", description="adamw (torch); adamw8bit (bitsandbytes' AdamW8bit: 8-bit moments, ldmkit[adamw8bit]); "
+        "adafactor (torch.optim.Adafactor, torch >= 2.5: factored second moment, no first moment; lr caps its relative "
+        "step, torch's default 1e-2; betas unused); prodigy (prodigyopt, ldmkit[prodigy]: estimates the step size "
+        "itself, set lr=1.0, which multiplies it; bias correction on, and its warm-up safeguard with warmup_steps; its "
+        "authors suggest weight_decay 0.01 for diffusion); lion (lion-pytorch, ldmkit[lion]: sign updates, its paper's "
+        "lr is 3-10x below AdamW's with betas (0.9, 0.99) and 3-10x the weight decay). Every one's state is "
+        "checkpointed; the autoencoder's GAN discriminator keeps AdamW")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (after warm-up; prodigy: a multiplier of its own "
+                      "estimate, 1.0)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw, adamw8bit, prodigy, lion: the moments' decay "
+                                       "rates (adafactor has none)")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (every optimizer)")
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warm-up")
     grad_clip: float | None = Field(1.0, gt=0)

@@ -131,7 +131,7 @@ def load_base(path: str, drop_prompt: float | None = None):
                           "train-control supports base models without one")
     if drop_prompt is not None:
         cond = ldm.conditioner
-        cond.cfg = cond.cfg.model_copy(update={"drop_text": drop_prompt, "drop_label": drop_prompt})
+        cond.cfg = cond.cfg.model_copy(update={"drop_text": drop_prompt, "drop_label": drop_prompt, "drop_all": 0.0})
     return ldm.eval().requires_grad_(False), folder
 
 

@@ -10,8 +10,8 @@
                                  DDIM is DPM-Solver's first-order step, eq. 8 of the paper)
                   L = d(f_θ(z_{t_n}, t_n, c),  f_θ⁻(ẑ_{t_{n−1}}, t_{n−1}, c))       (Algorithm 1, line 7)
               f(z, t) = c_skip(t) z + c_out(t) x̂0(z, t) (eq. 9: the boundary condition f(z, 0) = z);
-              d the pseudo-Huber distance (Song & Dhariwal 2023) or L2; θ⁻ the EMA of θ (line 8: the target
-              network, `fit`'s EMA with optim.ema_decay, 0.95 as the LCM code), θ by AdamW
+              d the pseudo-Huber distance (Song & Dhariwal 2023) or L2; θ⁻ the EMA of θ at a constant rate (line 8:
+              the target network, `fit`'s EMA with optim.ema_decay, 0.95 as the LCM code), θ by optim.optimizer (AdamW)
     periodic: a 4-step LCM sample grid from the target network, atomic checkpoint
 
 One guidance scale. The paper samples w from a range and feeds it to the student through a w-embedding
@@ -179,6 +179,16 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str, c: float) -> t
     return (diff.pow(2) + c * c).sqrt().sub(c).mean()
 
 
+def batch_condition(conditioner, batch: dict, n: int):
+    """The Cond of a batch's items for teacher and student, without dropout (the student learns the teacher's
+    guided ODE for the data's own conditions). An unlabelled item (label −1) gets the null class, as in training
+    and in guidance's unconditional branch; it is not class 0."""
+    cc = conditioner.cfg
+    texts = batch["text"] if cc.text_encoder else None
+    labels = batch["label"] if cc.num_classes else None
+    return conditioner(texts=texts, labels=labels, batch_size=n)
+
+
 def load_teacher(path: str):
     """The frozen teacher LatentDiffusion (EMA weights), its checkpoint folder and meta."""
     if not path:
@@ -229,6 +239,12 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
 
     name = "distill"
     kind = "latent_diffusion"
+    # The target θ⁻ at a constant rate μ = optim.ema_decay from the first step, as Algorithm 1 (line 8) and the LCM
+    # reference (diffusers' train_lcm_distill_sd_wds.py: update_ema(..., args.ema_decay), 0.95). The usual warm-up
+    # min(μ, (1 + n)/(10 + n)) exists to forget a random initialisation; here student and target both start as the
+    # teacher, and the warm-up would only make the target the online student for its first ~170 steps (0.18 at the
+    # first update), the instability a lagging target is there to avoid.
+    ema_warmup = False
     fsdp_refusal = "optim.distributed=fsdp is not supported for distillation; use ddp"
 
     def __init__(self, cfg: DistillConfig, out: Path, dist, device: torch.device, progress: bool):
@@ -303,7 +319,7 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
     # --- the loss ----------------------------------------------------------------------------------
     def piece_loss_at(self, step: int):
         cfg, o, ldm = self.cfg, self.optim, self.ldm
-        cc, schedule, pt = ldm.config.conditioner, ldm.schedule, ldm.config.diffusion.prediction_type
+        schedule, pt = ldm.schedule, ldm.config.diffusion.prediction_type
         shift, scale = ldm.autoencoder.config.shift_factor, ldm.autoencoder.config.scaling_factor
         target_net = self.ema.module if self.ema is not None else self.module  # θ⁻ (no EMA: the student, stopped)
 
@@ -316,9 +332,7 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
             noise = r.randn(*z0.shape[1:]).to(z0.device)  # (b, c, h, w)
             t, s = self.grid[n].to(z0.device), self.prev[n].to(z0.device)  # (b,) t_{n+k}, t_n of the paper
             z_t = q_sample(schedule, z0, t, noise)  # (b, c, h, w), line 5
-            texts = batch["text"] if cc.text_encoder else None
-            labels = batch["label"].clamp_min(0) if cc.num_classes else None
-            cond = ldm.conditioner(texts=texts, labels=labels, batch_size=b).to(z0.device)  # no dropout
+            cond = batch_condition(ldm.conditioner, batch, b).to(z0.device)
             w = cfg.guidance
             if cfg.guidance_range is not None:  # Algorithm 1, line 4: ω ~ U[ω_min, ω_max], one per item
                 lo_w, hi_w = cfg.guidance_range

@@ -51,7 +51,8 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
         raise LdmkitError(f"the config's concat route ({cfg.concat.kind}) is not the one {path} was trained with "
                           f"({mc.concat.kind if mc.concat else 'none'}); fine-tuning keeps the model's inputs")
     cond_cfg = mc.conditioner.model_copy(update={"drop_text": cfg.conditioner.drop_text,
-                                                 "drop_label": cfg.conditioner.drop_label})
+                                                 "drop_label": cfg.conditioner.drop_label,
+                                                 "drop_all": cfg.conditioner.drop_all})
     mc = mc.model_copy(update={"image_size": cfg.data.size, "conditioner": cond_cfg})
     conditioner = Conditioner(cond_cfg, text_encoder=src.conditioner.text_encoder)
     ldm = LatentDiffusion(mc, conditioner=conditioner)

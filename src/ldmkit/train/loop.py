@@ -91,6 +91,93 @@ def adamw(params, lr: float, betas: tuple[float, float], weight_decay: float) ->
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused or None)
 
 
+def build_optimizer(params, o, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
+    """The optimizer `optim.optimizer` names, over `params` (config.OptimConfig: every one gets lr, weight decay and,
+    where it has moments to decay, betas; `fit` sets each group's lr every step from `lr_at`). Each comes from the
+    library that maintains it, an optional extra; a missing library or a device it cannot run on is one line naming
+    the install command. Every state is a plain optimizer `state_dict` (tensors, numbers), checkpointed and loaded
+    back by `fit`, so `--resume` continues bit for bit (tests/test_optimizers.py)."""
+    name = o.optimizer
+    params = list(params)  # all of them, frozen ones too (each library skips a parameter without a gradient), so
+    # the state's parameter indices are those of checkpoints written before there was a choice
+    if name == "adamw":
+        return adamw(params, o.lr, o.betas, o.weight_decay)
+    if name == "adafactor":
+        # torch's own (Shazeer & Stern 2018, Algorithm 4 without the first moment, as the paper's large-scale runs):
+        # no extra dependency, a foreach kernel, and one algorithm whatever else is installed. transformers' Adafactor
+        # is another parameterisation (relative_step, scale_parameter, warmup_init), which one name cannot cover.
+        if not hasattr(torch.optim, "Adafactor"):
+            raise LdmkitError(f"optim.optimizer=adafactor needs torch >= 2.5 (torch.optim.Adafactor); this is torch "
+                              f"{torch.__version__}: upgrade torch or choose another optim.optimizer")
+        return torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
+    if name == "prodigy":
+        # Mishchenko & Defazio 2024: D-Adaptation's estimate of the distance to the solution sets the step; lr
+        # multiplies it (1.0, as the authors advise). Its running sums are param-group entries (d, d_numerator, ...):
+        # plain floats in state_dict(), so they resume exactly. Under FSDP each rank sees a shard: the library sums
+        # the estimate across ranks when told (fsdp_in_use). Bias correction, and the safeguard that keeps `fit`'s
+        # linear warm-up out of the estimate's denominator: what its authors advise for diffusion models (README).
+        import contextlib
+        import io
+        import warnings
+
+        if o.lr < 0.1:  # kept as given (a user may mean it), but said: an AdamW-sized lr leaves it ~1000x too slow
+            warnings.warn(f"optim.optimizer=prodigy multiplies its own step-size estimate by optim.lr={o.lr:g}; its "
+                          "authors use lr=1.0 (--set optim.lr=1)", stacklevel=2)
+        Prodigy = _import("prodigyopt", "Prodigy", "prodigy")
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every build
+            return Prodigy(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, use_bias_correction=True,
+                           safeguard_warmup=o.warmup_steps > 0, fsdp_in_use=sharded)
+    if name == "lion":
+        # Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms"): lucidrains' lion-pytorch, the
+        # implementation kohya's sd-scripts use; weight decay p ← p·(1 − lr·λ) as torch's AdamW
+        Lion = _import("lion_pytorch", "Lion", "lion")
+        return Lion(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if name == "adamw8bit":
+        if sharded:
+            raise LdmkitError("optim.optimizer=adamw8bit does not run with optim.distributed=fsdp (its block-quantised "
+                              "moments do not follow the weights' shards); use ddp or another optimizer")
+        return _adamw8bit(params, o, device)
+    raise LdmkitError(f"unknown optim.optimizer {name!r}")  # the config's Literal refuses it first
+
+
+def _import(module: str, attr: str, extra: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise LdmkitError(f"optim.optimizer={extra} needs the {module} package: pip install 'ldmkit[{extra}]'") from e
+
+
+def _adamw8bit(params: list, o, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): both moments
+    stored as 8-bit block-quantised codes (tensors of 4096+ elements; smaller ones keep 32-bit moments). bitsandbytes
+    runs it on CUDA, and on the CPU from the releases that ship a CPU kernel (0.50 does): one 8-bit update of a
+    throw-away tensor on `device` finds out before training starts."""
+    import logging
+
+    # bitsandbytes' CPU backend tries, at import, to fetch an optional 4-bit matmul kernel from a hub and logs a
+    # warning when it cannot (no network, untrusted repo); ldmkit uses only the optimizer, so the line is noise
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        AdamW8bit = _import("bitsandbytes.optim", "AdamW8bit", "adamw8bit")
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+    try:
+        probe = torch.zeros(4096, device=device, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        AdamW8bit([probe], lr=1e-3).step()
+    except Exception as e:  # noqa: BLE001 - the library raises several types for an unsupported device
+        raise LdmkitError(f"optim.optimizer=adamw8bit: this bitsandbytes cannot run on {device} ({type(e).__name__}); "
+                          f"it needs a CUDA device (or a bitsandbytes with a CPU kernel: pip install -U "
+                          f"'ldmkit[adamw8bit]'), or choose another optim.optimizer") from e
+    return AdamW8bit(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
 # --- learning rate -------------------------------------------------------------------------------
 
 
@@ -112,6 +199,22 @@ def rng_state() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global torch RNG (CPU and every CUDA device) for training step `step` on rank `rank`.
+
+    The step's own draws (noise, timesteps, condition dropout) come from `rng.step_generator`; what is left on
+    the global RNG are the draws inside modules: the U-Net's dropout and peft's `lora_dropout` masks. Seeding it
+    per step makes those a function of (seed, step, rank), so a run resumed at any step draws the masks the
+    uninterrupted run drew (re-seeding once at the start, as `_fit` does for the weights' initialisation, would
+    restart the stream). The masks depend on the rank's rows (dropout acts on the local batch), so exactness holds
+    for the same number of processes and micro-batches, not across them. The seed is a hash, not seed·k + step,
+    so its stream is not the step generator's (a mask would otherwise repeat the step's noise draws)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"ldmkit global rng {seed} {step} {rank}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
@@ -136,6 +239,7 @@ class Task(ABC):
     name = "train"  # the progress bar's label
     fsdp_refusal: str | None = None  # why optim.distributed=fsdp is refused, for tasks that refuse it
     saves_rng = False  # record the RNG state in the training state (the autoencoder's checkpoints do)
+    ema_warmup = True  # the EMA's decay warms up (ema.EMA); False: optim.ema_decay from the first step
     plot_keys: tuple[str, ...] = ("loss",)  # log keys drawn in OUT/loss.png
     module: nn.Module
     kind: str
@@ -257,7 +361,7 @@ def _restore(task: Task, resume: bool) -> tuple[int, dict]:
                                   f"as many (torchrun --nproc_per_node {len(positions)})")
             task.source.load_state_dict(positions[task.dist.rank])
     # from the (resumed) live weights, before sharding
-    task.ema = EMA(task.module, task.optim.ema_decay) if task.optim.ema_decay else None
+    task.ema = EMA(task.module, task.optim.ema_decay, task.ema_warmup) if task.optim.ema_decay else None
     if folder is not None and task.ema is not None and (folder / EMA_WEIGHTS).is_file():
         task.load_ema(task.ema.module, folder / EMA_WEIGHTS)
         task.ema.load_state_dict(state.get("ema", {"num_updates": start}))
@@ -273,7 +377,7 @@ def _prepare(task: Task, state: dict, resume: bool) -> tuple[torch.optim.Optimiz
     task.trained = wrap(task.forward_module(), task.dist, task.device, o.distributed)
     if task.ema is not None and is_sharded(task.module):  # the average sharded like the weights: 1/world per rank
         wrap(task.ema.module, task.dist, task.device, o.distributed)
-    opt = adamw(task.module.parameters(), o.lr, o.betas, o.weight_decay)
+    opt = build_optimizer(task.module.parameters(), o, task.device, is_sharded(task.module))
     stepper = Stepper(task.trained, opt, task.module.parameters(), o.grad_clip, o.batch_size, o.grad_accum, task.dist,
                       task.device, task.out, o.precision)
     if resume:
@@ -341,6 +445,7 @@ def _run_steps(task: Task, start: int, opt: torch.optim.Optimizer, stepper: Step
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule)
             out_of_time = time_limit is not None and time.time() - t0 > time_limit
+            seed_step(o.seed, step, task.dist.rank)  # dropout masks: a function of the step, so resume is exact
             loss, (interrupted, out_of_time) = stepper(step, task.piece_loss_at(step), (stop.requested, out_of_time))
             task.after_update(step)
             if task.ema is not None:
