@@ -32,6 +32,7 @@ class CachedTextEncoder(nn.Module, ABC):
         super().__init__()
         self._cache: dict[str, torch.Tensor] = {}
         self.cache_limit: int | None = None  # keep at most this many captions (the most recently added)
+        self.encode_alone = False  # trainers set it after warming the cache (forward says why)
 
     @abstractmethod
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +41,15 @@ class CachedTextEncoder(nn.Module, ABC):
     @torch.no_grad()
     def forward(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch.
-        `syntax`: prompts in the A1111 web UI's syntax (not yet read: the text is encoded as it is)."""
+        `syntax`: prompts in the A1111 web UI's syntax (not yet read: the text is encoded as it is).
+        With `encode_alone`, a caption not cached is encoded in a batch of its own: a batched pass differs
+        from a lone one by ~1e-6 (padding and batched matmuls), so otherwise a caption's tokens would depend
+        on which captions happened to miss the cache with it, and a resumed training run whose cache starts
+        empty (shuffled or dropped tags, a lazily read collection) would drift from the uninterrupted one."""
         missing = sorted({t for t in texts if t not in self._cache})
-        for i in range(0, len(missing), 256):
-            chunk = missing[i : i + 256]
+        step = 1 if self.encode_alone else 256
+        for i in range(0, len(missing), step):
+            chunk = missing[i : i + step]
             tokens, mask = self._encode(chunk)
             for text, tok, m in zip(chunk, tokens, mask):
                 self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching
