@@ -285,7 +285,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         if item.repeats != 1:
             repeats[item.file.split("/")[0]] = item.repeats
     per_folder = ", ".join(f"{name}/ x{n}" for name, n in repeats.items())
-    print(f"an epoch is {len(ds.epoch)} images with repeats" + (f" ({per_folder})" if per_folder else " (no repeat folders)"))
+    print(f"an epoch is {len(ds.epoch)} images with repeats" + (f" ({per_folder})" if per_folder else " (no repeat folders)")
+          + "; training holds about 5 % of the images out for validation")
     if args.mask == "files":
         print(f"{sum(item.mask is not None for item in ds.items)} of {len(ds)} images have a mask file; the rest train whole")
     return 0
