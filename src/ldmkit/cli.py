@@ -267,13 +267,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     ds = ImageFolderDataset(args.folder, size=args.size, split="all", skip_bad=args.skip_bad_images,
-                            allow_outside_links=args.allow_outside_links)
+                            allow_outside_links=args.allow_outside_links, caption_extension=args.caption_extension,
+                            filename_captions=args.filename_captions, mask=args.mask)
     files, reused = ds.checked
     captions = sum(bool(item.text) for item in ds.items)
     control = "with" if ds.items[0].control else "without"
     print(f"{len(ds)} images ready in {args.folder} ({captions} with captions, {ds.num_classes} classes, {control} "
           f"conditioning images); {files} files checked in {time.time() - t0:.1f} s, {reused} unchanged since the "
           f"last check; index: {index_path(args.folder)}")
+    bare = [item.file for item in ds.items if not item.text]
+    if bare:
+        named = ", ".join(bare[:5]) + (f", and {len(bare) - 5} more" if len(bare) > 5 else "")
+        print(f"{len(bare)} image{'s' if len(bare) != 1 else ''} without captions (no metadata text, {args.caption_extension} file or repeat-folder "
+              f"word): {named}")
+    repeats = {}
+    for item in ds.items:
+        if item.repeats != 1:
+            repeats[item.file.split("/")[0]] = item.repeats
+    per_folder = ", ".join(f"{name}/ x{n}" for name, n in repeats.items())
+    print(f"an epoch is {len(ds.epoch)} images with repeats" + (f" ({per_folder})" if per_folder else " (no repeat folders)")
+          + "; training holds about 5 % of the images out for validation")
+    if args.mask == "files":
+        print(f"{sum(item.mask is not None for item in ds.items)} of {len(ds)} images have a mask file; the rest train whole")
     return 0
 
 
@@ -535,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "reduced scale no smaller than it)")
     dc.add_argument("--skip-bad-images", action="store_true", help="report bad files as a warning, not an error")
     dc.add_argument("--allow-outside-links", action="store_true", help="symlinks may point outside the folder")
+    dc.add_argument("--caption-extension", default=".txt", help="caption files beside the images (data.caption_extension; "
+                    "default %(default)s)")
+    dc.add_argument("--filename-captions", action="store_true", help="caption an image without one by its file name "
+                    "(data.filename_captions)")
+    dc.add_argument("--mask", default="none", choices=["none", "alpha", "files"], help="also check the loss masks "
+                    "(data.mask; files: NAME_mask.png or metadata's mask column)")
     dc.set_defaults(func=cmd_data_check)
 
     ds = dsub.add_parser("make-shards", help="write a folder of images (and its metadata.jsonl) as WebDataset tar "

@@ -198,8 +198,12 @@ class LatentDiffusion(nn.Module):
         unet: Callable[..., torch.Tensor] | None = None,
         control: torch.Tensor | None = None,
         size_crop: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoising loss on normalised latents z0 (B, c, h, w), conditions dropped per route.
+        `loss_mask` (B, 1, H, W) in [0, 1] at pixel (or latent) resolution weights the loss (`data.mask`): it
+        is area-averaged to the latent grid, each latent cell weighted by the share of its pixels that train
+        (`DiffusionObjective`: cells at 0 get no gradient, a mask of ones is the plain loss).
         `size_crop` (B, 6) are the micro-conditions of a model that has them (default: uncropped, own size).
         `images` (B, 3, H, W) in [-1, 1] (and the dataset's `masks` (B, 1, H, W), optional) feed the
         concatenation route; its random masks and dropout come from `generator` too (a BatchRandom
@@ -223,7 +227,12 @@ class LatentDiffusion(nn.Module):
             images = images.to(latents.device) if images is not None else None
             cond.concat = self.concat_condition(images, masks, train=True, generator=generator,
                                                 labels=labels).to(latents.device)
-        return self.objective(lambda z, t: unet(z, t, cond), latents, generator)
+        if loss_mask is not None and loss_mask.shape[-2:] != latents.shape[-2:]:
+            # area average: an f x f block of pixels per cell, the image's side f times the latent's
+            loss_mask = F.interpolate(loss_mask.float(), size=latents.shape[-2:], mode="area")  # (B, 1, h, w)
+        if loss_mask is not None:
+            loss_mask = loss_mask.to(latents.device)
+        return self.objective(lambda z, t: unet(z, t, cond), latents, generator, loss_mask=loss_mask)
 
     # --- sampling --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -48,6 +48,7 @@ class CachedTextEncoder(nn.Module, ABC):
         self.cache_limit: int | None = None  # keep at most this many captions (the most recently added)
         self.embeddings = None  # an EmbeddingLibrary (conditioning.embeddings.attach_embeddings), read in syntax prompts
         self._emb_ids: tuple | None = None  # (library version, {first token: [(ids, name), …] longest first})
+        self.encode_alone = False  # trainers set it after warming the cache (forward says why)
 
     @abstractmethod
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,11 @@ class CachedTextEncoder(nn.Module, ABC):
         training never does. A syntax prompt is cached apart from the same caption read as plain text.
         With a fixed-window encoder (CLIP) a prompt with fewer chunks than the longest in the batch is
         padded with the empty prompt's chunk, attended to (A1111), not masked; `match_chunk_counts` does the
-        same between the conditional and unconditional (negative prompt) batches of guidance."""
+        same between the conditional and unconditional (negative prompt) batches of guidance.
+        With `encode_alone`, a caption not cached is encoded in a batch of its own: a batched pass differs
+        from a lone one by ~1e-6 (padding and batched matmuls), so otherwise a caption's tokens would depend
+        on which captions happened to miss the cache with it, and a resumed training run whose cache starts
+        empty (shuffled or dropped tags, a lazily read collection) would drift from the uninterrupted one."""
         if syntax and self.reads_syntax:
             version = self._embeddings_version()
             keys = [("a1111", version, t) for t in texts]
@@ -75,8 +80,9 @@ class CachedTextEncoder(nn.Module, ABC):
         else:
             keys = list(texts)
             missing = sorted({t for t in texts if t not in self._cache})
-            for i in range(0, len(missing), 256):
-                chunk = missing[i : i + 256]
+            step = 1 if self.encode_alone else 256
+            for i in range(0, len(missing), step):
+                chunk = missing[i : i + step]
                 tokens, mask = self._encode(chunk)
                 for text, tok, m in zip(chunk, tokens, mask):
                     self._cache[text] = tok[m.bool()].float().cpu().clone()  # drop padding before caching

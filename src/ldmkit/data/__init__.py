@@ -56,12 +56,15 @@ def dataset_names() -> list[str]:
 
 
 def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_bad: bool = False,
-                  length: int | None = None, allow_outside_links: bool = False) -> Dataset:
+                  length: int | None = None, allow_outside_links: bool = False, caption_extension: str = ".txt",
+                  filename_captions: bool = False, mask: str = "none") -> Dataset:
     """A built-in dataset by name, the first items of tar shards, a Hugging Face dataset, or an
     `ImageFolderDataset` for a folder path.
 
     `length` sets the number of items of procedural datasets (shapes, photos) and is ignored by
-    fixed ones; `skip_bad` only matters for folders. A built-in name wins over a folder of that name.
+    fixed ones; `skip_bad` only matters for folders; `caption_extension` and `mask` for folders and
+    shards, `filename_captions` for folders (the `data.*` options of the same names). A built-in name
+    wins over a folder of that name.
     """
     if name_or_path in DATASETS:
         return DATASETS[name_or_path](size=size, split=split, seed=seed, length=length)
@@ -69,7 +72,10 @@ def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_
     from ldmkit.data.shards import ShardItems, is_shard_spec
 
     if is_shard_spec(name_or_path):  # a stream: its first items (training streams them: ldmkit.train.data)
-        return ShardItems(name_or_path, size, split, limit=length or 1024, skip_bad=skip_bad)
+        from ldmkit.data.shards import caption_field
+
+        return ShardItems(name_or_path, size, split, limit=length or 1024, skip_bad=skip_bad,
+                          caption=caption_field(caption_extension), mask=mask)
     if is_hf_spec(name_or_path):
         from ldmkit.data.hf import HFImageDataset
 
@@ -78,7 +84,8 @@ def build_dataset(name_or_path: str, size: int, split: str, seed: int = 0, skip_
         from ldmkit.data.folder import ImageFolderDataset
 
         return ImageFolderDataset(name_or_path, size=size, split=split, seed=seed, skip_bad=skip_bad,
-                                  allow_outside_links=allow_outside_links)
+                                  allow_outside_links=allow_outside_links, caption_extension=caption_extension,
+                                  filename_captions=filename_captions, mask=mask)
     raise LdmkitError(
         f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)}, or the path of a folder of images "
         "(no such folder exists)"

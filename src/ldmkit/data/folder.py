@@ -18,6 +18,23 @@ Images become RGB: greyscale is replicated, palette images expanded, 16-bit scal
 transparency is composited onto WHITE; EXIF orientation is applied (`ldmkit.imageio.open_image`, which
 also refuses decompression bombs by their header).
 
+Captions, in order of precedence (kohya's sd-scripts, SimpleTuner and ai-toolkit read the same files):
+
+    1. metadata.jsonl's "text"
+    2. a caption file beside the image, `NAME` + `caption_extension` (default ".txt"), UTF-8 with or
+       without a byte-order mark, stripped
+    3. the word of its kohya repeat folder (below)
+    4. with `filename_captions`, the file name's stem, underscores as spaces; else none, as kohya
+
+kohya repeat folders: an image whose first folder under the root is named `N_word` (e.g. `10_sks dog/`)
+appears N times in each epoch, and `word` captions it when 1 and 2 give nothing. Other folders repeat
+once. The repeats are `epoch`: the item indices of one epoch, each as often as it repeats.
+
+Loss masks (`mask`): "alpha" keeps the image's alpha channel as the mask (the pixels are still flattened
+onto white); "files" reads `NAME_mask.png` beside the image, or metadata.jsonl's "mask" column. An
+image without one trains whole (a mask of ones); with "files", `*_mask.png` files beside an image of the
+same name are masks, not training images. Items then carry "loss_mask" (1, H, W) in [0, 1].
+
 Every path must stay inside the folder: a metadata line naming `../x.png` or an absolute path is
 refused, and so is a symlink that resolves outside the folder, unless `allow_outside_links` (config
 `data.allow_outside_links`) says the user means it (e.g. a folder of links into a shared image store).
@@ -28,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,13 +57,16 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.data.transforms import resize_crop
+from ldmkit.data.transforms import alpha_of, crop_mask, resize_crop
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
 INDEX_VERSION = 2  # 2: each entry also holds the image's width and height (aspect-ratio buckets)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
 MAX_NAMED = 5  # bad files named in one error message; the rest are counted
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")  # kohya's `N_word`: N repeats, `word` the default caption
+MASK_SUFFIX = "_mask.png"
+MASK_MODES = ("none", "alpha", "files")
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class _Item:
     text: str = ""
     label: int = -1
     control: str | None = None  # conditioning image, relative to the root
+    mask: str | None = None  # loss mask image (data.mask=files), relative to the root
+    repeats: int = 1  # times in each epoch (kohya repeat folder)
 
 
 def _problem(path: str, size: int) -> tuple[str | None, int, int]:
@@ -87,6 +110,27 @@ def _load_index(path: Path) -> dict:
     return doc.get("files", {}) if isinstance(doc, dict) and doc.get("version") == INDEX_VERSION else {}
 
 
+def read_caption(path: str) -> str | None:
+    """A caption file's text, stripped; UTF-8 with or without a BOM ("utf-8-sig" drops one if present).
+    None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LdmkitError(f"caption file {path} cannot be read as UTF-8 text ({e}); save it as UTF-8") from None
+
+
+def repeat_folder(file: str) -> tuple[int, str] | None:
+    """(repeats, word) when the first folder of `file` (relative, "/"-separated) is a kohya `N_word` folder."""
+    parts = file.split("/")
+    m = REPEAT_FOLDER.match(parts[0]) if len(parts) > 1 else None
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2).strip()
+
+
 def _hash_fraction(name: str) -> float:
     """A stable number in [0, 1) from a file name: the split never changes when other files are added."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2.0**64
@@ -105,9 +149,16 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, size: int = 32, split: str = "train", val_fraction: float = 0.05, seed: int = 0,
-                 skip_bad: bool = False, center_crop: bool = True, allow_outside_links: bool = False):
+                 skip_bad: bool = False, center_crop: bool = True, allow_outside_links: bool = False,
+                 caption_extension: str = ".txt", filename_captions: bool = False, mask: str = "none"):
         if split not in ("train", "val", "all"):
             raise LdmkitError(f"unknown split {split!r}: use 'train', 'val' or 'all'")
+        if mask not in MASK_MODES:
+            raise LdmkitError(f"unknown data.mask {mask!r}: use one of {', '.join(MASK_MODES)}")
+        if not caption_extension or "/" in caption_extension or "\\" in caption_extension:
+            raise LdmkitError(f"caption extension {caption_extension!r} is not a file extension; give e.g. .txt or .caption")
+        caption_extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
+        self.caption_extension, self.filename_captions, self.mask = caption_extension, filename_captions, mask
         if not os.path.isdir(root):
             raise LdmkitError(f"image folder {root} does not exist or is not a folder; give a folder of images")
         self.root, self.size, self.split, self.seed = root, size, split, seed
@@ -118,6 +169,7 @@ class ImageFolderDataset(Dataset):
         items = self._read_metadata() if os.path.exists(self._path(METADATA)) else self._scan()
         if not items:
             raise LdmkitError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}; add images or fix the path")
+        items = [self._complete(item) for item in items]
         items = self._verify(items, skip_bad)
         labels = [item.label for item in items]
         self.num_classes = max(labels) + 1 if max(labels) >= 0 else 0  # over both splits, so they agree
@@ -129,6 +181,35 @@ class ImageFolderDataset(Dataset):
         self.items = items if split == "all" else [item for item in items if (item.file in val) == (split == "val")]
         if not self.items:
             raise LdmkitError(f"the {split} split of {root} is empty ({len(items)} images in all); add more images")
+
+    @property
+    def epoch(self) -> list[int]:
+        """The item indices of one epoch: each as often as its kohya repeat folder says (once elsewhere)."""
+        return [i for i, item in enumerate(self.items) for _ in range(item.repeats)]
+
+    def _complete(self, item: _Item) -> _Item:
+        """The item with its caption (module docstring: metadata, caption file, folder word, file name),
+        its repeats and, with mask="files", its mask file when one lies beside it."""
+        stem = os.path.splitext(item.file)[0]
+        folder = repeat_folder(item.file)
+        text = item.text
+        if not text:
+            text = read_caption(self._inside(stem + self.caption_extension, f"caption of {item.file}")) or ""
+        if not text and folder is not None:
+            text = folder[1]
+        if not text and self.filename_captions:
+            text = os.path.basename(stem).replace("_", " ").strip()
+        repeats = 1
+        if folder is not None:
+            repeats = folder[0]
+            if repeats < 1:
+                raise LdmkitError(f"{item.file}: its repeat folder {item.file.split('/')[0]!r} says 0 repeats; "
+                                  "name it 1_... or more, or move the images out")
+        mask = item.mask
+        if self.mask == "files" and mask is None and os.path.isfile(self._path(stem + MASK_SUFFIX)):
+            self._inside(stem + MASK_SUFFIX, f"mask of {item.file}")
+            mask = stem + MASK_SUFFIX
+        return _Item(item.file, text, item.label, item.control, mask, repeats)
 
     def _path(self, relative: str) -> str:
         return os.path.join(self.root, *relative.split("/"))
@@ -154,6 +235,9 @@ class ImageFolderDataset(Dataset):
             dirs.sort()
             files += [os.path.relpath(os.path.join(folder, n), self.root).replace(os.sep, "/")
                       for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        if self.mask == "files":  # NAME_mask.png beside NAME.ext is NAME's mask, not an image to train on
+            stems = {os.path.splitext(f)[0] for f in files}
+            files = [f for f in files if not (f.endswith(MASK_SUFFIX) and f[: -len(MASK_SUFFIX)] in stems)]
         for file in files:
             self._inside(file, f"image folder {self.root}")
         return [_Item(file) for file in sorted(files)]
@@ -173,24 +257,28 @@ class ImageFolderDataset(Dataset):
                     raise LdmkitError(f'{where} has no "file_name"; '
                                       'each line needs {"file_name": "path/in/folder.png", ...}')
                 text, label, control = row.get("text", ""), row.get("label", -1), row.get("conditioning_image")
+                mask = row.get("mask") if self.mask == "files" else None
+                if mask is not None and not isinstance(mask, str):
+                    raise LdmkitError(f'{where}: "mask" must be a file name inside the folder, got {mask!r}')
                 if not isinstance(text, str):
                     raise LdmkitError(f'{where}: "text" must be a string, got {text!r}')
                 if isinstance(label, bool) or not isinstance(label, int) or label < -1:
                     raise LdmkitError(f'{where}: "label" must be a non-negative integer, got {label!r}')
-                for key, name in (("file_name", row["file_name"]), ("conditioning_image", control)):
+                for key, name in (("file_name", row["file_name"]), ("conditioning_image", control), ("mask", mask)):
                     if name is not None and not os.path.isfile(self._inside(name, f"{where}: {key}")):
                         raise LdmkitError(f"{where}: {key} {name!r} not found under {self.root}; fix the line")
                 if with_control is None:
                     with_control = control is not None
                 elif with_control != (control is not None):
                     raise LdmkitError(f'{where}: "conditioning_image" must be given on every line or on none')
-                items.append(_Item(row["file_name"], text, label, control))
+                items.append(_Item(row["file_name"], text, label, control, mask))
         return items
 
     def _verify(self, items: list[_Item], skip_bad: bool) -> list[_Item]:
         """Decode every image not already checked in its present form (threads: PIL releases the GIL while
         decoding); report or drop bad ones. `self.checked` = (files, of which reused from the index)."""
-        files = sorted({item.file for item in items} | {item.control for item in items if item.control})
+        files = sorted({item.file for item in items} | {item.control for item in items if item.control}
+                       | {item.mask for item in items if item.mask})
         index_file = index_path(self.root)
         index, stamps, problems, dims = _load_index(index_file), {}, {}, {}
         for f in files:
@@ -228,7 +316,7 @@ class ImageFolderDataset(Dataset):
         if not skip_bad:
             raise LdmkitError(f"{summary}; fix or remove them, or pass --skip-bad-images (skip_bad=True) to skip them")
         warnings.warn(f"skipping {summary}", stacklevel=3)
-        kept = [item for item in items if item.file not in bad and item.control not in bad]
+        kept = [item for item in items if item.file not in bad and item.control not in bad and item.mask not in bad]
         if not kept:
             raise LdmkitError(f"no readable images left in {self.root}; {summary}")
         return kept
@@ -242,12 +330,17 @@ class ImageFolderDataset(Dataset):
         seeded by (seed, step, row), so crops resume exactly. "original_size_crop" is (original height,
         width, crop top, left), SDXL's micro-conditioning values."""
         item = self.items[index]
-        image = to_rgb(open_image(self._path(item.file), max(target) if target else self.size))
+        decoded = open_image(self._path(item.file), max(target) if target else self.size)
+        image = to_rgb(decoded)
         control = to_rgb(open_image(self._path(item.control), self.size)) if item.control is not None else None
         x, c, record = resize_crop(image, target or self.size, generator if self.random_crop else None, control)
         out = {"image": x, "text": item.text, "label": item.label, "original_size_crop": torch.tensor(record)}
         if c is not None:
             out["control"] = c
+        if self.mask != "none":  # every item carries one, so batches stay uniform
+            mask = alpha_of(decoded) if self.mask == "alpha" else (
+                to_rgb(open_image(self._path(item.mask), self.size, "mask")) if item.mask is not None else None)
+            out["loss_mask"] = crop_mask(mask, record, target or self.size)  # (1, H, W)
         return out
 
     def __getitem__(self, index: int) -> dict:

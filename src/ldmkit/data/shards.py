@@ -8,6 +8,10 @@ base name) form one sample, and the rest of the name is the field:
     000042.json                           {"text": ..., "label": ...} (either key optional)
     000042.cls                            the class id as decimal text
     000042.control.png | .control.jpg     a conditioning image, registered with the image
+    000042.mask.png                       a loss mask (`data.mask=files`; "alpha" reads the image's alpha)
+
+The caption field is `txt` unless `data.caption_extension` names another (".caption" reads 000042.caption).
+kohya repeat folders do not carry into shards: a shard lists each sample once.
 
 Reading a stream (`ShardStream`) so that a kill and a resume see each item as often as an uninterrupted
 run would, on any number of processes:
@@ -45,7 +49,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ldmkit.data.folder import ImageFolderDataset, _hash_fraction  # one split rule for folders and shards
-from ldmkit.data.transforms import resize_crop
+from ldmkit.data.transforms import alpha_of, crop_mask, resize_crop
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
@@ -120,9 +124,15 @@ def list_samples(path: str) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
     return [(k, v) for k, v in samples.items() if any(f in v for f in IMAGE_FIELDS)]
 
 
+def caption_field(caption_extension: str = ".txt") -> str:
+    """The shard field of a caption file extension: ".txt" -> "txt"."""
+    return caption_extension.lstrip(".").lower()
+
+
 def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, tarfile.TarInfo], size: int,
-                  generator: torch.Generator | None) -> dict:
-    """One sample as an item {image, text, label[, control]}; an undecodable one raises ImageProblem."""
+                  generator: torch.Generator | None, caption: str = "txt", mask: str = "none") -> dict:
+    """One sample as an item {image, text, label[, control][, loss_mask]}; an undecodable one raises
+    ImageProblem. `caption`: the caption field; `mask`: data.mask (module docstring)."""
     def read(field: str) -> bytes:
         return tar.extractfile(fields[field]).read()
 
@@ -137,8 +147,8 @@ def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, t
         if isinstance(meta, dict):
             text = meta.get("text", meta.get("caption", "")) or ""
             label = meta.get("label", -1)
-    if "txt" in fields:
-        text = read("txt").decode("utf-8", errors="replace").strip()
+    if caption in fields:  # utf-8-sig: a byte-order mark is not part of the caption
+        text = read(caption).decode("utf-8-sig", errors="replace").strip()
     if "cls" in fields:
         try:
             label = int(read("cls").decode().strip())
@@ -146,19 +156,22 @@ def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, t
             raise ImageProblem("sample", where, "its .cls is not an integer") from None
     if not isinstance(label, int) or isinstance(label, bool) or label < -1:
         raise ImageProblem("sample", where, f"label {label!r} is not a non-negative integer")
-    def picture(field: str):
+    def decoded(field: str):
         try:
-            return to_rgb(open_image(io.BytesIO(read(field)), size))
+            return open_image(io.BytesIO(read(field)), size)
         except ImageProblem as e:
             raise ImageProblem("image", f"{where}.{field}", e.reason) from None
 
     control_field = next((f for f in CONTROL_FIELDS if f in fields), None)
-    control = picture(control_field) if control_field is not None else None
-    image = picture(image_field)
-    x, c, _ = resize_crop(image, size, generator, control)
+    control = to_rgb(decoded(control_field)) if control_field is not None else None
+    raw = decoded(image_field)
+    x, c, record = resize_crop(to_rgb(raw), size, generator, control)
     item = {"image": x, "text": str(text), "label": label}
     if c is not None:
         item["control"] = c
+    if mask != "none":  # every item carries one (ones where the sample has none), so batches stay uniform
+        m = alpha_of(raw) if mask == "alpha" else (to_rgb(decoded("mask.png")) if "mask.png" in fields else None)
+        item["loss_mask"] = crop_mask(m, record, size)  # (1, H, W)
     return item
 
 
@@ -167,7 +180,7 @@ def in_split(key: str, split: str, val_fraction: float) -> bool:
 
 
 def read_items(shards: list[str], size: int, split: str, limit: int, val_fraction: float = 0.05,
-               skip_bad: bool = False) -> list[dict]:
+               skip_bad: bool = False, caption: str = "txt", mask: str = "none") -> list[dict]:
     """The first `limit` samples of `split` in shard order (all of them for a negative `limit`),
     centre-cropped (validation, sample grids, encoding)."""
     out: list[dict] = []
@@ -177,7 +190,7 @@ def read_items(shards: list[str], size: int, split: str, limit: int, val_fractio
             for key, fields in samples:
                 if in_split(key, split, val_fraction):
                     try:
-                        out.append(decode_sample(tar, path, key, fields, size, None))
+                        out.append(decode_sample(tar, path, key, fields, size, None, caption, mask))
                     except LdmkitError as e:
                         if skip_bad:
                             continue
@@ -191,10 +204,11 @@ class ShardItems(Dataset):
     """The first `limit` samples of a split of tar shards, decoded and centre-cropped, as a map-style
     dataset: what evaluation and validation read from a collection that trains as a stream."""
 
-    def __init__(self, spec: str, size: int, split: str = "val", limit: int = 1024, skip_bad: bool = False):
+    def __init__(self, spec: str, size: int, split: str = "val", limit: int = 1024, skip_bad: bool = False,
+                 caption: str = "txt", mask: str = "none"):
         if split not in ("train", "val", "all"):
             raise LdmkitError(f"unknown split {split!r}: use 'train', 'val' or 'all'")
-        self.items = read_items(list_shards(spec), size, split, limit, skip_bad=skip_bad)
+        self.items = read_items(list_shards(spec), size, split, limit, skip_bad=skip_bad, caption=caption, mask=mask)
         if not self.items:
             raise LdmkitError(f"the {split} split of the shards {spec!r} is empty; add samples")
         self.name = os.path.basename(os.path.normpath(spec.split("{")[0])) or spec
@@ -215,8 +229,9 @@ def collate(items: list[dict]) -> dict:
     batch = {"image": torch.stack([it["image"] for it in items]),
              "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
              "text": [it["text"] for it in items]}
-    if all("control" in it for it in items):
-        batch["control"] = torch.stack([it["control"] for it in items])
+    for k in ("control", "loss_mask"):
+        if all(k in it for it in items):
+            batch[k] = torch.stack([it[k] for it in items])
     return batch
 
 
@@ -231,14 +246,15 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[str], size: int, batch: int, *, seed: int = 0, split: str = "train",
                  val_fraction: float = 0.05, rank: int = 0, world: int = 1, workers: int = 1,
-                 random_crop: bool = False, skip_bad: bool = False, state: dict | None = None):
+                 random_crop: bool = False, skip_bad: bool = False, state: dict | None = None,
+                 caption: str = "txt", mask: str = "none"):
         if len(shards) < world:
             raise LdmkitError(f"{len(shards)} shards for {world} processes: each process needs at least one shard; "
                               "write smaller shards (ldmkit data make-shards --shard-size)")
         self.shards, self.size, self.batch, self.seed, self.split = shards, size, batch, seed, split
         self.val_fraction, self.rank, self.world = val_fraction, rank, world
         self.workers = max(1, min(workers, len(shards) // world))  # every reader needs a shard each epoch
-        self.random_crop, self.skip_bad = random_crop, skip_bad
+        self.random_crop, self.skip_bad, self.caption, self.mask = random_crop, skip_bad, caption, mask
         self.state = state or {"batches": 0, "slots": {}}
 
     def shards_of(self, slot: int, epoch: int) -> list[int]:
@@ -274,7 +290,8 @@ class ShardStream(IterableDataset):
                         if self.random_crop:
                             g = torch.Generator().manual_seed(((self.seed * 7919 + epoch) * 1_000_003 + shard) * 65_537 + offset)
                         try:
-                            items.append({**decode_sample(tar, path, key, fields, self.size, g), "_epoch": epoch})
+                            items.append({**decode_sample(tar, path, key, fields, self.size, g, self.caption,
+                                                          self.mask), "_epoch": epoch})
                         except LdmkitError as e:
                             if self.skip_bad:
                                 continue

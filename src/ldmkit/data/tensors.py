@@ -23,7 +23,7 @@ class TensorData:
     images: torch.Tensor
     labels: torch.Tensor  # (N,) long, -1 where unlabelled
     texts: list[str]
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # "mask", "edge", "control", ...
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # "mask", "edge", "control", "loss_mask", ...
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -43,7 +43,7 @@ def materialize(ds: Dataset, limit: int | None = None, desc: str = "loading data
         images.append(item["image"])
         labels.append(int(item.get("label", -1)))
         texts.append(item.get("text", ""))
-        for k in ("mask", "edge", "control"):
+        for k in ("mask", "edge", "control", "loss_mask"):
             if k in item:
                 extras.setdefault(k, []).append(item[k])
     return TensorData(

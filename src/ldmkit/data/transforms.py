@@ -8,9 +8,15 @@
 The original size and the crop's top-left corner are recorded per item, as SDXL's micro-conditioning
 (Podell et al. 2023, §2.2) takes them: (original height, original width, crop top, crop left).
 Horizontal flips are drawn by the training loops on the batch (`data.hflip`), so every source flips alike.
+
+A loss mask (`data.mask`) is cut with the image's own box (`crop_mask`), from the record above, so it
+stays registered with the pixels it weights. Caption tags (`TagRule`: kohya's `shuffle_caption`,
+`keep_tokens`, `caption_tag_dropout_rate`) are drawn per (seed, step, row) like the crops.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,3 +68,64 @@ def item_seed(seed: int, step: int, row: int) -> int:
     """The seed of one item's augmentation at row `row` of step `step`'s global batch: independent of how
     many processes and workers share the batch, so the crops do not depend on the machine."""
     return ((seed * 1_000_003 + step) * 65_537 + row) % (1 << 63)
+
+
+def alpha_of(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of a decoded image as an 8-bit "L" image, or None for an opaque mode. Read before
+    `imageio.to_rgb` flattens the pixels onto white: the pixels keep that, the mask keeps the alpha."""
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("LA", "PA", "La", "RGBa", "RGBA"):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def crop_mask(mask: Image.Image | None, record: list[int], size: int | tuple[int, int]) -> torch.Tensor:
+    """A loss mask (1, H, W) in [0, 1], cut as `resize_crop` cut the image whose record ([orig_h, orig_w, top,
+    left]) is given; None is all ones (every pixel trains). A mask of another size than its image is
+    stretched to the image's resized shape first, as a conditioning image is. Bilinear, not bicubic:
+    bicubic overshoots outside [0, 1] at a hard mask edge."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    if mask is None:
+        return torch.ones(1, th, tw)
+    h, w, top, left = record
+    resized = resized_shape(w, h, size)
+    cut = mask.convert("L").resize(resized, Image.BILINEAR, reducing_gap=2.0).crop((left, top, left + tw, top + th))
+    return torch.from_numpy(np.asarray(cut, dtype=np.float32) / 255.0)[None]  # (1, H, W)
+
+
+TAGS_STREAM = 0x5DEECE66D  # keeps tag draws apart from the crop draws of the same (seed, step, row)
+
+
+@dataclass(frozen=True)
+class TagRule:
+    """kohya's caption handling, drawn per item from (seed, step, row) so `--resume` repeats it exactly.
+
+    A caption is a comma-separated list of tags. The first `keep_tokens` stay first and in order (kohya's
+    `keep_tokens`: typically the trigger word); each later tag is left out with probability `dropout`
+    (kohya's `caption_tag_dropout_rate`), and with `shuffle` the rest are permuted (kohya's
+    `shuffle_caption`). Tags are stripped and rejoined with ", " as kohya does. Caption dropout (the whole
+    caption to "", for classifier-free guidance) stays the conditioner's `drop_text`, drawn from the
+    step's generator."""
+
+    seed: int = 0
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout > 0
+
+    def __call__(self, text: str, step: int, row: int) -> str:
+        """The caption of global row `row` at step `step` (unchanged, byte for byte, when inactive)."""
+        if not self.active or not text:
+            return text
+        tags = [t.strip() for t in text.split(",")]
+        tags = [t for t in tags if t]
+        head, tail = tags[: self.keep_tokens], tags[self.keep_tokens :]
+        g = torch.Generator().manual_seed(item_seed(self.seed, step, row) ^ TAGS_STREAM)
+        if self.dropout > 0:
+            keep = (torch.rand(len(tail), generator=g) >= self.dropout).tolist()
+            tail = [t for t, k in zip(tail, keep) if k]
+        if self.shuffle:
+            tail = [tail[i] for i in torch.randperm(len(tail), generator=g).tolist()]
+        return ", ".join(head + tail)

@@ -9,6 +9,15 @@ Weightings w(t):
              min(SNR, γ) on the x0 scale, since ‖ε̂ - ε‖² = SNR ‖x̂0 - x0‖² and
              ‖v̂ - v‖² = (SNR + 1) ‖x̂0 - x0‖²:
                  eps: min(SNR, γ) / SNR    v: min(SNR, γ) / (SNR + 1)    x0: min(SNR, γ)
+Masked loss (`data.mask`; kohya's `masked_loss`, OneTrainer's masked training): a mask m (B, 1, h, w)
+in [0, 1] on the latent grid weights each element, and each sample is normalised by its own mask's mass,
+
+    loss_b = w(t_b) · Σ_{c,i,j} m_bij (target − pred)²_bcij / Σ_{c,i,j} m_bij
+
+so it stays the mean squared error over the trained cells (a mask of ones is L_simple exactly), a cell
+with m = 0 gets no gradient at all, and a small mask does not shrink its image's loss against the rest of
+the batch. A sample whose mask is all zeros contributes 0. Per sample rather than per batch keeps every
+micro-batch split of a batch the same loss, as `BatchRandom` does for the draws.
 Offset noise (Guttenberg 2023): ε += offset · N(0, 1) of shape (B, C, 1, 1), one value per image
 and channel, so the model learns to change the mean brightness of an image.
 """
@@ -86,8 +95,10 @@ class DiffusionObjective:
             noise = noise + self.offset_noise * offset.to(noise.device)  # (B, C, 1, 1) broadcast
         return noise.to(x0.device)
 
-    def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None, **model_kwargs):
-        """One loss evaluation, per sample: `ObjectiveTerms(loss (B,), t (B,), weight (B,))`."""
+    def terms(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None,
+              loss_mask: torch.Tensor | None = None, **model_kwargs):
+        """One loss evaluation, per sample: `ObjectiveTerms(loss (B,), t (B,), weight (B,))`. `loss_mask`
+        (B, 1, h, w) in [0, 1] on x0's grid weights the squared error (module docstring)."""
         if generator is None:
             t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device)
         else:
@@ -99,10 +110,20 @@ class DiffusionObjective:
         sigma = expand_like(self.schedule.sigma(t), x0)  # (B, 1, 1, 1)
         goal = target(self.prediction_type, x0, noise, z_t, alpha, sigma)  # (B, C, H, W)
         pred = model_fn(z_t, t, **model_kwargs)  # (B, C, H, W)
-        mse = (pred.float() - goal.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+        err = (pred.float() - goal.float()).pow(2)  # (B, C, H, W)
+        if loss_mask is None:
+            mse = err.flatten(1).mean(dim=1)  # (B,)
+        else:
+            if loss_mask.shape != (x0.shape[0], 1, *x0.shape[2:]):
+                raise LdmkitError(f"a loss mask must be (B, 1, h, w) = {(x0.shape[0], 1, *x0.shape[2:])} on the latent "
+                                  f"grid, got {tuple(loss_mask.shape)}")
+            m = loss_mask.to(device=err.device, dtype=err.dtype).expand_as(err)  # (B, C, H, W)
+            # the clamp only meets an all-zero mask (0 / tiny = 0, and a zero gradient): any real mass is >= 1/255
+            mse = (m * err).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-12)  # (B,)
         weight = self.weights(t).to(device=mse.device, dtype=mse.dtype)  # (B,)
         return ObjectiveTerms(loss=weight * mse, t=t, weight=weight)
 
-    def __call__(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None, **model_kwargs):
+    def __call__(self, model_fn, x0: torch.Tensor, generator: torch.Generator | BatchRandom | None = None,
+                 loss_mask: torch.Tensor | None = None, **model_kwargs):
         """Scalar loss: the batch mean of the weighted per-sample MSE."""
-        return self.terms(model_fn, x0, generator, **model_kwargs).loss.mean()
+        return self.terms(model_fn, x0, generator, loss_mask, **model_kwargs).loss.mean()

@@ -60,6 +60,21 @@ class DataConfig(BaseModel):
     labels: Literal["class", "combo"] = Field(
         "class", description="shapes only: an item's label is its class shape·6 + colour (18) or its combination "
         "shape·24 + colour·4 + position (72)")
+    caption_extension: str = Field(
+        ".txt", pattern=r"^\.?[^./\\][^/\\]*$", description="folders: an image's caption is read from the file beside it "
+        "with this extension (kohya's and SimpleTuner's convention; UTF-8, with or without BOM) when metadata.jsonl "
+        "gives none; tar shards: the sample's field of this name")
+    filename_captions: bool = Field(
+        False, description="folders: an image with no caption (metadata, caption file or kohya folder word) is "
+        "captioned by its file name's stem, underscores as spaces (off: no caption, as kohya)")
+    shuffle_tags: bool = Field(False, description="shuffle a caption's comma-separated tags at every step")
+    keep_tokens: int = Field(0, ge=0, description="the first K tags stay first and in place (kohya's keep_tokens): "
+                             "never shuffled or dropped")
+    tag_dropout: float = Field(0.0, ge=0, lt=1, description="P(a tag after keep_tokens is left out), per tag and step")
+    mask: Literal["none", "alpha", "files"] = Field(
+        "none", description="masked loss: weight each latent cell by a mask (0: not trained) taken from the image's "
+        "alpha channel, or from NAME_mask.png beside it / metadata.jsonl's 'mask' column (folders; shards: alpha, "
+        "or a KEY.mask.png field)")
 
 
 class OptimConfig(BaseModel):

@@ -13,6 +13,14 @@ gets {image, label, text[, control, mask, edge]} (or {mean, std, label, text} fr
     StreamData   tar shards (`data.shards.ShardStream`): each process and worker reads its own shards;
                  each reader's place is checkpointed (`state_dict`) and restored on resume.
 
+Two per-item rules apply to every source alike, so each resumes exactly:
+
+    repeats      a folder's kohya `N_word` repeat folders (`ImageFolderDataset.epoch`): one epoch lists an
+                 item N times, and `batch_indices` permutes that list (MemoryData keeps each image once in
+                 memory and maps the epoch's rows onto it; LoaderData reads through `Repeated`)
+    tags         `data.shuffle_tags`, `data.keep_tokens`, `data.tag_dropout` (`data.transforms.TagRule`):
+                 each caption of a batch is rewritten with draws seeded by (seed, step, row)
+
 `data.in_memory: auto` keeps built-in sets, and map-style collections whose float32 pixels would take
 at most IN_MEMORY_BYTES, in memory (measured faster on 2 cores: benchmarks/data.py); the rest is lazy.
 """
@@ -29,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldmkit.data import DATASETS, build_dataset
 from ldmkit.data.shapes import with_composition, with_vocabulary
-from ldmkit.data.shards import ShardItems, ShardStream, is_shard_spec, list_shards
+from ldmkit.data.shards import ShardItems, ShardStream, caption_field, is_shard_spec, list_shards
 from ldmkit.data.tensors import TensorData, materialize
-from ldmkit.data.transforms import item_seed
+from ldmkit.data.transforms import TagRule, item_seed
 from ldmkit.errors import LdmkitError
 from ldmkit.train.loop import batch_indices
 
@@ -106,11 +114,49 @@ class _BucketBatches(_StepBatches):
             yield [(idx[r], item_seed(self.seed, step, r), h, w) for r in range(self.lo, self.hi)]
 
 
+class Repeated(Dataset):
+    """A map-style dataset read in the order of an epoch list (`ImageFolderDataset.epoch`: each item as often
+    as its kohya repeat folder says); `items` and `dims` follow, so buckets place each repeat."""
+
+    def __init__(self, dataset: Dataset, epoch: list[int]):
+        self.dataset, self.epoch = dataset, epoch
+        self.items = [dataset.items[i] for i in epoch] if hasattr(dataset, "items") else None
+        self.dims = getattr(dataset, "dims", {})
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def load(self, index: int, generator: torch.Generator | None = None, target: tuple[int, int] | None = None) -> dict:
+        return self.dataset.load(self.epoch[index], generator, target)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.epoch[index]]
+
+
+def epoch_of(ds: Dataset) -> list[int] | None:
+    """A folder's epoch list when some item repeats (kohya folders); None when every item is seen once."""
+    epoch = getattr(ds, "epoch", None)
+    return epoch if epoch is not None and len(epoch) != len(ds) else None
+
+
+def tag_rule(d) -> TagRule:
+    """The caption-tag rule of a data config (inactive unless shuffle_tags or tag_dropout asks)."""
+    return TagRule(seed=d.seed, shuffle=getattr(d, "shuffle_tags", False), keep_tokens=getattr(d, "keep_tokens", 0),
+                   dropout=getattr(d, "tag_dropout", 0.0))
+
+
 class TrainData(ABC):
     """A training set as the trainers see it (module docstring)."""
 
     preview: TensorData  # a few items in memory: sample-grid conditions, caption/label checks
     num_classes: int = 0
+    tags: TagRule = TagRule()  # set by open_train_data from the data config
+
+    def _tagged(self, batch: dict, step: int, lo: int) -> dict:
+        """The batch with each caption rewritten by `tags` for its (step, global row lo + i)."""
+        if self.tags.active and "text" in batch:
+            batch["text"] = [self.tags(t, step, lo + i) for i, t in enumerate(batch["text"])]
+        return batch
 
     @abstractmethod
     def batch(self, step: int, lo: int, hi: int) -> dict:
@@ -127,19 +173,26 @@ class TrainData(ABC):
 
 
 class MemoryData(TrainData):
-    def __init__(self, data: TensorData, batch_size: int, seed: int, num_classes: int = 0):
+    """`data` in memory; `epoch` (kohya repeats) lists rows of `data`, each as often as it repeats: the
+    order permutes that list, and each image is held (and encoded) once."""
+
+    def __init__(self, data: TensorData, batch_size: int, seed: int, num_classes: int = 0,
+                 epoch: list[int] | None = None):
         self.data, self.preview, self.batch_size, self.seed = data, data, batch_size, seed
         self.num_classes = num_classes
+        self.epoch = torch.tensor(epoch, dtype=torch.long) if epoch is not None else None
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.data) if self.epoch is None else len(self.epoch)
 
     def indices(self, step: int) -> torch.Tensor:
-        return batch_indices(step, len(self.data), self.batch_size, self.seed)
+        """Rows of `data` in step `step`'s global batch."""
+        idx = batch_indices(step, len(self), self.batch_size, self.seed)
+        return idx if self.epoch is None else self.epoch[idx]
 
     def batch(self, step: int, lo: int, hi: int) -> dict:
         rows = self.indices(step)[lo:hi]
-        return {**self.data.batch(rows), "_rows": rows}
+        return self._tagged({**self.data.batch(rows), "_rows": rows}, step, lo)
 
 
 class _Prefetched(TrainData):
@@ -172,7 +225,7 @@ class _Prefetched(TrainData):
         a, b = lo - self.rows[0], hi - self.rows[0]
         if not 0 <= a < b <= self.rows[1] - self.rows[0]:
             raise ValueError(f"rows [{lo}, {hi}) are not this process's rows {self.rows}")
-        return {k: v[a:b] for k, v in self._current.items() if not k.startswith("_")}
+        return self._tagged({k: v[a:b] for k, v in self._current.items() if not k.startswith("_")}, step, lo)
 
     def close(self) -> None:
         self._iter = None  # a DataLoader iterator shuts its workers down when collected
@@ -216,10 +269,12 @@ class StreamData(_Prefetched):
     """Tar shards streamed by `ShardStream`; `state_dict()` is this process's readers' places."""
 
     def __init__(self, shards: list[str], size: int, batch_size: int, seed: int, rows: tuple[int, int], rank: int,
-                 world: int, workers: int, random_crop: bool, skip_bad: bool, preview: TensorData):
+                 world: int, workers: int, random_crop: bool, skip_bad: bool, preview: TensorData,
+                 caption: str = "txt", mask: str = "none"):
         super().__init__(rows, workers)
         self.args = dict(shards=shards, size=size, batch=rows[1] - rows[0], seed=seed, rank=rank, world=world,
-                         workers=max(1, workers), random_crop=random_crop, skip_bad=skip_bad)
+                         workers=max(1, workers), random_crop=random_crop, skip_bad=skip_bad, caption=caption,
+                         mask=mask)
         self.preview = preview
         self.num_classes = int(preview.labels.max()) + 1 if len(preview) and preview.labels.max() >= 0 else 0
         self.readers = ShardStream(**self.args).workers  # after the cut to the shards available
@@ -258,11 +313,16 @@ class StreamData(_Prefetched):
 def _map_dataset(spec: str, d, split: str, random_crop: bool) -> Dataset:
     from ldmkit.data.hf import HFImageDataset, is_hf_spec
 
+    mask = getattr(d, "mask", "none")
+    if mask != "none" and (spec in DATASETS or is_hf_spec(spec)):
+        raise LdmkitError(f"data.mask={mask} reads masks from an image folder or tar shards, not {spec!r}; "
+                          "set data.mask=none or train from a folder")
     if is_hf_spec(spec):
         return HFImageDataset(spec, d.size, split, image_column=d.image_column, text_column=d.text_column,
                               label_column=d.label_column, random_crop=random_crop)
     ds = build_dataset(spec, d.size, split, seed=d.seed, skip_bad=d.skip_bad_images, length=d.length,
-                       allow_outside_links=d.allow_outside_links)
+                       allow_outside_links=d.allow_outside_links, caption_extension=getattr(d, "caption_extension", ".txt"),
+                       filename_captions=getattr(d, "filename_captions", False), mask=mask)
     ds = with_vocabulary(ds, getattr(d, "vocabulary", "basic"))  # shapes' extended words (fine-tuning a concept)
     ds = with_composition(ds, getattr(d, "holdout", 0), getattr(d, "labels", "class"))  # shapes' composition test
     if random_crop and hasattr(ds, "random_crop") and split == "train":
@@ -270,27 +330,43 @@ def _map_dataset(spec: str, d, split: str, random_crop: bool) -> Dataset:
     return ds
 
 
-def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: bool) -> TrainData:
-    """The training split of `d.dataset` as a TrainData for this process (`d`: the config's data section)."""
+def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: bool, masked_loss: bool = False) -> TrainData:
+    """The training split of `d.dataset` as a TrainData for this process (`d`: the config's data section).
+    `masked_loss`: the trainer weights its loss by the batches' "loss_mask"; any other refuses data.mask."""
+    source = _open_train_data(d, batch_size, seed, dist, accum, progress, masked_loss)
+    source.tags = tag_rule(d)
+    return source
+
+
+def _open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: bool, masked_loss: bool) -> TrainData:
     from ldmkit.train.distributed import micro_batches
 
+    mask = getattr(d, "mask", "none")
+    if mask != "none" and not masked_loss:
+        raise LdmkitError(f"data.mask={mask} weights the second stage's denoising loss (ldmkit train); this trainer "
+                          "does not read masks: set data.mask=none")
     pieces = micro_batches(batch_size, dist, accum)
     rows = (pieces[0][0], pieces[-1][1])  # this process's rows of every global batch
     spec, random_crop = d.dataset, d.crop == "random"
     if spec not in DATASETS and is_shard_spec(spec):
         if d.in_memory is True:
             raise LdmkitError("tar shards are always streamed; set data.in_memory to auto or false")
-        preview = materialize(ShardItems(spec, d.size, "train", PREVIEW, d.skip_bad_images), progress=False)
+        caption = caption_field(getattr(d, "caption_extension", ".txt"))
+        preview = materialize(ShardItems(spec, d.size, "train", PREVIEW, d.skip_bad_images, caption, mask), progress=False)
         return StreamData(list_shards(spec), d.size, batch_size, d.seed, rows, dist.rank, dist.world, d.workers, random_crop,
-                          d.skip_bad_images, preview)
+                          d.skip_bad_images, preview, caption, mask)
     if spec not in DATASETS:
         from ldmkit.data.latent_shards import LatentShards, is_latent_spec
 
         if is_latent_spec(spec):
+            if mask != "none":
+                raise LdmkitError(f"latent shards ({spec}) hold no masks: data.mask={mask} needs the images; train "
+                                  "from the image folder, or set data.mask=none")
             ds = LatentShards(spec)
             return LoaderData(ds, batch_size, seed, rows, d.workers, ds.preview(PREVIEW), ds.num_classes)
     ds = _map_dataset(spec, d, "train", random_crop)
     num_classes = getattr(ds, "num_classes", 0)
+    epoch = epoch_of(ds)
     if d.buckets:
         from ldmkit.data.buckets import make_buckets
         from ldmkit.data.folder import ImageFolderDataset
@@ -303,14 +379,18 @@ def open_train_data(d, batch_size: int, seed: int, dist, accum: int, progress: b
         buckets = ([tuple(b) for b in d.buckets] if isinstance(d.buckets, list)
                    else make_buckets(d.size, d.bucket_step or max(8, d.size // 8)))
         preview = materialize(ds, limit=PREVIEW, progress=False)
-        return LoaderData(ds, batch_size, seed, rows, d.workers, preview, num_classes, buckets=buckets)
+        return LoaderData(Repeated(ds, epoch) if epoch else ds, batch_size, seed, rows, d.workers, preview, num_classes,
+                          buckets=buckets)
     in_memory = d.in_memory
     if in_memory == "auto":
         in_memory = spec in DATASETS or len(ds) * 3 * d.size * d.size * 4 <= IN_MEMORY_BYTES
     if in_memory:
-        return MemoryData(materialize(ds, desc="train data", progress=progress), batch_size, seed, num_classes)
+        return MemoryData(materialize(ds, desc="train data", progress=progress), batch_size, seed, num_classes, epoch)
+    if mask != "none" and d.latent_cache:
+        raise LdmkitError(f"data.latent_cache stores latents without masks: data.mask={mask} with a collection read "
+                          "lazily needs the images each step; unset data.latent_cache (or fit it in memory)")
     preview = materialize(ds, limit=PREVIEW, progress=False)
-    return LoaderData(ds, batch_size, seed, rows, d.workers, preview, num_classes)
+    return LoaderData(Repeated(ds, epoch) if epoch else ds, batch_size, seed, rows, d.workers, preview, num_classes)
 
 
 def check_buckets(source: TrainData, multiple: int, what: str) -> None:
@@ -324,7 +404,8 @@ def check_buckets(source: TrainData, multiple: int, what: str) -> None:
 def open_val_data(d, limit: int, progress: bool) -> TensorData:
     """Up to `limit` held-out items of `d.dataset`, centre-cropped, in memory (validation is small)."""
     if d.dataset not in DATASETS and is_shard_spec(d.dataset):  # the stream's first held-out samples, no more
-        return materialize(ShardItems(d.dataset, d.size, "val", limit, d.skip_bad_images), progress=False)
+        caption = caption_field(getattr(d, "caption_extension", ".txt"))
+        return materialize(ShardItems(d.dataset, d.size, "val", limit, d.skip_bad_images, caption), progress=False)
     return materialize(_map_dataset(d.dataset, d, "val", False), limit, "val data", progress)
 
 

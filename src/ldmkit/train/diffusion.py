@@ -127,7 +127,7 @@ class DiffusionTask(Task):
         super().__init__(cfg, out, dist, device, progress)
         self.ae_meta = self._build_model(cfg)
         d, o = cfg.data, cfg.optim
-        self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress)
+        self.source = open_train_data(d, o.batch_size, d.seed, dist, o.grad_accum, self.progress, masked_loss=True)
         self.data = self.source.preview  # in memory: every item; lazy: the first few (conditions for sample grids)
         self.ldm.to(device)
         self.mean = self.std = None
@@ -153,6 +153,9 @@ class DiffusionTask(Task):
                 warm_caption_cache(self.conditioner.text_encoder, self.data.texts)
             else:  # a collection's captions are encoded as they come; the cache keeps the most recent
                 self.conditioner.text_encoder.cache_limit = CAPTION_CACHE
+            # a caption met during training (tags shuffled or dropped, a lazily read collection) is encoded alone,
+            # so its tokens are a function of the caption and --resume repeats the run exactly
+            self.conditioner.text_encoder.encode_alone = True
         self.module = self.ldm.unet
         self.ldm.train()
 
@@ -198,6 +201,9 @@ class DiffusionTask(Task):
             if d.hflip:
                 flip = (r.rand() < 0.5).to(z0.device)
                 z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+                if "loss_mask" in batch:  # the loss mask flips with its latent (data.mask)
+                    fl = flip.cpu()[:, None, None, None]
+                    batch["loss_mask"] = torch.where(fl, batch["loss_mask"].flip(-1), batch["loss_mask"])
                 if cfg.concat is not None:  # the spatial condition flips with its latent
                     fl = flip.cpu()[:, None, None, None]
                     batch["image"] = torch.where(fl, batch["image"].flip(-1), batch["image"])
@@ -209,7 +215,8 @@ class DiffusionTask(Task):
                 return self.ldm.loss(z0, texts=batch["text"] if use_text else None,
                                      labels=batch["label"] if use_labels else None, generator=r,
                                      images=batch["image"] if cfg.concat is not None else None,
-                                     masks=batch.get("mask"), unet=self.trained, size_crop=self._size_crop(batch, z0))
+                                     masks=batch.get("mask"), unet=self.trained, size_crop=self._size_crop(batch, z0),
+                                     loss_mask=batch.get("loss_mask"))
 
         return piece_loss
 

@@ -176,7 +176,7 @@ def cached_latent_source(ae: AutoencoderKL, d, batch_size: int, dist, accum: int
     import warnings
 
     from ldmkit.data.latent_shards import LatentShards
-    from ldmkit.train.data import PREVIEW, LoaderData
+    from ldmkit.train.data import PREVIEW, LoaderData, Repeated, epoch_of, tag_rule
     from ldmkit.train.distributed import micro_batches
 
     if d.crop == "random":
@@ -187,4 +187,8 @@ def cached_latent_source(ae: AutoencoderKL, d, batch_size: int, dist, accum: int
                       barrier=dist.barrier if dist.enabled else None, progress=progress)
     ds = LatentShards(folder)
     pieces = micro_batches(batch_size, dist, accum)
-    return LoaderData(ds, batch_size, d.seed, (pieces[0][0], pieces[-1][1]), d.workers, ds.preview(PREVIEW), ds.num_classes)
+    epoch = epoch_of(_map_source(d))  # kohya repeats: the latents are the folder's items in its order, once each
+    source = LoaderData(Repeated(ds, epoch) if epoch else ds, batch_size, d.seed, (pieces[0][0], pieces[-1][1]),
+                        d.workers, ds.preview(PREVIEW), ds.num_classes)
+    source.tags = tag_rule(d)
+    return source
