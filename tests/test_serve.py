@@ -395,6 +395,55 @@ def test_the_checkpoint_sampling_defaults_fill_what_the_request_leaves_out(stude
         assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("Euler", 2, 7.0)
 
 
+def test_lora_and_embedding_routes(models, tmp_path, monkeypatch, capsys):
+    """GET /sdapi/v1/loras lists --lora-dir as A1111 does, refresh-loras rescans it; without the folders both
+    lists are empty; the embeddings library (another module) is listed and attached to each loaded model."""
+    import types
+
+    from ldmkit.interop.lora import Adapter, save_lora
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    ldm = tiny_ldm()
+    q = ldm.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q").weight
+    adapter = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q":
+               Adapter(torch.ones(2, q.shape[1]), torch.ones(q.shape[0], 2), 2.0)}
+    save_lora(adapter, lora_dir / "ink.safetensors")
+    attached = []
+
+    class Embeddings:  # the interface of ldmkit.conditioning.embeddings.EmbeddingLibrary that the server uses
+        def __init__(self, folder):
+            self.folder = folder
+
+        def a1111_listing(self):
+            return {"loaded": {"cat-toy": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                           "shape": 384, "vectors": 2}}, "skipped": {}}
+
+    fake = types.ModuleType("ldmkit.conditioning.embeddings")
+    fake.EmbeddingLibrary, fake.attach_embeddings = Embeddings, lambda conditioner, lib: attached.append((conditioner, lib))
+    monkeypatch.setitem(sys.modules, "ldmkit.conditioning.embeddings", fake)
+    app = create_app([models["text"]], lora_dir=str(lora_dir), embeddings_dir=str(tmp_path))
+    with TestClient(app) as c:
+        store = app.state.store
+        assert store.networks.names() == ["ink"]  # serve/generate.py reads store.networks
+        listed = c.get("/sdapi/v1/loras").json()
+        assert [(e["name"], e["alias"]) for e in listed] == [("ink", "ink")] and listed[0]["metadata"]["format"] == "diffusers"
+        save_lora(adapter, lora_dir / "more.safetensors")
+        assert len(c.get("/sdapi/v1/loras").json()) == 1  # until refreshed, as A1111
+        assert c.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert [e["name"] for e in c.get("/sdapi/v1/loras").json()] == ["ink", "more"]
+        assert c.get("/sdapi/v1/embeddings").json()["loaded"]["cat-toy"]["vectors"] == 2
+        assert attached == [(store.get(store.current).ldm.conditioner, store.embeddings)]
+    app = create_app([models["text"]])
+    with TestClient(app) as c:
+        assert c.get("/sdapi/v1/loras").json() == [] and c.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    for flag in ("--lora-dir", "--embeddings-dir"):  # a missing folder: one line, before any model is loaded
+        assert main(["serve", "--checkpoint", models["text"], flag, str(tmp_path / "nowhere")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {tmp_path / 'nowhere'} is not a folder" in err and len(err.strip().splitlines()) == 1
+
+
 # --- a live server -----------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

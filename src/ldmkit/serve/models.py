@@ -148,6 +148,10 @@ class ModelStore:
                 entry.loaded = load_checkpoint(entry.path, self.device)
                 entry.sha256, entry.caps = entry.loaded.sha256, entry.loaded.capabilities()
                 entry.sampling = sampling_defaults_any(entry.path)
+                if self.embeddings is not None and entry.loaded.text:
+                    from ldmkit.conditioning.embeddings import attach_embeddings
+
+                    attach_embeddings(entry.loaded.ldm.conditioner, self.embeddings)  # their names expand in prompts
             return entry.loaded
 
     def capabilities(self) -> dict:
