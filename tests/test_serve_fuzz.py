@@ -37,6 +37,14 @@ def cheaper(body):
     return body
 
 
+UNIT_KEYS = ["image", "input_image", "weight", "enabled", "resize_mode", "module", "model"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(UNIT_KEYS), inner, max_size=4),
+                    max_leaves=8)
+LOOSE = ["mask_blur", "restore_faces", "tiling", "styles", "subseed_strength", "seed_resize_from_h", "inpaint_full_res",
+         "script_name", "override_settings", "sampler_index", "scheduler"]
+
+
 def png(width: int, height: int, mode: str) -> str:
     import base64
     import io
@@ -58,6 +66,14 @@ def steer(body, data, path: str) -> None:
     for key in ("width", "height"):
         if key in body:
             body[key] = data.draw(side, label=key)
+    # fields the schema types loosely (alwayson_scripts is a dict of anything) or not at all (A1111 fields that
+    # ldmkit reports as not honoured, mask_blur): any JSON where the server looks
+    if data.draw(st.booleans(), label="scripts"):
+        body["alwayson_scripts"] = {data.draw(st.sampled_from(["controlnet", "ControlNet", "ADetailer"]), label="script"):
+                                    data.draw(st.dictionaries(st.sampled_from(["args", "enabled"]), JSON, max_size=2),
+                                              label="script body")}
+    for key in data.draw(st.lists(st.sampled_from(LOOSE), max_size=3, unique=True), label="loose fields"):
+        body[key] = data.draw(JSON, label=key)
     if path.endswith("img2img"):
         w, h = data.draw(st.integers(1, 64), label="image width"), data.draw(st.integers(1, 64), label="image height")
         body["init_images"] = [png(w, h, data.draw(st.sampled_from(["RGB", "L", "RGBA", "P"]), label="image mode"))]

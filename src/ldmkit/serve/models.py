@@ -145,13 +145,14 @@ class ModelStore:
                     other.loaded = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                entry.loaded = load_checkpoint(entry.path, self.device)
-                entry.sha256, entry.caps = entry.loaded.sha256, entry.loaded.capabilities()
-                entry.sampling = sampling_defaults_any(entry.path)
-                if self.embeddings is not None and entry.loaded.text:
+                loaded = load_checkpoint(entry.path, self.device)
+                if self.embeddings is not None and loaded.text:  # before it counts as loaded: a refusal leaves none
                     from ldmkit.conditioning.embeddings import attach_embeddings
 
-                    attach_embeddings(entry.loaded.ldm.conditioner, self.embeddings)  # their names expand in prompts
+                    attach_embeddings(loaded.ldm.conditioner, self.embeddings)  # their names expand in prompts
+                entry.loaded = loaded
+                entry.sha256, entry.caps = loaded.sha256, loaded.capabilities()
+                entry.sampling = sampling_defaults_any(entry.path)
             return entry.loaded
 
     def capabilities(self) -> dict:
