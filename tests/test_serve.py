@@ -433,11 +433,22 @@ def test_lora_and_embedding_routes(models, tmp_path, monkeypatch, capsys):
         assert c.post("/sdapi/v1/refresh-loras").status_code == 200
         assert [e["name"] for e in c.get("/sdapi/v1/loras").json()] == ["ink", "more"]
         assert c.get("/sdapi/v1/embeddings").json()["loaded"]["cat-toy"]["vectors"] == 2
+        # <lora:name:w> tags are checked before the request is queued: the name, the weight; 422 naming the prompt
+        before = app.state.worker.completed
+        for prompt, words in [("a cat <lora:nope:0.5>", f"<lora:nope:0.5>: no LoRA named 'nope' in {lora_dir} (have: ink, more)"),
+                              ("a cat <lora:ink:12>", "<lora:ink:12>: the weight must be a number in [-10, 10]"),
+                              ("a cat <lora:ink:strong>", "<lora:ink:strong>: the weight 'strong' is not a number")]:
+            r = c.post("/sdapi/v1/txt2img", json={**TXT, "prompt": prompt})
+            assert r.status_code == 422 and r.json()["detail"] == [{"loc": ["body", "prompt"], "msg": words, "type": "value_error"}]
+        assert app.state.worker.completed == before
+        assert resolved(c, {**TXT, "prompt": "a cat <lora:ink> <lora:more:-0.5> <hypernet:x:1>"}).prompt.startswith("a cat")
         assert attached == [(store.get(store.current).ldm.conditioner, store.embeddings)]
     app = create_app([models["text"]])
     with TestClient(app) as c:
         assert c.get("/sdapi/v1/loras").json() == [] and c.post("/sdapi/v1/refresh-loras").status_code == 200
         assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+        r = c.post("/sdapi/v1/txt2img", json={**TXT, "prompt": "a cat <lora:ink:0.5>"})
+        assert r.status_code == 422 and "no LoRA folder; start it with --lora-dir" in r.json()["detail"][0]["msg"]
     for flag in ("--lora-dir", "--embeddings-dir"):  # a missing folder: one line, before any model is loaded
         assert main(["serve", "--checkpoint", models["text"], flag, str(tmp_path / "nowhere")]) == 2
         err = capsys.readouterr().err

@@ -71,6 +71,7 @@ class LoraLibrary:
     """The LoRA files under `folder`, by name. Thread-safe: the server's worker applies while the event loop lists."""
 
     suffixes = (".safetensors",)
+    max_weight = MAX_WEIGHT
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -107,9 +108,9 @@ class LoraLibrary:
         with self._lock:
             p = self._files.get(name)
             if p is None:
-                have = ", ".join(sorted(self._files)[:20]) or "none"
-                raise LdmkitError(f"no LoRA named '{name}' in {self.folder} (have: {have}); "
-                                  "POST /sdapi/v1/refresh-loras after adding files")
+                names = sorted(self._files)
+                have = ", ".join(names[:20]) + (", …" if len(names) > 20 else "") or "none"
+                raise LdmkitError(f"no LoRA named '{name}' in {self.folder} (have: {have})")
             return p
 
     def hash(self, name: str) -> str:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldmkit.diffusion.samplers import SAMPLERS
+from ldmkit.errors import LdmkitError
 from ldmkit.generation.request import HiresPass
 from ldmkit.sample import A1111_SAMPLERS
 
@@ -309,6 +312,35 @@ def _control_unit(scripts: dict) -> tuple[str, dict] | None:
     return None
 
 
+# A1111's extra-network tag (modules/extra_networks.py `re_extra_net`): <kind:arg1:arg2...>; kind "lora"
+# (and "lyco", its older alias) names a LoRA and its weight (1 when left out)
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def _check_lora_tags(prompt: str, networks) -> None:
+    """Every <lora:name[:w]> of the prompt names a file of --lora-dir and a weight in range, before the request is
+    queued (generation reads the tags; a damaged file is found when it is read, also a 422 in one line)."""
+    for kind, args in EXTRA_NETWORK.findall(prompt):
+        if kind.lower() not in ("lora", "lyco"):
+            continue
+        tag = f"<{kind}:{args}>"
+        if networks is None:
+            raise FieldProblem("prompt", f"{tag}: this server has no LoRA folder; start it with --lora-dir DIR")
+        name, _, rest = args.partition(":")
+        weight = rest.split(":", 1)[0].strip()
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise FieldProblem("prompt", f"{tag}: the weight {weight!r} is not a number") from None
+        if not math.isfinite(w) or abs(w) > networks.max_weight:
+            raise FieldProblem("prompt", f"{tag}: the weight must be a number in "
+                                         f"[-{networks.max_weight:g}, {networks.max_weight:g}]")
+        try:
+            networks.path(name.strip())
+        except LdmkitError as e:
+            raise FieldProblem("prompt", f"{tag}: {e}") from None
+
+
 def _requested(req: BaseModel, name: str) -> Any:
     """A field's value when the client sent it (not None), else None: defaults that the checkpoint may set."""
     return getattr(req, name) if name in req.model_fields_set else None
@@ -364,6 +396,8 @@ def resolve(req: Txt2ImgRequest, store, images: bool) -> Generation:
         if negative:
             not_honoured.append("negative_prompt: this model has no text route")
         negative = None
+    if caps["text"]:
+        _check_lora_tags(prompt, getattr(store, "networks", None))
     seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(2**32)
     steps = _requested(req, "steps") or int(own.get("steps", A1111_STEPS))
     cfg = _requested(req, "cfg_scale")
