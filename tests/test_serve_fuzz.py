@@ -42,7 +42,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(a
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(UNIT_KEYS), inner, max_size=4),
                     max_leaves=8)
 LOOSE = ["mask_blur", "restore_faces", "tiling", "styles", "subseed_strength", "seed_resize_from_h", "inpaint_full_res",
-         "script_name", "override_settings", "sampler_index", "scheduler"]
+         "script_name", "override_settings"]
 
 
 def png(width: int, height: int, mode: str) -> str:
@@ -57,11 +57,14 @@ def png(width: int, height: int, mode: str) -> str:
 
 
 def steer(body, data, path: str) -> None:
-    """Random base64 is never an image and a random width is rarely a multiple of 4: half the generated
+    """Random base64 is never an image and a random width is rarely a multiple of 4: most generated
     requests get a real image of a random size and mode, and sizes the model can make, so the fuzzer
     reaches the image fitting, the hires pass and the sampler instead of stopping at the first check."""
-    if not isinstance(body, dict) or not data.draw(st.booleans(), label="steer"):
+    if not isinstance(body, dict) or data.draw(st.integers(0, 3), label="steer") == 0:  # 3 in 4 steered
         return
+    body["sampler_name"] = data.draw(st.sampled_from([None, "Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "LCM"]),
+                                     label="sampler")
+    body["scheduler"] = data.draw(st.sampled_from([None, "automatic", "karras", "exponential", "sgm_uniform"]), label="schedule")
     side = st.one_of(st.just(SIZE), st.integers(2, 12).map(lambda k: 4 * k))  # the model's size, or any it can make
     for key in ("width", "height"):
         if key in body:
@@ -138,5 +141,5 @@ def test_every_route_answers_generated_requests_without_5xx_hangs_or_unnamed_422
     print("status counts", per, f"{time.perf_counter() - t0:.1f} s")
     # it did reach the models (images drawn through both generation routes) and the checks
     ok = {path: sum(n for (p, _, code), n in per.items() if p == path and code == 200) for path, _, _ in per}
-    assert ok.get("/sdapi/v1/txt2img", 0) >= 10 and ok.get("/sdapi/v1/img2img", 0) >= 3 and seen.get(422, 0) >= 30, per
+    assert ok.get("/sdapi/v1/txt2img", 0) >= 6 and ok.get("/sdapi/v1/img2img", 0) >= 3 and seen.get(422, 0) >= 30, per
     assert time.perf_counter() - t0 < 120
