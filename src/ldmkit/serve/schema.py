@@ -32,8 +32,9 @@ MAX_IMAGE_BYTES = 24 << 20  # per base64 image: a 4096² PNG photo fits, a runaw
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGES_PER_REQUEST = 64  # batch_size × n_iter
 MAX_SIDE_FACTOR = 3  # width, height and the hires target: at most 3 × the model's training size (SD 1.5: 1536 px)
-# Cost grows with the square of the latent cells in attention; 3× a model's size covers A1111's common
-# hires targets (768×512 ×2 on SD 1.5) and refuses a 512-px request to a 16-px test model before any work.
+# Attention's cost grows with the square of the latent cells, so the cap follows the model: 3× its size covers
+# A1111's common hires targets (768×512 × 2 = 1536×1024 on SD 1.5), while a client's default 512 px sent to a
+# small 32-px model (96 px at most) is refused before any work instead of running 256 times the cells.
 
 
 class FieldProblem(Exception):
