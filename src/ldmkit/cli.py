@@ -388,7 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(args.checkpoint, host=args.host, port=args.port, auth=args.api_auth,
                insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, device=args.device,
-               preview_every=args.preview_every)
+               preview_every=args.preview_every, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     return 0
 
 
@@ -516,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--preview-every", type=_number(int, 0), default=5,
                     help="decode a preview of the running generation every N steps (0: none; default: %(default)s)")
     sv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    sv.add_argument("--lora-dir", default=None, metavar="DIR",
+                    help="LoRA files (.safetensors, subfolders too) that prompts name as <lora:name:weight>; "
+                         "listed at GET /sdapi/v1/loras")
+    sv.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                    help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) that "
+                         "prompts name; listed at GET /sdapi/v1/embeddings")
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("study", help="answer the FAQ's design questions by experiment: first stage, U-Net, "
