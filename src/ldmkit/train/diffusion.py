@@ -30,6 +30,7 @@ from ldmkit.train.data import MemoryData, check_buckets, check_lazy_source, open
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.distributed import check_in_sync, cleanup, full_state_dict, is_sharded, setup
 from ldmkit.train.loop import Task, fit
+from ldmkit.generation import GenerationRequest, generate
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
@@ -243,8 +244,10 @@ class DiffusionTask(Task):
                 elif cfg.concat.kind == "inpaint":
                     extra["mask"] = self.data.extras["mask"][:n] if "mask" in self.data.extras else ldm.random_masks(
                         n, cfg.data.size, None, torch.Generator().manual_seed(0))
-            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
-                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
+            labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+            request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, steps=cfg.sample.steps,
+                                        sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
+            imgs = generate(ldm, request).images
         finally:
             ldm.unet = live
         if self.main:

@@ -54,6 +54,7 @@ from ldmkit.train.finetune import LoraCheckpoints
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, fit
 from ldmkit.unet import UNet
+from ldmkit.generation import GenerationRequest, generate
 
 
 class DistillConfig(BaseModel):
@@ -354,8 +355,9 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
         live, ldm.unet = ldm.unet, self.ema.module if self.ema is not None else self.module
         try:
             guidance = self.sampling_defaults()["guidance"] if self.cfg.guidance_range is not None else s.guidance
-            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
-                              guidance=guidance, seed=0)
+            request = GenerationRequest(prompt=texts, labels=labels.tolist() if labels is not None else None, num_images=n,
+                                        batch_size=n, steps=s.steps, sampler=s.sampler, guidance=guidance, seed=0)
+            imgs = generate(ldm, request).images
         finally:
             ldm.unet = live
         grid = self.out / "samples" / f"samples_{step:08d}.png"
