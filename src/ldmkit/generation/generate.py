@@ -90,14 +90,14 @@ def _loras(prompts: list[str] | None, extra: list[tuple[str, float]]) -> tuple[l
     """The prompts without their tags, and every LoRA of the request once (tags of all prompts + `extra`);
     they apply to the whole request. One name with two weights is refused."""
     weights: dict[str, float] = {}
-    texts = None
-    pairs = list(extra)
+    texts, pairs = None, []
     if prompts is not None:
         texts = []
         for p in prompts:
             text, found = split_loras(p)
             texts.append(text)
             pairs += found
+    pairs += list(extra)
     for name, w in pairs:
         if weights.get(name, w) != w:
             raise LdmkitError(f"LoRA {name!r} is asked with two weights ({weights[name]} and {w}); give one")
