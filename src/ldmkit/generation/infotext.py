@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 # ldmkit sampler → the name the A1111 web UI writes (and its readers expect) in a PNG's parameters
 A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler",
                   "euler_a": "Euler a", "lcm": "LCM"}
@@ -25,7 +27,7 @@ def infotext(prompt: str, negative_prompt: str | None, steps: int, sampler: str,
               "Batch size": batch_size if batch_size > 1 else None, "Batch pos": batch_pos if batch_size > 1 else None,
               **(hires or {}),
               "Lora hashes": '"' + ", ".join(f"{k}: {v}" for k, v in lora_hashes.items()) + '"' if lora_hashes else None}
-    from ldmkit import __version__
-
-    pairs = ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None) + f", Version: ldmkit {__version__}"
+    # the root package is imported before any of its modules; read its version without importing it upward
+    version = sys.modules["ldmkit"].__version__
+    pairs = ", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None) + f", Version: ldmkit {version}"
     return "\n".join([prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else []) + [pairs])
