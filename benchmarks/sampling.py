@@ -68,7 +68,7 @@ def build_ldm(name: str, res: int, device: str = "cpu", seed: int = 0):
     text = common.FixedTextEncoder(unet.context_dim, common.CONTEXT_TOKENS[name])
     torch.manual_seed(seed)
     with torch.device(device):
-        ldm = LatentDiffusion(cfg, conditioner=Conditioner(cfg.conditioner, text_encoder=text))
+        ldm = LatentDiffusion.from_config(cfg, conditioner=Conditioner(cfg.conditioner, text_encoder=text))
     return ldm.eval()
 
 

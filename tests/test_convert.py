@@ -43,7 +43,7 @@ def minilm_ckpt(tmp_path_factory):
         image_size=16,
     )  # fmt: skip
     torch.manual_seed(0)
-    ldm = LatentDiffusion(cfg)
+    ldm = LatentDiffusion.from_config(cfg)
     perturb(ldm, seed=7)
     out = tmp_path_factory.mktemp("minilm") / "run"
     save_checkpoint(out, 100, "latent_diffusion", ldm, cfg)

@@ -48,7 +48,7 @@ def make_ldm(text=True, classes=4, prediction="eps", zero_init=False, emb_mode="
                                 diffusion=DiffusionConfig(prediction_type=prediction), image_size=16)
     conditioner = Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)
     torch.manual_seed(0)
-    return LatentDiffusion(cfg, conditioner=conditioner).eval()
+    return LatentDiffusion.from_config(cfg, conditioner=conditioner).eval()
 
 
 def test_text_encoder_is_cached_and_not_in_state_dict():
@@ -195,7 +195,7 @@ def test_pooled_text_vector_route():
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                       attention_levels=(1,), num_heads=2, norm_groups=4, context_dim=8, vector_dim=8, zero_init=False)
     cond_cfg = ConditionerConfig(text_encoder="test", pooled_text=True)
-    ldm = LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, image_size=16),
+    ldm = LatentDiffusion.from_config(LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, image_size=16),
                           conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder())).eval()
     cond = ldm.conditioner(texts=["red circle", "blue"])
     # the vector is the mean of the real tokens

@@ -26,7 +26,7 @@ def make(concat=None, channel_mult=(1, 2), text=True, drop=0.0, **unet_kw) -> La
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, concat=cc,
                                 diffusion=DiffusionConfig(), image_size=SIZE)
     torch.manual_seed(0)
-    return LatentDiffusion(cfg, conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)).eval()
+    return LatentDiffusion.from_config(cfg, conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)).eval()
 
 
 def images(n=2, seed=0):

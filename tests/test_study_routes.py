@@ -115,7 +115,7 @@ def _tiny_ldm(concat: ConcatConfig):
     unet = UNetConfig(in_channels=ae.latent_channels, out_channels=ae.latent_channels, model_channels=8,
                       channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), mid_attention=False, norm_groups=4,
                       concat_channels=concat.channels(ae.latent_channels))
-    return LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16, concat=concat)).eval()
+    return LatentDiffusion.from_config(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16, concat=concat)).eval()
 
 
 def test_onehot_route_samples_from_labels_and_trains():

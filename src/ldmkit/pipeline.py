@@ -18,6 +18,7 @@ Concatenation routes (inpainting, super-resolution): `ldmkit.conditioning.concat
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable
 
 import torch
@@ -60,12 +61,20 @@ class LatentDiffusionConfig(BaseModel):
 
 
 class LatentDiffusion(nn.Module):
-    def __init__(self, config: LatentDiffusionConfig, conditioner: Conditioner | None = None):
+    """A container of parts: the frozen first stage, the U-Net, the conditioner, and the noise schedule of
+    `config.diffusion` (with the training objective). Built from parts that already hold their weights
+    (interop, fine-tuning) or with `from_config`; a trainer that samples with another U-Net (its EMA copy, a
+    DDP/FSDP wrapper) takes `with_unet(net)`, a second container, and swaps no child of this one."""
+
+    def __init__(self, autoencoder: AutoencoderKL, unet: UNet, conditioner: Conditioner, config: LatentDiffusionConfig):
         super().__init__()
+        if autoencoder.config != config.autoencoder or unet.config.model_dump() != config.unet.model_dump():
+            raise LdmkitError("the autoencoder or U-Net given does not match the LatentDiffusion config (build the parts "
+                              "from config.autoencoder and config.unet, or use LatentDiffusion.from_config)")
         self.config = config
-        self.autoencoder = AutoencoderKL(config.autoencoder).eval().requires_grad_(False)
-        self.unet = UNet(config.unet)
-        self.conditioner = conditioner or Conditioner(config.conditioner)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.unet = unet
+        self.conditioner = conditioner
         d = config.diffusion
         self.schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end, d.zero_terminal_snr)
         self.objective = DiffusionObjective(self.schedule, d.prediction_type, d.weighting, d.min_snr_gamma, d.offset_noise)
@@ -80,6 +89,22 @@ class LatentDiffusion(nn.Module):
                 config.concat.map_factor != config.autoencoder.downsample_factor:
             raise LdmkitError(f"concat.map_factor is {config.concat.map_factor} but the first stage downsamples by "
                               f"{config.autoencoder.downsample_factor}; set them equal")
+
+    @classmethod
+    def from_config(cls, config: LatentDiffusionConfig, conditioner: Conditioner | None = None) -> LatentDiffusion:
+        """Freshly initialised parts (the autoencoder, then the U-Net: the order their random weights are drawn
+        in), the conditioner built from `config.conditioner` unless given."""
+        autoencoder = AutoencoderKL(config.autoencoder)
+        unet = UNet(config.unet)
+        return cls(autoencoder, unet, conditioner or Conditioner(config.conditioner), config)
+
+    def with_unet(self, unet: nn.Module) -> LatentDiffusion:
+        """The same model around another U-Net (an EMA copy, a DDP/FSDP wrapper of this one): a new container
+        sharing every other part; this one keeps its own U-Net."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)  # a shallow copy shares the children's dict: give it its own
+        other._modules["unet"] = unet
+        return other
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -335,7 +335,7 @@ class _Run:
         cond = model.conditioner(texts=texts, labels=model._conditioner_labels(labels), batch_size=b,
                                  size_crop=size_crop, prompt_syntax=True).to(self.device)
         uncond = None
-        if model.unet.config.time_cond_proj_dim:  # guidance enters through the student's w-embedding (LCM)
+        if model.config.unet.time_cond_proj_dim:  # guidance enters through the student's w-embedding (LCM)
             cond.guidance = torch.full((b,), float(guidance), device=self.device)
             guidance = 1.0
         if guidance != 1.0:

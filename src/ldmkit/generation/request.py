@@ -26,7 +26,7 @@ def granularity(model) -> int:
     """g = f · 2^(levels − 1): the autoencoder divides a side by f, the U-Net halves it levels − 1 times,
     and every level's skip must meet its upsampled twin, so a side must be a multiple of g (SD 1.5: 8·8 = 64
     in the U-Net's eyes; A1111 and diffusers take multiples of 8 and let the U-Net's upsampling pad)."""
-    return model.config.autoencoder.downsample_factor * 2 ** (len(model.unet.config.channel_mult) - 1)
+    return model.config.autoencoder.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
 
 
 def check_side(name: str, value: int, g: int) -> None:
@@ -190,7 +190,7 @@ class GenerationRequest:
         if self.negative_prompt is not None:
             if not text:
                 raise LdmkitError("a negative prompt needs a text-conditioned model; this one has no text route")
-            if model.unet.config.time_cond_proj_dim:
+            if model.config.unet.time_cond_proj_dim:
                 raise LdmkitError("this model takes its guidance scale as an input (a w-embedded student) and has no "
                                   "unconditional branch for a negative prompt; leave the negative prompt out")
         cc = cfg.concat
