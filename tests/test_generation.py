@@ -182,3 +182,33 @@ def test_request_refusals_are_one_line():
             generate(ldm, req)
     with pytest.raises(LdmkitError, match="no text conditioning"):
         generate(make(None, text=False), GenerationRequest(prompt="a"))
+
+
+def test_sample_command_any_size_and_hires(tmp_path, capsys):
+    """`ldmkit sample --width/--height --hires-*`: the PNGs have the hires size and say so in their parameters;
+    a width off the granularity is refused in one line naming the nearest sizes, before any image is written."""
+    from PIL import Image
+
+    from ldmkit.autoencoder import AutoencoderConfig
+    from ldmkit.checkpoint import save_checkpoint
+    from ldmkit.cli import main
+    from ldmkit.conditioning import ConditionerConfig
+    from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
+    from ldmkit.unet import UNetConfig
+
+    torch.manual_seed(0)
+    ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)  # f = 2
+    unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), mid_attention=False,
+                      num_heads=None, norm_groups=4, num_classes=3)  # two levels: g = 4
+    cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=ConditionerConfig(num_classes=3), image_size=16)
+    save_checkpoint(tmp_path / "m", 1, "latent_diffusion", LatentDiffusion.from_config(cfg), cfg)
+    base = ["sample", "--checkpoint", str(tmp_path / "m"), "--label", "1", "--steps", "2", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "s"), "--width", "24", "--height", "8", "--hires-scale", "2",
+                        "--hires-upscaler", "bicubic", "--hires-denoise", "0.5"]) == 0
+    img = Image.open(tmp_path / "s" / "0000.png")
+    assert img.size == (48, 16)
+    assert "Size: 24x8" in img.info["parameters"] and "Hires upscale: 2, Hires upscaler: Bicubic" in img.info["parameters"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "bad"), "--width", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use 8 or 12" in err[0] and not (tmp_path / "bad").exists()

@@ -153,13 +153,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     size = None  # images at their own size: generation fits them to --height/--width with --resize-mode
     control = None
     if args.embeddings_dir:
-        from ldmkit.conditioning.embeddings import attach_embeddings
-
+        try:
+            from ldmkit.conditioning.embeddings import attach_embeddings
+        except ImportError:
+            raise LdmkitError("--embeddings-dir needs ldmkit.conditioning.embeddings, which this build lacks") from None
         attach_embeddings(ldm.conditioner, args.embeddings_dir)
     networks = None
     if args.lora_dir:
-        from ldmkit.interop.lora_library import LoraLibrary
-
+        try:
+            from ldmkit.interop.lora_library import LoraLibrary
+        except ImportError:
+            raise LdmkitError("--lora-dir needs ldmkit.interop.lora_library, which this build lacks") from None
         networks = LoraLibrary(args.lora_dir)
     maps, scales = list(args.control or []), list(args.control_scale or [])
     if maps and not nets:
@@ -190,7 +194,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-            guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+            guidance_rescale=args.guidance_rescale, seed=None if args.seed < 0 else args.seed, batch_size=args.batch_size, progress=not args.quiet,
             negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
             model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, control=control, networks=networks, **spatial,
         )
@@ -471,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-prompt", type=POSITIVE, default=1, help="samples per prompt/label")
     s.add_argument("--num-samples", type=POSITIVE, default=None,
                    help="samples for an unconditional model (default 16; with prompts or labels use --num-per-prompt)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="batch k is seeded seed + k·batch size; -1: a random seed, written in each PNG's parameters")
     s.add_argument("--steps", type=POSITIVE, default=None, help="sampling steps (default: the checkpoint's, else 25)")
     s.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="default: the checkpoint's (a distilled model: lcm), else dpmpp_2m")
