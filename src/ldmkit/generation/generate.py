@@ -262,7 +262,8 @@ class _Run:
         ds = min(hr.denoising_strength, 0.999)
         if hr.denoising_strength <= 0:
             return start, (th, tw)
-        z0 = self.denoise(first, end, seed, th, tw, int(s / ds), hr.denoising_strength, start, callback, run=s)
+        total = min(int(s / ds), model.config.diffusion.num_timesteps)  # a tiny strength cannot ask for more steps than T
+        z0 = self.denoise(first, end, seed, th, tw, total, hr.denoising_strength, start, callback, run=min(s, total))
         return z0, (th, tw)
 
     def denoise(self, first: int, end: int, seed: int, height: int, width: int, steps: int, strength: float,
