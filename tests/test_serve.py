@@ -46,7 +46,7 @@ def tiny_ldm(inpaint: bool = False) -> LatentDiffusion:
                       concat_channels=concat.channels(ae.latent_channels) if concat else 0)
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=ConditionerConfig(text_encoder="minilm"),
                                 image_size=SIZE, concat=concat)
-    return LatentDiffusion(cfg)
+    return LatentDiffusion.from_config(cfg)
 
 
 @pytest.fixture(scope="module")
