@@ -212,3 +212,36 @@ def test_sample_command_any_size_and_hires(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "bad"), "--width", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "use 8 or 12" in err[0] and not (tmp_path / "bad").exists()
+
+
+def test_a_negative_prompt_with_fewer_chunks_is_padded_with_the_empty_chunk_as_a1111():
+    """A prompt past the CLIP window (two chunks) guided against a one-chunk negative prompt: both branches
+    reach the U-Net at two chunks, the negative's second chunk the empty prompt's (A1111's CFG denoiser), not
+    masked zeros."""
+    from test_prompt_syntax import tiny_clip_encoder
+
+    from ldmkit.conditioning import Conditioner, ConditionerConfig
+    from ldmkit.pipeline import LatentDiffusion
+
+    clip = tiny_clip_encoder()  # window 16: 14 tokens a chunk
+    base = make(None)
+    cfg = base.config.model_copy(update={"unet": base.config.unet.model_copy(update={"context_dim": clip.dim})})
+    torch.manual_seed(0)
+    ldm = LatentDiffusion.from_config(cfg, conditioner=Conditioner(cfg.conditioner, text_encoder=clip)).eval()
+    seen = []
+    forward = ldm.unet.forward
+
+    def spy(x, t, cond=None, **kw):
+        seen.append(cond.context.clone())
+        return forward(x, t, cond, **kw)
+
+    ldm.unet.forward = spy
+    long_prompt, negative = "cat " * 20, "cat"
+    generate(ldm, GenerationRequest(prompt=long_prompt, negative_prompt=negative, guidance=3.0, steps=1,
+                                    sampler="ddim", seed=0), decode=False)
+    ctx = seen[0]  # (2, 32, D): [uncond; cond] stacked for guidance
+    assert ctx.shape[:2] == (2, 2 * clip.window)
+    empty = clip([""], syntax=True)[0][0]  # (16, D): the empty prompt's chunk
+    own = clip([negative], syntax=True)[0][0]
+    torch.testing.assert_close(ctx[0, : clip.window], own, rtol=0, atol=0)
+    torch.testing.assert_close(ctx[0, clip.window :], empty, rtol=0, atol=0)

@@ -34,6 +34,7 @@ from torch import nn
 from ldmkit.conditioning.adapter import Adapter
 from ldmkit.conditioning.concat import kept_cells
 from ldmkit.conditioning.cond import Cond, cat_conds
+from ldmkit.conditioning.text import match_chunk_counts
 from ldmkit.conditioning.controlnet import controlled_unet
 from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
@@ -345,6 +346,9 @@ class _Run:
                                            size_crop=size_crop, prompt_syntax=True).to(self.device)
             else:
                 uncond = model.conditioner.uncond(b, size_crop).to(self.device)
+            # A prompt and a negative prompt of different chunk counts (past the encoder's window): the shorter
+            # is padded with the empty prompt's chunk, attended to, as A1111's CFG denoiser does
+            cond, uncond = match_chunk_counts(model.conditioner.text_encoder, cond, uncond)
         cc = model.config.concat
         if cc is not None:
             f = model.config.autoencoder.downsample_factor

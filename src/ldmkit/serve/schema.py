@@ -175,10 +175,11 @@ class Generation:
     @property
     def steps_per_batch(self) -> int:
         """Steps the sampler runs per batch (for progress): img2img keeps the last int(strength·steps) of them
-        (diffusers' count), a hires pass adds int(denoising_strength · its steps)."""
+        (diffusers' count), a hires pass adds its own steps (A1111 stretches the schedule so the second pass runs
+        exactly `second_pass_steps or steps` of them; `generate` does the same)."""
         n = self.steps if self.init_image is None else max(1, int(self.strength * self.steps))
         if self.hires is not None:
-            n += max(1, int(self.hires.denoising_strength * (self.hires.second_pass_steps or self.steps)))
+            n += self.hires.second_pass_steps or self.steps
         return n
 
 
@@ -201,23 +202,6 @@ def check_side(name: str, v: int, g: int, top: int, title: str) -> int:
         raise FieldProblem(name, f"{v} px is not a multiple of {g}, the size step of model {title}; "
                                  f"nearest: {_nearest(v, g, top)}")
     return v
-
-
-def hires_size(width: int, height: int, hires: HiresPass, g: int) -> tuple[int, int]:
-    """(width, height) of the hires pass as A1111 computes it (processing.py, StableDiffusionProcessingTxt2Img.
-    init): hr_resize_x/y when set (one of them: the other keeps the aspect; both: that size, A1111 crops the
-    upscaled latents to it), else int(size × hr_scale); then rounded down to the granularity g, as
-    `HiresPass` states."""
-    rx, ry = hires.resize_x, hires.resize_y
-    if rx == 0 and ry == 0:
-        w, h = int(width * hires.scale), int(height * hires.scale)
-    elif ry == 0:
-        w, h = rx, rx * height // width
-    elif rx == 0:
-        w, h = ry * width // height, ry
-    else:
-        w, h = rx, ry
-    return w // g * g, h // g * g
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -434,7 +418,7 @@ def _resolve_hires(req: Txt2ImgRequest, gen: Generation, g: int, top: int, title
     strength = 0.7 if req.denoising_strength is None else float(req.denoising_strength)
     hires = HiresPass(scale=float(req.hr_scale or 2.0), resize_x=req.hr_resize_x or 0, resize_y=req.hr_resize_y or 0,
                       upscaler=upscaler, second_pass_steps=req.hr_second_pass_steps or 0, denoising_strength=strength)
-    w, h = hires_size(gen.width, gen.height, hires, g)
+    h, w = hires.target(gen.height, gen.width, g)  # A1111's rule, in one place (HiresPass.target)
     by = "hr_scale" if not (hires.resize_x or hires.resize_y) else ("hr_resize_x" if hires.resize_x else "hr_resize_y")
     for side, v in (("width", w), ("height", h)):
         if v > top:
