@@ -343,7 +343,9 @@ class PriorConfig(BaseModel):
     weight: float = Field(1.0, ge=0, description="λ: loss = instance + λ·prior")
     steps: int = Field(25, ge=1, description="sampling steps of the class images")
     guidance: float = Field(5.0, ge=0, description="guidance scale of the class images")
-    seed: int = Field(0, description="class image i is drawn with seed + i")
+    seed: int = Field(0, description="class images are drawn in blocks of 8, block k (images 8k…8k+7) with seed + 8k")
+    cache: str | None = Field(None, description="folder of generated class images, shared by runs (each set in a "
+                              "subfolder keyed by the model, prompts and settings); None: OUT/class_images")
 
 
 class FinetuneConfig(BaseModel):

@@ -44,7 +44,8 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interop import lora as lora_io
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig
-from ldmkit.train import inversion
+from ldmkit.device import autocast
+from ldmkit.train import inversion, prior
 from ldmkit.train.diffusion import DiffusionTask
 from ldmkit.train.distributed import full_state_dict
 
@@ -179,6 +180,7 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         if (trains_text(cfg) or ft.train == "embedding") and enc is None:
             raise LdmkitError(f"finetune.train={ft.train}{' with lora.text_encoder' if ft.train == 'lora' else ''} "
                               "needs a model with a text encoder; this one has none")
+        self.prior = self._class_images(cfg, out) if ft.prior.prompts else None  # drawn by the model as it starts
         self.decoder_seconds = None
         if ft.decoder_steps:
             if self.mean is None:
@@ -209,6 +211,70 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             self.module = inversion.WordVectors(inversion.initial_vectors(enc, emb.init, emb.vectors)).to(device)
             self.library = inversion.TrainingLibrary(emb.token, self.module.vectors)
             enc.embeddings, enc.trains = self.library, True
+
+    def _class_images(self, cfg: DiffusionTrainConfig, out: Path) -> dict:
+        """DreamBooth's class images (train/prior.py), generated once (cached), and their posteriors."""
+        from ldmkit.train.latents import encode_batches
+
+        pc, ft = cfg.finetune.prior, cfg.finetune
+        if ft.train == "embedding":
+            raise LdmkitError("finetune.prior (DreamBooth) trains the U-Net: use finetune.train unet, unet+text or lora, "
+                              "not embedding")
+        if not ft.init_from or self.conditioner.text_encoder is None:
+            raise LdmkitError("finetune.prior needs a text-to-image model to draw the class images: pass --init-from MODEL")
+        if cfg.concat is not None:
+            raise LdmkitError("finetune.prior: class images for a model with a concatenation route (inpainting, "
+                              "super-resolution) are not supported; leave finetune.prior.prompts unset")
+        prompts = prior.read_prompts(pc.prompts)
+        cache = Path(pc.cache) if pc.cache else out / prior.CLASS_DIR
+        t0 = time.time()
+        self.ldm.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # the global RNG (LoRA's init after this) as without a prior
+                images, texts, folder, calls = prior.class_images(self.ldm, prompts, pc.images, pc.seed, pc.steps,
+                                                                  pc.guidance, cfg.data.size, cache)
+        finally:
+            self.ldm.train()
+        with torch.no_grad():
+            parts = list(encode_batches(self.ldm.autoencoder, images.to(self.device), 64, False))
+        mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])  # (N, c, h, w) each
+        return {"images": images, "texts": texts, "mean": mean, "std": std,
+                "meta": {"folder": str(folder), "images": pc.images, "prompts": len(prompts), "weight": pc.weight,
+                         "generate_calls": calls, "seconds": round(time.time() - t0, 1)}}
+
+    def piece_loss_at(self, step: int):
+        instance = super().piece_loss_at(step)
+        if self.prior is None:
+            return instance
+        weight = self.cfg.finetune.prior.weight
+        self.step_losses = sums = {"instance_loss": 0.0, "prior_loss": 0.0, "rows": 0}
+
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            li, lp = instance(lo, hi), self._prior_loss(step, lo, hi)
+            sums["instance_loss"] += li.detach() * (hi - lo)
+            sums["prior_loss"] += lp.detach() * (hi - lo)
+            sums["rows"] += hi - lo
+            return li + weight * lp  # DreamBooth eq. 2: instance + λ·prior, each the mean over its rows
+
+        return piece_loss
+
+    def _prior_loss(self, step: int, lo: int, hi: int) -> torch.Tensor:
+        """The mean loss of class rows [lo, hi) of step `step` (train/prior.py: which images, which draws)."""
+        o, p = self.optim, self.prior
+        rows = prior.class_rows(step, lo, hi, o.batch_size, len(p["texts"]), o.seed)
+        r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
+        mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
+        ae = self.ldm.autoencoder.config
+        z0 = (mean + std * r.randn(*mean.shape[1:]).to(mean.device) - ae.shift_factor) * ae.scaling_factor
+        with autocast(o.precision, self.device):
+            return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
+
+    def log_values(self) -> dict[str, float]:
+        values = super().log_values()
+        sums = getattr(self, "step_losses", None)
+        if self.prior is not None and sums and sums["rows"]:
+            values.update({k: float(sums[k]) / sums["rows"] for k in ("instance_loss", "prior_loss")})
+        return values
 
     def _build_model(self, cfg: DiffusionTrainConfig) -> dict:
         if not cfg.finetune.init_from:
@@ -326,6 +392,8 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         meta.update({"init_from": ft.init_from, "finetune": ft.train, "autoencoder": ft.init_from or meta["autoencoder"]})
         if self.decoder_seconds is not None:
             meta["decoder"] = {"steps": ft.decoder_steps, "seconds": round(self.decoder_seconds, 1)}
+        if self.prior is not None:
+            meta["prior"] = self.prior["meta"]
         if self.lora and self.main:
             meta["lora"] = self.save_lora_file(self.cfg.lora, t0)
         if self.embedding and self.main:
