@@ -8,7 +8,9 @@
 
 The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
 and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
-first few steps — the LDM recipe of precomputing conditioning, at no memory cost.
+first few steps — the LDM recipe of precomputing conditioning, at no memory cost. A trainer that trains the
+encoder itself (or textual-inversion vectors) sets `trains`: captions then bypass the cache and are encoded
+every step with gradients (`encode_trainable`).
 
 Generation reads prompts in the AUTOMATIC1111 web UI's syntax (`forward(texts, syntax=True)`): the
 prompt is parsed and cut into chunks of the encoder's window (`conditioning.prompt`), each chunk is

@@ -32,6 +32,7 @@ import copy
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +374,7 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         state = load_training_state(path.parent)
         ema_module.text_encoder.load_state_dict(state.get("text_encoder_ema", state["text_encoder"]))
 
-    def checkpoint_files(self, folder: Path) -> tuple[BaseModel, object]:
+    def checkpoint_files(self, folder: Path) -> tuple[BaseModel, Callable[[Path], None] | None]:
         if not trains_text(self.cfg):
             return super().checkpoint_files(folder)
         net = self.ema.module if self.ema is not None else self.module
