@@ -111,6 +111,16 @@ def test_resume_repeats_the_vectors_exactly(sd_folder, concept, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_a_step_whose_captions_all_lack_the_word_trains_nothing_and_does_not_fail(sd_folder, concept, tmp_path):
+    # every caption dropped (drop_text 1): no step has a path to the vectors; AdamW without weight decay leaves them
+    out = tmp_path / "run"
+    assert train(sd_folder, concept, out, "--set", "conditioner.drop_text=1", "--set", "optim.weight_decay=0",
+                 "--set", "optim.ema_decay=null", steps=2) == 0
+    enc = load_any(sd_folder).conditioner.text_encoder
+    start = enc.input_embeddings().weight[enc._piece_ids(["cat"])[0]].expand(2, -1)
+    assert torch.equal(load_embedding(out / "embeddings" / f"{WORD}.safetensors").vectors, start)
+
+
 def test_a_word_no_caption_uses_or_no_model_is_one_line(sd_folder, concept, tmp_path):
     rc = main(["train", "--config", "tiny", "--init-from", str(sd_folder), "--out", str(tmp_path / "a"), "--quiet",
                "--set", f"data.dataset={concept}", "--set", "finetune.train=embedding",

@@ -245,6 +245,8 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
 
     def piece_loss_at(self, step: int):
         instance = super().piece_loss_at(step)
+        if self.embedding:
+            return self._with_vectors(instance)
         if self.prior is None:
             return instance
         weight = self.cfg.finetune.prior.weight
@@ -258,6 +260,17 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             return li + weight * lp  # DreamBooth eq. 2: instance + λ·prior, each the mean over its rows
 
         return piece_loss
+
+    def _with_vectors(self, piece_loss):
+        """A piece whose captions all lack the word (caption dropout, a set where only some images show the concept)
+        has no path to the vectors: a zero term keeps its backward valid (a zero gradient, as for any unused
+        parameter) instead of failing on a loss that needs no gradient."""
+
+        def with_vectors(lo: int, hi: int) -> torch.Tensor:
+            loss = piece_loss(lo, hi)  # sets the library's vectors (`loss_unet`)
+            return loss + 0.0 * self.library.vectors.sum()
+
+        return with_vectors
 
     def _prior_loss(self, step: int, lo: int, hi: int) -> torch.Tensor:
         """The mean loss of class rows [lo, hi) of step `step` (train/prior.py: which images, which draws)."""
