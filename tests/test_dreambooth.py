@@ -1,6 +1,7 @@
 """DreamBooth's prior preservation (issue 30): class images drawn once by the starting model, cached by a key of the
 model, prompts and settings, reused by `--resume` and by a second run, resumed when the generation was killed; each
-step trains its instance rows and as many class rows; loss = instance + λ·prior, both logged; with unet and lora."""
+step trains its instance rows and as many class rows; loss = instance + λ·prior, both logged; with unet, unet+text
+and lora."""
 
 import json
 import math
@@ -75,8 +76,9 @@ def test_class_images_are_generated_once_and_reused_by_resume_and_a_second_run(s
     # the default cache is beside the run; other prompts are another key, never the images of these
     other = tmp_path / "other.txt"
     other.write_text("a green triangle\n")
-    assert train(sd_folder, other, tmp_path / "c", "--set", "finetune.train=lora") == 0
+    assert train(sd_folder, other, tmp_path / "c", "--set", "finetune.train=unet+text") == 0  # the encoder trains too
     assert calls == [8, 2] and len(list((tmp_path / "c" / "class_images").iterdir())) == 1
+    assert all(line["prior_loss"] > 0 for line in log(tmp_path / "c"))
 
 
 def test_a_killed_generation_resumes_where_it_stopped_with_the_same_images(sd_folder, tmp_path, monkeypatch):
