@@ -40,7 +40,7 @@ from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.objective import DiffusionObjective
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
-from ldmkit.diffusion.schedules import make_schedule, make_sigma_steps, make_timesteps, q_sample
+from ldmkit.diffusion.schedules import make_schedule, q_sample, sampler_timesteps
 from ldmkit.errors import LdmkitError
 from ldmkit.layers.attention import clear_context_cache
 from ldmkit.rng import BatchRandom
@@ -256,6 +256,8 @@ class LatentDiffusion(nn.Module):
         guidance: the classifier-free guidance scale w (1 = off); guidance_rescale: φ of guidance rescale
         (Lin et al., 2024; 0 = off, 0.7 their recommendation), which pulls the guided prediction's std back
         to the conditional one's and tames over-saturation at large w.
+        sampler_opts go to the sampler, except `grid_steps` (lcm): the points of the student's distillation grid
+        (an ldmkit student's meta.sampling.grid_steps; default 50, diffusers' LCMScheduler).
         init_image (B or 1, 3, H, W) in [-1, 1]: the concat route's source (inpaint / lowres) and the
         img2img start (`strength` in [0, 1]: 1 = from pure noise, 0 = the encode-decode of the image).
         mask (B or 1, 1, H, W) in [0, 1], 1 = repaint: inpainting models only; with `keep_known` the latent
@@ -290,7 +292,7 @@ class LatentDiffusion(nn.Module):
         if self.config.concat is not None and self.config.concat.takes_mask and keep_known:
             known, keep = self.encode_mean(image), kept_cells(m, self.latent_shape[1:])  # (B, c, h, w), (B, 1, h, w)
             denoiser = KnownRegionDenoiser(denoiser, known, keep)
-        z, timesteps, levels = self._start(z, steps, image, strength, sigmas)
+        z, timesteps, levels = self._start(z, steps, image, strength, sigmas, sampler, sampler_opts.pop("grid_steps", None))
         if len(timesteps) == 0:  # img2img at strength 0: the encode-decode of the image
             return z if return_latents else self.decode(z)
         if levels is not None:
@@ -311,22 +313,19 @@ class LatentDiffusion(nn.Module):
             out = torch.lerp(image.to(out.dtype), out, m.to(out.dtype))
         return out
 
-    def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float, sigmas: str | None):
+    def _start(self, z: torch.Tensor, steps: int, image: torch.Tensor | None, strength: float, sigmas: str | None,
+               sampler: str = "ddim", grid_steps: int | None = None):
         """(z at the first sampling step, the sampling timesteps, their noise levels ᾱ or None for the
-        schedule's own). From pure noise z, or SDEdit (Meng et al., 2022): keep the last
-        round(strength·steps) steps and noise the image's latent to the first."""
+        schedule's own), from `sampler_timesteps` (lcm: its distillation grid of `grid_steps` points). From
+        pure noise z, or SDEdit (Meng et al., 2022): the image's latent noised to the first timestep."""
         d = self.config.diffusion
-        levels = None
-        if sigmas is None:
-            timesteps = make_timesteps(self.schedule, steps, d.timestep_spacing, d.steps_offset)
-        else:
-            timesteps, levels = make_sigma_steps(self.schedule, steps, sigmas)
-        if image is None or strength >= 1.0:
+        img2img = image is not None and strength < 1.0
+        timesteps, levels = sampler_timesteps(self.schedule, sampler, steps, d.timestep_spacing, d.steps_offset,
+                                              sigma_spacing=sigmas, strength=strength if img2img else 1.0,
+                                              grid_steps=grid_steps)
+        if not img2img:
             return z, timesteps, levels
         z_init = self.encode_mean(image)  # (B, c, h, w)
-        keep = steps - int(round(strength * steps))
-        timesteps = timesteps[keep:]
-        levels = levels[keep:] if levels is not None else None
         if len(timesteps) == 0:
             return z_init, timesteps, levels
         if levels is None:
