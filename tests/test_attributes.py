@@ -327,3 +327,32 @@ def test_score_captions_strict():
     assert scores["shape"] == pytest.approx(2 / 3) and scores["shape_strict"] == pytest.approx(1 / 3)
     assert scores["all_strict"] == pytest.approx(1 / 3) and scores["n"] == 3
     assert "shape_strict" not in score_captions(images, captions)
+
+
+def test_evaluate_reports_strict_shape_beside_the_class(tmp_path):
+    """`ldmkit evaluate` on a `shapes` model: strict shape next to shape in results and report, text and label
+    routes; strict never exceeds the class rate (it needs the class right)."""
+    from test_pipeline import make_ldm
+
+    from ldmkit.evaluate.diffusion import evaluate_diffusion
+
+    res = evaluate_diffusion(make_ldm(text=True, classes=18), tmp_path, seeds=1, steps=1, dataset="shapes",
+                             num_images=8)
+    for route in ("text", "label"):
+        assert 0 <= res[route]["shape_strict"] <= res[route]["shape"] <= 1, res[route]
+    assert 0 <= res["text"]["all_strict"] <= res["text"]["all"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| colour | position | shape | strict shape | all | all (strict) | n |" in report
+    assert "| colour | shape | strict shape | n |" in report
+
+
+def test_report_rows_read_the_strict_figures():
+    from ldmkit.evaluate.diffusion import _report
+
+    text = {"colour": 1.0, "position": 0.75, "shape": 0.5, "shape_strict": 0.25, "all": 0.5, "all_strict": 0.125,
+            "n": 8}
+    res = {"dataset": "shapes", "not_judged": [], "text": text, "text_new": text, "text_basic": text,
+           "label": {"colour": 1.0, "shape": 0.5, "shape_strict": 0.375, "n": 8}}
+    report = _report(res, [], "dpmpp_2m", 25, 2.0, 2)
+    assert "| all | 100.0 % | 75.0 % | 50.0 % | 25.0 % | 50.0 % | 12.5 % | 8 |" in report
+    assert "| 100.0 % | 50.0 % | 37.5 % | 8 |" in report
