@@ -305,6 +305,10 @@ def test_fit_finds_the_angle_and_a_wrong_ideal_scores_low():
     u, v = (x - 20) * math.cos(0.5) + (y - 20) * math.sin(0.5), (y - 20) * math.cos(0.5) - (x - 20) * math.sin(0.5)
     image[(np.abs(u) <= 9) & (np.abs(v) <= 9)] = (230, 40, 40)  # a square turned by 0.5 rad = 28.6 degrees
     assert shape_fidelity(image, "square").angle == pytest.approx(math.degrees(0.5), abs=1.0)
+    bar = np.zeros((32, 32, 3), np.uint8)
+    bar[4:28, 2:5] = (230, 40, 40)  # a thin bar by the border: the disc of its area reaches past the image
+    fit = shape_fidelity(bar, "circle")
+    assert fit.iou < 0.3 and not fit.passed  # the ideal is charged for all of itself, off the image too
 
 
 def test_diamonds_pass_and_black_images_give_nothing():

@@ -230,15 +230,19 @@ def _fit(c: np.ndarray, shape: str) -> tuple[float, float, float]:
     """(IoU, corner coverage, angle) of the ideal centred on c's centroid, scaled to its area, at the best angle:
     a grid over the shape's angles (4x4 sub-samples a pixel), then 0.25-degree steps around the best (8x8)."""
     verts, area, (lo, hi, step) = _IDEALS[shape]
-    ys, xs = np.nonzero(c)
-    y0, y1 = max(ys.min() - 1, 0), min(ys.max() + 2, c.shape[0])
-    x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, c.shape[1])
-    win = c[y0:y1, x0:x1]  # (h, w) the shape and a 1-pixel margin
-    h, w = win.shape
-    mass = win.sum()
-    py, px = np.mgrid[y0:y1, x0:x1] + 0.5  # pixel centres
-    cy, cx = (win * py).sum() / mass, (win * px).sum() / mass  # centroid
+    mass = c.sum()
+    py, px = np.mgrid[0 : c.shape[0], 0 : c.shape[1]] + 0.5  # pixel centres
+    cy, cx = (c * py).sum() / mass, (c * px).sum() / mass  # centroid
     scale = math.sqrt(mass / area)  # the ideal's unit, in pixels
+    # the window: the sample and the ideal at any angle, with a 1-pixel margin; beyond the image c is 0 (padded),
+    # so an ideal that does not fit the sample is charged for all of itself
+    reach = scale * (1.0 if verts is None else float(np.hypot(*verts.T).max()))
+    ys, xs = np.nonzero(c)
+    y0, y1 = min(ys.min(), math.floor(cy - reach)) - 1, max(ys.max() + 1, math.ceil(cy + reach)) + 1
+    x0, x1 = min(xs.min(), math.floor(cx - reach)) - 1, max(xs.max() + 1, math.ceil(cx + reach)) + 1
+    pad = max(0, -y0, -x0, y1 - c.shape[0], x1 - c.shape[1])
+    win = np.pad(c, pad)[y0 + pad : y1 + pad, x0 + pad : x1 + pad]  # (h, w)
+    h, w = win.shape
 
     def grid(n: int) -> tuple[np.ndarray, np.ndarray]:  # (h·n, w·n) sub-sample centres about the centroid
         sub = (np.arange(n) + 0.5) / n
