@@ -196,7 +196,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
             guidance_rescale=args.guidance_rescale, seed=None if args.seed < 0 else args.seed, batch_size=args.batch_size, progress=not args.quiet,
             negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
-            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, control=control, networks=networks, **spatial,
+            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, control=control, networks=networks,
+            sampler_options=args.sampler_options, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
@@ -214,6 +215,8 @@ def _fill_sampling_defaults(args: argparse.Namespace, checkpoint: str, guidance:
     for key, default in {**SAMPLING_DEFAULTS, "guidance": guidance}.items():
         if getattr(args, key) is None:
             setattr(args, key, type(default)(own.get(key, default)))
+    # a distilled student's timesteps are its distillation grid (lcm's `grid_steps`), whatever sampler was asked
+    args.sampler_options = {"grid_steps": int(own["grid_steps"])} if own.get("grid_steps") else {}
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -388,7 +391,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                                  sampler=args.sampler, dataset=dataset, num_images=args.num_images, seed=args.seed,
-                                 vocabulary=args.vocabulary or meta.get("vocabulary", "basic"))
+                                 vocabulary=args.vocabulary or meta.get("vocabulary", "basic"),
+                                 sampler_options=args.sampler_options)
     else:
         raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
     print(json.dumps(res, indent=2))

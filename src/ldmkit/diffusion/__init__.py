@@ -30,19 +30,23 @@ from ldmkit.diffusion.samplers import (
     sample_lcm,
 )
 from ldmkit.diffusion.schedules import (
+    LCM_GRID_STEPS,
     SCHEDULE_KINDS,
     TIMESTEP_SPACINGS,
     NoiseSchedule,
     expand_like,
+    lcm_timesteps,
     make_schedule,
     make_sigma_steps,
     make_timesteps,
     q_sample,
     randn_like,
     rescale_to_zero_terminal_snr,
+    sampler_timesteps,
 )
 
 __all__ = [
+    "LCM_GRID_STEPS",
     "PREDICTION_TYPES",
     "SAMPLERS",
     "SCHEDULE_KINDS",
@@ -58,6 +62,7 @@ __all__ = [
     "consistency_scalings",
     "expand_like",
     "get_sampler",
+    "lcm_timesteps",
     "make_schedule",
     "make_sigma_steps",
     "make_timesteps",
@@ -72,6 +77,7 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_lcm",
+    "sampler_timesteps",
     "target",
     "to_x0_eps",
     "v_target",

@@ -157,6 +157,9 @@ def _unipc_coefficients(hh: float, rks: list[float], variant: str) -> tuple[list
     return rows, b, h_phi_1, b_h
 
 
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' stand-in for ᾱ_T = 0 in its multistep solvers
+
+
 def _solve(rows: list[list[float]], b: list[float]) -> list[float]:
     return torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
 
@@ -181,6 +184,10 @@ def sample_unipc(
         raise LdmkitError(f"UniPC takes order >= 1 and variant bh1 or bh2, got order={order}, variant={variant!r}")
     ts, ab = _alpha_bars(denoiser, timesteps, final_alpha_cumprod, alpha_bars)
     n = len(ts)
+    # A zero-terminal-SNR step (ᾱ = 0) has λ = −∞, which enters the order-3 solve as r = ∞ (NaN). diffusers'
+    # UniPC replaces ᾱ_T = 0 by 2⁻²⁴ (`rescale_betas_zero_snr`), for the denoiser's x̂0 too; so does ldmkit.
+    clamped = [a <= 0.0 for a in ab]
+    ab = [ZERO_SNR_ALPHA_BAR if c else a for a, c in zip(ab, clamped)]
     lam = [_half_log_snr(a) for a in ab]
     al, sg = [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab]
     x0s: list[torch.Tensor] = []  # x̂0 at each step so far
@@ -204,7 +211,7 @@ def sample_unipc(
         return out - (al[i + 1] * b_h) * res if d or new_x0 is not None else out
 
     for i, t in enumerate(ts):
-        x0, _ = _denoise(denoiser, x, t, ab[i], alpha_bars)
+        x0, _ = denoiser(x, t, ab[i]) if alpha_bars is not None or clamped[i] else denoiser(x, t)
         if prev_x is not None:  # UniC: correct the predicted state with the model output at it
             x = update(i - 1, prev_x, prev_order, x0)
         x0s.append(x0)

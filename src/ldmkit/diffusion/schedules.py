@@ -162,6 +162,65 @@ def make_timesteps(
     return torch.tensor(steps, dtype=torch.int64)
 
 
+LCM_GRID_STEPS = 50  # diffusers' LCMScheduler `original_inference_steps`: the grid of the published LCMs
+
+
+def lcm_timesteps(schedule: NoiseSchedule, num_steps: int, grid_steps: int = LCM_GRID_STEPS,
+                  strength: float = 1.0) -> torch.Tensor:
+    """Descending int64 timesteps of latent consistency sampling, exactly diffusers'
+    `LCMScheduler.set_timesteps(num_steps, original_inference_steps=grid_steps, strength=strength)`.
+
+    A consistency model learned f(z_t, t) only on its distillation grid, the skipping grid
+    t_i = i·k − 1, k = T // N, i = 1 … N (Luo et al. 2023, §4.2; `ldmkit distill`'s `skipping_grid`),
+    whatever spacing its teacher sampled with, so the timesteps come from that grid and never from the
+    model's own spacing (SD's "leading" + 1 would give 751 … 1, and t = 0 at one step, where
+    f(z, 0) = z returns the noise). The grid is cut to its first int(N · strength) points for img2img
+    and `num_steps` points are taken at evenly spaced indices from its top: all of them run (diffusers'
+    LCM img2img pipeline), none is dropped. strength 0 gives no steps (the encode-decode of the image).
+    """
+    T = schedule.num_timesteps
+    if not 1 <= grid_steps <= T:
+        raise LdmkitError(f"lcm: grid_steps (the distillation grid) must be between 1 and {T}, got {grid_steps}")
+    if not 1 <= num_steps <= grid_steps:
+        raise LdmkitError(f"lcm takes 1 to {grid_steps} steps (the points of its {grid_steps}-point distillation "
+                          f"grid), got {num_steps}")
+    k = T // grid_steps
+    points = int(grid_steps * strength)  # int(), as diffusers
+    if points == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if points < num_steps:
+        raise LdmkitError(f"lcm at strength {strength:g} keeps {points} of its {grid_steps} grid timesteps, fewer "
+                          f"than the {num_steps} steps asked; raise the strength or lower the steps")
+    grid = (np.arange(1, points + 1) * k - 1)[::-1]  # (points,) t_i = i·k − 1, descending
+    index = np.floor(np.linspace(0, points, num=num_steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(grid[index].copy()).to(torch.int64)
+
+
+def sampler_timesteps(
+    schedule: NoiseSchedule, sampler: str, num_steps: int, spacing: str = "leading", steps_offset: int = 0, *,
+    sigma_spacing: str | None = None, strength: float = 1.0, grid_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(timesteps, noise levels ᾱ or None for the schedule's own) that `sampler` runs for a request of
+    `num_steps` steps: the one place a sampling caller gets them.
+
+    lcm: the distillation grid (`lcm_timesteps`, `grid_steps` default LCM_GRID_STEPS; an ldmkit student's
+         is its meta.sampling.grid_steps), img2img strength as diffusers' LCMScheduler (all steps run);
+    the others: the model's `spacing`/`steps_offset` (`make_timesteps`) or a σ spacing (`make_sigma_steps`),
+         and img2img (SDEdit, Meng et al. 2022) keeps the last int(strength · num_steps) of them.
+    A σ spacing asked of lcm wins over its grid (the user chose the levels)."""
+    if sampler == "lcm" and sigma_spacing is None:
+        return lcm_timesteps(schedule, num_steps, grid_steps or LCM_GRID_STEPS, min(strength, 1.0)), None
+    levels = None
+    if sigma_spacing is None:
+        timesteps = make_timesteps(schedule, num_steps, spacing, steps_offset)
+    else:
+        timesteps, levels = make_sigma_steps(schedule, num_steps, sigma_spacing)
+    if strength >= 1.0:
+        return timesteps, levels
+    keep = num_steps - int(strength * num_steps)  # int(), as diffusers' img2img pipelines (50 × 0.75 → 37)
+    return timesteps[keep:], (levels[keep:] if levels is not None else None)
+
+
 SIGMA_SPACINGS = ("karras", "exponential")
 
 

@@ -8,7 +8,9 @@ What can be judged depends on the data the model learned (the checkpoint's `meta
   null value. A model that uses its caption or class predicts the noise better when it is given it,
   so `gain = null / conditional > 1` measures how much the condition is used, on any data.
 - `shapes`: every caption (text route) or every class id (label route: shape × colour) is sampled at
-  several seeds and the independent attribute checker reads colour, position and shape back.
+  several seeds and the independent attribute checker reads colour, position and shape back; beside the
+  shape class, the strict shape rate: the right class and drawn right (the ideal shape fitted to the
+  sample: IoU, solidity, corners; `ldmkit.evaluate.attributes.shape_fidelity`).
 - `digits` (10 classes): an SVM trained on the real digits reads each sample's class.
 Anything else is said in one line (`res["not_judged"]`) instead of given a meaningless figure.
 A report with the sample grids is written.
@@ -27,7 +29,7 @@ from ldmkit.data.tensors import materialize
 from ldmkit.diffusion.parameterization import to_x0_eps
 from ldmkit.diffusion.schedules import q_sample
 from ldmkit.errors import LdmkitError
-from ldmkit.evaluate.attributes import check_attributes, score_captions
+from ldmkit.evaluate.attributes import check_attributes, score_captions, shape_fidelity
 from ldmkit.generation import GenerationRequest, generate
 from ldmkit.imageio import save_grid
 
@@ -37,7 +39,8 @@ HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, sp
 @torch.no_grad()
 def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sampler: str = "dpmpp_2m",
                        guidance: float = 2.0, batch_size: int = 72, dataset: str | None = None,
-                       num_images: int = 128, seed: int = 0, vocabulary: str = "basic") -> dict:
+                       num_images: int = 128, seed: int = 0, vocabulary: str = "basic",
+                       sampler_options: dict | None = None) -> dict:
     """Judge `ldm` on what its training data allows (see the module docstring); `dataset` is the
     name or folder it was trained on (None: unknown, so only samples are written). `vocabulary`:
     shapes' words; "extended" judges all 112 captions and reports the 40 with white and/or diamond
@@ -47,7 +50,8 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
     cc = ldm.config.conditioner
     res: dict = {"dataset": dataset, "steps": steps, "sampler": sampler, "guidance": guidance, "seeds": seeds,
                  "not_judged": []}
-    kw = dict(steps=steps, sampler=sampler, guidance=guidance)  # GenerationRequest fields
+    kw = dict(steps=steps, sampler=sampler, guidance=guidance,  # GenerationRequest fields
+              sampler_options=dict(sampler_options or {}))  # e.g. an lcm student's grid_steps
     grids: list[tuple[str, str]] = []  # (caption, file) of grids shown without a score
     data = held_out(ldm, dataset, num_images, seed) if dataset else None
     if data is not None:
@@ -60,11 +64,12 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
             caps = all_captions(vocabulary)
             images = torch.cat([_draw(ldm, 1000 * s + i, texts=caps[i : i + batch_size], **kw)
                                 for s in range(seeds) for i in range(0, len(caps), batch_size)])
-            res["text"] = score_captions(images, caps * seeds, vocabulary)
+            res["text"] = score_captions(images, caps * seeds, vocabulary, strict=True)
             if vocabulary != "basic":  # the new words, and what the original captions kept
                 new = torch.tensor([is_new(c) for c in combos(vocabulary)] * seeds)
                 for key, keep in (("text_new", new), ("text_basic", ~new)):
-                    res[key] = score_captions(images[keep], [c for c, k in zip(caps * seeds, keep) if k], vocabulary)
+                    res[key] = score_captions(images[keep], [c for c, k in zip(caps * seeds, keep) if k], vocabulary,
+                                              strict=True)
             save_grid(images[: len(caps)], out / "text_samples.png", nrow=16 if vocabulary != "basic" else 12,
                       upscale=2)
         else:
@@ -181,8 +186,12 @@ def _shapes_label_fidelity(ldm, seeds: int, kw: dict) -> dict:
     want = [(SHAPES[lab // len(COLOURS)], list(COLOURS)[lab % len(COLOURS)]) for lab in labels] * seeds
     found = [check_attributes(img) for img in images]
     n = len(found)
+    # strict: the right class and drawn right (`shape_fidelity`, issue 31)
+    strict = sum(f["shape"] == w[0] and bool(getattr(shape_fidelity(img, w[0]), "passed", False))
+                 for img, f, w in zip(images, found, want))
     return {"colour": sum(f["colour"] == w[1] for f, w in zip(found, want)) / n,
-            "shape": sum(f["shape"] == w[0] for f, w in zip(found, want)) / n, "n": n, "grid": images[: len(labels)]}
+            "shape": sum(f["shape"] == w[0] for f, w in zip(found, want)) / n, "shape_strict": strict / n, "n": n,
+            "grid": images[: len(labels)]}
 
 
 def _report(res: dict, grids: list[tuple[str, str]], sampler: str, steps: int, guidance: float, seeds: int) -> str:
@@ -198,20 +207,28 @@ def _report(res: dict, grids: list[tuple[str, str]], sampler: str, steps: int, g
     if "text" in res:
         def row(t: dict) -> str:
             return (f"{100 * t['colour']:.1f} % | {100 * t['position']:.1f} % | {100 * t['shape']:.1f} % | "
-                    f"{100 * t['all']:.1f} % | {t['n']} |")
+                    f"{100 * t['shape_strict']:.1f} % | {100 * t['all']:.1f} % | {100 * t['all_strict']:.1f} % | {t['n']} |")
+
+        strict_note = ("Strict shape: the right class and drawn right, the caption's ideal shape fitted to the sample "
+                       "(IoU, solidity, corners; docs/shape-judge.md); all (strict) counts it.")
 
         if "text_new" in res:  # the extended vocabulary
             lines += ["## Text route (all 112 captions of the extended vocabulary)", "",
-                      "| captions | colour | position | shape | all | n |", "| --- | --- | --- | --- | --- | --- |",
+                      "| captions | colour | position | shape | strict shape | all | all (strict) | n |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |",
                       f"| with white and/or diamond | {row(res['text_new'])}", f"| the 72 basic ones | {row(res['text_basic'])}",
-                      f"| all | {row(res['text'])}", "", "![text samples](text_samples.png)", ""]
+                      f"| all | {row(res['text'])}", "", strict_note, "", "![text samples](text_samples.png)", ""]
         else:
-            lines += ["## Text route (all 72 captions)", "", "| colour | position | shape | all | n |",
-                      "| --- | --- | --- | --- | --- |", f"| {row(res['text'])}", "", "![text samples](text_samples.png)", ""]
+            lines += ["## Text route (all 72 captions)", "",
+                      "| colour | position | shape | strict shape | all | all (strict) | n |",
+                      "| --- | --- | --- | --- | --- | --- | --- |", f"| {row(res['text'])}", "", strict_note, "",
+                      "![text samples](text_samples.png)", ""]
     if "label" in res:
         lab = res["label"]
-        lines += ["## Label route (18 shape × colour classes)", "", "| colour | shape | n |", "| --- | --- | --- |",
-                  f"| {100 * lab['colour']:.1f} % | {100 * lab['shape']:.1f} % | {lab['n']} |", "",
+        lines += ["## Label route (18 shape × colour classes)", "", "| colour | shape | strict shape | n |",
+                  "| --- | --- | --- | --- |",
+                  f"| {100 * lab['colour']:.1f} % | {100 * lab['shape']:.1f} % | {100 * lab['shape_strict']:.1f} % | "
+                  f"{lab['n']} |", "",
                   "![label samples](label_samples.png)", ""]
     if "digits" in res:
         dg = res["digits"]

@@ -39,7 +39,7 @@ from ldmkit.conditioning.controlnet import controlled_unet
 from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler
-from ldmkit.diffusion.schedules import make_sigma_steps, make_timesteps, q_sample
+from ldmkit.diffusion.schedules import q_sample, sampler_timesteps
 from ldmkit.errors import LdmkitError
 from ldmkit.generation.infotext import A1111_UPSCALERS, infotext
 from ldmkit.generation.request import GenerationRequest, as_batch, granularity
@@ -291,7 +291,7 @@ class _Run:
         z, timesteps, levels = self.start(noise, steps, start, strength, run)
         if len(timesteps) == 0:  # img2img at strength 0: the encode-decode of the image
             return z
-        opts = dict(req.sampler_options)
+        opts = {k: v for k, v in req.sampler_options.items() if k != "grid_steps"}  # the grid is the timesteps'
         if req.eta is not None:
             opts["eta"] = req.eta
         if levels is not None:
@@ -303,19 +303,25 @@ class _Run:
 
     def start(self, noise: torch.Tensor, steps: int, start: torch.Tensor | None, strength: float, run: int | None):
         """(z at the first sampling step, the sampling timesteps, their noise levels ᾱ or None for the
-        schedule's own). SDEdit: keep the last `run` = int(strength · steps) steps (diffusers' img2img) and
-        noise `start` to the first of them."""
-        model, d = self.model, self.model.config.diffusion
-        levels = None
-        if self.req.spacing is None:
-            timesteps = make_timesteps(model.schedule, steps, d.timestep_spacing, d.steps_offset)
+        schedule's own), from `sampler_timesteps` (lcm: its distillation grid, `grid_steps` points: the
+        sampler option an ldmkit student's meta.sampling carries; default diffusers' 50). SDEdit: keep the
+        last `run` = int(strength · steps) steps (diffusers' img2img) and noise `start` to the first of them;
+        lcm runs all its steps on the grid the strength cuts (diffusers' LCM img2img)."""
+        model, d, req = self.model, self.model.config.diffusion, self.req
+        img2img = start is not None and (run is not None or strength < 1.0)
+        grid = req.sampler_options.get("grid_steps")
+        if run is not None and not (req.sampler == "lcm" and req.spacing is None):
+            # the hires pass: `steps` is the stretched schedule of which the last `run` are kept
+            timesteps, levels = sampler_timesteps(model.schedule, req.sampler, steps, d.timestep_spacing,
+                                                  d.steps_offset, sigma_spacing=req.spacing)
+            timesteps = timesteps[steps - run :] if run else timesteps[:0]
+            levels = (levels[steps - run :] if run else levels[:0]) if levels is not None else None
         else:
-            timesteps, levels = make_sigma_steps(model.schedule, steps, self.req.spacing)
-        if start is None or (run is None and strength >= 1.0):
+            timesteps, levels = sampler_timesteps(model.schedule, req.sampler, steps if run is None else run,
+                                                  d.timestep_spacing, d.steps_offset, sigma_spacing=req.spacing,
+                                                  strength=strength if img2img else 1.0, grid_steps=grid)
+        if not img2img:
             return noise, timesteps, levels
-        run = int(strength * steps) if run is None else run
-        timesteps = timesteps[steps - run :] if run else timesteps[:0]
-        levels = (levels[steps - run :] if run else levels[:0]) if levels is not None else None
         if len(timesteps) == 0:
             return start, timesteps, levels
         if levels is None:

@@ -155,9 +155,12 @@ class _ContextKV:
         owner_ref = weakref.ref(owner)
 
         def drop(ref: weakref.ref) -> None:
+            # Straight to the instance dict, not through nn.Module.__setattr__: at interpreter exit this callback
+            # can run after torch's module globals are torn down, where __setattr__'s isinstance(value, Parameter)
+            # raises (issue 28, defect 7). The class attribute `_kv_cache = None` shows through once it is gone.
             o = owner_ref()
-            if o is not None and o._kv_cache is not None and o._kv_cache.ref is ref:
-                o._kv_cache = None
+            if o is not None and o.__dict__.get("_kv_cache") is not None and o.__dict__["_kv_cache"].ref is ref:
+                del o.__dict__["_kv_cache"]
 
         self.ref = weakref.ref(context, drop)
         self.key, self.k, self.v = key, k, v

@@ -369,7 +369,8 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
         net = self.ema.module if self.ema is not None else self.module
         guidance = self.sampling_defaults()["guidance"] if self.cfg.guidance_range is not None else s.guidance
         request = GenerationRequest(prompt=texts, labels=labels.tolist() if labels is not None else None, num_images=n,
-                                    batch_size=n, steps=s.steps, sampler=s.sampler, guidance=guidance, seed=0)
+                                    batch_size=n, steps=s.steps, sampler=s.sampler, guidance=guidance, seed=0,
+                                    sampler_options={"grid_steps": self.cfg.grid_steps})  # the grid it learned
         imgs = generate(ldm.with_unet(net), request).images  # the student's EMA (or live) U-Net
         grid = self.out / "samples" / f"samples_{step:08d}.png"
         save_grid(imgs, grid, upscale=2)
