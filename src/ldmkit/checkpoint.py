@@ -219,7 +219,8 @@ def load(
 ) -> nn.Module:
     """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
     folder, kind, cfg, meta = read_config(path)
-    module = KINDS[kind].module_cls(_relocate_text_encoder(folder, cfg))
+    cls = KINDS[kind].module_cls
+    module = getattr(cls, "from_config", cls)(_relocate_text_encoder(folder, cfg))  # LatentDiffusion: from its parts
     file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
     if not file.is_file():
         raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
