@@ -44,6 +44,7 @@ from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError, disk_full
 from ldmkit.imageio import atomic_write, umask
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
+from ldmkit.unet.stem import LEGACY_NAMES
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -197,6 +198,10 @@ def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise LdmkitError(f"cannot read weights {file} ({type(e).__name__}: {e}); the file is damaged, use another checkpoint") from e
     own = module.state_dict()
+    for key in [k for k in sd if k not in own]:  # a module renamed since the file was written (unet.stem)
+        for old, now in LEGACY_NAMES.items():
+            if f".{old}" in f".{key}" and (renamed := f".{key}".replace(f".{old}", f".{now}")[1:]) in own:
+                sd[renamed] = sd.pop(key)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
@@ -236,6 +241,8 @@ def _relocate_text_encoder(folder: Path, cfg: BaseModel) -> BaseModel:
         return cfg
     name = cfg.conditioner.text_encoder
     local = folder / "text_encoder"
+    if (folder / "text_encoder_2").is_dir():  # SDXL's pair (text_encoder/ … tokenizer_2/): the folder names both
+        local = folder
     if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
         cond = cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})
         cfg = cfg.model_copy(update={"conditioner": cond})
