@@ -17,9 +17,11 @@ like its pipelines, passes none.
     python benchmarks/sampling.py                                    # default cases
     python benchmarks/sampling.py --cases demo:16:8 --samplers ddim --steps 25 --repeats 5
     python benchmarks/sampling.py --cases tiny:1:8 --steps 3 --repeats 1 --no-memory   # smoke test
+    python benchmarks/sampling.py --cases sd1:1:64x96 --samplers dpmpp_2m --steps 4 --repeats 2   # SD 1.5, 512x768
 
-A case is CONFIG:BATCH:LATENT_RES; the image is LATENT_RES x f pixels (f = 4 for demo and tiny,
-8 for mid). Images/s is the median over alternated repeats; peak MiB is the growth of peak RSS
+A case is CONFIG:BATCH:LATENT_RES or CONFIG:BATCH:HxW (latent height x width, a non-square image through
+`GenerationRequest(height=, width=)`); the image is LATENT_RES x f pixels (f = 4 for demo and tiny,
+8 for mid and sd1). Images/s is the median over alternated repeats; peak MiB is the growth of peak RSS
 during one sampling call in a fresh process per side. FLOPs are those each side executes
 (`torch.utils.flop_counter`, whole call): ldmkit projects the constant text tokens to cross-attention
 K/V once per call instead of once per step, so it executes fewer; the "FLOPs ldmkit / diffusers"
@@ -94,8 +96,24 @@ def diffusers_side(ldm, device: str):
     return unet, vae, make_scheduler
 
 
+def parse_case(spec: str) -> tuple[str, int, int, int]:
+    """'CONFIG:BATCH:RES' or 'CONFIG:BATCH:HxW' → (config, batch, latent height, latent width)."""
+    try:
+        name, b, r = spec.split(":")
+        h, w = (int(v) for v in r.split("x")) if "x" in r else (int(r), int(r))
+        return name, int(b), h, w
+    except ValueError:
+        raise SystemExit(f"bad case {spec!r}: write CONFIG:BATCH:LATENT_RES or CONFIG:BATCH:HxW, e.g. sd1:1:64x96") from None
+
+
+def ours_sample(ldm, prompts, steps, sampler, guidance, h, w):
+    """ldmkit's side: one GenerationRequest (via the old keywords) at latent size h x w."""
+    f = ldm.config.autoencoder.downsample_factor
+    return ldm_sample(ldm, texts=prompts, steps=steps, sampler=sampler, guidance=guidance, height=h * f, width=w * f)
+
+
 @torch.no_grad()
-def diffusers_sample(unet, vae, scheduler, ldm, prompts, steps, guidance, seed=0):
+def diffusers_sample(unet, vae, scheduler, ldm, prompts, steps, guidance, seed=0, hw=None):
     """StableDiffusionPipeline's denoising loop (diffusers 0.2x-0.4x), written out."""
     device = next(unet.parameters()).device
     text = ldm.conditioner.text_encoder
@@ -103,7 +121,8 @@ def diffusers_sample(unet, vae, scheduler, ldm, prompts, steps, guidance, seed=0
     uncond, _ = text([""] * len(prompts))
     emb = torch.cat([uncond, cond]).to(device)  # (2B, M, D)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    latents = torch.randn((len(prompts), *ldm.latent_shape), generator=g).to(device) * scheduler.init_noise_sigma
+    shape = ldm.latent_shape if hw is None else (ldm.latent_shape[0], *hw)  # (c, h, w)
+    latents = torch.randn((len(prompts), *shape), generator=g).to(device) * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
@@ -125,14 +144,16 @@ def memory_child(spec: dict) -> None:
     freed pages; `common.RssPeak` also hands freed memory back to the OS first)."""
     torch.set_num_threads(spec["threads"])
     ldm = build_ldm(spec["config"], spec["res"])
+    h, w = spec["hw"]
     prompts = prompts_for(spec["batch"])
     unet, vae, make_scheduler = diffusers_side(ldm, "cpu")
     if spec["side"] == "ldmkit":
         del unet, vae
-        run = lambda: ldm_sample(ldm, texts=prompts, steps=spec["steps"], sampler=spec["sampler"], guidance=spec["guidance"])  # noqa: E731
+        run = lambda: ours_sample(ldm, prompts, spec["steps"], spec["sampler"], spec["guidance"], h, w)  # noqa: E731
     else:
         ldm.unet = ldm.autoencoder = None  # the diffusers loop reads only the text encoder and config of ldm
-        run = lambda: diffusers_sample(unet, vae, make_scheduler(spec["sampler"]), ldm, prompts, spec["steps"], spec["guidance"])  # noqa: E731
+        run = lambda: diffusers_sample(unet, vae, make_scheduler(spec["sampler"]), ldm, prompts, spec["steps"],  # noqa: E731
+                                       spec["guidance"], hw=(h, w))
     ldm.conditioner.text_encoder(prompts + [""])  # encode (cache) captions before measuring
     with common.RssPeak() as p:
         run()
@@ -166,7 +187,8 @@ def main() -> None:
     print()
 
     rows = []
-    for name, batch, res in common.parse_cases(args.cases):
+    for name, batch, h, w in map(parse_case, args.cases):
+        res = h
         ldm = build_ldm(name, res, args.device)
         unet, vae, make_scheduler = diffusers_side(ldm, args.device)
         prompts = prompts_for(batch)
@@ -174,11 +196,11 @@ def main() -> None:
             out = {}
 
             def ours():
-                out["ldmkit"] = ldm_sample(ldm, texts=prompts, steps=args.steps, sampler=sampler, guidance=args.guidance)
+                out["ldmkit"] = ours_sample(ldm, prompts, args.steps, sampler, args.guidance, h, w)
 
             def theirs():
                 out["diffusers"] = diffusers_sample(unet, vae, make_scheduler(sampler), ldm, prompts, args.steps,
-                                                    args.guidance)  # fmt: skip
+                                                    args.guidance, hw=(h, w))  # fmt: skip
 
             fns = {"ldmkit": ours, "diffusers": theirs}
             times = common.interleave(fns, args.repeats, args.warmup, args.device)
@@ -189,13 +211,13 @@ def main() -> None:
                 if args.no_memory or args.device != "cpu":
                     mem[side] = float("nan")
                     continue
-                spec = dict(side=side, config=name, batch=batch, res=res, sampler=sampler, steps=args.steps,
+                spec = dict(side=side, config=name, batch=batch, res=res, hw=(h, w), sampler=sampler, steps=args.steps,
                             guidance=args.guidance, threads=args.threads)  # fmt: skip
                 mem[side] = common.child_peak_rss(__file__, ["--_memory-child", json.dumps(spec)])
             med = {s: common.median(v) for s, v in times.items()}
             ips = {s: batch / med[s] for s in med}
             f = 2 ** (len(ldm.config.autoencoder.channel_mult) - 1)
-            row = [name, sampler, str(batch), f"{res * f}px ({res}x{res})"]
+            row = [name, sampler, str(batch), f"{h * f}x{w * f}px ({h}x{w})"]
             row += [f"{ips[s]:.2f} ±{100 * common.spread(times[s]):.0f}%" for s in fns]
             row.append(f"**{ips['ldmkit'] / ips['diffusers']:.2f}**")
             row += [f"{flops[s] / med[s] / 1e9:.1f} ({100 * flops[s] / med[s] / peak:.0f}%)" for s in fns]
@@ -203,7 +225,7 @@ def main() -> None:
             row += [f"{mem[s]:.0f}" for s in fns]
             row.append(f"{diff:.1e}")
             rows.append(row)
-            print(f"  done {name}:{batch}:{res} {sampler}", file=sys.stderr, flush=True)
+            print(f"  done {name}:{batch}:{h}x{w} {sampler}", file=sys.stderr, flush=True)
     header = ["U-Net", "sampler", "batch", "image", "ldmkit images/s", "diffusers images/s", "ratio",
               "ldmkit GFLOP/s (% fp32 peak)", "diffusers GFLOP/s (% fp32 peak)", "FLOPs ldmkit / diffusers", "ldmkit peak MiB",
               "diffusers peak MiB", "max |Δ pixel|"]  # fmt: skip

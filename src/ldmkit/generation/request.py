@@ -184,7 +184,7 @@ class GenerationRequest:
         for name, v in (("prompts", self.prompt), ("negative prompts", self.negative_prompt), ("labels", self.labels)):
             if isinstance(v, (list, tuple)) and len(v) not in (1, n):
                 raise LdmkitError(f"got {len(v)} {name} for {n} images; give one, or one per image")
-        text = cfg.conditioner.text_encoder
+        text = cfg.conditioner.text_encoder or model.conditioner.text_encoder is not None  # named, or handed in
         if self.prompt is not None and not text:
             raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
         if self.negative_prompt is not None:
