@@ -18,6 +18,13 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL (Stability's `sgm` GeneralConditioner): its embedders in order, CLIP ViT-L (transformers names
+# under OpenAI's `transformer.text_model.`) then OpenCLIP ViT-bigG (OpenCLIP names); the refiner has
+# only the OpenCLIP one, as embedders.0 (its 1..3 are the size/crop/aesthetic scalars, without weights).
+CONDITIONER_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # Keys of a CompVis checkpoint that are not model weights: the DDPM buffers, training leftovers.
@@ -33,6 +40,9 @@ _IGNORED_KEYS = {
     OPENCLIP_PREFIX + "text_projection",
     OPENCLIP_PREFIX + "logit_scale",
     OPENCLIP_PREFIX + "attn_mask",
+    SDXL_CLIP_PREFIX + "embeddings.position_ids",
+    SDXL_OPENCLIP_PREFIX + "logit_scale",  # CLIP's contrastive temperature: no part of the text features
+    SDXL_OPENCLIP_PREFIX + "attn_mask",  # the causal mask, a buffer transformers builds itself
 }
 
 
@@ -82,14 +92,23 @@ def check_unet_expressible(cfg: UNetConfig) -> None:
         raise LdmkitError("this U-Net has no original (CompVis) form: " + ", ".join(problems))
 
 
-def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
-    """ldmkit U-Net key → original key (without `model.diffusion_model.`), for every key of `UNet(cfg)`."""
-    n, levels = cfg.num_res_blocks, cfg.num_levels
+def unet_module_map(levels: int, n: int, attention_levels, mid_attention: bool) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """{ldmkit (= diffusers) module: (original module, renames inside it)} of a U-Net with `levels`
+    levels of `n` ResBlocks, transformers at `attention_levels` (and in the middle if `mid_attention`).
+
+    The structure alone decides the names: the number of transformer blocks inside a spatial
+    transformer (SDXL: 1, 2, 10 per level) only changes the `transformer_blocks.k` indices, which both
+    layouts share, while a level without attention (SDXL's first) leaves its input/output blocks with a
+    ResBlock only and moves its upsampler from slot 2 to slot 1 (CompVis' TimestepEmbedSequential)."""
     m: dict[str, tuple[str, Mapping[str, str]]] = {
         "conv_in": ("input_blocks.0.0", _SAME),
         "time_embedding.linear_1": ("time_embed.0", _SAME),
         "time_embedding.linear_2": ("time_embed.2", _SAME),
         "class_embedding": ("label_emb", _SAME),
+        # SDXL's text_time addition embedding: sgm's `label_emb = Sequential(Sequential(Linear, SiLU,
+        # Linear))` over [pooled text, Fourier(size/crop values)] (the "adm" vector), diffusers' add_embedding
+        "add_embedding.linear_1": ("label_emb.0.0", _SAME),
+        "add_embedding.linear_2": ("label_emb.0.2", _SAME),
         "conv_norm_out": ("out.0", _SAME),
         "conv_out": ("out.2", _SAME),
     }
@@ -102,21 +121,37 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
         if i < levels - 1:
             m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", _SAME)
             k += 1
-    mid_attn = cfg.use_attention and cfg.mid_attention
     m["mid_block.resnets.0"] = ("middle_block.0", _UNET_RES)
     m["mid_block.attentions.0"] = ("middle_block.1", _SAME)
-    m["mid_block.resnets.1"] = ("middle_block.2" if mid_attn else "middle_block.1", _UNET_RES)
+    m["mid_block.resnets.1"] = ("middle_block.2" if mid_attention else "middle_block.1", _UNET_RES)
     for u in range(levels):
         level = levels - 1 - u
         for j in range(n + 1):
             m[f"up_blocks.{u}.resnets.{j}"] = (f"output_blocks.{u * (n + 1) + j}.0", _UNET_RES)
             m[f"up_blocks.{u}.attentions.{j}"] = (f"output_blocks.{u * (n + 1) + j}.1", _SAME)
         if level > 0:
-            slot = 2 if cfg.has_attention(level) else 1
+            slot = 2 if level in attention_levels else 1
             m[f"up_blocks.{u}.upsamplers.0.conv"] = (f"output_blocks.{u * (n + 1) + n}.{slot}.conv", _SAME)
+    return m
+
+
+def unet_modules_of(cfg: UNetConfig) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """`unet_module_map` for the structure of `cfg`."""
+    attention = [i for i in range(cfg.num_levels) if cfg.has_attention(i)]
+    return unet_module_map(cfg.num_levels, cfg.num_res_blocks, attention, cfg.use_attention and cfg.mid_attention)
+
+
+def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """ldmkit U-Net key → original key (without `model.diffusion_model.`), for every key of `UNet(cfg)`."""
     with torch.device("meta"):
         keys = list(UNet(cfg).state_dict())
-    return _map_keys(keys, m)
+    return _map_keys(keys, unet_modules_of(cfg))
+
+
+def original_unet_module(path: str, modules: Mapping[str, tuple[str, Mapping[str, str]]]) -> str:
+    """The original name of one U-Net module path (a LoRA's layer), e.g. `down_blocks.1.attentions.0.
+    transformer_blocks.0.attn1.to_q` → `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL)."""
+    return _map_keys([path + ".weight"], modules)[path + ".weight"].removesuffix(".weight")
 
 
 _VAE_RES = {"conv_shortcut": "nin_shortcut"}

@@ -1,0 +1,140 @@
+"""SDXL's original single-file layout (Stability's `sgm`: `model.diffusion_model.*` with `label_emb`,
+`conditioner.embedders.0/1.*`, `first_stage_model.*`), pinned to diffusers' own single-file converters
+(`diffusers.loaders.single_file_utils`, called on the state dicts: nothing is downloaded)."""
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+
+from ldmkit.interop import original_clip as oclip  # noqa: E402
+from ldmkit.interop import original_keys as okeys  # noqa: E402
+
+
+def perturb(module, scale=0.05, seed=0):
+    """Random nudges to every weight, so zero-initialised layers do not hide mapping mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- tiny SDXL parts (diffusers / transformers, random weights)
+
+TINY_UNET = dict(
+    sample_size=8, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=64,
+    attention_head_dim=(2, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    use_linear_projection=True, norm_num_groups=8,
+)  # fmt: skip  # SDXL's shape in small: no attention at level 0, per-level depth, 32 pooled + 6 x 8 Fourier values
+
+# The real SDXL base U-Net (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json)
+SDXL_UNET = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True,
+)  # fmt: skip
+
+
+def tiny_text_encoders(seed=0):
+    """(CLIP ViT-L stand-in: CLIPTextModel, quick_gelu; OpenCLIP bigG stand-in: CLIPTextModelWithProjection,
+    gelu, with a projection narrower than its width so a transposed text_projection cannot pass)."""
+    common = dict(vocab_size=100, intermediate_size=37, max_position_embeddings=16, bos_token_id=98, eos_token_id=99,
+                  pad_token_id=99)  # fmt: skip
+    torch.manual_seed(seed)
+    one = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=2, hidden_act="quick_gelu", projection_dim=32, **common))
+    two = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=48, num_attention_heads=4, num_hidden_layers=3, hidden_act="gelu", projection_dim=40, **common))
+    return perturb(one.eval(), seed=seed + 1), perturb(two.eval(), seed=seed + 2)
+
+
+def diffusers_structure(config) -> dict:
+    """The structure `unet_module_map` takes, read from a diffusers U-Net config."""
+    return dict(
+        levels=len(config["block_out_channels"]), n=config["layers_per_block"],
+        attention_levels=[i for i, t in enumerate(config["down_block_types"]) if t.startswith("CrossAttn")],
+        mid_attention=config.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn",
+    )  # fmt: skip
+
+
+def original_unet_file(unet) -> dict:
+    """The U-Net's weights under their original names, through ldmkit's structural key map."""
+    modules = okeys.unet_module_map(**diffusers_structure(unet.config))
+    own = unet.state_dict()
+    key_map = okeys._map_keys(list(own), modules)
+    assert len(set(key_map.values())) == len(key_map)  # one original name per weight
+    return {okeys.UNET_PREFIX + o: own[k] for k, o in key_map.items()}
+
+
+# ---- the U-Net key map
+
+
+def test_sdxl_unet_key_map_is_what_diffusers_single_file_conversion_reads():
+    """A tiny SDXL-shaped U-Net (text_time addition embedding, no attention at level 0, depths (1, 2)):
+    ldmkit's original names, converted back by diffusers' `convert_ldm_unet_checkpoint`, are exactly the
+    diffusers weights."""
+    torch.manual_seed(0)
+    unet = perturb(diffusers.UNet2DConditionModel(**TINY_UNET).eval())
+    file = original_unet_file(unet)
+    # the sgm names SDXL files use: label_emb for the add embedding, depth 2 inside input_blocks.4.1,
+    # level 0's blocks ResBlock-only, the upsampler in slot 2 after an attention and in slot 1 without
+    for key in ("label_emb.0.0.weight", "label_emb.0.2.bias", "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",
+                "input_blocks.3.0.op.weight", "middle_block.1.transformer_blocks.1.ff.net.2.weight",
+                "output_blocks.2.2.conv.weight", "output_blocks.5.0.skip_connection.weight"):  # fmt: skip
+        assert okeys.UNET_PREFIX + key in file, key
+    assert not any(k.startswith((okeys.UNET_PREFIX + "input_blocks.1.1.", okeys.UNET_PREFIX + "output_blocks.3.1.")) for k in file)
+    converted = sfu.convert_ldm_unet_checkpoint(file, dict(unet.config))
+    assert same_state(converted, unet.state_dict())
+
+
+def test_full_size_sdxl_unet_key_map_agrees_with_diffusers_conversion():
+    """The real SDXL base U-Net (2.6 B parameters, on the meta device): every weight gets an original name,
+    the names are the ones SDXL files carry, and diffusers' conversion maps them back to its own keys."""
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
+    file = original_unet_file(unet)
+    assert len(file) == 1680
+    assert file[okeys.UNET_PREFIX + "label_emb.0.0.weight"].shape == (1280, 2816)
+    assert okeys.UNET_PREFIX + "input_blocks.8.1.transformer_blocks.9.attn1.to_q.weight" in file
+    assert okeys.UNET_PREFIX + "output_blocks.0.1.transformer_blocks.9.norm3.bias" in file
+    assert okeys.UNET_PREFIX + "output_blocks.5.2.conv.weight" in file
+    converted = sfu.convert_ldm_unet_checkpoint(file, dict(unet.config))
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in unet.state_dict().items()}
+
+
+# ---- the two text encoders
+
+
+def test_sdxl_text_encoders_match_diffusers_clip_and_open_clip_conversion():
+    """embedders.0 in transformers names, embedders.1 in OpenCLIP names (fused in_proj, text_projection
+    as (width, proj)); diffusers' converters read both back to the same weights, and so does ldmkit,
+    consuming every key (the temperature and the causal mask included)."""
+    clip_l, bigg = tiny_text_encoders()
+    ours_l, ours_g = oclip.clip_canonical(clip_l), oclip.clip_canonical(bigg)
+    file = oclip.sdxl_text_to_original(ours_l, ours_g)
+    p = okeys.SDXL_OPENCLIP_PREFIX
+    assert file[p + "text_projection"].shape == (48, 40)
+    assert file[p + "transformer.resblocks.2.attn.in_proj_weight"].shape == (144, 48)
+    assert p + "transformer.resblocks.3.ln_1.weight" not in file  # SDXL keeps the model whole, no stand-in block
+    assert sfu.is_clip_sdxl_model(file) and sfu.is_open_clip_sdxl_model(file)
+    theirs_l = sfu.convert_ldm_clip_checkpoint(file, remove_prefix="conditioner.embedders.0.transformer.")
+    assert same_state({k.removeprefix("text_model."): v for k, v in theirs_l.items()}, ours_l)
+    theirs_g = sfu.convert_open_clip_checkpoint(bigg, file, prefix=p)
+    assert same_state({k.removeprefix("text_model."): v for k, v in theirs_g.items()}, ours_g)
+    extra = {p + "logit_scale": torch.tensor(4.6), p + "attn_mask": torch.zeros(16, 16),
+             okeys.SDXL_CLIP_PREFIX + "embeddings.position_ids": torch.arange(16)[None]}  # fmt: skip
+    back_l, back_g, consumed = oclip.sdxl_text_from_original(file | extra)
+    assert same_state(back_l, ours_l) and same_state(back_g, ours_g)
+    assert consumed | set(extra) >= set(file) and not consumed - set(file) - set(extra)
