@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 
 def _dirs(spec: str) -> tuple[str, Path, Path]:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             step = int(ck.name.split("_")[1])
             ldm = ldmkit.load(ck)
             kw = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance)
-            imgs = torch.cat([ldm.sample(texts=caps, seed=7000 + 100 * k, **kw) for k in range(args.seeds)])
+            imgs = torch.cat([ldm_sample(ldm, texts=caps, seed=7000 + 100 * k, **kw) for k in range(args.seeds)])
             sc = score_captions(imgs, caps * args.seeds)
             rows.append({"step": step, "minutes": (ae_s + per_step * step) / 60, **sc})
             print(f"{name} step {step}: {rows[-1]['minutes']:.1f} min, colour {sc['colour']:.3f} position "

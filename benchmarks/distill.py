@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     runs += [("teacher", args.teacher, args.teacher_sampler, s, w) for s in args.teacher_steps]
     runs += [("teacher", args.teacher, "lcm", s, 1.0) for s in args.control_steps]
     models = {"student": ldmkit.load(args.student), "teacher": ldmkit.load(args.teacher)}
-    ode = torch.cat([models["teacher"].sample(texts=caps, seed=1000 * s, steps=50, sampler="ddim", guidance=w)
+    ode = torch.cat([ldm_sample(models["teacher"], texts=caps, seed=1000 * s, steps=50, sampler="ddim", guidance=w)
                      for s in range(args.seeds)])  # (72·seeds, 3, H, W) in [-1, 1]
     rows, strips = [], [ode[:12]]
     for who, path, sampler, steps, guidance in runs:
         ldm = models[who]
         kw = dict(steps=steps, sampler=sampler, guidance=guidance)
-        images = torch.cat([ldm.sample(texts=caps, seed=1000 * s, **kw) for s in range(args.seeds)])
+        images = torch.cat([ldm_sample(ldm, texts=caps, seed=1000 * s, **kw) for s in range(args.seeds)])
         score = score_captions(images, caps * args.seeds)
         mse = (images - ode).pow(2).mean((1, 2, 3)).clamp_min(1e-10)  # per image; peak-to-peak 2
         score["ode_psnr"] = float((10 * torch.log10(4 / mse)).mean())
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, r in enumerate(rows):
             ldm = models[r["model"]]
             t0 = time.perf_counter()
-            ldm.sample(texts=caps, seed=0, steps=r["steps"], sampler=r["sampler"], guidance=r["guidance"])
+            ldm_sample(ldm, texts=caps, seed=0, steps=r["steps"], sampler=r["sampler"], guidance=r["guidance"])
             best[i] = min(best[i], time.perf_counter() - t0)
     for r, sec in zip(rows, best):
         r["images_per_s"] = round(len(caps) / sec, 1)

@@ -34,6 +34,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -106,7 +107,7 @@ def bench_sample(args, name: str, res: int, peak: float) -> list[list[str]]:
 
     def ours():
         with amp(args.device, args.sample_precision):
-            out["ldmkit"] = ldm.sample(texts=prompts, steps=args.steps, sampler=args.sampler, guidance=args.guidance)
+            out["ldmkit"] = ldm_sample(ldm, texts=prompts, steps=args.steps, sampler=args.sampler, guidance=args.guidance)
 
     def theirs():
         with amp(args.device, args.sample_precision):

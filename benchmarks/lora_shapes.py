@@ -27,6 +27,7 @@ from ldmkit.checkpoint import read_config
 from ldmkit.data.shapes import ShapesDataset, all_captions, combos, is_new
 from ldmkit.evaluate.attributes import score_captions
 from ldmkit.imageio import save_grid
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 
 def first_stage_ceiling(ae, seed: int = 5, n: int = 448) -> dict:
@@ -42,7 +43,7 @@ def first_stage_ceiling(ae, seed: int = 5, n: int = 448) -> dict:
 
 def judge(ldm, seeds: int, grid: Path | None = None) -> dict:
     caps = all_captions("extended")
-    images = torch.cat([ldm.sample(texts=caps, seed=7000 + 97 * s, steps=25, sampler="dpmpp_2m", guidance=2.0)
+    images = torch.cat([ldm_sample(ldm, texts=caps, seed=7000 + 97 * s, steps=25, sampler="dpmpp_2m", guidance=2.0)
                         for s in range(seeds)])
     new = torch.tensor([is_new(c) for c in combos("extended")] * seeds)
     every = caps * seeds

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 STEPS = (2, 4, 6, 8, 12, 25, 50)
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for sampler in args.samplers:
         for steps in args.steps:
             t0 = time.perf_counter()
-            images = torch.cat([ldm.sample(texts=caps, steps=steps, sampler=sampler, guidance=args.guidance,
+            images = torch.cat([ldm_sample(ldm, texts=caps, steps=steps, sampler=sampler, guidance=args.guidance,
                                            sigmas=args.sigmas, seed=1000 * s) for s in range(args.seeds)])
             sec = time.perf_counter() - t0
             score = score_captions(images, caps * args.seeds)

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+from ldmkit.generation.compat import sample as ldm_sample  # the old sample keywords as a GenerationRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -67,7 +68,7 @@ def build_ldm(name: str, res: int, device: str = "cpu", seed: int = 0):
     text = common.FixedTextEncoder(unet.context_dim, common.CONTEXT_TOKENS[name])
     torch.manual_seed(seed)
     with torch.device(device):
-        ldm = LatentDiffusion(cfg, conditioner=Conditioner(cfg.conditioner, text_encoder=text))
+        ldm = LatentDiffusion.from_config(cfg, conditioner=Conditioner(cfg.conditioner, text_encoder=text))
     return ldm.eval()
 
 
@@ -128,7 +129,7 @@ def memory_child(spec: dict) -> None:
     unet, vae, make_scheduler = diffusers_side(ldm, "cpu")
     if spec["side"] == "ldmkit":
         del unet, vae
-        run = lambda: ldm.sample(texts=prompts, steps=spec["steps"], sampler=spec["sampler"], guidance=spec["guidance"])  # noqa: E731
+        run = lambda: ldm_sample(ldm, texts=prompts, steps=spec["steps"], sampler=spec["sampler"], guidance=spec["guidance"])  # noqa: E731
     else:
         ldm.unet = ldm.autoencoder = None  # the diffusers loop reads only the text encoder and config of ldm
         run = lambda: diffusers_sample(unet, vae, make_scheduler(spec["sampler"]), ldm, prompts, spec["steps"], spec["guidance"])  # noqa: E731
@@ -173,7 +174,7 @@ def main() -> None:
             out = {}
 
             def ours():
-                out["ldmkit"] = ldm.sample(texts=prompts, steps=args.steps, sampler=sampler, guidance=args.guidance)
+                out["ldmkit"] = ldm_sample(ldm, texts=prompts, steps=args.steps, sampler=sampler, guidance=args.guidance)
 
             def theirs():
                 out["diffusers"] = diffusers_sample(unet, vae, make_scheduler(sampler), ldm, prompts, args.steps,

@@ -22,7 +22,7 @@ def class_model(tmp_path_factory):
                       num_heads=None, norm_groups=4, num_classes=3)
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=ConditionerConfig(num_classes=3), image_size=16)
     out = tmp_path_factory.mktemp("ldm")
-    save_checkpoint(out, 1, "latent_diffusion", LatentDiffusion(cfg), cfg)
+    save_checkpoint(out, 1, "latent_diffusion", LatentDiffusion.from_config(cfg), cfg)
     return out
 
 

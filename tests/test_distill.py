@@ -16,6 +16,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.cli import main
 from ldmkit.diffusion import Denoiser, consistency_scalings, make_schedule, make_timesteps, sample_lcm
 from ldmkit.train.distill import skipping_grid
+from ldmkit.generation.compat import sample as ldm_sample
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,7 +162,7 @@ def test_distill_writes_a_checkpoint_that_samples_converts_and_resumes_exactly(t
         assert "Sampler: LCM" in info and "CFG scale: 1," in info
         assert f"Steps: {steps[-1] if steps else 4}," in info
     # the Python sampler agrees with the CLI's images
-    imgs = ldm.sample(texts=["a red circle in the top left"], steps=4, sampler="lcm", seed=0)
+    imgs = ldm_sample(ldm, texts=["a red circle in the top left"], steps=4, sampler="lcm", seed=0)
     assert imgs.shape == (1, 3, 16, 16) and torch.isfinite(imgs).all()
 
     # convert reads it: to diffusers and back, the same weights and the same sampling defaults; diffusers
@@ -257,13 +258,13 @@ def test_a_learned_guidance_scale_gives_one_student_every_scale(teacher, tmp_pat
     assert ldm.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # the embedding learned something
     calls = []
     hook = ldm.unet.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-    a = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=1.5, seed=0)
-    b = ldm.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    a = ldm_sample(ldm, texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=1.5, seed=0)
+    b = ldm_sample(ldm, texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
     hook.remove()
     assert calls == [1, 1, 1, 1]  # one unguided batch per step: the scale is an input, not a second branch
     assert (a - b).abs().max() > 0  # six tiny steps move the zero-initialised embedding only a little
     with pytest.raises(LdmkitError, match="negative prompt"):
-        ldm.sample(texts=["a red circle in the top left"], negative_prompt="blue", steps=2, sampler="lcm")
+        ldm_sample(ldm, texts=["a red circle in the top left"], negative_prompt="blue", steps=2, sampler="lcm")
     capsys.readouterr()
 
     assert main(["convert", "--from", str(out), "--to", str(tmp_path / "dif"), "--format", "diffusers"]) == 0
@@ -273,7 +274,7 @@ def test_a_learned_guidance_scale_gives_one_student_every_scale(teacher, tmp_pat
 
     again = load_any(tmp_path / "dif")
     assert again.unet.config.time_cond_proj_dim == 16
-    c = again.sample(texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
+    c = ldm_sample(again, texts=["a red circle in the top left"], steps=2, sampler="lcm", guidance=4.0, seed=0)
     assert (c - b).abs().max() < 1e-4
 
     res = tmp_path / "resumed"

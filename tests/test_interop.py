@@ -24,6 +24,7 @@ from ldmkit.interop.diffusers import (  # noqa: E402
     vae_config_from_diffusers,
 )
 from ldmkit.interop.presets import SD_PRESETS, VAE_PRESETS  # noqa: E402
+from ldmkit.generation.compat import sample as ldm_sample
 
 
 # ---- a tiny Stable Diffusion pipeline folder (random weights, a 5-token-per-letter CLIP vocabulary)
@@ -233,7 +234,7 @@ def test_text_to_image_matches_stable_diffusion_pipeline(sd_folder, ref_pipe, gu
     ldm = load_diffusers_pipeline(sd_folder)
     # SD's DDIMScheduler has set_alpha_to_one=False: its last step ends at ᾱ_0, not at ᾱ = 1
     final = ldm.schedule.alphas_cumprod[0].item()
-    ours = ldm.sample(texts=["a cat"], steps=3, sampler="ddim", guidance=guidance, seed=0, final_alpha_cumprod=final)
+    ours = ldm_sample(ldm, texts=["a cat"], steps=3, sampler="ddim", guidance=guidance, seed=0, final_alpha_cumprod=final)
     z = torch.randn((1, *ldm.latent_shape), generator=torch.Generator().manual_seed(0))  # sample()'s noise
     ref = ref_pipe(
         "a cat", num_inference_steps=3, guidance_scale=guidance, latents=z, output_type="pt"

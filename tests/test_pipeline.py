@@ -12,6 +12,7 @@ from ldmkit.conditioning.text import CachedTextEncoder
 from ldmkit.errors import LdmkitError
 from ldmkit.pipeline import DiffusionConfig, LatentDiffusion, LatentDiffusionConfig
 from ldmkit.unet import UNetConfig
+from ldmkit.generation.compat import sample as ldm_sample
 
 
 class HashTextEncoder(CachedTextEncoder):
@@ -47,7 +48,7 @@ def make_ldm(text=True, classes=4, prediction="eps", zero_init=False, emb_mode="
                                 diffusion=DiffusionConfig(prediction_type=prediction), image_size=16)
     conditioner = Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)
     torch.manual_seed(0)
-    return LatentDiffusion(cfg, conditioner=conditioner).eval()
+    return LatentDiffusion.from_config(cfg, conditioner=conditioner).eval()
 
 
 def test_text_encoder_is_cached_and_not_in_state_dict():
@@ -74,7 +75,7 @@ def test_condition_dropout_rates():
 def test_guidance_scale_one_is_the_conditional_model_and_zero_is_unconditional():
     ldm = make_ldm()
     args = dict(texts=["red circle"], labels=[1], steps=4, sampler="ddim", seed=3)
-    a = ldm.sample(guidance=1.0, return_latents=True, **args)
+    a = ldm_sample(ldm, guidance=1.0, return_latents=True, **args)
     # conditional model by hand: the same sampler on the bare conditional U-Net
     from ldmkit.diffusion.parameterization import Denoiser
     from ldmkit.diffusion.samplers import sample_ddim
@@ -87,10 +88,10 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_is_unconditional()
     ref = sample_ddim(Denoiser(ldm.model_fn(cond), ldm.schedule, "eps"), z, ts, generator=g)
     torch.testing.assert_close(a, ref)
     # scale 0: only the unconditional branch counts
-    b = ldm.sample(guidance=0.0, return_latents=True, **args)
-    uncond = ldm.sample(texts=[""], labels=[-1], steps=4, sampler="ddim", seed=3, guidance=1.0, return_latents=True)
+    b = ldm_sample(ldm, guidance=0.0, return_latents=True, **args)
+    uncond = ldm_sample(ldm, texts=[""], labels=[-1], steps=4, sampler="ddim", seed=3, guidance=1.0, return_latents=True)
     torch.testing.assert_close(b, uncond, atol=1e-5, rtol=1e-5)
-    c = ldm.sample(guidance=3.0, return_latents=True, **args)
+    c = ldm_sample(ldm, guidance=3.0, return_latents=True, **args)
     assert not torch.allclose(a, c)
 
 
@@ -104,7 +105,7 @@ def test_guidance_rescale_is_reached_from_sample():
 
     ldm = make_ldm()
     args = dict(texts=["red circle", "blue square"], labels=[1, 2], steps=4, sampler="ddim", seed=3, guidance=4.0)
-    plain, rescaled = (ldm.sample(guidance_rescale=phi, return_latents=True, **args) for phi in (0.0, 0.7))
+    plain, rescaled = (ldm_sample(ldm, guidance_rescale=phi, return_latents=True, **args) for phi in (0.0, 0.7))
     cond = ldm.conditioner(texts=["red circle", "blue square"], labels=torch.tensor([1, 2]))
     uncond = ldm.conditioner.uncond(2)
     g = torch.Generator().manual_seed(3)
@@ -115,7 +116,7 @@ def test_guidance_rescale_is_reached_from_sample():
     torch.testing.assert_close(rescaled, ref, atol=1e-5, rtol=1e-5)
     assert (plain - rescaled).abs().max() > 1e-3
     with pytest.raises(LdmkitError, match="guidance_rescale"):
-        ldm.sample(guidance_rescale=1.5, **args)
+        ldm_sample(ldm, guidance_rescale=1.5, **args)
 
 
 @pytest.mark.parametrize("emb_mode", ["add", "scale_shift"])  # the label as a bias, or as FiLM scale-shift
@@ -136,13 +137,13 @@ def test_each_route_changes_the_output(emb_mode):
 def test_routes_the_model_lacks_are_refused():
     ldm = make_ldm(text=False, classes=0)
     with pytest.raises(LdmkitError, match="no text conditioning"):
-        ldm.sample(texts=["a cat"], steps=2)
+        ldm_sample(ldm, texts=["a cat"], steps=2)
     with pytest.raises(LdmkitError, match="no class conditioning"):
-        ldm.sample(labels=[1], steps=2)
+        ldm_sample(ldm, labels=[1], steps=2)
     ldm = make_ldm(text=False, classes=4)
     with pytest.raises(LdmkitError, match="class labels must be"):
-        ldm.sample(labels=[9], steps=2)
-    assert ldm.sample(num_samples=2, steps=2).shape == (2, 3, 16, 16)
+        ldm_sample(ldm, labels=[9], steps=2)
+    assert ldm_sample(ldm, num_samples=2, steps=2).shape == (2, 3, 16, 16)
 
 
 def test_cat_conds_pads_token_sequences():
@@ -183,8 +184,8 @@ def test_training_a_tiny_model_lowers_its_loss(prediction):
 def test_same_seed_same_images_for_every_sampler():
     ldm = make_ldm()
     for sampler in ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_a"]:
-        a = ldm.sample(texts=["x"], labels=[0], steps=3, sampler=sampler, seed=5, guidance=2.0)
-        b = ldm.sample(texts=["x"], labels=[0], steps=3, sampler=sampler, seed=5, guidance=2.0)
+        a = ldm_sample(ldm, texts=["x"], labels=[0], steps=3, sampler=sampler, seed=5, guidance=2.0)
+        b = ldm_sample(ldm, texts=["x"], labels=[0], steps=3, sampler=sampler, seed=5, guidance=2.0)
         assert torch.equal(a, b), sampler
         assert a.shape == (1, 3, 16, 16) and a.abs().max() <= 1
 
@@ -194,7 +195,7 @@ def test_pooled_text_vector_route():
     unet = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                       attention_levels=(1,), num_heads=2, norm_groups=4, context_dim=8, vector_dim=8, zero_init=False)
     cond_cfg = ConditionerConfig(text_encoder="test", pooled_text=True)
-    ldm = LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, image_size=16),
+    ldm = LatentDiffusion.from_config(LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, image_size=16),
                           conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder())).eval()
     cond = ldm.conditioner(texts=["red circle", "blue"])
     # the vector is the mean of the real tokens

@@ -9,6 +9,7 @@ from ldmkit.conditioning import Adapter, ControlNet
 from ldmkit.errors import LdmkitError
 from ldmkit.pipeline import ConcatConfig, DiffusionConfig, LatentDiffusion, LatentDiffusionConfig
 from ldmkit.unet import UNetConfig
+from ldmkit.generation.compat import sample as ldm_sample
 from test_pipeline import HashTextEncoder
 
 SIZE = 16
@@ -25,7 +26,7 @@ def make(concat=None, channel_mult=(1, 2), text=True, drop=0.0, **unet_kw) -> La
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond_cfg, concat=cc,
                                 diffusion=DiffusionConfig(), image_size=SIZE)
     torch.manual_seed(0)
-    return LatentDiffusion(cfg, conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)).eval()
+    return LatentDiffusion.from_config(cfg, conditioner=Conditioner(cond_cfg, text_encoder=HashTextEncoder() if text else None)).eval()
 
 
 def images(n=2, seed=0):
@@ -62,34 +63,34 @@ def test_concat_shapes_at_every_injection_point(kind, channel_mult):
     assert [d.shape[1] for d in down] == [ch for ch, _ in ldm.unet.skip_channels()]
     out = ldm.unet(z, torch.tensor([5, 5]), context=torch.randn(2, 3, 8), concat=c, down_residuals=down, mid_residual=mid)
     assert out.shape == z.shape
-    assert ldm.sample(texts=["a", "b"], init_image=x, mask=m if kind == "inpaint" else None, **KW).shape == z.shape
+    assert ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m if kind == "inpaint" else None, **KW).shape == z.shape
 
 
 def test_inpaint_output_follows_mask_and_kept_pixels_only():
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)
-    a = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
-    assert torch.equal(a, ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW))
-    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=x, mask=box(6, 14, 6, 14), **KW))
+    a = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **KW)
+    assert torch.equal(a, ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **KW))
+    assert not torch.allclose(a, ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=box(6, 14, 6, 14), **KW))
     y = x.clone()
     y[..., 8:, 8:] = -x[..., 8:, 8:]  # change kept pixels → a different condition
-    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=y, mask=m, **KW))
+    assert not torch.allclose(a, ldm_sample(ldm, texts=["a", "b"], init_image=y, mask=m, **KW))
     y = torch.where(m.bool(), -x, x)  # change only pixels inside the hole → the same condition
     free = dict(KW, keep_known=False)  # the network route alone (pinning reads the whole image's latent)
-    assert torch.equal(ldm.sample(texts=["a", "b"], init_image=x, mask=m, **free),
-                       ldm.sample(texts=["a", "b"], init_image=y, mask=m, **free))
+    assert torch.equal(ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **free),
+                       ldm_sample(ldm, texts=["a", "b"], init_image=y, mask=m, **free))
 
 
 def test_inpaint_pins_untouched_latent_cells_to_the_image_latent():
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)  # pixels 2..7 → latent cells 0..1 at f=4
-    z = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)  # return_latents
+    z = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **KW)  # return_latents
     known = ldm.encode_mean(x)
     keep = torch.ones_like(z[:, :1], dtype=torch.bool)
     keep[..., :2, :2] = False
     assert torch.equal(z[keep.expand_as(z)], known[keep.expand_as(z)])
     assert not torch.allclose(z[..., :2, :2], known[..., :2, :2])  # the hole is generated, not copied
-    free = ldm.sample(texts=["a", "b"], init_image=x, mask=m, keep_known=False, **KW)
+    free = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, keep_known=False, **KW)
     assert not torch.allclose(free[keep.expand_as(z)], known[keep.expand_as(z)])
 
 
@@ -97,8 +98,8 @@ def test_inpaint_output_keeps_the_kept_pixels_exactly_and_the_decoded_image_does
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)
     kw = dict(KW, return_latents=False)
-    out = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **kw)
-    decoded = ldm.sample(texts=["a", "b"], init_image=x, mask=m, overlay=False, **kw)
+    out = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **kw)
+    decoded = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, overlay=False, **kw)
     keep = (1 - m).bool().expand_as(x)
     assert torch.equal(out[keep], x[keep])  # pasted back
     assert not torch.allclose(decoded[keep], x[keep], atol=1e-2)  # the decoder alone cannot keep them
@@ -109,8 +110,8 @@ def test_inpaint_output_keeps_the_kept_pixels_exactly_and_the_decoded_image_does
 def test_lowres_output_follows_the_low_resolution_image_only(kind):
     ldm = make(kind)
     x = images()
-    a = ldm.sample(texts=["a", "b"], init_image=x, **KW)
-    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], init_image=images(seed=5), **KW))
+    a = ldm_sample(ldm, texts=["a", "b"], init_image=x, **KW)
+    assert not torch.allclose(a, ldm_sample(ldm, texts=["a", "b"], init_image=images(seed=5), **KW))
     # detail that averages out in the 4x4 area downsampling is invisible to the route
     checker = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None]) % 2 * 0.2 - 0.1
     assert torch.allclose(ldm.concat_condition(x + checker), ldm.concat_condition(x), atol=1e-5)
@@ -128,30 +129,30 @@ def test_dropping_every_condition_equals_the_unconditional_branch():
     # guidance 0 is the unconditional branch alone: every condition (concat included) is gone
     ldm.config.concat.drop = 0.5
     free = dict(KW, keep_known=False)  # the network alone, without pinning kept cells to the image
-    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
-    b = ldm.sample(texts=["x y", "z"], init_image=images(seed=3), mask=box(0, 16, 0, 16), guidance=0.0, **free)
+    a = ldm_sample(ldm, texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
+    b = ldm_sample(ldm, texts=["x y", "z"], init_image=images(seed=3), mask=box(0, 16, 0, 16), guidance=0.0, **free)
     assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_sd_style_inpainting_guidance_keeps_the_concat_in_both_branches():
     ldm = make("inpaint", drop=0.0)
     free = dict(KW, keep_known=False)
-    a = ldm.sample(texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
-    b = ldm.sample(texts=["a", "b"], init_image=images(seed=3), mask=box(2, 8, 2, 8), guidance=0.0, **free)
+    a = ldm_sample(ldm, texts=["a", "b"], init_image=images(), mask=box(2, 8, 2, 8), guidance=0.0, **free)
+    b = ldm_sample(ldm, texts=["a", "b"], init_image=images(seed=3), mask=box(2, 8, 2, 8), guidance=0.0, **free)
     assert not torch.allclose(a, b)
 
 
 def test_img2img_strength_zero_is_the_encode_decode_and_one_ignores_the_image():
     ldm = make(None)
     x = images()
-    z0 = ldm.sample(texts=["a", "b"], init_image=x, strength=0.0, **KW)
+    z0 = ldm_sample(ldm, texts=["a", "b"], init_image=x, strength=0.0, **KW)
     ae = ldm.autoencoder
     assert torch.allclose(z0, (ae.encode(x).mean - ae.config.shift_factor) * ae.config.scaling_factor)
-    img = ldm.sample(texts=["a", "b"], init_image=x, strength=0.0, steps=3, seed=1)
+    img = ldm_sample(ldm, texts=["a", "b"], init_image=x, strength=0.0, steps=3, seed=1)
     assert torch.allclose(img, ldm.decode(z0))
-    full = ldm.sample(texts=["a", "b"], **KW)
-    assert torch.equal(full, ldm.sample(texts=["a", "b"], init_image=x, strength=1.0, **KW))
-    half = ldm.sample(texts=["a", "b"], init_image=x, strength=0.5, steps=4, sampler="ddim", seed=1, return_latents=True)
+    full = ldm_sample(ldm, texts=["a", "b"], **KW)
+    assert torch.equal(full, ldm_sample(ldm, texts=["a", "b"], init_image=x, strength=1.0, **KW))
+    half = ldm_sample(ldm, texts=["a", "b"], init_image=x, strength=0.5, steps=4, sampler="ddim", seed=1, return_latents=True)
     assert not torch.allclose(half, full[:, :, :, :]) and not torch.allclose(half, z0)
 
 
@@ -172,36 +173,36 @@ def test_sigma_spacings_through_the_pipeline():
     right level (strength 0: the encode-decode), and pinned inpainting cells kept under it too."""
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)
-    base = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
-    karras = ldm.sample(texts=["a", "b"], init_image=x, mask=m, sigmas="karras", **KW)
+    base = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **KW)
+    karras = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, sigmas="karras", **KW)
     assert karras.shape == base.shape and not torch.allclose(karras, base)
     keep = torch.ones_like(karras[:, :1], dtype=torch.bool)
     keep[..., :2, :2] = False
     known = ldm.encode_mean(x)
     assert torch.allclose(karras[keep.expand_as(karras)], known[keep.expand_as(known)], atol=1e-5)
     plain = make(None)
-    z0 = plain.sample(texts=["a", "b"], init_image=x, strength=0.0, sigmas="exponential", **KW)
+    z0 = ldm_sample(plain, texts=["a", "b"], init_image=x, strength=0.0, sigmas="exponential", **KW)
     assert torch.equal(z0, plain.encode_mean(x))
-    half = plain.sample(texts=["a", "b"], init_image=x, strength=0.5, sigmas="exponential", **KW)
+    half = ldm_sample(plain, texts=["a", "b"], init_image=x, strength=0.5, sigmas="exponential", **KW)
     assert torch.isfinite(half).all() and not torch.allclose(half, z0)
     with pytest.raises(LdmkitError, match="karras, exponential"):
-        plain.sample(texts=["a"], sigmas="beta", **KW)
+        ldm_sample(plain, texts=["a"], sigmas="beta", **KW)
 
 
 def test_negative_prompt_replaces_the_empty_caption_in_the_unconditional_branch():
     ldm = make(None)
     kw = dict(KW, guidance=3.0)
-    plain = ldm.sample(texts=["a", "b"], **kw)
-    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt="", **kw), plain)  # '' is the default branch
-    neg = ldm.sample(texts=["a", "b"], negative_prompt="c", **kw)
+    plain = ldm_sample(ldm, texts=["a", "b"], **kw)
+    assert torch.equal(ldm_sample(ldm, texts=["a", "b"], negative_prompt="", **kw), plain)  # '' is the default branch
+    neg = ldm_sample(ldm, texts=["a", "b"], negative_prompt="c", **kw)
     assert not torch.allclose(neg, plain)
-    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt=["c", "c"], **kw), neg)  # one per sample
-    assert torch.equal(ldm.sample(texts=["a", "b"], negative_prompt="c", **dict(kw, guidance=1.0)),
-                       ldm.sample(texts=["a", "b"], **dict(kw, guidance=1.0)))  # no guidance, no effect
+    assert torch.equal(ldm_sample(ldm, texts=["a", "b"], negative_prompt=["c", "c"], **kw), neg)  # one per sample
+    assert torch.equal(ldm_sample(ldm, texts=["a", "b"], negative_prompt="c", **dict(kw, guidance=1.0)),
+                       ldm_sample(ldm, texts=["a", "b"], **dict(kw, guidance=1.0)))  # no guidance, no effect
     with pytest.raises(LdmkitError, match="negative prompts for 2"):
-        ldm.sample(texts=["a", "b"], negative_prompt=["c", "d", "e"], **kw)
+        ldm_sample(ldm, texts=["a", "b"], negative_prompt=["c", "d", "e"], **kw)
     with pytest.raises(LdmkitError, match="text-conditioned"):
-        make(None, text=False).sample(num_samples=2, negative_prompt="c", **kw)
+        ldm_sample(make(None, text=False), num_samples=2, negative_prompt="c", **kw)
 
 
 def test_object_masks_are_the_grown_box_around_the_shape():
@@ -223,11 +224,11 @@ def test_object_masks_are_the_grown_box_around_the_shape():
 def test_bad_images_and_masks_give_one_clear_error():
     ldm = make("inpaint")
     x, m = images(), box(2, 8, 2, 8)
-    ok = ldm.sample(texts=["a", "b"], init_image=x, mask=m, **KW)
+    ok = ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m, **KW)
     # convertible: an RGB mask, a batch of 1, a different square size
-    assert torch.allclose(ok, ldm.sample(texts=["a", "b"], init_image=x, mask=m.expand(-1, 3, -1, -1), **KW), atol=1e-6)
-    ldm.sample(texts=["a", "b"], init_image=x[:1], mask=m[:1], **KW)
-    ldm.sample(texts=["a", "b"], init_image=torch.rand(1, 3, 32, 32) * 2 - 1, mask=torch.ones(1, 1, 8, 8), **KW)
+    assert torch.allclose(ok, ldm_sample(ldm, texts=["a", "b"], init_image=x, mask=m.expand(-1, 3, -1, -1), **KW), atol=1e-6)
+    ldm_sample(ldm, texts=["a", "b"], init_image=x[:1], mask=m[:1], **KW)
+    ldm_sample(ldm, texts=["a", "b"], init_image=torch.rand(1, 3, 32, 32) * 2 - 1, mask=torch.ones(1, 1, 8, 8), **KW)
     bad = [dict(init_image=x, mask=torch.ones(2, 5, SIZE, SIZE)),  # channels
            dict(init_image=torch.rand(2, 3, 16, 20), mask=m),  # aspect
            dict(init_image=x, mask=torch.ones(3, 1, SIZE, SIZE)),  # batch
@@ -237,17 +238,17 @@ def test_bad_images_and_masks_give_one_clear_error():
            dict(mask=m)]  # no image
     for kw in bad:
         with pytest.raises(LdmkitError):
-            ldm.sample(texts=["a", "b"], **KW, **kw)
+            ldm_sample(ldm, texts=["a", "b"], **KW, **kw)
 
 
 def test_a_model_without_the_route_refuses_its_input_by_name():
     ldm = make(None)
     with pytest.raises(LdmkitError, match="inpainting"):
-        ldm.sample(texts=["a"], init_image=images(1), mask=box(0, 4, 0, 4, n=1), **KW)
+        ldm_sample(ldm, texts=["a"], init_image=images(1), mask=box(0, 4, 0, 4, n=1), **KW)
     with pytest.raises(LdmkitError, match="ControlNet"):
-        ldm.sample(texts=["a"], control_image=torch.rand(1, 1, SIZE, SIZE), **KW)
+        ldm_sample(ldm, texts=["a"], control_image=torch.rand(1, 1, SIZE, SIZE), **KW)
     with pytest.raises(LdmkitError, match="strength"):
-        ldm.sample(texts=["a"], init_image=images(1), strength=1.5, **KW)
+        ldm_sample(ldm, texts=["a"], init_image=images(1), strength=1.5, **KW)
     with pytest.raises(LdmkitError, match="concat"):
         make(None, concat_channels=3)
 
@@ -257,15 +258,15 @@ def test_control_at_initialisation_leaves_samples_unchanged_and_trained_control_
     ldm = make(None)
     net = cls.from_unet(ldm.unet, hint_channels=1, latent_factor=4)
     ctrl = torch.rand(1, 1, SIZE, SIZE)
-    base = ldm.sample(texts=["a", "b"], guidance=2.0, **KW)
-    assert torch.allclose(base, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW), atol=1e-6)
+    base = ldm_sample(ldm, texts=["a", "b"], guidance=2.0, **KW)
+    assert torch.allclose(base, ldm_sample(ldm, texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW), atol=1e-6)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    a = ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW)
+    a = ldm_sample(ldm, texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, **KW)
     assert not torch.allclose(base, a)
-    assert not torch.allclose(a, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=1 - ctrl, **KW))
-    assert torch.allclose(base, ldm.sample(texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, control_scale=0.0, **KW), atol=1e-6)
+    assert not torch.allclose(a, ldm_sample(ldm, texts=["a", "b"], guidance=2.0, control=net, control_image=1 - ctrl, **KW))
+    assert torch.allclose(base, ldm_sample(ldm, texts=["a", "b"], guidance=2.0, control=net, control_image=ctrl, control_scale=0.0, **KW), atol=1e-6)
 
 
 def test_route_metrics_on_known_inputs():
@@ -307,9 +308,25 @@ class _Oracle:
         return out
 
 
-def test_control_evaluation_reads_a_known_oracle_exactly(tmp_path):
+def _requests_to_stand_in(monkeypatch):
+    """The stand-ins answer a request's fields as keywords: the evaluation's `generate` calls reach them."""
+    import ldmkit.evaluate.routes as routes
+    from ldmkit.generation import Generated
+
+    def generate(ldm, req, callback=None, *, control=None, **_):
+        labels = torch.tensor(req.labels) if req.labels is not None else None
+        images = ldm.sample(texts=req.prompt, labels=labels, num_samples=req.num_images, control=control,
+                            control_image=req.control_image, control_scale=req.control_scale, init_image=req.init_image,
+                            mask=req.mask, overlay=req.overlay, keep_known=req.keep_known)
+        return Generated(images, [req.seed] * len(images), [])
+
+    monkeypatch.setattr(routes, "generate", generate)
+
+
+def test_control_evaluation_reads_a_known_oracle_exactly(tmp_path, monkeypatch):
     from ldmkit.evaluate.routes import evaluate_routes
 
+    _requests_to_stand_in(monkeypatch)
     r = evaluate_routes(_Oracle(), tmp_path, control=object(), control_kind="mask", n=24, dataset="shapes-free")["control"]
     for cap in ("right", "empty", "other"):
         assert r[f"iou_route_{cap}"] == 1.0 and r[f"iou_base_{cap}"] < 0.5
@@ -348,9 +365,10 @@ class _BoxPainter:
     encode_mean = decode = staticmethod(lambda x: x)
 
 
-def test_inpainting_is_judged_inside_the_hole(tmp_path):
+def test_inpainting_is_judged_inside_the_hole(tmp_path, monkeypatch):
     from ldmkit.evaluate.routes import evaluate_routes
 
+    _requests_to_stand_in(monkeypatch)
     painter = _BoxPainter()
     r = evaluate_routes(painter, tmp_path, n=24, dataset="shapes-free")["replace"]
     asked = painter.captions[-24:]  # the replace task's captions: another colour and shape than the original's
@@ -363,11 +381,11 @@ def test_inpainting_is_judged_inside_the_hole(tmp_path):
 def test_bad_control_images_give_one_clear_error(cls):
     ldm = make(None)
     net = cls.from_unet(ldm.unet, hint_channels=1, latent_factor=4)
-    ldm.sample(texts=["a", "b"], control=net, control_image=torch.rand(3, 32, 32), guidance=2.0, **KW)  # RGB, 2x: converted
+    ldm_sample(ldm, texts=["a", "b"], control=net, control_image=torch.rand(3, 32, 32), guidance=2.0, **KW)  # RGB, 2x: converted
     for bad in (torch.rand(1, 5, SIZE, SIZE), torch.rand(1, 1, SIZE, 24), torch.rand(3, 1, SIZE, SIZE),
                 torch.zeros(1, 1, SIZE, SIZE, dtype=torch.uint8)):
         with pytest.raises(LdmkitError, match="control image"):
-            ldm.sample(texts=["a", "b"], control=net, control_image=bad, guidance=2.0, **KW)
+            ldm_sample(ldm, texts=["a", "b"], control=net, control_image=bad, guidance=2.0, **KW)
 
 
 def test_a_unet_in_the_sd_inpainting_layout_is_read_as_the_inpaint_route():

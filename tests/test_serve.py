@@ -46,7 +46,7 @@ def tiny_ldm(inpaint: bool = False) -> LatentDiffusion:
                       concat_channels=concat.channels(ae.latent_channels) if concat else 0)
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=ConditionerConfig(text_encoder="minilm"),
                                 image_size=SIZE, concat=concat)
-    return LatentDiffusion(cfg)
+    return LatentDiffusion.from_config(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,12 @@ def test_txt2img_same_seed_same_images_with_parameters_chunk(client):
 
 def test_fields_ldmkit_cannot_honour_are_reported_in_info(client):
     switch(client, "text")
-    r = client.post("/sdapi/v1/txt2img", json={**TXT, "restore_faces": True, "enable_hr": True, "tiling": False,
+    # (enable_hr was here until issue 28: the hires fix is honoured now, tests below)
+    r = client.post("/sdapi/v1/txt2img", json={**TXT, "restore_faces": True, "subseed_strength": 0.5, "tiling": False,
                                                 "alwayson_scripts": {"ADetailer": {"args": [True]}}})
     info = json.loads(r.json()["info"])
     assert r.status_code == 200
-    assert {n.split(":")[0] for n in info["not_honoured"]} == {"restore_faces", "enable_hr", "alwayson_scripts.ADetailer"}
+    assert {n.split(":")[0] for n in info["not_honoured"]} == {"restore_faces", "subseed_strength", "alwayson_scripts.ADetailer"}
 
 
 @pytest.mark.parametrize("body, field", [
@@ -294,6 +295,164 @@ def test_non_loopback_host_needs_auth_or_an_explicit_flag(models, capsys):
         taken.listen()
         assert main(["serve", "--checkpoint", models["text"], "--port", str(taken.getsockname()[1])]) == 2
         assert "pick another --port" in capsys.readouterr().err
+
+
+# --- issue 28: sizes, hires fix, the checkpoint's own sampling defaults ------------------------------
+def resolved(client, body: dict, images: bool = False):
+    """The request as the server resolves it against the current model, before anything is queued."""
+    from ldmkit.serve.schema import Img2ImgRequest, Txt2ImgRequest, resolve
+
+    req = (Img2ImgRequest if images else Txt2ImgRequest)(**body)
+    return resolve(req, client.app.state.store, images)
+
+
+def test_any_multiple_of_the_granularity_is_a_size_others_are_refused_naming_the_nearest(client):
+    switch(client, "text")
+    # the tiny model: f = 2, U-Net levels 2 → granularity 2 · 2 = 4 px; sides up to 3 × 16 = 48 px
+    assert client.get("/ldmkit/v1/model").json()["granularity"] == 4
+    gen = resolved(client, {**TXT, "width": 24, "height": 12})
+    assert (gen.width, gen.height) == (24, 12) and gen.parameters["width"] == 24 and gen.parameters["height"] == 12
+    gen = resolved(client, {"prompt": "x"})
+    assert (gen.width, gen.height) == (SIZE, SIZE)  # omitted: the model's size
+    for body, field, words in [({"width": 18}, "width", "nearest: 16 or 20"), ({"height": 50}, "height", "at most 48"),
+                               ({"width": 8, "height": 2 * SIZE + 2}, "height", "nearest: 32 or 36")]:
+        r = client.post("/sdapi/v1/txt2img", json={**TXT, **body})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field] and words in r.json()["detail"][0]["msg"], r.text
+
+
+def test_img2img_images_and_control_maps_are_fitted_with_a1111_resize_modes(client):
+    from ldmkit.serve.schema import to_tensor
+
+    a = np.zeros((16, 32, 3), np.uint8)  # 32 wide, 16 high: left half black, right half white, red top row
+    a[:, 16:] = 255
+    a[0] = (255, 0, 0)
+    img = Image.fromarray(a)
+    stretch = to_tensor(img, (16, 16), 3, False, 0)
+    crop = to_tensor(img, (16, 16), 3, False, 1)
+    fill = to_tensor(img, (16, 16), 3, False, 2)
+    assert stretch.shape == crop.shape == fill.shape == (1, 3, 16, 16)
+    # crop and resize: the centre 16×16 of the 32×16 picture (cols 8..24), no resampling needed at scale 1
+    assert torch.equal(crop, torch.from_numpy(a[:, 8:24].astype(np.float32) / 255).permute(2, 0, 1)[None])
+    # resize and fill: the whole picture at 16×8, the rows above and below copies of its edge rows
+    inner = to_tensor(img, (16, 8), 3, False, 0)
+    assert torch.equal(fill[:, :, 4:12], inner) and torch.equal(fill[:, :, :4], inner[:, :, :1].expand(-1, -1, 4, -1))
+    assert torch.equal(fill[:, :, 12:], inner[:, :, -1:].expand(-1, -1, 4, -1))
+    gen = resolved(client, {**TXT, "width": 24, "height": 16, "init_images": [b64_png(img)], "resize_mode": 1}, images=True)
+    assert gen.init_image.shape == (1, 3, 16, 24) and gen.resize_mode == 1
+    gen = resolved(client, {**TXT, "init_images": [b64_png(img)], "resize_mode": 3}, images=True)
+    assert gen.resize_mode == 0 and gen.not_honoured[0].startswith("resize_mode 3")
+
+
+def test_hires_fix_fields_become_the_hires_pass_and_its_target_is_checked(client):
+    from ldmkit.generation.request import HiresPass
+
+    switch(client, "text")
+    body = {**TXT, "width": 16, "height": 12, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (nearest)",
+            "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    gen = resolved(client, body)
+    assert gen.hires == HiresPass(scale=1.5, upscaler="latent-nearest", second_pass_steps=2, denoising_strength=0.5)
+    assert gen.hires_size == (24, 16)  # int(12 · 1.5) = 18, rounded down to the granularity 4
+    assert gen.steps_per_batch == 3 + int(0.5 * 2)
+    assert resolved(client, {**TXT, "enable_hr": True}).hires == HiresPass(scale=2.0, upscaler="latent", denoising_strength=0.7)
+    assert resolved(client, {**TXT, "enable_hr": False, "hr_scale": 8}).hires is None
+    gen = resolved(client, {**TXT, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+", "hr_resize_x": 40})
+    assert gen.hires.upscaler == "bicubic" and gen.hires_size == (40, 40)
+    assert gen.not_honoured == ["hr_upscaler R-ESRGAN 4x+: upscaled bicubic in pixels (ldmkit has no R-ESRGAN 4x+)"]
+    assert resolved(client, {**TXT, "enable_hr": True, "hr_upscaler": "Lanczos", "hr_resize_y": 20}).hires_size == (20, 20)
+    for extra, field in [({"hr_scale": 4}, "hr_scale"), ({"hr_resize_x": 64}, "hr_resize_x"), ({"hr_scale": 9}, "hr_scale"),
+                         ({"hr_second_pass_steps": 151}, "hr_second_pass_steps")]:
+        before = client.app.state.worker.completed
+        r = client.post("/sdapi/v1/txt2img", json={**TXT, "enable_hr": True, **extra})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
+        assert client.app.state.worker.completed == before
+    gen = resolved(client, {**TXT, "init_images": [b64_png(square_image())], "enable_hr": True}, images=True)
+    assert gen.hires is None and gen.not_honoured[0].startswith("enable_hr: hires fix is a txt2img option")
+
+
+@pytest.fixture(scope="module")
+def student(models, tmp_path_factory):
+    """A checkpoint that asks to be sampled its own way (meta.sampling, as `ldmkit distill` writes it)."""
+    folder = tmp_path_factory.mktemp("serve-student") / "student"
+    ldm = tiny_ldm()
+    save_checkpoint(folder, 1, "latent_diffusion", ldm, ldm.config,
+                    meta={"sampling": {"sampler": "lcm", "steps": 4, "guidance": 1.0, "grid_steps": 50}})
+    return str(folder)
+
+
+def test_the_checkpoint_sampling_defaults_fill_what_the_request_leaves_out(student, models):
+    """Issue 28, defect 5: a distilled student got CFG 7 and 50 steps of another sampler on top of its
+    folded-in guidance; with no sampler named and none in the checkpoint, A1111's API uses Euler."""
+    app = create_app([student, models["text"]], queue_size=2)
+    with TestClient(app) as c:
+        info = json.loads(c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1}).json()["info"])
+        assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("LCM", 4, 1.0)
+        assert "Steps: 4, Sampler: LCM, CFG scale: 1," in info["infotexts"][0]
+        asked = {"prompt": "a red circle", "seed": 1, "steps": 3, "cfg_scale": 2.5, "sampler_name": "DDIM"}
+        info = json.loads(c.post("/sdapi/v1/txt2img", json=asked).json()["info"])
+        assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("DDIM", 3, 2.5)  # what the client says wins
+        switch(c, "text")  # no meta.sampling: A1111's API defaults (sampler_index "Euler", cfg 7)
+        info = json.loads(c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 1, "steps": 2}).json()["info"])
+        assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("Euler", 2, 7.0)
+
+
+def test_lora_and_embedding_routes(models, tmp_path, monkeypatch, capsys):
+    """GET /sdapi/v1/loras lists --lora-dir as A1111 does, refresh-loras rescans it; without the folders both
+    lists are empty; the embeddings library (another module) is listed and attached to each loaded model."""
+    import types
+
+    from ldmkit.interop.lora import Adapter, save_lora
+
+    lora_dir = tmp_path / "loras"
+    lora_dir.mkdir()
+    ldm = tiny_ldm()
+    q = ldm.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q").weight
+    adapter = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q":
+               Adapter(torch.ones(2, q.shape[1]), torch.ones(q.shape[0], 2), 2.0)}
+    save_lora(adapter, lora_dir / "ink.safetensors")
+    attached = []
+
+    class Embeddings:  # the interface of ldmkit.conditioning.embeddings.EmbeddingLibrary that the server uses
+        def __init__(self, folder):
+            self.folder = folder
+
+        def a1111_listing(self):
+            return {"loaded": {"cat-toy": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                           "shape": 384, "vectors": 2}}, "skipped": {}}
+
+    fake = types.ModuleType("ldmkit.conditioning.embeddings")
+    fake.EmbeddingLibrary, fake.attach_embeddings = Embeddings, lambda conditioner, lib: attached.append((conditioner, lib))
+    monkeypatch.setitem(sys.modules, "ldmkit.conditioning.embeddings", fake)
+    app = create_app([models["text"]], lora_dir=str(lora_dir), embeddings_dir=str(tmp_path))
+    with TestClient(app) as c:
+        store = app.state.store
+        assert store.networks.names() == ["ink"]  # serve/generate.py reads store.networks
+        listed = c.get("/sdapi/v1/loras").json()
+        assert [(e["name"], e["alias"]) for e in listed] == [("ink", "ink")] and listed[0]["metadata"]["format"] == "diffusers"
+        save_lora(adapter, lora_dir / "more.safetensors")
+        assert len(c.get("/sdapi/v1/loras").json()) == 1  # until refreshed, as A1111
+        assert c.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert [e["name"] for e in c.get("/sdapi/v1/loras").json()] == ["ink", "more"]
+        assert c.get("/sdapi/v1/embeddings").json()["loaded"]["cat-toy"]["vectors"] == 2
+        # <lora:name:w> tags are checked before the request is queued: the name, the weight; 422 naming the prompt
+        before = app.state.worker.completed
+        for prompt, words in [("a cat <lora:nope:0.5>", f"<lora:nope:0.5>: no LoRA named 'nope' in {lora_dir} (have: ink, more)"),
+                              ("a cat <lora:ink:12>", "<lora:ink:12>: the weight must be a number in [-10, 10]"),
+                              ("a cat <lora:ink:strong>", "<lora:ink:strong>: the weight 'strong' is not a number")]:
+            r = c.post("/sdapi/v1/txt2img", json={**TXT, "prompt": prompt})
+            assert r.status_code == 422 and r.json()["detail"] == [{"loc": ["body", "prompt"], "msg": words, "type": "value_error"}]
+        assert app.state.worker.completed == before
+        assert resolved(c, {**TXT, "prompt": "a cat <lora:ink> <lora:more:-0.5> <hypernet:x:1>"}).prompt.startswith("a cat")
+        assert attached == [(store.get(store.current).ldm.conditioner, store.embeddings)]
+    app = create_app([models["text"]])
+    with TestClient(app) as c:
+        assert c.get("/sdapi/v1/loras").json() == [] and c.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert c.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+        r = c.post("/sdapi/v1/txt2img", json={**TXT, "prompt": "a cat <lora:ink:0.5>"})
+        assert r.status_code == 422 and "no LoRA folder; start it with --lora-dir" in r.json()["detail"][0]["msg"]
+    for flag in ("--lora-dir", "--embeddings-dir"):  # a missing folder: one line, before any model is loaded
+        assert main(["serve", "--checkpoint", models["text"], flag, str(tmp_path / "nowhere")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {tmp_path / 'nowhere'} is not a folder" in err and len(err.strip().splitlines()) == 1
 
 
 # --- a live server -----------------------------------------------------------------------------------

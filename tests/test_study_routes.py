@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ldmkit.conditioning.concat import ConcatConfig, onehot_maps, unshuffle_map
 from ldmkit.data.shapes import COMBOS, COMBO_FACTORS, ShapesDataset, heldout_combos
 from ldmkit.errors import LdmkitError
+from ldmkit.generation.compat import sample as ldm_sample
 
 
 # --- the onehot route ----------------------------------------------------------------------------
@@ -114,15 +115,15 @@ def _tiny_ldm(concat: ConcatConfig):
     unet = UNetConfig(in_channels=ae.latent_channels, out_channels=ae.latent_channels, model_channels=8,
                       channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), mid_attention=False, norm_groups=4,
                       concat_channels=concat.channels(ae.latent_channels))
-    return LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16, concat=concat)).eval()
+    return LatentDiffusion.from_config(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16, concat=concat)).eval()
 
 
 def test_onehot_route_samples_from_labels_and_trains():
     ldm = _tiny_ldm(ConcatConfig(kind="onehot", onehot_factors=(3, 6, 4)))
-    imgs = ldm.sample(labels=[0, 71], steps=2, guidance=2.0)
+    imgs = ldm_sample(ldm, labels=[0, 71], steps=2, guidance=2.0)
     assert imgs.shape == (2, 3, 16, 16)
     with pytest.raises(LdmkitError, match="labels"):
-        ldm.sample(num_samples=2, steps=2)
+        ldm_sample(ldm, num_samples=2, steps=2)
     z = torch.randn(4, *ldm.latent_shape)
     loss = ldm.loss(z, labels=torch.tensor([0, 1, 2, 71]), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
@@ -132,10 +133,10 @@ def test_map_route_samples_from_a_mask():
     ldm = _tiny_ldm(ConcatConfig(kind="map", map_factor=4, drop=0.0))
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 2:9, 3:10] = 1
-    imgs = ldm.sample(num_samples=2, mask=mask, steps=2)
+    imgs = ldm_sample(ldm, num_samples=2, mask=mask, steps=2)
     assert imgs.shape == (2, 3, 16, 16)
     with pytest.raises(LdmkitError, match="map"):
-        ldm.sample(num_samples=2, steps=2)
+        ldm_sample(ldm, num_samples=2, steps=2)
 
 
 def test_map_route_refuses_another_factor():

@@ -65,7 +65,7 @@ def test_heldout_error_by_timestep_of_a_zero_predictor_is_one_at_every_t(zero_pr
         unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
                         norm_groups=4, num_classes=18),
         conditioner=cond, diffusion=DiffusionConfig(prediction_type="eps"), image_size=16)
-    ldm = LatentDiffusion(cfg, conditioner=Conditioner(cond)).eval()
+    ldm = LatentDiffusion.from_config(cfg, conditioner=Conditioner(cond)).eval()
     ldm.unet = zero_predictor
     data = materialize(build_dataset("shapes", 16, "val", length=64), progress=False)
     res = heldout_error(ldm, data, timesteps=(25, 500, 950, 5000))  # 5000 is past the schedule: dropped

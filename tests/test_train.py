@@ -17,6 +17,7 @@ import ldmkit
 from ldmkit.cli import main
 from ldmkit.errors import LdmkitError
 from ldmkit.checkpoint import resolve
+from ldmkit.generation.compat import sample as ldm_sample
 
 FAST_AE = ["--config", "tiny", "--quiet"]
 
@@ -153,9 +154,9 @@ def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
     assert np.allclose([v for _, v in losses(out)], [v for _, v in losses(ref)], rtol=1e-5, atol=0)
 
     ldm = ldmkit.load(ref)
-    s1 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
-    s2 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
-    s3 = ldm.sample(texts=["a red circle in the top left"], labels=[0], steps=3, seed=8)
+    s1 = ldm_sample(ldm, texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
+    s2 = ldm_sample(ldm, texts=["a red circle in the top left"], labels=[0], steps=3, seed=7)
+    s3 = ldm_sample(ldm, texts=["a red circle in the top left"], labels=[0], steps=3, seed=8)
     assert s1.shape == (1, 3, 16, 16) and torch.equal(s1, s2) and not torch.equal(s1, s3)
 
     samples = tmp_path / "samples"

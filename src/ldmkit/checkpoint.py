@@ -44,6 +44,7 @@ from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError, disk_full
 from ldmkit.imageio import atomic_write, umask
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
+from ldmkit.unet.stem import LEGACY_NAMES
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -191,6 +192,10 @@ def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise LdmkitError(f"cannot read weights {file} ({type(e).__name__}: {e}); the file is damaged, use another checkpoint") from e
     own = module.state_dict()
+    for key in [k for k in sd if k not in own]:  # a module renamed since the file was written (unet.stem)
+        for old, now in LEGACY_NAMES.items():
+            if f".{old}" in f".{key}" and (renamed := f".{key}".replace(f".{old}", f".{now}")[1:]) in own:
+                sd[renamed] = sd.pop(key)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [k for k in set(own) & set(sd) if own[k].shape != sd[k].shape]
@@ -214,7 +219,8 @@ def load(
 ) -> nn.Module:
     """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
     folder, kind, cfg, meta = read_config(path)
-    module = KINDS[kind].module_cls(_relocate_text_encoder(folder, cfg))
+    cls = KINDS[kind].module_cls
+    module = getattr(cls, "from_config", cls)(_relocate_text_encoder(folder, cfg))  # LatentDiffusion: from its parts
     file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
     if not file.is_file():
         raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")

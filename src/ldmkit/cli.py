@@ -141,8 +141,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not isinstance(net, (ControlNet, Adapter)):
             raise LdmkitError(f"--controlnet {path} holds a {type(net).__name__}, not a ControlNet or adapter")
         nets.append(net)
-    spatial = {"strength": args.strength, "keep_known": args.keep_known, "overlay": args.overlay, "sigmas": args.sigmas}
-    size = ldm.config.image_size
+    from ldmkit.generation import HiresPass
+
+    spatial = {"strength": args.strength, "keep_known": args.keep_known, "overlay": args.overlay, "spacing": args.sigmas,
+               "height": args.height, "width": args.width, "resize_mode": args.resize_mode}
+    if args.hires_scale is not None:
+        spatial["hires"] = HiresPass(scale=args.hires_scale, upscaler=args.hires_upscaler,
+                                     second_pass_steps=args.hires_steps, denoising_strength=args.hires_denoise)
+    elif args.hires_steps or args.hires_upscaler != "latent" or args.hires_denoise != 0.7:
+        raise LdmkitError("--hires-steps/--hires-upscaler/--hires-denoise set the hires pass; turn it on with --hires-scale")
+    size = None  # images at their own size: generation fits them to --height/--width with --resize-mode
+    control = None
+    if args.embeddings_dir:
+        try:
+            from ldmkit.conditioning.embeddings import attach_embeddings
+        except ImportError:
+            raise LdmkitError("--embeddings-dir needs ldmkit.conditioning.embeddings, which this build lacks") from None
+        attach_embeddings(ldm.conditioner, args.embeddings_dir)
+    networks = None
+    if args.lora_dir:
+        try:
+            from ldmkit.interop.lora_library import LoraLibrary
+        except ImportError:
+            raise LdmkitError("--lora-dir needs ldmkit.interop.lora_library, which this build lacks") from None
+        networks = LoraLibrary(args.lora_dir)
     maps, scales = list(args.control or []), list(args.control_scale or [])
     if maps and not nets:
         raise LdmkitError("--control needs a ControlNet or adapter: --controlnet DIR, or --checkpoint a train-control run")
@@ -153,12 +175,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise LdmkitError(f"{len(scales)} --control-scale values for {len(nets)} networks; give one, or one per network")
         images = [read_image(m, n.config.hint_channels, size, "control image", False) for m, n in zip(maps, nets)]
         if len(nets) == 1:
-            spatial.update(control=nets[0], control_image=images[0], control_scale=scales[0] if scales else None)
+            control = nets[0]
+            spatial.update(control_image=images[0], control_scale=scales[0] if scales else None)
         else:
             if any(isinstance(n, Adapter) for n in nets):
                 raise LdmkitError("several control networks can only be ControlNets (their residuals are summed); "
                                   "use one adapter at a time")
-            spatial.update(control=MultiControlNet(nets), control_image=images,
+            control = MultiControlNet(nets)
+            spatial.update(control_image=images,
                            control_scale=(scales * len(nets) if len(scales) == 1 else scales) or None)
     if args.init_image:
         spatial["init_image"] = read_image(args.init_image, 3, size, "init image", True)
@@ -170,9 +194,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
             num_samples=args.num_samples or 16, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-            guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+            guidance_rescale=args.guidance_rescale, seed=None if args.seed < 0 else args.seed, batch_size=args.batch_size, progress=not args.quiet,
             negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
-            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, **spatial,
+            model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, control=control, networks=networks, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
@@ -388,7 +412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(args.checkpoint, host=args.host, port=args.port, auth=args.api_auth,
                insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, device=args.device,
-               preview_every=args.preview_every)
+               preview_every=args.preview_every, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     return 0
 
 
@@ -466,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-prompt", type=POSITIVE, default=1, help="samples per prompt/label")
     s.add_argument("--num-samples", type=POSITIVE, default=None,
                    help="samples for an unconditional model (default 16; with prompts or labels use --num-per-prompt)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="batch k is seeded seed + k·batch size; -1: a random seed, written in each PNG's parameters")
     s.add_argument("--steps", type=POSITIVE, default=None, help="sampling steps (default: the checkpoint's, else 25)")
     s.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help="default: the checkpoint's (a distilled model: lcm), else dpmpp_2m")
@@ -476,7 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guidance rescale φ in [0, 1] (Lin et al. 2024; 0 = off, 0.7 tames over-saturation at large --guidance)")
     s.add_argument("--batch-size", type=POSITIVE, default=64)
     s.add_argument("--config", default=None, help="diffusers pipeline folder with the configs of a bare single file")
-    s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (resized to the model's size)")
+    s.add_argument("--width", type=POSITIVE, default=None,
+                   help="image width in pixels, a multiple of the model's granularity (default: the model's size)")
+    s.add_argument("--height", type=POSITIVE, default=None,
+                   help="image height in pixels, a multiple of the model's granularity (default: the model's size)")
+    s.add_argument("--hires-scale", type=_number(float, 0, low_open=True), default=None,
+                   help="hires fix (A1111): generate at --width/--height, upscale by this factor, then an img2img pass")
+    s.add_argument("--hires-steps", type=_number(int, 0), default=0, help="hires fix: second pass steps (0: --steps)")
+    s.add_argument("--hires-upscaler", default="latent", choices=["latent", "latent-nearest", "bicubic"],
+                   help="hires fix: bilinear on the latents (A1111 'Latent'), nearest on the latents, or bicubic on pixels")
+    s.add_argument("--hires-denoise", type=_number(float, 0, 1), default=0.7, help="hires fix: the second pass's denoising strength")
+    s.add_argument("--resize-mode", type=int, default=0, choices=[0, 1, 2],
+                   help="fitting init image / mask / control maps of another size: 0 stretch, 1 crop and resize, 2 resize and fill")
+    s.add_argument("--lora-dir", default=None, help="folder of LoRA files named in prompts as <lora:NAME:WEIGHT>")
+    s.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings named in prompts")
+    s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (fitted to the size by --resize-mode)")
     s.add_argument("--mask", default=None, help="inpainting mask image: white (1) = repaint, black = keep")
     s.add_argument("--strength", type=_number(float, 0, 1), default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
     s.add_argument("--control", action="append", default=None,
@@ -516,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--preview-every", type=_number(int, 0), default=5,
                     help="decode a preview of the running generation every N steps (0: none; default: %(default)s)")
     sv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    sv.add_argument("--lora-dir", default=None, metavar="DIR",
+                    help="LoRA files (.safetensors, subfolders too) that prompts name as <lora:name:weight>; "
+                         "listed at GET /sdapi/v1/loras")
+    sv.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                    help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) that "
+                         "prompts name; listed at GET /sdapi/v1/embeddings")
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("study", help="answer the FAQ's design questions by experiment: first stage, U-Net, "

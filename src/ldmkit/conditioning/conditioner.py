@@ -27,6 +27,21 @@ MICRO_FIELDS = ("original height", "original width", "crop top", "crop left", "t
 MICRO_DIM = 256  # SDXL's addition_time_embed_dim
 
 
+def micro_features(values: torch.Tensor) -> torch.Tensor:
+    """(B, k) size/crop (or aesthetic-score) values → (B, k·256) Fourier features: each value through the
+    timestep embedding (cos first, no shift), concatenated (Podell et al. 2023, §2.2; diffusers'
+    `add_time_proj` of SDXL's U-Net)."""
+    n = values.shape[0]
+    return timestep_embedding(values.reshape(-1).float(), MICRO_DIM).reshape(n, -1)  # (B, k·256)
+
+
+def sdxl_vector(pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's vector condition: the pooled text embedding (B, P) then the Fourier features of the
+    micro-conditions `time_ids` (B, 6) → (B, P + 6·256); what diffusers' UNet2DConditionModel builds from
+    `added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}` before `add_embedding`."""
+    return torch.cat([pooled, micro_features(time_ids).to(pooled.device, pooled.dtype)], dim=1)  # (B, P + 6·256)
+
+
 class ConditionerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,7 +100,7 @@ class Conditioner(nn.Module):
         if size_crop.shape != (n, len(MICRO_FIELDS)):
             raise LdmkitError(f"size_crop must be ({n}, {len(MICRO_FIELDS)}): {', '.join(MICRO_FIELDS)}; got "
                               f"{tuple(size_crop.shape)}")
-        return timestep_embedding(size_crop.reshape(-1).float(), MICRO_DIM).reshape(n, -1)
+        return micro_features(size_crop)  # (B, 6·256)
 
     def forward(
         self,

@@ -28,6 +28,7 @@ from ldmkit.diffusion.parameterization import to_x0_eps
 from ldmkit.diffusion.schedules import q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.attributes import check_attributes, score_captions
+from ldmkit.generation import GenerationRequest, generate
 from ldmkit.imageio import save_grid
 
 HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, spread over the 1000-step range
@@ -46,7 +47,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
     cc = ldm.config.conditioner
     res: dict = {"dataset": dataset, "steps": steps, "sampler": sampler, "guidance": guidance, "seeds": seeds,
                  "not_judged": []}
-    kw = dict(steps=steps, sampler=sampler, guidance=guidance)
+    kw = dict(steps=steps, sampler=sampler, guidance=guidance)  # GenerationRequest fields
     grids: list[tuple[str, str]] = []  # (caption, file) of grids shown without a score
     data = held_out(ldm, dataset, num_images, seed) if dataset else None
     if data is not None:
@@ -57,7 +58,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
     if cc.text_encoder:
         if dataset in SHAPES_DATASETS:
             caps = all_captions(vocabulary)
-            images = torch.cat([ldm.sample(texts=caps[i : i + batch_size], seed=1000 * s + i, **kw)
+            images = torch.cat([_draw(ldm, 1000 * s + i, texts=caps[i : i + batch_size], **kw)
                                 for s in range(seeds) for i in range(0, len(caps), batch_size)])
             res["text"] = score_captions(images, caps * seeds, vocabulary)
             if vocabulary != "basic":  # the new words, and what the original captions kept
@@ -71,7 +72,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
                                      f"captions, and this model learned {_named(dataset)}")
             caps = _some_captions(data)
             grids.append(("samples for held-out captions, a row per seed", "text_samples.png"))
-            save_grid(torch.cat([ldm.sample(texts=caps, seed=1000 * s, **kw) for s in range(seeds)]),
+            save_grid(torch.cat([_draw(ldm, 1000 * s, texts=caps, **kw) for s in range(seeds)]),
                       out / "text_samples.png", nrow=len(caps), upscale=2)
     if cc.num_classes:
         if dataset in SHAPES_DATASETS and cc.num_classes == len(SHAPES) * len(COLOURS):
@@ -88,11 +89,11 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
             grids.append(("samples of the first classes, a row per class", "label_samples.png"))
             labels = [c for c in range(min(cc.num_classes, 16)) for _ in range(seeds)]
             texts = [""] * len(labels) if cc.text_encoder else None
-            save_grid(ldm.sample(texts=texts, labels=labels, seed=0, **kw), out / "label_samples.png", nrow=seeds,
+            save_grid(_draw(ldm, 0, texts=texts, labels=labels, **kw), out / "label_samples.png", nrow=seeds,
                       upscale=2)
     if not cc.text_encoder and not cc.num_classes:
         grids.append(("unconditional samples", "samples.png"))
-        save_grid(ldm.sample(num_samples=32, seed=0, **kw), out / "samples.png", nrow=8, upscale=2)
+        save_grid(_draw(ldm, 0, n=32, **kw), out / "samples.png", nrow=8, upscale=2)
     (out / "report.md").write_text(_report(res, grids, sampler, steps, guidance, seeds))
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
@@ -164,11 +165,19 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELD
     return res
 
 
+def _draw(ldm, seed: int, texts: list[str] | None = None, labels: list[int] | None = None, n: int | None = None,
+          **kw) -> torch.Tensor:
+    """One batch of images (B, 3, H, W) in [-1, 1], one per caption / label (or n), from one generator seeded `seed`."""
+    n = len(texts) if texts is not None else len(labels) if labels is not None else n
+    request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, seed=seed, **kw)
+    return generate(ldm, request).images
+
+
 def _shapes_label_fidelity(ldm, seeds: int, kw: dict) -> dict:
     """shapes class ids: label = shape_index · 6 + colour_index; position is free."""
     labels = list(range(ldm.config.conditioner.num_classes))
     texts = [""] * len(labels) if ldm.config.conditioner.text_encoder else None
-    images = torch.cat([ldm.sample(texts=texts, labels=labels, seed=1000 * s + 7, **kw) for s in range(seeds)])
+    images = torch.cat([_draw(ldm, 1000 * s + 7, texts=texts, labels=labels, **kw) for s in range(seeds)])
     want = [(SHAPES[lab // len(COLOURS)], list(COLOURS)[lab % len(COLOURS)]) for lab in labels] * seeds
     found = [check_attributes(img) for img in images]
     n = len(found)
@@ -231,7 +240,7 @@ def _digit_fidelity(ldm, seeds: int, kw: dict) -> dict:
     clf = SVC(gamma=0.001).fit(d.data[:n_train], d.target[:n_train])
     clf_acc = float((clf.predict(d.data[n_train:]) == d.target[n_train:]).mean())
     labels = [c for c in range(10) for _ in range(seeds)]
-    imgs = ldm.sample(labels=labels, seed=0, **kw)  # (10·seeds, 3, H, W) in [-1, 1]
+    imgs = _draw(ldm, 0, labels=labels, **kw)  # (10·seeds, 3, H, W) in [-1, 1]
     grey = ((imgs.float().mean(1, keepdim=True) + 1) / 2).clamp(0, 1)  # (N, 1, H, W) in [0, 1]
     feats = F.adaptive_avg_pool2d(grey, 8).flatten(1).cpu().numpy() * 16  # the 0..16 scale of load_digits
     pred = clf.predict(feats)

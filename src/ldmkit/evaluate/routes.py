@@ -36,6 +36,7 @@ from ldmkit.data.tensors import control_maps
 from ldmkit.evaluate.attributes import PALETTE, SHAPE_NAMES, check_attributes, parse_caption
 from ldmkit.evaluate.diffusion import held_out
 from ldmkit.evaluate.probes import draw_probes
+from ldmkit.generation import GenerationRequest, generate
 from ldmkit.imageio import save_grid
 
 
@@ -69,6 +70,16 @@ def _conditions(ldm, data, idx):
     return texts, labels
 
 
+def _draw(ldm, seed: int, texts: list[str] | None = None, labels: torch.Tensor | None = None, n: int | None = None,
+          control=None, **fields) -> torch.Tensor:
+    """One batch (B, 3, H, W) on the CPU, one image per caption / label (or n), from one generator seeded `seed`;
+    `fields`: the other GenerationRequest fields (steps, sampler, init_image, mask, control_image…)."""
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+    n = len(texts) if texts is not None else len(labels) if labels is not None else n
+    request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, seed=seed, **fields)
+    return generate(ldm, request, control=control).images
+
+
 def _rect_masks(n: int, size: int, seed: int) -> torch.Tensor:
     """Holes of 1/4 … 1/2 of the side at random places (seeded): (n, 1, size, size)."""
     g = torch.Generator().manual_seed(seed)
@@ -95,8 +106,8 @@ def _replace_object(ldm, data, recon: torch.Tensor, seed: int, kw: dict, batched
                      others_s[int(torch.randint(len(others_s), (1,), generator=g))], position))
     captions = [f"a {c} {s} in the {p}" for c, s, p in want]
     x = data.images
-    decoded = batched(lambda idx: ldm.sample(texts=[captions[i] for i in idx.tolist()], init_image=x[idx],
-                                             mask=holes[idx], seed=seed + int(idx[0]), overlay=False, **kw).cpu())
+    decoded = batched(lambda idx: _draw(ldm, seed + int(idx[0]), [captions[i] for i in idx.tolist()], init_image=x[idx],
+                                       mask=holes[idx], overlay=False, **kw))
     imgs = torch.lerp(x, decoded, holes)  # the default output: kept pixels pasted back (`overlay`)
     in_hole = imgs * holes - (1 - holes)  # the kept region set to black: only what fills the hole is judged
     found = [check_attributes(im) for im in in_hole]
@@ -137,8 +148,8 @@ def _control_fidelity(ldm, control, kind: str, data, n: int, seed: int, kw: dict
             def draw(idx, cap=cap, scale=scale):
                 t = [texts[cap][i] for i in idx.tolist()] if cc.text_encoder else None
                 lab = labels[idx] if cc.num_classes and cap == "right" and class_ok else None
-                return ldm.sample(texts=t, labels=lab, num_samples=len(idx), control=control, control_image=maps[idx],
-                                  control_scale=scale, seed=seed + int(idx[0]), **kw).cpu()
+                return _draw(ldm, seed + int(idx[0]), t, lab, len(idx), control=control, control_image=maps[idx],
+                             control_scale=scale, **kw)
             imgs = batched(draw)
             r[f"iou_{who}_{cap}"] = iou(shape_mask(imgs), truth).mean().item()
             found = [check_attributes(im) for im in imgs]
@@ -202,8 +213,8 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
         res["not_judged"].append(f"control fidelity: the mask IoU needs the true shape masks of `shapes`, and this "
                                  f"control network learned '{dataset}'")
         maps = control_maps(data, control_kind if control_kind in data.extras else "control", dataset)
-        imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), control=control, control_image=maps[idx],
-                                              seed=seed + int(idx[0]), **kw).cpu())
+        imgs = batched(lambda idx: _draw(ldm, seed + int(idx[0]), *_conditions(ldm, data, idx), control=control,
+                                         control_image=maps[idx], **kw))
         save_grid(torch.cat([maps[:12].expand(-1, 3, -1, -1) * 2 - 1, imgs[:12]]), out / "control.png", nrow=12, upscale=3)
         lines += [f"## {type(control).__name__} on {control_kind} maps", "",
                   "Top row: control maps; bottom row: samples.", "", "![control](control.png)", ""]
@@ -217,11 +228,11 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
         holes = _rect_masks(n, size, seed)
         x = data.images
         # the decoded network output (overlay=False): the default output pastes the kept pixels back exactly
-        imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), init_image=x[idx], mask=holes[idx],
-                                              seed=seed + int(idx[0]), overlay=False, **kw).cpu())
+        imgs = batched(lambda idx: _draw(ldm, seed + int(idx[0]), *_conditions(ldm, data, idx), init_image=x[idx], mask=holes[idx],
+                                         overlay=False, **kw))
         # the same samples without pinning the untouched latent cells: what the network alone keeps
-        free = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), init_image=x[idx], mask=holes[idx],
-                                              seed=seed + int(idx[0]), keep_known=False, overlay=False, **kw).cpu())
+        free = batched(lambda idx: _draw(ldm, seed + int(idx[0]), *_conditions(ldm, data, idx), init_image=x[idx], mask=holes[idx],
+                                         keep_known=False, overlay=False, **kw))
         recon = batched(lambda idx: ldm.decode(ldm.encode_mean(x[idx])).cpu())
         keep = 1 - holes
         band = (F.max_pool2d(holes, 5, stride=1, padding=2) - holes).clamp(0, 1)  # kept pixels within 2 px of the hole
@@ -262,7 +273,7 @@ def evaluate_routes(ldm, out: str | Path, control=None, control_kind: str | None
                   "", "![replace](replace.png)", ""]
     if cc is not None and cc.kind == "lowres":
         x = data.images
-        imgs = batched(lambda idx: ldm.sample(*_conditions(ldm, data, idx), init_image=x[idx], seed=seed + int(idx[0]), **kw).cpu())
+        imgs = batched(lambda idx: _draw(ldm, seed + int(idx[0]), *_conditions(ldm, data, idx), n=len(idx), init_image=x[idx], **kw))
         bicubic = ldm.degrade(x)
         from ldmkit.evaluate.metrics import psnr
 

@@ -15,6 +15,49 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldmkit.conditioning.control_image import convert_channels
+from ldmkit.errors import LdmkitError
+
+UPSCALERS = ("latent", "latent-nearest", "bicubic")
+RESIZE_MODES = {0: "resize", 1: "crop and resize", 2: "resize and fill"}
+
+
+def granularity(model) -> int:
+    """g = f · 2^(levels − 1): the autoencoder divides a side by f, the U-Net halves it levels − 1 times,
+    and every level's skip must meet its upsampled twin, so a side must be a multiple of g (SD 1.5: 8·8 = 64
+    in the U-Net's eyes; A1111 and diffusers take multiples of 8 and let the U-Net's upsampling pad)."""
+    return model.config.autoencoder.downsample_factor * 2 ** (len(model.config.unet.channel_mult) - 1)
+
+
+def check_side(name: str, value: int, g: int) -> None:
+    """Refuse a side that is not a positive multiple of the granularity g, naming the nearest valid sizes.
+    ldmkit refuses rather than rounds down as A1111 does: an image of another size than asked for is a
+    surprise, and the caller can pick one of the two sizes named."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < g or value % g:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise LdmkitError(f"{name} must be a whole number of pixels, a multiple of {g}; got {value!r}")
+        lo, hi = value // g * g, (value // g + 1) * g
+        near = f"{lo} or {hi}" if lo >= g else f"{hi}"
+        raise LdmkitError(f"{name} {value} is not a multiple of {g}, this model's granularity (autoencoder factor "
+                          f"× 2^(U-Net levels − 1)): use {near}")
+
+
+def as_batch(image, channels: int, n: int, name: str) -> torch.Tensor:
+    """An image-like input (init image, mask, control map) → (n, channels, H, W) at its own size, converting
+    channels that can be converted (`convert_channels`) and refusing the rest with one LdmkitError naming `name`."""
+    want = f"(1 or {n}, {channels}, H, W)"
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        got = image.dtype if isinstance(image, torch.Tensor) else type(image).__name__
+        raise LdmkitError(f"{name} must be a float tensor {want}, got {got}")
+    if image.ndim == 3:
+        image = image[None]  # (1, C, H, W)
+    if image.ndim != 4 or image.shape[0] not in (1, n):
+        raise LdmkitError(f"{name} must be {want} (or a batch of 1), got {tuple(image.shape)}")
+    conv = convert_channels(image.expand(n, -1, -1, -1), channels)
+    if conv is None:
+        raise LdmkitError(f"{name} has {image.shape[1]} channels; expected {want}")
+    return conv
+
 
 @dataclass
 class HiresPass:
@@ -29,6 +72,27 @@ class HiresPass:
     upscaler: str = "latent"  # "latent" (bilinear on latents, A1111's "Latent"), "latent-nearest", "bicubic" (pixels)
     second_pass_steps: int = 0
     denoising_strength: float = 0.7
+
+    def target(self, height: int, width: int, g: int) -> tuple[int, int]:
+        """The second pass's (height, width): A1111's `hr_resize_x/y` (one of them 0: from the aspect ratio)
+        or `hr_scale` × the first pass's size, rounded down to a multiple of g."""
+        if self.resize_x or self.resize_y:
+            w = self.resize_x or self.resize_y * width / height
+            h = self.resize_y or self.resize_x * height / width
+        else:
+            h, w = height * self.scale, width * self.scale
+        return int(h) // g * g, int(w) // g * g
+
+    def check(self, height: int, width: int, g: int) -> None:
+        if self.upscaler not in UPSCALERS:
+            raise LdmkitError(f"unknown hires upscaler {self.upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise LdmkitError(f"hires denoising strength must be in [0, 1], got {self.denoising_strength}")
+        if self.second_pass_steps < 0 or self.resize_x < 0 or self.resize_y < 0 or self.scale <= 0:
+            raise LdmkitError("hires scale must be > 0, its steps and resize_x/resize_y ≥ 0")
+        h, w = self.target(height, width, g)
+        if h < g or w < g:
+            raise LdmkitError(f"the hires pass's size {w}x{h} is under this model's granularity {g}; raise hires scale")
 
 
 @dataclass
@@ -59,3 +123,101 @@ class GenerationRequest:
     control_scale: float | list[float] | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)  # (name or path, weight), besides <lora:> tags
     hires: HiresPass | None = None
+    # ldmkit's own additions
+    num_images: int | None = None  # None: one per prompt/label in a list, else batch_size · n_iter; the last batch may be short
+    sampler_options: dict = field(default_factory=dict)  # extra keywords for the sampler (e.g. final_alpha_cumprod)
+    model_name: str | None = None  # for the PNG parameters only ("Model: …", "Model hash: …")
+    model_hash: str | None = None
+
+    # --- derived values ------------------------------------------------------------------------------
+    def size(self, model) -> tuple[int, int]:
+        """(height, width) of the first pass: the request's, the model's own size where not given."""
+        s = model.config.image_size
+        return (self.height or s, self.width or s)
+
+    def count(self) -> int:
+        """How many images: `num_images`, else the length of a list of prompts or labels (one each), else
+        batch_size · n_iter."""
+        if self.num_images is not None:
+            return self.num_images
+        for v in (self.prompt, self.labels):
+            if isinstance(v, (list, tuple)) and len(v) > 1:
+                return len(v)
+        return self.batch_size * self.n_iter
+
+    def batches(self, seed: int) -> list[tuple[int, int, int]]:
+        """(first, end, seed) of every batch: one generator per batch, seeded seed + k · batch_size
+        (the first image's index), so a batch's images never depend on how many batches follow."""
+        n, b = self.count(), self.batch_size
+        return [(i, min(n, i + b), seed + i) for i in range(0, n, b)]
+
+    def per_image(self, value, n: int) -> list | None:
+        """A str/int or a list of one → n copies; a list of n → itself (`check` refused other lengths)."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            return list(value) * n if len(value) == 1 else list(value)
+        return [value] * n
+
+    # --- validation: every refusal a request can earn, before any work -------------------------------
+    def check(self, model, control=None) -> None:
+        """Refuse, in one LdmkitError line, whatever this model (and `control`) cannot do with this request."""
+        cfg = model.config
+        g = granularity(model)
+        if self.steps < 1 or self.batch_size < 1 or self.n_iter < 1 or (self.num_images is not None and self.num_images < 1):
+            raise LdmkitError("steps, batch size, iterations and number of images must be at least 1")
+        if not 0.0 <= self.strength <= 1.0:
+            raise LdmkitError(f"strength must be in [0, 1], got {self.strength}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise LdmkitError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise LdmkitError(f"resize mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), "
+                              f"got {self.resize_mode}")
+        if self.height is not None:
+            check_side("height", self.height, g)
+        if self.width is not None:
+            check_side("width", self.width, g)
+        height, width = self.size(model)
+        if self.hires is not None:
+            self.hires.check(height, width, g)
+        n = self.count()
+        for name, v in (("prompts", self.prompt), ("negative prompts", self.negative_prompt), ("labels", self.labels)):
+            if isinstance(v, (list, tuple)) and len(v) not in (1, n):
+                raise LdmkitError(f"got {len(v)} {name} for {n} images; give one, or one per image")
+        text = cfg.conditioner.text_encoder
+        if self.prompt is not None and not text:
+            raise LdmkitError("this model has no text conditioning; train it with a text encoder to use prompts")
+        if self.negative_prompt is not None:
+            if not text:
+                raise LdmkitError("a negative prompt needs a text-conditioned model; this one has no text route")
+            if model.config.unet.time_cond_proj_dim:
+                raise LdmkitError("this model takes its guidance scale as an input (a w-embedded student) and has no "
+                                  "unconditional branch for a negative prompt; leave the negative prompt out")
+        cc = cfg.concat
+        classes = cfg.conditioner.num_classes or (cc.num_labels if cc is not None and cc.reads_labels else 0)
+        if self.labels is not None:
+            if not classes and any(lab >= 0 for lab in self.labels):
+                raise LdmkitError("this model has no class conditioning; train it with num_classes > 0 to use labels")
+            bad = [lab for lab in self.labels if not -1 <= lab < classes]
+            if bad:
+                raise LdmkitError(f"class labels must be in 0..{classes - 1} (or -1 for none), got {bad}")
+        if self.mask is not None and (cc is None or not cc.reads_mask):
+            raise LdmkitError("this model has no inpainting route (it was trained without concat.kind=inpaint); "
+                              "it cannot take a mask")
+        if cc is not None:
+            cc.check_inputs(self.init_image, self.mask, self.labels)
+        image = as_batch(self.init_image, 3, n, "init image") if self.init_image is not None else None
+        mask = as_batch(self.mask, 1, n, "mask") if self.mask is not None else None
+        if image is not None and mask is not None:
+            (ih, iw), (mh, mw) = image.shape[-2:], mask.shape[-2:]
+            if abs(ih * mw - iw * mh) > 0.01 * ih * mw:  # a mask lies on its image: the same aspect ratio
+                raise LdmkitError(f"the mask is {mw}x{mh} but the init image {iw}x{ih}: give a mask of the image's "
+                                  "aspect ratio")
+        maps = self.control_image if isinstance(self.control_image, (list, tuple)) else [self.control_image]
+        for m in maps:
+            if isinstance(m, torch.Tensor) and m.ndim == 4 and m.shape[0] not in (1, n):
+                raise LdmkitError(f"the control image has a batch of {m.shape[0]} for {n} images; give 1, or one per image")
+        if control is not None and self.control_image is None:
+            raise LdmkitError("a ControlNet/adapter was given without a control image")
+        if control is None and self.control_image is not None:
+            raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")

@@ -454,18 +454,10 @@ def pipeline_config(folder: str | Path):
 
 
 def assemble(config, autoencoder: AutoencoderKL, unet: UNet, conditioner) -> LatentDiffusion:
-    """A `LatentDiffusion` around an autoencoder and U-Net that already hold their weights.
-
-    LatentDiffusion builds its parts from the config (it cannot be built on the meta device: its
-    noise schedule needs real numbers), so its freshly initialised parts are replaced by these."""
+    """A `LatentDiffusion` around an autoencoder and U-Net that already hold their weights."""
     from ldmkit.pipeline import LatentDiffusion
 
-    if autoencoder.config != config.autoencoder or unet.config.model_dump() != config.unet.model_dump():
-        raise LdmkitError("internal: the parts do not match the LatentDiffusion config")
-    ldm = LatentDiffusion(config, conditioner)
-    ldm.autoencoder = autoencoder.eval().requires_grad_(False)
-    ldm.unet = unet
-    return ldm.eval()
+    return LatentDiffusion(autoencoder, unet, conditioner, config).eval()
 
 
 def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:

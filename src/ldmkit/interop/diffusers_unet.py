@@ -13,6 +13,14 @@ Conventions worth knowing when reading a diffusers config:
 - SD inpainting's `in_channels = 9` is ldmkit's in_channels 4 + concat_channels 5.
 - `upcast_attention` (SD 2.1) is accepted: it only changes half-precision arithmetic, and
   `F.scaled_dot_product_attention` already accumulates the softmax in float32 in its fused kernels.
+- `addition_embed_type="text_time"` (SDXL) is ldmkit's vector route: `add_embedding` takes
+  `projection_class_embeddings_input_dim` = vector_dim features. diffusers Fourier-embeds the size/crop
+  `time_ids` inside the U-Net (`add_time_proj`, 256 features each) and appends them to `text_embeds`;
+  ldmkit's conditioner builds that same vector (`conditioning.conditioner.sdxl_vector`), so
+  `unet(x, t, context=…, vector=sdxl_vector(text_embeds, time_ids))` equals diffusers'
+  `unet(x, t, …, added_cond_kwargs={"text_embeds": …, "time_ids": …})`.
+- `transformer_layers_per_block` per level (SDXL: 1, 2, 10) is `transformer_depth` per level; diffusers'
+  decoder takes the reversed list, i.e. each decoder level the depth of its encoder level, as ldmkit's.
 
 diffusers is imported inside the functions, so ldmkit works without it.
 """
@@ -24,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ldmkit.conditioning.conditioner import MICRO_DIM
 from ldmkit.errors import LdmkitError
 from ldmkit.unet import UNet, UNetConfig
 
@@ -38,7 +47,6 @@ _FIXED = {
     "mid_block_scale_factor": 1.0,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "resnet_skip_time_act": False,
@@ -68,6 +76,16 @@ def _uniform(name: str, value: Any) -> Any:
     return value
 
 
+def _depths(value: Any) -> int | tuple[int, ...]:
+    """diffusers' transformer_layers_per_block → ldmkit's transformer_depth (one value, or one per level)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if any(isinstance(v, (list, tuple)) for v in value):
+        raise LdmkitError(f"unsupported diffusers U-Net config: transformer_layers_per_block={list(value)} "
+                          "(a depth per transformer within a level; ldmkit has one per level)")
+    return value[0] if len(set(value)) == 1 else tuple(value)
+
+
 def config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: int | None = None) -> UNetConfig:
     """Translate a `UNet2DConditionModel.config` into a `UNetConfig`, or raise LdmkitError naming
     every option ldmkit cannot represent.
@@ -85,6 +103,17 @@ def config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: int | None =
         problems.append(f"resnet_time_scale_shift={get('resnet_time_scale_shift')!r}")
     if get("norm_num_groups", 32) is None:
         problems.append("norm_num_groups=None")
+    addition = get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        problems.append(f"addition_embed_type={addition!r} (ldmkit reads SDXL's 'text_time')")
+    elif addition == "text_time":
+        # the conditioner embeds the size/crop values as SDXL does: 256 sinusoids each, cos first, no shift
+        if get("addition_time_embed_dim") != MICRO_DIM:
+            problems.append(f"addition_time_embed_dim={get('addition_time_embed_dim')!r} (ldmkit: {MICRO_DIM})")
+        if not get("flip_sin_to_cos", True) or get("freq_shift", 0) != 0:
+            problems.append("addition_embed_type='text_time' with flip_sin_to_cos=False or freq_shift≠0")
+        if get("class_embed_type") is not None or get("num_class_embeds") is not None:
+            problems.append("addition_embed_type='text_time' together with class embeddings")
     boc = list(get("block_out_channels"))
     if get("time_embedding_dim") not in (None, 4 * boc[0]):
         problems.append(f"time_embedding_dim={get('time_embedding_dim')!r}")
@@ -133,7 +162,7 @@ def config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: int | None =
             norm_eps=get("norm_eps", 1e-5),
             attention_levels=tuple(i for i, d in enumerate(down) if attn[d]),
             mid_attention=True,
-            transformer_depth=_uniform("transformer_layers_per_block", get("transformer_layers_per_block", 1)),
+            transformer_depth=_depths(get("transformer_layers_per_block", 1)),
             context_dim=_uniform("cross_attention_dim", get("cross_attention_dim", 1280)),
             use_linear_projection=get("use_linear_projection", False),
             flip_sin_to_cos=get("flip_sin_to_cos", True),
@@ -141,6 +170,7 @@ def config_from_diffusers(dcfg: Mapping[str, Any], concat_channels: int | None =
             emb_mode="scale_shift" if get("resnet_time_scale_shift", "default") == "scale_shift" else "add",
             num_classes=0 if num_class_embeds is None else num_class_embeds - 1,
             time_cond_proj_dim=get("time_cond_proj_dim"),
+            vector_dim=(get("projection_class_embeddings_input_dim") or 0) if addition == "text_time" else 0,
             zero_init=False,
             **head_options,
         )
@@ -158,8 +188,9 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     ]
     if cfg.context_dim is None:
         problems.append("context_dim=None (diffusers' CrossAttn blocks need a cross_attention_dim)")
-    if cfg.vector_dim:
-        problems.append(f"vector_dim={cfg.vector_dim} (no diffusers equivalent for a vector added beside the labels)")
+    if cfg.vector_dim and cfg.num_classes:
+        problems.append(f"vector_dim={cfg.vector_dim} with num_classes={cfg.num_classes} (diffusers' text_time "
+                        "vector route does not go with class embeddings)")
     if problems:
         raise LdmkitError("this U-Net has no diffusers UNet2DConditionModel equivalent: " + ", ".join(problems))
     n = cfg.num_levels
@@ -168,6 +199,11 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     else:
         heads = cfg.heads_at(0)
     levels = range(n)
+    depth = cfg.transformer_depth
+    vector: dict[str, Any] = {}
+    if cfg.vector_dim:
+        vector = dict(addition_embed_type="text_time", addition_time_embed_dim=MICRO_DIM,
+                      projection_class_embeddings_input_dim=cfg.vector_dim)
     return dict(
         in_channels=cfg.in_channels + cfg.concat_channels,
         out_channels=cfg.out_channels,
@@ -182,12 +218,13 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         norm_num_groups=cfg.norm_groups,
         norm_eps=cfg.norm_eps,
         cross_attention_dim=cfg.context_dim,
-        transformer_layers_per_block=cfg.transformer_depth,
+        transformer_layers_per_block=list(depth) if isinstance(depth, tuple) else depth,
         attention_head_dim=heads,
         use_linear_projection=cfg.use_linear_projection,
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
         resnet_time_scale_shift="scale_shift" if cfg.emb_mode == "scale_shift" else "default",
         time_cond_proj_dim=cfg.time_cond_proj_dim,
+        **vector,
     )
 
 

@@ -71,8 +71,11 @@ def page_html() -> str:
 
 
 def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = None, device: str = "cpu",
-               preview_every: int = 5, store: ModelStore | None = None):
-    """The ASGI app serving `checkpoints` (the first is loaded now; the others when a client switches)."""
+               preview_every: int = 5, store: ModelStore | None = None, lora_dir: str | None = None,
+               embeddings_dir: str | None = None):
+    """The ASGI app serving `checkpoints` (the first is loaded now; the others when a client switches).
+    `lora_dir`: LoRA files by name (`<lora:name:w>` in prompts, GET /sdapi/v1/loras); `embeddings_dir`:
+    textual-inversion embeddings by name (GET /sdapi/v1/embeddings)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse
@@ -80,7 +83,7 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
         raise LdmkitError("ldmkit serve needs FastAPI and uvicorn: pip install 'ldmkit[serve]'") from None
 
     credentials = parse_auth(auth)
-    store = store or ModelStore(checkpoints, device)
+    store = store or ModelStore(checkpoints, device, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     worker = Worker(queue_size, preview_every)
 
     @contextlib.asynccontextmanager
@@ -191,6 +194,22 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
                 await run_job(Job(switch, what="load model"))
         return None
 
+    @app.get("/sdapi/v1/loras", tags=["A1111"], summary="The LoRA files of --lora-dir: name, alias, path, metadata")
+    async def loras() -> list[dict]:
+        library = store.networks
+        return [] if library is None else await asyncio.to_thread(library.a1111_listing)
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["A1111"], summary="Rescan --lora-dir for added or changed files")
+    async def refresh_loras() -> None:
+        if store.networks is not None:
+            await asyncio.to_thread(store.networks.refresh)
+        return None
+
+    @app.get("/sdapi/v1/embeddings", tags=["A1111"], summary="Textual-inversion embeddings of --embeddings-dir")
+    async def embeddings() -> dict:
+        library = store.embeddings
+        return {"loaded": {}, "skipped": {}} if library is None else await asyncio.to_thread(library.a1111_listing)
+
     @app.get("/ldmkit/v1/model", tags=["ldmkit"], summary="What the current model can do (the page reads it)")
     async def model() -> dict:
         return {**store.capabilities(), "samplers": [s["name"] for s in sampler_names()],
@@ -242,7 +261,8 @@ def _version() -> str:
 
 
 def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-               insecure_no_auth: bool = False, queue_size: int = 8, device: str = "auto", preview_every: int = 5) -> None:
+               insecure_no_auth: bool = False, queue_size: int = 8, device: str = "auto", preview_every: int = 5,
+               lora_dir: str | None = None, embeddings_dir: str | None = None) -> None:
     """`ldmkit serve`: check the address, load the first model, serve until Ctrl-C."""
     from ldmkit.device import pick_device
 
@@ -251,13 +271,16 @@ def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860
     for path in checkpoints:  # every refusal that needs no model comes before the first is loaded
         if not Path(path).exists():
             raise LdmkitError(f"--checkpoint {path} does not exist")
+    for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise LdmkitError(f"{flag} {folder} is not a folder")
     try:
         import uvicorn
     except ImportError:
         raise LdmkitError("ldmkit serve needs FastAPI and uvicorn: pip install 'ldmkit[serve]'") from None
     check_port(host, port)
     app = create_app(checkpoints, queue_size=queue_size, auth=auth, device=str(pick_device(device, "--device")),
-                     preview_every=preview_every)
+                     preview_every=preview_every, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     shown = f"[{host}]" if ":" in host else host
     print(f"ldmkit serve: http://{shown}:{port}/ (API: /sdapi/v1, docs: /docs); "
           f"model {app.state.store.current.title}; Ctrl-C stops", flush=True)

@@ -31,6 +31,12 @@ class Loaded:
         return self.ldm.config.image_size
 
     @property
+    def granularity(self) -> int:
+        """Image sides must be multiples of this: the autoencoder's factor f times the U-Net's 2^(levels−1)
+        (SD 1.5: 8 · 8 = 64 px), so every U-Net level has whole latent cells."""
+        return self.ldm.config.autoencoder.downsample_factor * self.ldm.config.unet.size_multiple
+
+    @property
     def text(self) -> bool:
         return bool(self.ldm.config.conditioner.text_encoder)
 
@@ -44,7 +50,7 @@ class Loaded:
         return self.control.config.hint_channels if self.control is not None else None
 
     def capabilities(self) -> dict:
-        return {"size": self.size, "text": self.text, "labels": self.ldm.config.conditioner.num_classes,
+        return {"size": self.size, "granularity": self.granularity, "text": self.text, "labels": self.ldm.config.conditioner.num_classes,
                 "inpainting": self.concat == "inpaint", "lowres": self.concat == "lowres",
                 "control": type(self.control).__name__ if self.control is not None else None,
                 "control_channels": self.hint_channels}
@@ -58,6 +64,7 @@ class Entry:
     title: str
     sha256: str | None = None
     caps: dict | None = None  # Loaded.capabilities(), kept after the module is dropped: requests are checked by it
+    sampling: dict = field(default_factory=dict)  # meta.sampling: how the checkpoint asks to be sampled (sampler, steps, guidance)
     loaded: Loaded | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
@@ -93,15 +100,27 @@ def load_checkpoint(path: str, device: torch.device) -> Loaded:
 
 class ModelStore:
     """The server's checkpoints. `current` is the one new requests are checked against and run with; only
-    the worker thread loads (`get`), so loading never races a generation."""
+    the worker thread loads (`get`), so loading never races a generation. `networks`: the LoRA library
+    (`--lora-dir`, `<lora:name:w>` in prompts) or None; `embeddings`: the textual-inversion library
+    (`--embeddings-dir`) or None."""
 
-    def __init__(self, paths: list[str], device: torch.device | str = "cpu"):
+    def __init__(self, paths: list[str], device: torch.device | str = "cpu", lora_dir: str | None = None,
+                 embeddings_dir: str | None = None):
         if not paths:
             raise LdmkitError("give at least one --checkpoint")
         for p in paths:
             if not Path(p).exists():
                 raise LdmkitError(f"--checkpoint {p} does not exist")
         self.device = torch.device(device)
+        self.networks = self.embeddings = None
+        if lora_dir is not None:
+            from ldmkit.interop.lora_library import LoraLibrary
+
+            self.networks = LoraLibrary(lora_dir)
+        if embeddings_dir is not None:
+            from ldmkit.conditioning.embeddings import EmbeddingLibrary  # another branch's module: imported only when asked
+
+            self.embeddings = EmbeddingLibrary(embeddings_dir)
         self.entries = [Entry(p, t) for p, t in zip(paths, _titles(paths))]
         self.current = self.entries[0]
         self._lock = threading.Lock()
@@ -118,14 +137,22 @@ class ModelStore:
 
     def get(self, entry: Entry) -> Loaded:
         """The loaded model of `entry`; another one loaded before is dropped first (one model in memory)."""
+        from ldmkit.interop.convert import sampling_defaults_any
+
         with self._lock:
             if entry.loaded is None:
                 for other in self.entries:
                     other.loaded = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                entry.loaded = load_checkpoint(entry.path, self.device)
-                entry.sha256, entry.caps = entry.loaded.sha256, entry.loaded.capabilities()
+                loaded = load_checkpoint(entry.path, self.device)
+                if self.embeddings is not None and loaded.text:  # before it counts as loaded: a refusal leaves none
+                    from ldmkit.conditioning.embeddings import attach_embeddings
+
+                    attach_embeddings(loaded.ldm.conditioner, self.embeddings)  # their names expand in prompts
+                entry.loaded = loaded
+                entry.sha256, entry.caps = loaded.sha256, loaded.capabilities()
+                entry.sampling = sampling_defaults_any(entry.path)
             return entry.loaded
 
     def capabilities(self) -> dict:

@@ -21,9 +21,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldmkit import generation
 
-class Interrupted(Exception):
-    """Raised inside a job at its next step after POST /interrupt."""
+
+class Interrupted(generation.Interrupted):
+    """Raised inside a job at its next step after POST /interrupt; `generate` returns what it has."""
 
 
 class QueueFull(Exception):

@@ -131,9 +131,15 @@ def _route_params(ldm) -> int:
     return _params(ldm.unet) - _params(UNet(plain))
 
 
-def _timed_sample(ldm, **kw) -> tuple[torch.Tensor, float]:
+def _timed_sample(ldm, texts=None, labels=None, num_samples=None, control=None, **fields) -> tuple[torch.Tensor, float]:
+    """One batch (one generator seeded `seed`) with dpmpp_2m, and the seconds it took."""
+    from ldmkit.generation import GenerationRequest, generate
+
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+    n = len(texts) if texts is not None else len(labels) if labels is not None else num_samples
     t0 = time.perf_counter()
-    images = ldm.sample(sampler="dpmpp_2m", **kw)
+    request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, sampler="dpmpp_2m", **fields)
+    images = generate(ldm, request, control=control).images
     return images, time.perf_counter() - t0
 
 
@@ -179,7 +185,7 @@ def _class_eval(study: Study, folder, meta: dict, arm: str, seed: int) -> dict:
         res |= {"seen_acc": acc(right[:n_seen], all3), "held_acc": acc(right[n_seen:], all3),
                 **{f"held_{k}": acc(right[n_seen:], (k,)) for k in all3},
                 "seen_position": acc(right[:n_seen], ("position",))}
-    study.command(f"# in-process: {arm} seed {seed}: ldm.sample({n_seen} seen conditions"
+    study.command(f"# in-process: {arm} seed {seed}: generate({n_seen} seen conditions"
                   + (f" + {len(combos) - n_seen} held-out" if composes else "")
                   + f", dpmpp_2m, {kw['steps']} steps, guidance {GUIDANCE}) judged by check_attributes "
                   f"(≈ ldmkit evaluate --checkpoint {folder} --guidance {GUIDANCE})")

@@ -147,6 +147,7 @@ def _measure(study: Study, arm: str, run, data) -> dict:
     from ldmkit.data.shapes import COLOURS, SHAPES
     from ldmkit.evaluate.attributes import check_attributes
     from ldmkit.evaluate.diffusion import heldout_error
+    from ldmkit.generation import GenerationRequest, generate
     from ldmkit.imageio import save_grid
     from ldmkit.train.log import TrainLog
 
@@ -156,11 +157,12 @@ def _measure(study: Study, arm: str, run, data) -> dict:
     labels = list(range(len(SHAPES) * len(COLOURS)))
     t0 = time.perf_counter()
     if arm in UNCONDITIONAL:
-        images = torch.cat([ldm.sample(num_samples=len(labels), seed=1000 * s + 7, steps=SAMPLE_STEPS, sampler=SAMPLER,
-                                       guidance=1.0) for s in range(k)])
+        images = torch.cat([generate(ldm, GenerationRequest(batch_size=len(labels), seed=1000 * s + 7, steps=SAMPLE_STEPS,
+                                                           sampler=SAMPLER, guidance=1.0)).images for s in range(k)])
     else:
-        images = torch.cat([ldm.sample(labels=labels, seed=1000 * s + 7, steps=SAMPLE_STEPS, sampler=SAMPLER,
-                                       guidance=GUIDANCE) for s in range(k)])
+        images = torch.cat([generate(ldm, GenerationRequest(labels=labels, batch_size=len(labels), seed=1000 * s + 7,
+                                                           steps=SAMPLE_STEPS, sampler=SAMPLER, guidance=GUIDANCE)).images
+                            for s in range(k)])
     sample_s = (time.perf_counter() - t0) / len(images)
     res = {"params": sum(p.numel() for p in ldm.unet.parameters()), "sample_ms": 1000 * sample_s,
            "eps_t": h["eps_mse_t"], "eps": h["eps_mse"], "t": h["t"]}

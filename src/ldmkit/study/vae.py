@@ -201,8 +201,11 @@ def _measure_second_stage(study: Study, dataset: str, ldm_dir, meta: dict) -> di
 
         real = _real_images(dataset)
         n = study.n(FAKES, floor=16)  # more than the 90 real faces: the fake side's estimate is then the surer
-        fake = torch.cat([ldm.sample(num_samples=min(60, n - i), steps=SAMPLE_STEPS, sampler="dpmpp_2m",
-                                     seed=1000 + i) for i in range(0, n, 60)])
+        from ldmkit.generation import GenerationRequest, generate
+
+        # batches of 60, batch k seeded 1000 + 60·k (GenerationRequest.batches)
+        fake = generate(ldm, GenerationRequest(num_images=n, batch_size=60, steps=SAMPLE_STEPS, sampler="dpmpp_2m",
+                                               seed=1000)).images
         save_grid(fake[:32], ldm_dir / "samples_judged.png", nrow=8, upscale=2)
         res.update(distance=frechet_distance(real, fake, dataset), samples=len(fake))
     return res
@@ -538,6 +541,7 @@ def _figures(study: Study, grid, res) -> None:
     from ldmkit.data import build_dataset
     from ldmkit.data.tensors import materialize
     from ldmkit.evaluate.latent_probes import prior_samples
+    from ldmkit.generation import GenerationRequest, generate
 
     kinds = grid.get(("shapes", 4), ())
     if not kinds:
@@ -553,7 +557,8 @@ def _figures(study: Study, grid, res) -> None:
             interp = ae.decode((1 - s) * za + s * zb).clamp(-1, 1)
             prior = prior_samples(ae, 6, 32, seed=0)
             ldm = ldmkit.load(study.run_dir(f"{arm_name('shapes', 4, k)}-s0-ldm"))
-            samples = ldm.sample(labels=[0, 4, 8, 13, 17, 3], steps=SAMPLE_STEPS, sampler="dpmpp_2m", guidance=2.0, seed=7)
+            samples = generate(ldm, GenerationRequest(labels=[0, 4, 8, 13, 17, 3], batch_size=6, steps=SAMPLE_STEPS,
+                                                      sampler="dpmpp_2m", guidance=2.0, seed=7)).images
             rows.append((KINDS[k][0], [rec, interp, prior, samples]))
     titles = ["reconstructions", "interpolation", "decoded N(0, I)", "second-stage samples"]
     fig, axes = plt.subplots(len(rows), 4, figsize=(16, 1.3 * len(rows) + 0.6), squeeze=False)

@@ -35,6 +35,7 @@ from ldmkit.data.tensors import TensorData, control_maps
 from ldmkit.train.data import MemoryData, open_train_data, posterior_of
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, fit
+from ldmkit.generation import GenerationRequest, generate
 
 
 class ControlTrainConfig(BaseModel):
@@ -213,9 +214,10 @@ class ControlTask(Task):
         texts, labels = sample_prompts_for(self.ldm, self.cfg, self.data, n)
         ctrl = self.maps[:n].to(self.device)  # (n, C, H, W) in [0, 1]
         s = self.cfg.sample
-        imgs = self.ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
-                               guidance=s.guidance, seed=0, control=self.ema.module if self.ema is not None else self.net,
-                               control_image=ctrl)
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+        request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, steps=s.steps,
+                                    sampler=s.sampler, guidance=s.guidance, seed=0, control_image=ctrl)
+        imgs = generate(self.ldm, request, control=self.ema.module if self.ema is not None else self.net).images
         grid = self.out / "samples" / f"samples_{step:08d}.png"
         save_grid(torch.cat([ctrl.expand(-1, 3, -1, -1) * 2 - 1, imgs.cpu()]), grid, nrow=n, upscale=2)
         self.log.image("samples", grid, step)

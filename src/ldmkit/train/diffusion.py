@@ -30,6 +30,7 @@ from ldmkit.train.data import MemoryData, check_buckets, check_lazy_source, open
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.distributed import check_in_sync, cleanup, full_state_dict, is_sharded, setup
 from ldmkit.train.loop import Task, fit
+from ldmkit.generation import GenerationRequest, generate
 
 
 def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
@@ -164,7 +165,7 @@ class DiffusionTask(Task):
         ae, ae_meta = load_first_stage(cfg.autoencoder)
         self.conditioner = Conditioner(cfg.conditioner)
         self.model_config = resolve_model_config(cfg, ae, self.conditioner)
-        self.ldm = LatentDiffusion(self.model_config, conditioner=self.conditioner)
+        self.ldm = LatentDiffusion.from_config(self.model_config, conditioner=self.conditioner)
         self.ldm.autoencoder.load_state_dict(ae.state_dict())
         return ae_meta
 
@@ -172,7 +173,7 @@ class DiffusionTask(Task):
         load_weights(self.ldm, folder / WEIGHTS)  # the whole LatentDiffusion, as the checkpoint holds it
 
     def load_ema(self, ema_module, path: Path) -> None:
-        tmp = LatentDiffusion(self.model_config, conditioner=self.conditioner)
+        tmp = LatentDiffusion.from_config(self.model_config, conditioner=self.conditioner)
         load_weights(tmp, path)
         ema_module.load_state_dict(tmp.unet.state_dict())
 
@@ -240,20 +241,18 @@ class DiffusionTask(Task):
             return
         n = cfg.sample.num
         texts, labels = sample_prompts(cfg, self.data, n)
-        live, ldm.unet = ldm.unet, net
-        try:
-            extra = {}
-            if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
-                extra["init_image"] = self.data.images[:n].to(self.device)  # (n, C, H, W)
-                if cfg.concat.kind == "map":  # the data's own maps
-                    extra["mask"] = self.data.extras["mask"][:n]
-                elif cfg.concat.kind == "inpaint":
-                    extra["mask"] = self.data.extras["mask"][:n] if "mask" in self.data.extras else ldm.random_masks(
-                        n, cfg.data.size, None, torch.Generator().manual_seed(0))
-            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=cfg.sample.steps,
-                              sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
-        finally:
-            ldm.unet = live
+        extra = {}
+        if cfg.concat is not None:  # the first n images (and their shape masks) as the spatial condition
+            extra["init_image"] = self.data.images[:n].to(self.device)  # (n, C, H, W)
+            if cfg.concat.kind == "map":  # the data's own maps
+                extra["mask"] = self.data.extras["mask"][:n]
+            elif cfg.concat.kind == "inpaint":
+                extra["mask"] = self.data.extras["mask"][:n] if "mask" in self.data.extras else ldm.random_masks(
+                    n, cfg.data.size, None, torch.Generator().manual_seed(0))
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+        request = GenerationRequest(prompt=texts, labels=labels, num_images=n, batch_size=n, steps=cfg.sample.steps,
+                                    sampler=cfg.sample.sampler, guidance=cfg.sample.guidance, seed=0, **extra)
+        imgs = generate(ldm.with_unet(net), request).images  # the EMA (or the wrapped) U-Net
         if self.main:
             grid = self.out / "samples" / f"samples_{step:08d}.png"
             save_grid(imgs, grid, upscale=2)

@@ -54,6 +54,7 @@ from ldmkit.train.finetune import LoraCheckpoints
 from ldmkit.train.latents import CAPTION_CACHE, encode_dataset, sample_latents, warm_caption_cache
 from ldmkit.train.loop import Task, fit
 from ldmkit.unet import UNet
+from ldmkit.generation import GenerationRequest, generate
 
 
 class DistillConfig(BaseModel):
@@ -365,13 +366,11 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
             texts = (texts * n)[:n]
         if ldm.config.conditioner.num_classes:
             labels = torch.arange(n) % ldm.config.conditioner.num_classes
-        live, ldm.unet = ldm.unet, self.ema.module if self.ema is not None else self.module
-        try:
-            guidance = self.sampling_defaults()["guidance"] if self.cfg.guidance_range is not None else s.guidance
-            imgs = ldm.sample(texts=texts, labels=labels, num_samples=n, steps=s.steps, sampler=s.sampler,
-                              guidance=guidance, seed=0)
-        finally:
-            ldm.unet = live
+        net = self.ema.module if self.ema is not None else self.module
+        guidance = self.sampling_defaults()["guidance"] if self.cfg.guidance_range is not None else s.guidance
+        request = GenerationRequest(prompt=texts, labels=labels.tolist() if labels is not None else None, num_images=n,
+                                    batch_size=n, steps=s.steps, sampler=s.sampler, guidance=guidance, seed=0)
+        imgs = generate(ldm.with_unet(net), request).images  # the student's EMA (or live) U-Net
         grid = self.out / "samples" / f"samples_{step:08d}.png"
         save_grid(imgs, grid, upscale=2)
         self.log.image("samples", grid, step)

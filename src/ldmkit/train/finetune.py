@@ -55,7 +55,7 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
                                                  "drop_all": cfg.conditioner.drop_all})
     mc = mc.model_copy(update={"image_size": cfg.data.size, "conditioner": cond_cfg})
     conditioner = Conditioner(cond_cfg, text_encoder=src.conditioner.text_encoder)
-    ldm = LatentDiffusion(mc, conditioner=conditioner)
+    ldm = LatentDiffusion.from_config(mc, conditioner=conditioner)
     ldm.load_state_dict(src.state_dict())
     ldm.autoencoder.eval().requires_grad_(False)
     return ldm

@@ -21,7 +21,7 @@ def _res_block(cfg: UNetConfig, in_ch: int, out_ch: int) -> ResBlock:
 def _transformer(cfg: UNetConfig, channels: int, level: int) -> SpatialTransformer:
     heads = cfg.heads_at(level)
     return SpatialTransformer(
-        channels, heads, channels // heads, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_projection,
+        channels, heads, channels // heads, cfg.depth_at(level), cfg.context_dim, cfg.use_linear_projection,
         cfg.norm_groups,
     )  # fmt: skip
 

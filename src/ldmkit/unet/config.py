@@ -33,7 +33,9 @@ class UNetConfig(BaseModel):
         8, description="heads per transformer, one for all levels or one per level (SD1: 8); unused with head_dim"
     )
     head_dim: int | None = Field(None, ge=1, description="channels per head; heads = width // head_dim (SD2: 64)")
-    transformer_depth: int = Field(1, ge=1, description="transformer blocks per spatial transformer")
+    transformer_depth: int | tuple[int, ...] = Field(
+        1, description="transformer blocks per spatial transformer, one for all levels or one per level (SDXL: "
+        "1, 2, 10); the decoder level uses its encoder level's, the middle block the last level's")
     context_dim: int | None = Field(None, ge=1, description="width of cross-attention context tokens; None = none")
     use_linear_projection: bool = Field(False, description="Linear instead of 1x1-conv proj_in/out (SD2)")
     # ---- timestep and label embeddings
@@ -46,7 +48,8 @@ class UNetConfig(BaseModel):
         0, ge=0, description="labels embedded and added to the time embedding; 0 = none; label num_classes = null"
     )
     vector_dim: int = Field(
-        0, ge=0, description="a (B, vector_dim) condition (pooled text, scalars) through an MLP into the time embedding"
+        0, ge=0, description="a (B, vector_dim) condition (pooled text, scalars; SDXL: pooled text + six Fourier-embedded "
+        "size/crop values, 1280 + 6·256) through an MLP (add_embedding) into the time embedding"
     )
     time_cond_proj_dim: int | None = Field(
         None, ge=2, description="a guidance-distilled student's w-embedding width: the guidance scale, embedded "
@@ -77,6 +80,12 @@ class UNetConfig(BaseModel):
             self.num_heads = None  # head_dim given: the default head count does not apply
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != levels:
             raise ValueError(f"num_heads has {len(self.num_heads)} entries for {levels} levels")
+        depths = self.transformer_depth if isinstance(self.transformer_depth, tuple) else (self.transformer_depth,)
+        if isinstance(self.transformer_depth, tuple) and len(depths) != levels:
+            raise ValueError(f"transformer_depth has {len(depths)} entries for {levels} levels")
+        if any(d < 1 for d in depths):
+            raise ValueError(f"transformer_depth must be ≥ 1 (a level without attention is left out of "
+                             f"attention_levels), got {self.transformer_depth}")
         if self.has_any_attention:
             if self.num_heads is None and self.head_dim is None:
                 raise ValueError("attention is on: set num_heads (SD1: 8) or head_dim (SD2: 64)")
@@ -117,6 +126,12 @@ class UNetConfig(BaseModel):
 
     def has_attention(self, level: int) -> bool:
         return self.use_attention and level in self.attention_levels
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per spatial transformer at `level` (encoder and decoder; the middle block uses
+        the last level's, as diffusers' UNet2DConditionModel and SGM's SDXL do)."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
 
     def heads_at(self, level: int) -> int:
         """Attention heads of the transformers at `level` (the middle block uses the last level's)."""
@@ -163,9 +178,23 @@ def unet_sd2(**kw) -> UNetConfig:
     return UNetConfig(**(base | kw))
 
 
+def unet_sdxl(**kw) -> UNetConfig:
+    """SDXL base (Podell et al., 2023, §2.1): 2.6B parameters, three levels (320, 640, 1280), no attention at
+    the first, transformer depth 1 / 2 / 10 (10 in the middle), 64-channel heads, linear projections, context
+    of CLIP ViT-L + OpenCLIP bigG (768 + 1280 = 2048), and the vector route of the pooled bigG embedding (1280)
+    plus six Fourier-embedded size/crop values (6·256)."""
+    base = dict(
+        in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=2,
+        attention_levels=(1, 2), head_dim=64, transformer_depth=(1, 2, 10), context_dim=2048,
+        use_linear_projection=True, vector_dim=1280 + 6 * 256,
+    )  # fmt: skip
+    return UNetConfig(**(base | kw))
+
+
 UNET_PRESETS: dict[str, Callable[..., UNetConfig]] = {
     "tiny": unet_tiny,
     "small": unet_small,
     "sd1": unet_sd1,
     "sd2": unet_sd2,
+    "sdxl": unet_sdxl,
 }

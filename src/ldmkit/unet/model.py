@@ -103,7 +103,7 @@ class UNet(UNetStem):
     def encoder_modules(self) -> dict[str, nn.Module]:
         """The encoder half (what a ControlNet deep-copies): conv_in, embeddings, down_blocks, mid_block."""
         parts = {"conv_in": self.conv_in, "time_embedding": self.time_embedding}
-        parts |= {"class_embedding": self.class_embedding, "vector_embedding": self.vector_embedding}
+        parts |= {"class_embedding": self.class_embedding, "add_embedding": self.add_embedding}
         parts |= {"down_blocks": self.down_blocks, "mid_block": self.mid_block}
         return {k: m for k, m in parts.items() if m is not None}
 

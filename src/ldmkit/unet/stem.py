@@ -4,8 +4,13 @@ ControlNet's encoder copy (which must treat x, t and the routes exactly as its b
     x (B, C_in, H, W) ⊕ concat (B, C_cat, H, W) ─conv_in─> h (B, C0, H, W)
     t ─sinusoids─MLP─> (+ class embedding[labels]) (+ MLP(vector)) ─> emb (B, 4·C0)   every ResBlock
 
-Parameter names (conv_in, time_embedding, class_embedding, vector_embedding) are diffusers'
-`UNet2DConditionModel`'s, so Stable Diffusion weights map one-to-one.
+Parameter names (conv_in, time_embedding, class_embedding, add_embedding) are diffusers'
+`UNet2DConditionModel`'s, so Stable Diffusion weights map one-to-one. The vector route is diffusers'
+`addition_embed_type="text_time"` (SDXL): there the U-Net Fourier-embeds the size/crop values itself
+(`add_time_proj`) and concatenates them after the pooled text embedding; in ldmkit the conditioner does
+that (`Conditioner`, MICRO_FIELDS), so the U-Net takes the finished (B, vector_dim) vector and every
+route stays one tensor of `Cond`. `add_embedding` was called `vector_embedding` before SDXL support:
+checkpoints written then load through `_rename_legacy_keys`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,18 @@ from ldmkit.errors import LdmkitError
 from ldmkit.layers.resnet import group_norm
 from ldmkit.layers import TimestepEmbedding, guidance_embedding, timestep_embedding
 from ldmkit.unet.config import UNetConfig
+
+
+LEGACY_NAMES = {"vector_embedding.": "add_embedding."}  # old module name → today's (checkpoint.load_weights too)
+
+
+def _rename_legacy_keys(state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a state dict from before the vector route took diffusers' name loads as is."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in LEGACY_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
 
 
 class UNetStem(nn.Module):
@@ -38,7 +55,8 @@ class UNetStem(nn.Module):
         self.class_embedding = nn.Embedding(cfg.num_classes + 1, cfg.time_embed_dim) if cfg.num_classes else None
         # A global vector condition (e.g. the pooled caption embedding, as Imagen and SDXL add to the
         # time embedding) reaches every ResBlock through the same modulation path as t.
-        self.vector_embedding = TimestepEmbedding(cfg.vector_dim, cfg.time_embed_dim) if cfg.vector_dim else None
+        self.add_embedding = TimestepEmbedding(cfg.vector_dim, cfg.time_embed_dim) if cfg.vector_dim else None
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def embed(self, t: torch.Tensor | float, cond: Cond, x: torch.Tensor) -> torch.Tensor | None:
         """The embedding every ResBlock receives: MLP(sinusoids(t)) + label embedding + MLP(vector). (B, 4·C0) or None."""
@@ -59,8 +77,8 @@ class UNetStem(nn.Module):
         emb = self.time_embedding(feats.to(x.dtype), w)  # (B, 4·C0)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(cond.labels)  # (B, 4·C0)
-        if self.vector_embedding is not None:
-            emb = emb + self.vector_embedding(cond.vector.to(emb.dtype))  # (B, 4·C0)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(cond.vector.to(emb.dtype))  # (B, 4·C0)
         return emb
 
     def stem(self, x: torch.Tensor, t: torch.Tensor | float, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,11 +17,11 @@ u = UNetConfig(in_channels=4, out_channels=4, model_channels=8, channel_mult=(1,
                mid_attention=False, num_heads=2, norm_groups=4, num_classes=3, zero_init=False, concat_channels=4)
 cfg = LatentDiffusionConfig(autoencoder=aecfg, unet=u, conditioner=ConditionerConfig(num_classes=3), image_size=16,
                             concat=ConcatConfig(kind="lowres", lowres_factor=2))
-ldm = LatentDiffusion(cfg)
+ldm = LatentDiffusion.from_config(cfg)
 save_checkpoint(f"{out}/diffusion", 5, "latent_diffusion", ldm, cfg, meta={"step": 5}, ema=ldm, keep=1)
 u2 = u.model_copy(update={"concat_channels": 0})
 cfg2 = cfg.model_copy(update={"unet": u2, "concat": None})
-base = LatentDiffusion(cfg2)
+base = LatentDiffusion.from_config(cfg2)
 cn = ControlNet.from_unet(base.unet, hint_channels=1, latent_factor=2)
 for p in cn.parameters():
     torch.nn.init.normal_(p, std=0.05)
