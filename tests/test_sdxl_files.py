@@ -33,9 +33,9 @@ TINY_UNET = dict(
     sample_size=8, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=64,
     attention_head_dim=(2, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=40 + 6 * 256,
     use_linear_projection=True, norm_num_groups=8,
-)  # fmt: skip  # SDXL's shape in small: no attention at level 0, per-level depth, 32 pooled + 6 x 8 Fourier values
+)  # fmt: skip  # SDXL in small: no attention at level 0, per-level depth, 40 pooled + 6 x 256 Fourier values
 
 # The real SDXL base U-Net (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json)
 SDXL_UNET = dict(
@@ -138,3 +138,35 @@ def test_sdxl_text_encoders_match_diffusers_clip_and_open_clip_conversion():
     back_l, back_g, consumed = oclip.sdxl_text_from_original(file | extra)
     assert same_state(back_l, ours_l) and same_state(back_g, ours_g)
     assert consumed | set(extra) >= set(file) and not consumed - set(file) - set(extra)
+
+
+def test_ldmkit_sdxl_unet_writes_the_original_layout_and_reads_its_architecture_back():
+    """ldmkit's SDXL U-Net (from the tiny diffusers one): its original-format state dict is what diffusers'
+    conversion reads as the diffusers weights, and the architecture (per-level depth, the text_time vector
+    width) is read back from the weights alone; the full-size preset's too (SDXL's 64-channel heads assumed)."""
+    from ldmkit.interop.diffusers import from_diffusers
+    from ldmkit.interop.original import to_original_state_dict
+    from ldmkit.unet import UNet, unet_sdxl
+
+    torch.manual_seed(0)
+    ref = perturb(diffusers.UNet2DConditionModel(**TINY_UNET).eval())
+    unet = from_diffusers(ref)
+    file, meta = to_original_state_dict(unet)
+    assert meta["kind"] == "unet" and same_state(file, original_unet_file(ref))
+    assert same_state(sfu.convert_ldm_unet_checkpoint(file, dict(ref.config)), ref.state_dict())
+    weights = {k.removeprefix(okeys.UNET_PREFIX): v for k, v in file.items()}
+    heads = dict(num_heads=unet.config.num_heads, head_dim=unet.config.head_dim, norm_groups=unet.config.norm_groups)
+    back = okeys.infer_unet_config(weights, **heads)
+    want = unet.config.model_copy(update={"zero_init": False})
+    # a level without attention has a depth in diffusers' config but no weights that say it: only the
+    # depths that exist are read back
+    assert back.model_copy(update={"transformer_depth": 1}) == want.model_copy(update={"transformer_depth": 1})
+    assert (back.depth_at(1), back.vector_dim, back.attention_levels) == (2, 40 + 6 * 256, (1,))
+
+    cfg = unet_sdxl(zero_init=False)
+    with torch.device("meta"):
+        big = UNet(cfg)
+    key_map = okeys.unet_key_map(cfg)
+    assert len(key_map) == len(big.state_dict()) == 1680
+    own = big.state_dict()
+    assert okeys.infer_unet_config({o: own[k] for k, o in key_map.items()}) == cfg

@@ -172,16 +172,18 @@ def _clip_config_from_weights(sd: Mapping[str, torch.Tensor], layout: str) -> di
     )
 
 
-def _build_clip(canonical: dict[str, torch.Tensor], config: Mapping[str, Any]):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _build_clip(canonical: dict[str, torch.Tensor], config: Mapping[str, Any], projection: bool = False):
+    """A CLIPTextModel (or CLIPTextModelWithProjection: SDXL's bigG) holding `canonical`, checked key by key."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "transformers_version")})
-    model = CLIPTextModel(cfg)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
     theirs = model.state_dict()
     nested = any(k.startswith("text_model.") for k in theirs)
     expected = clip_canonical(model)
     check_state_dicts("the text encoder (cond_stage_model) in the file", expected, canonical)
-    model.load_state_dict({("text_model." if nested else "") + k: v for k, v in canonical.items()}, strict=False)
+    model.load_state_dict({("text_model." if nested and not k.startswith("text_projection") else "") + k: v
+                           for k, v in canonical.items()}, strict=False)  # fmt: skip
     return model.eval()
 
 

@@ -236,7 +236,7 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], **overrides) -> Autoencoder
 def infer_unet_config(sd: Mapping[str, torch.Tensor], **overrides) -> UNetConfig:
     """The U-Net architecture of original-format weights (no prefix). Attention heads are not in
     the weights: SD's are used for SD's shapes (8 heads with a 768-d context, 64-channel heads with a
-    1024-d one); anything else needs `num_heads` or `head_dim` in `overrides` (or a config)."""
+    1024-d one, and with SDXL's 2048-d one); anything else needs `num_heads` or `head_dim` in `overrides` (or a config)."""
     try:
         c0 = sd["input_blocks.0.0.weight"].shape[0]
         in_ch = sd["input_blocks.0.0.weight"].shape[1]
@@ -255,28 +255,44 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], **overrides) -> UNetConfig
         widths.append(sd[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0])
         if f"input_blocks.{k}.1.proj_in.weight" in sd:
             attention.append(i)
+
+    def depth(block: str) -> int:  # transformer blocks in one spatial transformer (SDXL: 1, 2, 10 per level)
+        head = block + "transformer_blocks."
+        return 1 + max((int(k[len(head) :].split(".")[0]) for k in sd if k.startswith(head)), default=0)
+
+    depths = [depth(f"input_blocks.{1 + i * (n + 1)}.1.") if i in attention else None for i in range(levels)]
+    mid_attention = "middle_block.1.proj_in.weight" in sd
+    if mid_attention and depth("middle_block.1.") != (depths[-1] or depth("middle_block.1.")):
+        raise LdmkitError(f"the middle block has {depth('middle_block.1.')} transformer blocks and the last level "
+                          f"{depths[-1]}; ldmkit's U-Net gives the middle block the last level's depth")
+    if mid_attention and depths[-1] is None:
+        depths[-1] = depth("middle_block.1.")
+    known = sorted({d for d in depths if d is not None})
+    transformer_depth: int | tuple[int, ...] = known[0] if len(known) <= 1 else tuple(d or 1 for d in depths)
     first = f"input_blocks.{1 + attention[0] * (n + 1)}.1." if attention else "middle_block.1."
-    depth = 1 + max((int(k.split(".")[4]) for k in sd if k.startswith(first + "transformer_blocks.")), default=0)
     to_k = sd.get(first + "transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
     proj = sd.get(first + "proj_in.weight")
     emb_rows = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     label = sd.get("label_emb.weight")
+    adm = sd.get("label_emb.0.0.weight")  # SDXL's text_time embedding: (4·C0, pooled + k·256)
     fields: dict[str, Any] = dict(
         in_channels=out_ch if in_ch > out_ch else in_ch, out_channels=out_ch,
         concat_channels=max(in_ch - out_ch, 0), model_channels=c0, channel_mult=tuple(w // c0 for w in widths),
-        num_res_blocks=n, attention_levels=tuple(attention), mid_attention="middle_block.1.proj_in.weight" in sd,
-        transformer_depth=depth, context_dim=context, use_linear_projection=proj is not None and proj.ndim == 2,
+        num_res_blocks=n, attention_levels=tuple(attention), mid_attention=mid_attention,
+        transformer_depth=transformer_depth or 1, context_dim=context,
+        use_linear_projection=proj is not None and proj.ndim == 2,
         emb_mode="scale_shift" if emb_rows == 2 * widths[0] else "add",
-        num_classes=0 if label is None else label.shape[0] - 1, zero_init=False,
+        num_classes=0 if label is None else label.shape[0] - 1, vector_dim=0 if adm is None else adm.shape[1],
+        zero_init=False,
     )  # fmt: skip
     if "norm_groups" not in overrides and any(w % 32 for w in widths):
         raise LdmkitError(f"U-Net widths {widths} do not fit CompVis' 32 GroupNorm groups; pass config= with the real norm groups")
     if "num_heads" not in overrides and "head_dim" not in overrides:
         if context == 768:
             fields["num_heads"] = 8  # SD 1.x
-        elif context == 1024:
-            fields |= {"head_dim": 64, "num_heads": None}  # SD 2.x
+        elif context in (1024, 2048, 1280):
+            fields |= {"head_dim": 64, "num_heads": None}  # SD 2.x, SDXL base (768 + 1280) and refiner (1280)
         else:
             raise LdmkitError(
                 "the number of attention heads is not stored in the weights and this is not an SD 1/2 U-Net; "
