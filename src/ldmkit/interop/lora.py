@@ -95,12 +95,13 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 
 def text_encoders(cond) -> list:
     """The conditioner's text encoders in diffusers' order (text_encoder, text_encoder_2): one for SD 1/2,
-    SDXL's two from a dual encoder's `encoders` (CLIP ViT-L, then OpenCLIP bigG)."""
+    SDXL's two (`SDXLTextEncoder.first`, CLIP ViT-L, and `.second`, OpenCLIP bigG)."""
     enc = getattr(cond, "text_encoder", None)
     if enc is None:
         return []
-    inner = getattr(enc, "encoders", None)
-    return list(inner) if isinstance(inner, (list, tuple, nn.ModuleList)) else [enc]
+    if hasattr(enc, "first") and hasattr(enc, "second"):  # SDXLTextEncoder
+        return [enc.first, enc.second]
+    return [enc]
 
 
 def is_sdxl(model: nn.Module) -> bool:
@@ -288,10 +289,15 @@ def apply_loras(model: nn.Module, specs: Iterable[str | tuple[str, float]]) -> n
 # --- files ----------------------------------------------------------------------------------------
 
 
-def to_state_dict(lora: Lora, layout: str = "diffusers", model: nn.Module | None = None
+def to_state_dict(lora: Lora, layout: str = "diffusers", model: nn.Module | None = None, unet_names: str = "auto"
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
     """(tensors, safetensors metadata) of `lora` in `layout` (see the module docstring). `model`: the model
-    it adapts; an SDXL one gets kohya's SDXL names (original-layout U-Net names, `lora_te1_`/`lora_te2_`)."""
+    it adapts; an SDXL one gets kohya's SDXL names (`lora_te1_`/`lora_te2_`, and with `unet_names="auto"` the
+    original-layout U-Net names sd-scripts writes). `unet_names="diffusers"` keeps diffusers' module names
+    in a kohya file (what diffusers' `convert_state_dict_to_kohya` writes; A1111 and ComfyUI read both),
+    "original" asks for the original names (then `model` is needed)."""
+    if unet_names not in ("auto", "diffusers", "original"):
+        raise LdmkitError(f"unet_names is 'auto', 'diffusers' or 'original', not {unet_names!r}")
     if layout not in LAYOUTS:
         raise LdmkitError(f"unknown LoRA layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     sd: dict[str, torch.Tensor] = {}
@@ -303,7 +309,11 @@ def to_state_dict(lora: Lora, layout: str = "diffusers", model: nn.Module | None
         meta = {"format": "diffusers", "ldmkit_lora": "1", "rank": ",".join(map(str, ranks))}
         return sd, meta
     sdxl = any(p.startswith("text_encoder_2.") for p in lora) or (model is not None and is_sdxl(model))
-    unet_modules = _unet_modules(model) if sdxl and model is not None else None
+    unet_modules = None
+    if unet_names == "original" or (unet_names == "auto" and sdxl):
+        unet_modules = _unet_modules(model) if model is not None else None
+        if unet_modules is None and unet_names == "original":
+            raise LdmkitError("original-layout U-Net names need the model the LoRA adapts (an ldmkit U-Net)")
     for path, a in lora.items():
         name = kohya_name(path, sdxl, unet_modules)
         sd[f"{name}.lora_down.weight"] = a.down.contiguous()
@@ -340,15 +350,16 @@ def _unet_modules(model: nn.Module):
         return None
 
 
-def save_lora(lora: Lora, path: str | Path, layout: str = "diffusers", model: nn.Module | None = None) -> Path:
-    """Write `lora` as one .safetensors file in `layout`, atomically (`model`: see `to_state_dict`)."""
+def save_lora(lora: Lora, path: str | Path, layout: str = "diffusers", model: nn.Module | None = None,
+              unet_names: str = "auto") -> Path:  # fmt: skip
+    """Write `lora` as one .safetensors file in `layout`, atomically (`model`, `unet_names`: see `to_state_dict`)."""
     from safetensors.torch import save
 
     from ldmkit.imageio import atomic_write
 
     if not lora:
         raise LdmkitError("the LoRA is empty: no layer was adapted")
-    sd, meta = to_state_dict(lora, layout, model)
+    sd, meta = to_state_dict(lora, layout, model, unet_names)
     path = Path(path)
     atomic_write(path, save({k: v.detach().cpu() for k, v in sd.items()}, metadata=meta))
     return path

@@ -1,0 +1,110 @@
+"""SDXL LoRA files in both layouts, pinned to diffusers' own readers and writers: kohya's SDXL names
+(original-layout U-Net names, `lora_te1_`/`lora_te2_`) read by diffusers' conversion as the same layers and
+weights; ldmkit's kohya export equal to diffusers' `convert_state_dict_to_kohya`; an SD 1.x LoRA on SDXL
+(and the reverse) refused in one line naming both."""
+
+import pytest
+import torch
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
+    _convert_non_diffusers_lora_to_diffusers,
+    _maybe_map_sgm_blocks_to_diffusers,
+)
+from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: E402
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402
+
+from ldmkit.errors import LdmkitError  # noqa: E402
+from ldmkit.interop import lora as L  # noqa: E402
+from ldmkit.interop.diffusers import from_diffusers  # noqa: E402
+from test_sdxl_files import TINY_UNET, perturb  # noqa: E402
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj", "add_embedding.linear_1",
+           "conv_in", "downsamplers.0.conv")  # fmt: skip
+
+
+def random_lora(net: nn.Module, part="unet", targets=TARGETS, rank=2, alpha=3.0, seed=0) -> L.Lora:
+    """Order-0.1 random adapters on every layer of `net` whose name ends in one of `targets`;
+    alpha != rank, so the scale must travel with the file."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in net.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        w = m.weight
+        down = 0.3 * torch.randn((rank, *w.shape[1:]), generator=g)  # (r, in[, k, k])
+        up = 0.3 * torch.randn((w.shape[0], rank, *([1, 1] if w.ndim == 4 else [])), generator=g)  # (out, r[, 1, 1])
+        out[f"{part}.{name}"] = L.Adapter(down, up, alpha)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unets():
+    torch.manual_seed(0)
+    ref = perturb(diffusers.UNet2DConditionModel(**TINY_UNET).eval())
+    return ref, from_diffusers(ref)
+
+
+def test_kohya_sdxl_unet_names_read_in_diffusers_as_the_same_layers(unets):
+    """ldmkit writes the U-Net part in sd-scripts' SDXL spelling (original-layout names); diffusers' SDXL
+    loader steps (`_maybe_map_sgm_blocks_to_diffusers`, `_convert_non_diffusers_lora_to_diffusers`, peft
+    names) find exactly ldmkit's layers, down/up weights and alphas; ldmkit reads its file back unchanged."""
+    ref, unet = unets
+    lora = random_lora(unet)
+    sd, _ = L.to_state_dict(lora, "kohya", unet, unet_names="original")
+    for name in ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k", "lora_unet_label_emb_0_0",
+                 "lora_unet_middle_block_1_proj_in", "lora_unet_output_blocks_0_1_transformer_blocks_0_ff_net_2",
+                 "lora_unet_input_blocks_1_0_in_layers_2", "lora_unet_input_blocks_3_0_op", "lora_unet_input_blocks_0_0"):  # fmt: skip
+        assert f"{name}.lora_down.weight" in sd, name
+    theirs, alphas = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(dict(sd), ref.config))
+    theirs = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in theirs.items()})
+    assert {k.removesuffix(".lora_A.weight") for k in theirs if ".lora_A." in k} == {p.removeprefix("unet.") for p in lora}
+    for path, a in lora.items():
+        name = path.removeprefix("unet.")
+        assert torch.equal(theirs[f"{name}.lora_A.weight"], a.down) and torch.equal(theirs[f"{name}.lora_B.weight"], a.up)
+    assert sorted(alphas.values()) == [3.0] * len(lora)
+    back = L.from_state_dict(sd, model=unet)
+    assert back.keys() == lora.keys() and all(torch.equal(back[p].up, a.up) and back[p].alpha == 3.0 for p, a in lora.items())
+
+
+def test_kohya_export_with_diffusers_names_equals_diffusers_own_kohya_conversion(unets):
+    """diffusers' `convert_state_dict_to_kohya` of the same adapters (peft names, alpha = rank as peft's
+    state dict implies) is ldmkit's kohya file with diffusers' U-Net names, key for key and value for value;
+    and ldmkit reads diffusers' file as the same LoRA."""
+    _, unet = unets
+    lora = {p: L.Adapter(a.down, a.up, float(a.rank)) for p, a in random_lora(unet, seed=1).items()}
+    peft_sd = {}
+    for path, a in lora.items():
+        peft_sd |= {f"{path}.lora_A.weight": a.down, f"{path}.lora_B.weight": a.up}
+    theirs = convert_state_dict_to_kohya(peft_sd)
+    ours, _ = L.to_state_dict(lora, "kohya", unet, unet_names="diffusers")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+    back = L.from_state_dict(theirs, model=unet)
+    assert back.keys() == lora.keys() and all(torch.equal(back[p].down, a.down) for p, a in lora.items())
+
+
+def test_sd1_lora_on_sdxl_and_sdxl_lora_on_sd1_are_refused_naming_both():
+    """Full-size U-Nets on the meta device: a LoRA's family is read from what it adapts (the width of the
+    text its cross-attention reads), the model's from its U-Net, and the mismatch is one line."""
+    from ldmkit.unet import UNet, unet_sd1, unet_sdxl
+
+    with torch.device("meta"):
+        sd1, sdxl = UNet(unet_sd1()), UNet(unet_sdxl())
+    only = ("attn2.to_k", "attn2.to_v")
+    lora_sd1 = {p: L.Adapter(torch.zeros_like(a.down, device="cpu"), torch.zeros_like(a.up, device="cpu"), 1.0)
+                for p, a in random_lora(sd1, targets=only, rank=1).items()}  # fmt: skip
+    lora_sdxl = {p: L.Adapter(torch.zeros_like(a.down, device="cpu"), torch.zeros_like(a.up, device="cpu"), 1.0)
+                 for p, a in random_lora(sdxl, targets=only, rank=1).items()}  # fmt: skip
+    assert (L.lora_family(lora_sd1), L.lora_family(lora_sdxl), L.family(sd1), L.family(sdxl)) == ("SD 1.x", "SDXL", "SD 1.x", "SDXL")
+    with pytest.raises(LdmkitError, match=r"^this LoRA was made for SD 1.x but the model is SDXL \(.*\); use a LoRA made for SDXL$"):
+        L.merge_lora(sdxl, lora_sd1)
+    with pytest.raises(LdmkitError, match=r"^this LoRA was made for SDXL but the model is SD 1.x \(.*\); use a LoRA made for SD 1.x$"):
+        L.merge_lora(sd1, lora_sdxl)
+    # the same through a kohya file, whose names do not resolve on the other model
+    sd, _ = L.to_state_dict(lora_sd1, "kohya")
+    with pytest.raises(LdmkitError, match=r"^this LoRA was made for SD 1.x but the model is SDXL"):
+        L.from_state_dict(sd, model=sdxl)
