@@ -62,6 +62,56 @@ def public(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def tiny_tokenizer(pad: str | None = None):
+    """A real CLIP BPE tokenizer over printable ASCII with two merges ("c a", "ca t</w>"); SDXL's second
+    tokenizer pads with "!" (id 0) where the first pads with its end token."""
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    kw = {"pad_token": pad} if pad else {}
+    return transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[("c", "a"), ("ca", "t</w>")],
+                                      model_max_length=16, **kw)
+
+
+def tiny_text_encoders(vocab_size: int):
+    """A tiny CLIP "ViT-L" (32 wide) and a tiny OpenCLIP "bigG" with projection (24 wide, projected to 24)."""
+    common = dict(vocab_size=vocab_size, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                  max_position_embeddings=16, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1)
+    torch.manual_seed(4)
+    te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=32, hidden_act="quick_gelu",
+                                                                 pad_token_id=vocab_size - 1, **common))
+    te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=24, projection_dim=POOLED, hidden_act="gelu", pad_token_id=0, **common))
+    return te1.eval(), te2.eval()
+
+
+def tiny_sdxl_parts():
+    tok1, tok2 = tiny_tokenizer(), tiny_tokenizer(pad="!")
+    te1, te2 = tiny_text_encoders(len(tok1))
+    torch.manual_seed(5)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+        scaling_factor=0.13025, force_upcast=True,
+    )  # fmt: skip
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip
+    return dict(vae=perturb(vae, seed=6), text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                unet=tiny_sdxl_unet(), scheduler=scheduler)
+
+
+def tiny_sdxl_pipeline():
+    return diffusers.StableDiffusionXLPipeline(**tiny_sdxl_parts(), add_watermarker=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipe"
+    tiny_sdxl_pipeline().save_pretrained(str(folder))
+    return folder
+
+
 # ---- U-Net
 
 
@@ -145,3 +195,123 @@ def test_old_vector_embedding_weights_load(tmp_path):
     holder.unet = UNet(ours.config)
     load_weights(holder, tmp_path / "w.safetensors")
     assert torch.equal(holder.unet.add_embedding.linear_2.bias, ours.add_embedding.linear_2.bias)
+
+
+# ---- text encoders
+
+
+def _encoder(pipe):
+    from ldmkit.conditioning.text import CLIPPenultimateEncoder, SDXLTextEncoder
+
+    return SDXLTextEncoder(CLIPPenultimateEncoder.from_parts(pipe.text_encoder, pipe.tokenizer),
+                           CLIPPenultimateEncoder.from_parts(pipe.text_encoder_2, pipe.tokenizer_2))
+
+
+@pytest.mark.parametrize("syntax", [False, True])
+def test_prompt_and_pooled_embeddings_match_encode_prompt(syntax):
+    """Contexts (both penultimate layers, concatenated) and bigG's pooled embedding equal diffusers' encode_prompt,
+    for plain prompts read as text or in A1111 syntax (the same for a prompt without syntax), with a negative."""
+    from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
+
+    pipe = tiny_sdxl_pipeline()
+    enc = _encoder(pipe)
+    assert enc.dim == CTX and enc.pooled_dim == POOLED
+    prompts, negatives = ["a cat", "two dogs on grass"], ["blurry", ""]
+    with torch.no_grad():
+        pe, ne, pp, npool = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                               do_classifier_free_guidance=True, negative_prompt=negatives)
+    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True), text_encoder=enc)
+    assert cond.vector_dim == POOLED + 6 * 256
+    size_crop = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]]).expand(2, -1)
+    c = cond(texts=prompts, size_crop=size_crop, prompt_syntax=syntax)
+    u = cond(texts=negatives, size_crop=size_crop, prompt_syntax=syntax)
+    assert c.context.shape == pe.shape == (2, 16, CTX)
+    assert (c.context - pe).abs().max() <= 1e-5 and (u.context - ne).abs().max() <= 1e-5
+    assert (c.vector[:, :POOLED] - pp).abs().max() <= 1e-5 and (u.vector[:, :POOLED] - npool).abs().max() <= 1e-5
+    assert torch.equal(c.vector, sdxl_vector(c.vector[:, :POOLED], size_crop))
+    assert pp.abs().max() > 0.1 and (pp[0] - pp[1]).abs().max() > 1e-3  # the pooled output is live
+
+
+def test_empty_negative_prompt_gives_zeros_as_diffusers():
+    """force_zeros_for_empty_prompt: without a negative prompt the unconditional text is zeros (context and
+    pooled), the micro-conditions stay; an explicit "" is encoded (diffusers' rule: negative_prompt is None)."""
+    from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
+
+    pipe = tiny_sdxl_pipeline()
+    assert pipe.config.force_zeros_for_empty_prompt
+    with torch.no_grad():
+        pe, ne, pp, npool = pipe.encode_prompt(["a cat"], device="cpu", num_images_per_prompt=1,
+                                               do_classifier_free_guidance=True, negative_prompt=None)
+        _, ne_empty, _, np_empty = pipe.encode_prompt(["a cat"], device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True, negative_prompt="")
+    cfg = ConditionerConfig(pooled_text=True, micro_conditioning=True, zero_uncond=True)
+    cond = Conditioner(cfg, text_encoder=_encoder(pipe))
+    size_crop = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]])
+    u = cond.uncond(1, size_crop)
+    assert torch.equal(ne, torch.zeros_like(ne)) and u.context.shape == ne.shape and torch.equal(u.context, ne)
+    assert torch.equal(u.vector, sdxl_vector(torch.zeros(1, POOLED), size_crop))
+    explicit = cond(texts=[""], size_crop=size_crop)
+    assert (explicit.context - ne_empty).abs().max() <= 1e-5 and ne_empty.abs().max() > 0.1
+    assert (explicit.vector[:, :POOLED] - np_empty).abs().max() <= 1e-5
+
+
+def test_long_prompt_in_syntax_is_chunked_by_both_encoders():
+    """Past the window, each encoder chunks the prompt; the pooled vector is that of the first chunk (A1111)."""
+    pipe = tiny_sdxl_pipeline()
+    enc = _encoder(pipe)
+    long = "cat " * 20  # 20 tokens: two chunks of 14 in a 16-token window
+    ctx, mask = enc([long], syntax=True)
+    assert ctx.shape == (1, 32, CTX) and bool(mask.all())
+    first = long.split()[:14]
+    with torch.no_grad():
+        pe, _, pp, _ = pipe.encode_prompt(" ".join(first), device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    assert (ctx[:, :16] - pe).abs().max() <= 1e-5
+    assert (enc.pooled([long], syntax=True) - pp).abs().max() <= 1e-5
+
+
+# ---- the diffusers pipeline folder
+
+
+def _state(module) -> dict:
+    return {k: v for k, v in module.state_dict().items()}
+
+
+def test_pipeline_folder_round_trip_is_lossless(sdxl_folder, tmp_path):
+    """StableDiffusionXLPipeline folder → ldmkit → folder: every weight of every part identical, and diffusers reads
+    the written folder as an SDXL pipeline with the zero-negative rule kept."""
+    import ldmkit
+    from ldmkit.conditioning.text import SDXLTextEncoder
+    from ldmkit.interop.diffusers import save_diffusers_pipeline
+
+    ldm = ldmkit.load(sdxl_folder)
+    enc = ldm.conditioner.text_encoder
+    assert isinstance(enc, SDXLTextEncoder)
+    c = ldm.config.conditioner
+    assert c.pooled_text and c.micro_conditioning and c.zero_uncond
+    assert ldm.config.autoencoder.scaling_factor == 0.13025 and ldm.config.image_size == 16  # 8 latents · f = 2
+    assert ldm.conditioner.vector_dim == ldm.unet.config.vector_dim == POOLED + 6 * 256
+    out = save_diffusers_pipeline(ldm, tmp_path / "back")
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    back = diffusers.StableDiffusionXLPipeline.from_pretrained(str(out), local_files_only=True)
+    assert back.config.force_zeros_for_empty_prompt
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = _state(getattr(ref, part)), _state(getattr(back, part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert back.tokenizer_2.pad_token == "!" and back.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
+    again = ldmkit.load(out)  # and ldmkit reads its own folder as it wrote it
+    assert again.config == ldm.config.model_copy(update={"conditioner": again.config.conditioner})
+
+
+@pytest.mark.parametrize("drop", ["text_encoder_2", "tokenizer_2"])
+def test_folder_without_a_text_part_names_it(sdxl_folder, tmp_path, drop):
+    import shutil
+
+    import ldmkit
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sdxl_folder, broken)
+    shutil.rmtree(broken / drop)
+    with pytest.raises(LdmkitError, match=rf"without {drop}/: SDXL needs both text encoders") as err:
+        ldmkit.load(broken)
+    assert "\n" not in str(err.value)

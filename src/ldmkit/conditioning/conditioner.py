@@ -46,7 +46,12 @@ class ConditionerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text_encoder: str | None = Field(None, description="'minilm' (bundled), a local folder, or None: no text route")
-    pooled_text: bool = Field(False, description="also give the mean caption token as a vector (time-embedding route)")
+    pooled_text: bool = Field(False, description="also give the caption as a vector (time-embedding route): the text "
+                              "encoder's own pooled embedding where it has one (SDXL: OpenCLIP bigG's projected end "
+                              "token), else the mean caption token")
+    zero_uncond: bool = Field(False, description="the unconditional branch of guidance without a negative prompt is "
+                              "all zeros (context and pooled text), not the empty caption encoded: SDXL base's "
+                              "force_zeros_for_empty_prompt (diffusers: when negative_prompt is None)")
     micro_conditioning: bool = Field(
         False, description="SDXL's size and crop conditioning: (original height, width, crop top, left, target height, "
         "width) as Fourier features on the vector route, so a model trained on crops and buckets learns what a crop is")
@@ -81,7 +86,9 @@ class Conditioner(nn.Module):
     @property
     def vector_dim(self) -> int:
         """Width of the vector route: the pooled caption, then the micro-conditioning features."""
-        pooled = self.context_dim if (self.cfg.pooled_text and self.context_dim) else 0
+        pooled = 0
+        if self.cfg.pooled_text and self._text is not None:
+            pooled = getattr(self._text, "pooled_dim", None) or self.context_dim
         return pooled + (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
 
     def default_size_crop(self, n: int, height: int, width: int) -> torch.Tensor | None:
@@ -138,7 +145,9 @@ class Conditioner(nn.Module):
                     keep &= ~null_all
                 texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
             cond.context, cond.context_mask = self._text(list(texts), syntax=prompt_syntax)
-            if self.cfg.pooled_text:
+            if self.cfg.pooled_text and getattr(self._text, "pooled_dim", None):
+                cond.vector = self._text.pooled(list(texts), syntax=prompt_syntax)  # (B, P) the encoder's own
+            elif self.cfg.pooled_text:
                 # Mean over real tokens: all-MiniLM-L6-v2's own sentence embedding is this mean pooling.
                 m = cond.context_mask[..., None].to(cond.context.dtype)  # (B, M, 1)
                 cond.vector = (cond.context * m).sum(1) / m.sum(1).clamp_min(1)  # (B, D)
@@ -156,6 +165,14 @@ class Conditioner(nn.Module):
 
     def uncond(self, batch_size: int, size_crop: torch.Tensor | None = None) -> Cond:
         """Every route at its null value: the unconditional branch of guidance (the micro-conditions, which
-        are never dropped, as the conditional branch's)."""
-        return self.forward(texts=[""] * batch_size if self._text is not None else None, labels=None,
+        are never dropped, as the conditional branch's). With `zero_uncond` (SDXL base) the text is zeros
+        where the empty caption would be: the context of its shape and the pooled part of the vector."""
+        cond = self.forward(texts=[""] * batch_size if self._text is not None else None, labels=None,
                             batch_size=batch_size, size_crop=size_crop)
+        if self.cfg.zero_uncond and cond.context is not None:
+            cond.context = torch.zeros_like(cond.context)  # (B, M, D) diffusers: zeros_like(prompt_embeds)
+            if self.cfg.pooled_text:
+                pooled = self.vector_dim - (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
+                cond.vector = cond.vector.clone()
+                cond.vector[:, :pooled] = 0  # (B, P) zeros_like(pooled_prompt_embeds); the micro-conditions stay
+        return cond

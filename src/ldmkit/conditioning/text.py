@@ -5,6 +5,8 @@
 - `CLIPTextEncoder`: any `transformers` CLIP text model + tokenizer from a local folder (the
   `text_encoder/` and `tokenizer/` of a Stable Diffusion pipeline folder), or built in memory from
   weights read elsewhere (`CLIPTextEncoder.from_parts`, used by `ldmkit.interop`).
+- `SDXLTextEncoder`: SDXL's pair, CLIP ViT-L and OpenCLIP bigG at their penultimate layers, contexts
+  concatenated, bigG's pooled embedding for the vector route (`pooled`); built from an SDXL pipeline folder.
 
 The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
 and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
@@ -418,6 +420,124 @@ class CLIPTextEncoder(CachedTextEncoder):
         return h
 
 
+class CLIPPenultimateEncoder(CLIPTextEncoder):
+    """One of SDXL's two text encoders: the penultimate hidden state *without* the final layer norm (what
+    diffusers' `StableDiffusionXLPipeline.encode_prompt` takes, `hidden_states[-2]`, and SGM's
+    `FrozenCLIPEmbedder(layer="hidden")` / `FrozenOpenCLIPEmbedder2(layer="penultimate")`). With a
+    `CLIPTextModelWithProjection` (OpenCLIP bigG) each run also leaves the projected pooled output (the
+    end token's state, normed and projected: `text_embeds`) in `last_pooled` (B, P)."""
+
+    last_pooled: torch.Tensor | None = None
+
+    def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        # no attention mask, as diffusers: the 77 positions, padding included, are attended to
+        out = self.model(ids, output_hidden_states=True)
+        self.last_pooled = getattr(out, "text_embeds", None)  # (B, P) or None (CLIPTextModel)
+        return out.hidden_states[-2]  # (B, L, D)
+
+
+class SDXLTextEncoder(CachedTextEncoder):
+    """SDXL's conditioning text (Podell et al. 2023, §2.1): CLIP ViT-L and OpenCLIP ViT-bigG, each with its own
+    tokenizer, read at their penultimate layers; the two contexts concatenated along the features
+    (768 + 1280 = 2048), and bigG's projected pooled embedding (1280) for the vector route (`pooled`).
+
+    The conditioner sees one `CachedTextEncoder`: `forward(texts, syntax)` gives the (B, 77·chunks, D1 + D2)
+    context and caches each caption's pooled vector beside it. A1111 prompt syntax (`syntax=True`) runs on
+    each encoder with its own tokenizer, the contexts concatenated chunk by chunk, the pooled vector taken
+    from the first chunk (A1111's `sd_hijack_clip`: `zs[0].pooled`); textual-inversion embeddings (SDXL's
+    clip_l / clip_g pairs) are not read: their names stay text."""
+
+    fixed_window = True
+
+    def __init__(self, first: CLIPPenultimateEncoder, second: CLIPPenultimateEncoder, path: str | None = None):
+        super().__init__()
+        if getattr(second.model.config, "projection_dim", None) is None or not hasattr(second.model, "text_projection"):
+            raise LdmkitError("SDXL's second text encoder must be a CLIPTextModelWithProjection (OpenCLIP bigG): it "
+                              "gives the pooled embedding")
+        if first.window != second.window:
+            raise LdmkitError(f"SDXL's tokenizers have different windows ({first.window} and {second.window} tokens)")
+        self.first, self.second = first, second
+        self.dim = first.dim + second.dim
+        self.pooled_dim = int(second.model.config.projection_dim)
+        self.path = path
+        self.bos_id, self.eos_id, self.pad_id, self.comma_id = first.bos_id, first.eos_id, first.pad_id, first.comma_id
+        self._pooled: dict = {}  # the keys of `_cache` → (P,) pooled embedding
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "SDXLTextEncoder":
+        """A diffusers SDXL pipeline folder's text_encoder/ + tokenizer/ and text_encoder_2/ + tokenizer_2/."""
+        try:
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        except ImportError as e:
+            raise LdmkitError("SDXL's text encoders need transformers: pip install 'ldmkit[text]'") from e
+        folder = Path(folder)
+        missing = [d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not (folder / d).is_dir()]
+        if missing:
+            raise LdmkitError(f"{folder} is missing {', '.join(m + '/' for m in missing)}: an SDXL pipeline folder holds "
+                              "both text encoders and both tokenizers")
+        parts = []
+        for model_cls, enc, tok in ((CLIPTextModel, "text_encoder", "tokenizer"),
+                                    (CLIPTextModelWithProjection, "text_encoder_2", "tokenizer_2")):
+            model = model_cls.from_pretrained(str(folder / enc), local_files_only=True)
+            parts.append(CLIPPenultimateEncoder.from_parts(
+                model, CLIPTokenizer.from_pretrained(str(folder / tok), local_files_only=True)))
+        return cls(*parts, path=str(folder))
+
+    @property
+    def reads_syntax(self) -> bool:
+        return True
+
+    @property
+    def window(self) -> int:
+        return self.first.window
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        contexts = [part._encode(texts)[0] for part in (self.first, self.second)]  # (B, 77, D1), (B, 77, D2)
+        for text, pooled in zip(texts, self.second.last_pooled):
+            self._pooled[text] = pooled.float().cpu().clone()  # (P,)
+        context = torch.cat(contexts, dim=-1)  # (B, 77, D1 + D2)
+        return context, torch.ones(context.shape[:2], dtype=torch.bool)
+
+    def _syntax_seqs(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each encoder parses and chunks the prompt with its own tokenizer; chunk counts differ only if the
+        tokenizers' vocabularies do, and then the shorter is padded with its empty prompt's chunk."""
+        version = self._embeddings_version()
+        first = self.first._syntax_seqs(prompts)  # [(M1_i, D1)]
+        pooled_runs: list[torch.Tensor] = []
+
+        def record(module, args, out):  # the first transformer run holds chunk 0 of every prompt, in order
+            pooled_runs.append(out.text_embeds)  # (B, P)
+
+        handle = self.second.model.register_forward_hook(record)
+        try:
+            second = self.second._syntax_seqs(prompts)  # [(M2_i, D2)]
+        finally:
+            handle.remove()
+        for p, pooled in zip(prompts, pooled_runs[0] if pooled_runs else []):
+            self._pooled[("a1111", version, p)] = pooled.float().cpu().clone()  # (P,)
+        out = []
+        for a, b in zip(first, second):
+            if a.shape[0] != b.shape[0]:
+                m = max(a.shape[0], b.shape[0])
+                a, b = self.first._pad_chunks([a], m)[0], self.second._pad_chunks([b], m)[0]
+            out.append(torch.cat([a, b], dim=-1))  # (M_i, D1 + D2)
+        return out
+
+    def pooled(self, texts: list[str], syntax: bool = False) -> torch.Tensor:
+        """The pooled bigG embeddings (B, P) float32 of captions (encoded first if not cached)."""
+        syntax = syntax and self.reads_syntax
+        keys = [("a1111", self._embeddings_version(), t) if syntax else t for t in texts]
+        missing = sorted({t for t, k in zip(texts, keys) if k not in self._pooled})
+        for i in range(0, len(missing), 256):
+            chunk = missing[i : i + 256]
+            self._syntax_seqs(chunk) if syntax else self._encode(chunk)
+        out = torch.stack([self._pooled[k] for k in keys])  # (B, P)
+        if self.cache_limit is not None:  # as the contexts' cache: the oldest go first
+            for old in list(self._pooled)[: max(0, len(self._pooled) - self.cache_limit)]:
+                del self._pooled[old]
+        return out
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -445,4 +565,6 @@ def build_text_encoder(name: str) -> CachedTextEncoder:
         raise LdmkitError(f"text encoder '{name}' is neither 'minilm' nor an existing folder")
     if (p / "modules.json").is_file():
         return MiniLMTextEncoder(str(p))
+    if (p / "text_encoder_2").is_dir():  # an SDXL pipeline folder: both encoders
+        return SDXLTextEncoder.from_folder(p)
     return CLIPTextEncoder(str(p))

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.conditioning.conditioner import MICRO_DIM, MICRO_FIELDS
 from ldmkit.errors import LdmkitError
 from ldmkit.interop.diffusers_unet import config_from_diffusers, config_to_diffusers, unet_from_diffusers, unet_to_diffusers
 from ldmkit.unet import UNet, UNetConfig
@@ -434,7 +435,17 @@ def pipeline_config(folder: str | Path):
     diffusion = diffusion_config_from_scheduler(sched, ours.get("diffusion"))
 
     text = index.get("text_encoder") or [None, None]
-    if text[1] == "CLIPTextModel":
+    sdxl = _sdxl_parts(folder, index)
+    if sdxl:
+        text_encoder = str(folder.resolve())  # SDXLTextEncoder.from_folder reads both encoders and tokenizers
+        sdxl_fields = {"pooled_text": True, "micro_conditioning": True,
+                       "zero_uncond": bool(index.get("force_zeros_for_empty_prompt", True))}
+        ours = ours | {"conditioner": sdxl_fields | ours.get("conditioner", {})}
+        want = unet_cfg.vector_dim - len(MICRO_FIELDS) * MICRO_DIM
+        if unet_cfg.vector_dim and want <= 0:
+            raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {unet_cfg.vector_dim} features, too few for "
+                              f"a pooled text embedding and SDXL's six size/crop values ({len(MICRO_FIELDS)}·{MICRO_DIM})")
+    elif text[1] == "CLIPTextModel":
         if not (folder / "tokenizer").is_dir():
             raise LdmkitError(f"{folder} has a text_encoder/ but no tokenizer/; copy the tokenizer folder next to it")
         text_encoder = str((folder / "text_encoder").resolve())
@@ -451,6 +462,35 @@ def pipeline_config(folder: str | Path):
         autoencoder=vae_cfg, unet=unet_cfg, conditioner=conditioner, diffusion=diffusion, image_size=image_size
     )
     return cfg, text
+
+
+_SDXL_PARTS = {"text_encoder": "CLIPTextModel", "tokenizer": "CLIPTokenizer",
+               "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer"}
+
+
+def _sdxl_parts(folder: Path, index: Mapping[str, Any]) -> bool:
+    """Whether model_index.json describes an SDXL pipeline (a second text encoder, or text_time in the U-Net);
+    if so, that all four text parts are there (LdmkitError naming what is missing, else)."""
+    unet_addition = _read_json(folder / "unet" / MODEL_CONFIG).get("addition_embed_type")
+    if not (index.get("text_encoder_2") or [None, None])[1] and unet_addition != "text_time" \
+            and "XL" not in str(index.get("_class_name", "")):
+        return False
+    if index.get("requires_aesthetics_score"):
+        raise LdmkitError(f"{folder} is an SDXL refiner (aesthetic-score conditioning, text_encoder_2 only); ldmkit "
+                          "reads SDXL base pipelines (StableDiffusionXLPipeline) so far")
+    missing = [f"{name}/" for name in _SDXL_PARTS if not (folder / name).is_dir()]
+    missing += [f"{name} in {MODEL_INDEX}" for name in _SDXL_PARTS if (folder / name).is_dir()
+                and (index.get(name) or [None, None])[1] is None]
+    if missing:
+        raise LdmkitError(f"{folder} is an SDXL pipeline without {', '.join(missing)}: SDXL needs both text encoders "
+                          "and both tokenizers (text_encoder/ + tokenizer/: CLIP ViT-L; text_encoder_2/ + tokenizer_2/: "
+                          "OpenCLIP bigG with projection); copy them from the model's release")
+    wrong = [f"{name} is {(index.get(name) or [None, None])[1]}" for name, cls in _SDXL_PARTS.items()
+             if (index.get(name) or [None, None])[1] not in (cls, cls + "Fast")]
+    if wrong:
+        raise LdmkitError(f"{folder}: {', '.join(wrong)}; ldmkit reads SDXL's "
+                          + ", ".join(f"{k}: {v}" for k, v in _SDXL_PARTS.items()))
+    return True
 
 
 def assemble(config, autoencoder: AutoencoderKL, unet: UNet, conditioner) -> LatentDiffusion:
@@ -474,6 +514,10 @@ def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cp
     unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels)
     ae.config, unet.config = cfg.autoencoder, cfg.unet  # the same models, possibly as ldmkit first wrote them
     conditioner = Conditioner(cfg.conditioner)
+    if conditioner.vector_dim != cfg.unet.vector_dim:
+        raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {cfg.unet.vector_dim} features, the text encoders "
+                          f"and size/crop values give {conditioner.vector_dim}; are unet/ and text_encoder_2/ from the "
+                          "same model?")
     return assemble(cfg, ae, unet, conditioner).to(device)
 
 
@@ -493,6 +537,23 @@ def _text_encoder_parts(ldm: LatentDiffusion):
         del getattr(model, "text_model", model).encoder.layers[-1]  # transformers < 5.6 nests a text_model
         model.config.num_hidden_layers -= 1
     return model, enc.tokenizer
+
+
+def _sdxl_text_parts(ldm: LatentDiffusion) -> dict[str, Any] | None:
+    """{folder name: model or tokenizer} of an SDXL text encoder pair, or None. The vector route must be
+    SDXL's (pooled bigG embedding, then the six size/crop values) for diffusers to read the folder as SDXL."""
+    from ldmkit.conditioning.text import SDXLTextEncoder
+
+    enc = ldm.conditioner.text_encoder
+    if not isinstance(enc, SDXLTextEncoder):
+        return None
+    c = ldm.config.conditioner
+    if not (c.pooled_text and c.micro_conditioning and not c.num_classes):
+        raise LdmkitError("an SDXL text encoder pair is written as a StableDiffusionXLPipeline, whose U-Net takes the "
+                          "pooled text and the size/crop values: set conditioner.pooled_text and micro_conditioning "
+                          "(and no class labels)")
+    return {"text_encoder": enc.first.model, "tokenizer": enc.first.tokenizer,
+            "text_encoder_2": enc.second.model, "tokenizer_2": enc.second.tokenizer}
 
 
 def _readme_minilm() -> str:
@@ -545,6 +606,7 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: 
     else:
         scheduler = dm.DDIMScheduler(**diffusion_config_to_scheduler(cfg.diffusion))
     text = _text_encoder_parts(ldm)
+    sdxl = _sdxl_text_parts(ldm)
     ours: dict[str, Any] = {
         "diffusion": cfg.diffusion.model_dump(mode="json"),
         "conditioner": cfg.conditioner.model_dump(mode="json", exclude={"text_encoder"}),
@@ -555,7 +617,7 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: 
     }
     if sampling:
         ours["sampling"] = sampling
-    if text is None and cfg.conditioner.text_encoder is not None:
+    if text is None and sdxl is None and cfg.conditioner.text_encoder is not None:
         if cfg.conditioner.text_encoder != "minilm":
             raise LdmkitError(
                 f"text encoder {cfg.conditioner.text_encoder!r} is neither CLIP nor the bundled MiniLM; "
@@ -576,7 +638,20 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: 
         "vae": ["diffusers", "AutoencoderKL"],
         LDMKIT_KEY: ours,
     }
+    if sdxl is not None:
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        for name in ("feature_extractor", "image_encoder", "requires_safety_checker", "safety_checker"):
+            index.pop(name)
+        index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "force_zeros_for_empty_prompt": cfg.conditioner.zero_uncond,
+                  "feature_extractor": [None, None], "image_encoder": [None, None]}
+        index = dict(sorted(index.items(), key=lambda kv: (kv[0] == LDMKIT_KEY, kv[0])))
     with _staging(folder) as tmp:
+        if sdxl is not None:
+            for name, part in sdxl.items():
+                part.save_pretrained(str(tmp / name), **({} if "tokenizer" in name else {"safe_serialization": True}))
         vae.save_pretrained(str(tmp / "vae"), safe_serialization=True)
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
         scheduler.save_pretrained(str(tmp / "scheduler"))
