@@ -12,6 +12,7 @@ from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 
 from ldmkit.interop import original_clip as oclip  # noqa: E402
 from ldmkit.interop import original_keys as okeys  # noqa: E402
+from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
 
 
 def perturb(module, scale=0.05, seed=0):
@@ -170,3 +171,87 @@ def test_ldmkit_sdxl_unet_writes_the_original_layout_and_reads_its_architecture_
     assert len(key_map) == len(big.state_dict()) == 1680
     own = big.state_dict()
     assert okeys.infer_unet_config({o: own[k] for k, o in key_map.items()}) == cfg
+
+
+# ---- whole SDXL files (the tiny StableDiffusionXLPipeline of test_sdxl.py)
+
+
+def _tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sdxl_single_file_round_trip_is_lossless_and_diffusers_reads_it(sdxl_folder, tmp_path):
+    """diffusers folder → ldmkit → single file: diffusers' own `from_single_file` (offline, config = the
+    folder) rebuilds every part of the source pipeline exactly; single file → ldmkit → single file is
+    bit-identical, and the model read back is the same model."""
+    import ldmkit
+    from ldmkit.interop.original import load_original, save_original
+
+    ldm = ldmkit.load(sdxl_folder)
+    path = save_original(ldm, tmp_path / "xl.safetensors")
+    file = _tensors(path)
+    p = okeys.SDXL_OPENCLIP_PREFIX
+    assert file[p + "text_projection"].shape == (24, 24)  # (width, pooled): OpenCLIP's x @ P
+    assert "model.diffusion_model.label_emb.0.0.weight" in file and "first_stage_model.encoder.conv_in.weight" in file
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.2.mlp.fc2.bias" in file
+    kw = dict(config=str(sdxl_folder), local_files_only=True)
+    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), **kw)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert same_state(getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()), part
+
+    back = load_original(path)
+    assert back.config.model_dump(exclude={"conditioner"}) == ldm.config.model_dump(exclude={"conditioner"})
+    assert back.config.conditioner.model_dump(exclude={"text_encoder"}) == ldm.config.conditioner.model_dump(exclude={"text_encoder"})
+    assert same_state(back.state_dict(), ldm.state_dict())
+    again = _tensors(save_original(back, tmp_path / "again.safetensors"))
+    assert same_state(again, file)
+    enc = back.conditioner.text_encoder
+    assert enc.second.tokenizer.pad_token == "!" and enc.first.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
+
+
+def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folder, tmp_path):
+    """No ldmkit metadata, fp16, the OpenCLIP temperature and causal mask, CLIP's position_ids and DDPM
+    buffers alongside: read with the SDXL diffusers folder as config, the same weights come back."""
+    import ldmkit
+    from ldmkit.interop.original import load_original, to_original_state_dict
+
+    ldm = ldmkit.load(sdxl_folder)
+    sd, _ = to_original_state_dict(ldm)
+    sd = {k: v.half() for k, v in sd.items()}
+    p = okeys.SDXL_OPENCLIP_PREFIX
+    sd |= {p + "logit_scale": torch.tensor(4.6), p + "attn_mask": torch.zeros(16, 16),
+           okeys.SDXL_CLIP_PREFIX + "embeddings.position_ids": torch.arange(16)[None], "alphas_cumprod_prev": torch.ones(1000)}
+    path = tmp_path / "xl.ckpt"
+    torch.save({"state_dict": sd}, path)
+    back = load_original(path, config=sdxl_folder)
+    assert back.config.model_dump(exclude={"conditioner"}) == ldm.config.model_dump(exclude={"conditioner"})
+    ours = ldm.state_dict()
+    assert all(torch.equal(v, ours[k].half().float()) for k, v in back.state_dict().items())
+
+
+def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, tmp_path):
+    """A refiner (OpenCLIP bigG alone as embedders.0) is refused; an SDXL U-Net + VAE without its text
+    encoders says what is missing and what to pass, and loads with that folder."""
+    import ldmkit
+    from safetensors.torch import save_file
+
+    from ldmkit.errors import LdmkitError
+    from ldmkit.interop.original import load_original, to_original_state_dict
+
+    ldm = ldmkit.load(sdxl_folder)
+    sd, _ = to_original_state_dict(ldm)
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in sd.items()
+               if not k.startswith("conditioner.embedders.0.")}  # fmt: skip
+    save_file(refiner, str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(LdmkitError, match=r"is an SDXL refiner .*which ldmkit does not read; use an SDXL base model"):
+        load_original(tmp_path / "refiner.safetensors")
+    bare = {k: v for k, v in sd.items() if not k.startswith("conditioner.")}
+    save_file(bare, str(tmp_path / "unet_vae.safetensors"))
+    with pytest.raises(LdmkitError, match=r"holds an SDXL U-Net and VAE but not its two text encoders \(conditioner"
+                                          r"\.embedders\.\*\); pass config= an SDXL diffusers folder"):
+        load_original(tmp_path / "unet_vae.safetensors")
+    back = load_original(tmp_path / "unet_vae.safetensors", config=sdxl_folder)
+    assert same_state(back.state_dict(), ldm.state_dict())
