@@ -20,6 +20,7 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa
 from ldmkit.errors import LdmkitError  # noqa: E402
 from ldmkit.interop import lora as L  # noqa: E402
 from ldmkit.interop.diffusers import from_diffusers  # noqa: E402
+from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
 from test_sdxl_files import TINY_UNET, perturb  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj", "add_embedding.linear_1",
@@ -108,3 +109,55 @@ def test_sd1_lora_on_sdxl_and_sdxl_lora_on_sd1_are_refused_naming_both():
     sd, _ = L.to_state_dict(lora_sd1, "kohya")
     with pytest.raises(LdmkitError, match=r"^this LoRA was made for SD 1.x but the model is SDXL"):
         L.from_state_dict(sd, model=sdxl)
+
+
+# ---- a whole SDXL pipeline: U-Net and both text encoders, through ldmkit's --lora and diffusers' load_lora_weights
+
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_path, layout):
+    """An SDXL LoRA adapting the U-Net, CLIP ViT-L (kohya lora_te1_, diffusers text_encoder.) and OpenCLIP
+    bigG (lora_te2_, text_encoder_2.): ldmkit's `--lora` (read with the model, merged) gives the prompt
+    embeddings, pooled embeddings and U-Net outputs that diffusers' `StableDiffusionXLPipeline.
+    load_lora_weights` gives, in both layouts; each part of the LoRA is live."""
+    import ldmkit
+    from ldmkit.conditioning.conditioner import sdxl_vector
+    from test_sdxl import unet_inputs
+
+    ldm = ldmkit.load(sdxl_folder)
+    parts = L.model_parts(ldm)
+    assert set(parts) == {"unet", "text_encoder", "text_encoder_2"}
+    lora = random_lora(parts["unet"], targets=("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"), seed=2)
+    lora |= random_lora(parts["text_encoder"], "text_encoder", TE_TARGETS, seed=3)
+    lora |= random_lora(parts["text_encoder_2"], "text_encoder_2", TE_TARGETS, seed=4)
+    file = L.save_lora(lora, tmp_path / f"xl_{layout}.safetensors", layout, ldm)
+    sd, _ = L.read_lora(file)
+    if layout == "kohya":
+        assert {k.split("_")[1] for k in sd} == {"unet", "te1", "te2"}
+        assert "lora_unet_input_blocks_7_1_transformer_blocks_1_attn1_to_q.alpha" in sd
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in sd
+    else:
+        assert {k.split(".")[0] for k in sd} == {"unet", "text_encoder", "text_encoder_2"}
+
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    pipe.load_lora_weights(str(file))
+    L.apply_loras(ldm, [str(file)])
+    prompts = ["a cat", "two dogs on grass"]
+    x, t, _, _, time_ids = unet_inputs()
+    with torch.no_grad():
+        pe, _, pp, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        be, _, bp, _ = base.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        cond = ldm.conditioner(texts=prompts, size_crop=time_ids)
+        ref = pipe.unet(x, t, pe, added_cond_kwargs={"text_embeds": pp, "time_ids": time_ids}).sample
+        ref_base = base.unet(x, t, pe, added_cond_kwargs={"text_embeds": pp, "time_ids": time_ids}).sample
+        out = ldm.unet(x, t, context=pe, vector=sdxl_vector(pp, time_ids))
+    d1, d2 = 32, 24  # the two encoders' widths, side by side in the context
+    assert (be[..., :d1] - pe[..., :d1]).abs().max() > 1e-2 and (be[..., d1:] - pe[..., d1:]).abs().max() > 1e-2
+    assert (bp - pp).abs().max() > 1e-2 and (ref_base - ref).abs().max() > 1e-2  # every part is live
+    assert cond.context.shape == pe.shape and (cond.context - pe).abs().max() <= 1e-5
+    assert (cond.vector[:, : pp.shape[1]] - pp).abs().max() <= 1e-5
+    assert 0.1 < ref.std() < 10 and (out - ref).abs().max() <= 1e-4
+    assert d1 + d2 == pe.shape[-1]
