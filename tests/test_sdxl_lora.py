@@ -161,3 +161,31 @@ def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_pa
     assert (cond.vector[:, : pp.shape[1]] - pp).abs().max() <= 1e-5
     assert 0.1 < ref.std() < 10 and (out - ref).abs().max() <= 1e-4
     assert d1 + d2 == pe.shape[-1]
+
+
+def test_convert_rewrites_sdxl_lora_layouts_and_merges_them_into_a_single_file(sdxl_folder, tmp_path):
+    """`ldmkit convert` on SDXL: a diffusers-layout LoRA → kohya with the model as --config (SDXL names, the
+    same ΔW per layer), and `--merge-lora` folds it into an SDXL single file whose weights are the merged model's."""
+    import ldmkit
+    from ldmkit.cli import main
+
+    ldm = ldmkit.load(sdxl_folder)
+    parts = L.model_parts(ldm)
+    lora = random_lora(parts["unet"], targets=("to_q", "to_v"), seed=5)
+    lora |= random_lora(parts["text_encoder_2"], "text_encoder_2", ("q_proj", "fc1"), seed=6)
+    src = L.save_lora(lora, tmp_path / "xl_diffusers.safetensors", "diffusers", ldm)
+    kohya = tmp_path / "xl_kohya.safetensors"
+    assert main(["convert", "--from", str(src), "--to", str(kohya), "--format", "kohya", "--config", str(sdxl_folder)]) == 0
+    sd, _ = L.read_lora(kohya)
+    assert "lora_unet_output_blocks_0_1_transformer_blocks_1_attn2_to_v.lora_up.weight" in sd
+    assert "lora_te2_text_model_encoder_layers_2_mlp_fc1.alpha" in sd
+    back = L.load_lora(kohya, ldm)
+    assert back.keys() == lora.keys() and all((back[p].delta() - a.delta()).abs().max() <= 1e-6 for p, a in lora.items())
+    merged = tmp_path / "xl_merged.safetensors"
+    assert main(["convert", "--from", str(sdxl_folder), "--to", str(merged), "--format", "original",
+                 "--merge-lora", f"{kohya}:0.5"]) == 0
+    want = L.apply_loras(ldmkit.load(sdxl_folder), [(str(kohya), 0.5)]).state_dict()
+    got = ldmkit.load(merged).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert not torch.equal(want["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+                           ldm.state_dict()["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
