@@ -315,3 +315,104 @@ def test_folder_without_a_text_part_names_it(sdxl_folder, tmp_path, drop):
     with pytest.raises(LdmkitError, match=rf"without {drop}/: SDXL needs both text encoders") as err:
         ldmkit.load(broken)
     assert "\n" not in str(err.value)
+
+
+# ---- sampling
+
+
+TOL = 2 / 255 * 2  # 2/255 of [0, 1] in ldmkit's [-1, 1]
+
+
+@pytest.mark.parametrize("sampler,negative", [("ddim", None), ("ddim", ["blurry", "a"]), ("euler", None)])
+def test_generate_at_a_non_square_size_matches_diffusers(sdxl_folder, sampler, negative):
+    """A whole generation at 16×24 (the tiny model's 768×1152): ldmkit's `generate` against diffusers'
+    StableDiffusionXLPipeline given only the seed, DDIM (or Euler: SDXL's own EulerDiscreteScheduler), 3 steps,
+    guidance 5; micro-conditions original = target = (16, 24), crop (0, 0) on both sides; without a negative
+    prompt both guide against zeros."""
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    parts = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True).components
+    ddim = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, timestep_spacing="leading",
+    )  # fmt: skip
+    pipe = diffusers.StableDiffusionXLPipeline(**(parts | ({"scheduler": ddim} if sampler == "ddim" else {})),
+                                               add_watermarker=False)
+    prompts = ["a cat", "two cats"]
+    final = ldm.schedule.alphas_cumprod[0].item()  # set_alpha_to_one=False: the last step ends at ᾱ_0
+    options = {"final_alpha_cumprod": final} if sampler == "ddim" else {}
+    ours = generate(ldm, GenerationRequest(prompt=prompts, negative_prompt=negative, batch_size=2, height=16, width=24,
+                                           steps=3, guidance=5.0, sampler=sampler, seed=0,
+                                           sampler_options=options)).images
+    ref = pipe(prompts, negative_prompt=negative, height=16, width=24, num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    assert ours.shape == ref.shape == (2, 3, 16, 24)
+    assert (ours - (ref * 2 - 1)).abs().max() <= TOL
+    assert ref.std() > 0.05
+
+
+def test_size_below_the_granularity_is_one_line(sdxl_folder):
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    with pytest.raises(LdmkitError, match=r"height 4 is not a multiple of 8.*use 8$") as err:
+        generate(ldm, GenerationRequest(prompt="a cat", height=4, width=16, steps=1, seed=0))
+    assert "\n" not in str(err.value)
+
+
+def test_convert_through_an_ldmkit_folder_is_lossless(sdxl_folder, tmp_path):
+    """`ldmkit convert`: diffusers → ldmkit (both text encoders kept inside the checkpoint, found again after
+    it moves) → diffusers, every weight identical."""
+    import shutil
+
+    from ldmkit.interop.convert import convert
+
+    convert(sdxl_folder, tmp_path / "ours", "ldmkit")
+    shutil.move(tmp_path / "ours", tmp_path / "moved")
+    convert(tmp_path / "moved", tmp_path / "back", "diffusers")
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    back = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "back"), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = _state(getattr(ref, part)), _state(getattr(back, part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_sdxl_preset_is_what_the_real_base_folder_describes(tmp_path):
+    """stabilityai/stable-diffusion-xl-base-1.0's model_index.json and configs (written here, no weights): they
+    translate to the `sdxl` preset (U-Net, VAE at 0.13025, SD's schedule, 1024 px, the SDXL conditioner)."""
+    import json
+
+    from ldmkit.interop.diffusers import pipeline_config
+    from ldmkit.interop.presets import SD_PRESETS
+
+    folder = tmp_path / "sdxl-base"
+    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    unet = {"_class_name": "UNet2DConditionModel", "sample_size": 128, "block_out_channels": [320, 640, 1280],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": [5, 10, 20], "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+            "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816, "layers_per_block": 2, "in_channels": 4, "out_channels": 4}
+    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "latent_channels": 4,
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+           "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.13025,
+           "force_upcast": True}
+    scheduler = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "beta_start": 0.00085, "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1,
+                 "timestep_spacing": "leading", "use_karras_sigmas": False}
+    for name, cfg in {"": index, "unet": unet, "vae": vae, "scheduler": scheduler}.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / ("scheduler_config.json" if name == "scheduler" else
+                          "model_index.json" if not name else "config.json")).write_text(json.dumps(cfg))
+    for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        (folder / name).mkdir()
+    cfg, _ = pipeline_config(folder)
+    assert cfg == SD_PRESETS["sdxl"](text_encoder=str(folder.resolve()))
+    assert cfg.image_size == 1024 and cfg.autoencoder.scaling_factor == 0.13025

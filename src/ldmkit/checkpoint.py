@@ -235,6 +235,8 @@ def _relocate_text_encoder(folder: Path, cfg: BaseModel) -> BaseModel:
         return cfg
     name = cfg.conditioner.text_encoder
     local = folder / "text_encoder"
+    if (folder / "text_encoder_2").is_dir():  # SDXL's pair (text_encoder/ … tokenizer_2/): the folder names both
+        local = folder
     if name not in (None, "minilm") and not Path(name).exists() and local.is_dir():
         cond = cfg.conditioner.model_copy(update={"text_encoder": str(local.resolve())})
         cfg = cfg.model_copy(update={"conditioner": cond})

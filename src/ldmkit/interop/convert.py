@@ -115,7 +115,8 @@ def sampling_defaults_any(path: str | Path, fmt: str | None = None) -> dict[str,
 
 def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "", sampling: dict[str, Any] | None = None) -> Path:
     """Write `module` as an ldmkit checkpoint folder (config.json + model.safetensors), atomically.
-    A CLIP text encoder is saved inside it (text_encoder/, tokenizer/) and the config points there.
+    A CLIP text encoder is saved inside it (text_encoder/, tokenizer/) and the config points there; SDXL's pair
+    as text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, the config naming the folder.
     `sampling`: the model's sampling defaults, kept as meta.sampling."""
     from safetensors.torch import save_file
 
@@ -132,6 +133,12 @@ def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "", samplin
             parts[0].save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
             parts[1].save_pretrained(str(tmp / "tokenizer"))
             cond = cfg.conditioner.model_copy(update={"text_encoder": str((folder / "text_encoder").resolve())})
+            cfg = cfg.model_copy(update={"conditioner": cond})
+        elif kind == "latent_diffusion" and (sdxl := dif._sdxl_text_parts(module)) is not None:
+            # SDXL's pair, in the diffusers layout inside the checkpoint; the config names the folder itself
+            for name, part in sdxl.items():
+                part.save_pretrained(str(tmp / name), **({} if "tokenizer" in name else {"safe_serialization": True}))
+            cond = cfg.conditioner.model_copy(update={"text_encoder": str(folder.resolve())})
             cfg = cfg.model_copy(update={"conditioner": cond})
         sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"))
@@ -154,6 +161,7 @@ def _describe(module: nn.Module) -> str:
     if isinstance(module, LatentDiffusion):
         enc = module.conditioner.text_encoder
         text = " + CLIP text encoder" if isinstance(enc, CLIPTextEncoder) else (" + MiniLM text encoder" if enc else "")
+        text = " + SDXL text encoders (CLIP ViT-L, OpenCLIP bigG)" if hasattr(enc, "pooled_dim") else text
     return f"{type(module).__name__}{text}, {n / 1e6:.1f}M parameters"
 
 

@@ -19,6 +19,7 @@ Full `LatentDiffusionConfig` presets (the U-Net ones are `ldmkit.unet.UNET_PRESE
 | sd1      | sd1   | CLIP L/14, 768  | ε          | 512   | scaled_linear 0.00085…0.012, leading, offset 1 |
 | sd2      | sd2   | OpenCLIP H, 1024| v          | 768   | same                           |
 | sd2_base | sd2   | OpenCLIP H, 1024| ε          | 512   | same                           |
+| sdxl     | sdxl  | CLIP L + OpenCLIP bigG, 768 + 1280; pooled bigG + size/crop on the vector route | ε | 1024 | same |
 
 The text encoder is not part of the architecture: pass `text_encoder=` (a local CLIP folder, e.g.
 a diffusers pipeline's `text_encoder/`), since nothing is downloaded. Building these configs costs
@@ -31,7 +32,7 @@ from collections.abc import Callable
 
 from ldmkit.autoencoder import AutoencoderConfig
 from ldmkit.conditioning.conditioner import ConditionerConfig
-from ldmkit.unet import unet_sd1, unet_sd2
+from ldmkit.unet import unet_sd1, unet_sd2, unet_sdxl
 
 
 def vae_sd(**kw) -> AutoencoderConfig:
@@ -67,7 +68,7 @@ VAE_PRESETS: dict[str, Callable[..., AutoencoderConfig]] = {
 }
 
 
-def _sd(unet, prediction_type: str, image_size: int, text_encoder: str | None, kw: dict):
+def _sd(unet, prediction_type: str, image_size: int, text_encoder: str | None, kw: dict, vae=None, conditioner=None):
     from ldmkit.pipeline import DiffusionConfig, LatentDiffusionConfig  # pipeline imports heavy modules
 
     # SD's training schedule (Rombach et al. 2022, App. E): 1000 steps of β with sqrt(β) linear in
@@ -77,7 +78,7 @@ def _sd(unet, prediction_type: str, image_size: int, text_encoder: str | None, k
         prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
     )  # fmt: skip
     base = dict(
-        autoencoder=vae_sd(), unet=unet, conditioner=ConditionerConfig(text_encoder=text_encoder),
+        autoencoder=vae or vae_sd(), unet=unet, conditioner=conditioner or ConditionerConfig(text_encoder=text_encoder),
         diffusion=diffusion, image_size=image_size,
     )  # fmt: skip
     return LatentDiffusionConfig(**(base | kw))
@@ -98,8 +99,18 @@ def sd2_base(text_encoder: str | None = None, **kw):
     return _sd(unet_sd2(zero_init=False), "eps", 512, text_encoder, kw)
 
 
+def sdxl(text_encoder: str | None = None, **kw):
+    """SDXL base (Podell et al. 2023): the sdxl U-Net (2.6B), the SDXL VAE (scale 0.13025), SD's training schedule,
+    ε-prediction at 1024 px; the text is an SDXL pipeline folder's two encoders (`text_encoder`: the folder that
+    holds text_encoder/ … tokenizer_2/), their pooled bigG embedding and the size/crop values on the vector route,
+    and zeros as the unconditional text without a negative prompt (force_zeros_for_empty_prompt)."""
+    conditioner = ConditionerConfig(text_encoder=text_encoder, pooled_text=True, micro_conditioning=True, zero_uncond=True)
+    return _sd(unet_sdxl(zero_init=False), "eps", 1024, text_encoder, kw, vae=vae_sdxl(), conditioner=conditioner)
+
+
 SD_PRESETS: dict[str, Callable[..., object]] = {
     "sd1": sd1,
     "sd2": sd2,
     "sd2_base": sd2_base,
+    "sdxl": sdxl,
 }
