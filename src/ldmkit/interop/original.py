@@ -389,14 +389,13 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
         return unet.to(device)
 
     if not isinstance(cfg, LatentDiffusionConfig):
-        from ldmkit.interop.presets import sd1, sd2
+        from ldmkit.interop.presets import sd1, sd2, sdxl as sdxl_preset
 
-        preset = sd2() if unet.config.context_dim == 1024 else sd1()
+        # SDXL: the preset's schedule, 1024 px and conditioning (pooled bigG + size/crop, zero negative text)
+        preset = sdxl_preset() if sdxl else sd2() if unet.config.context_dim == 1024 else sd1()
         diffusion = _schedule_from_betas(sd.get("betas"), preset.diffusion)
         cfg = LatentDiffusionConfig(autoencoder=ae.config, unet=unet.config, diffusion=diffusion,
-                                    image_size=1024 if sdxl else preset.image_size)  # fmt: skip
-        if sdxl:  # SDXL base's conditioning (diffusers' StableDiffusionXLPipeline; Podell et al. 2023, §2.2)
-            cfg.conditioner = cfg.conditioner.model_copy(update=dict(pooled_text=True, micro_conditioning=True, zero_uncond=True))
+                                    conditioner=preset.conditioner, image_size=preset.image_size)  # fmt: skip
     cond_cfg = cfg.conditioner
     if text is not None:  # the weights are in the file; the name says so (and refuses a rebuild)
         where = "conditioner" if sdxl else "cond_stage_model"
