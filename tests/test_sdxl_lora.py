@@ -144,9 +144,11 @@ def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_pa
     base = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
     pipe.load_lora_weights(str(file))
-    L.apply_loras(ldm, [str(file)])
     prompts = ["a cat", "two dogs on grass"]
     x, t, _, _, time_ids = unet_inputs()
+    with torch.no_grad():
+        ldm.conditioner(texts=prompts, size_crop=time_ids)  # cached before the merge: must not be reused after
+    L.apply_loras(ldm, [str(file)])
     with torch.no_grad():
         pe, _, pp, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
         be, _, bp, _ = base.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)

@@ -49,6 +49,7 @@ CONV_TARGETS = ("conv1", "conv2")  # the ResBlock convolutions (`lora.targets` m
 LAYOUTS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry for the adapter's config
 _PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}  # part -> kohya prefix
+_ANOTHER = "it was made for another architecture"
 _KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 
 
@@ -137,7 +138,7 @@ def _mismatch(what: str, lora_kind: str, model: nn.Module | None) -> LdmkitError
     if lora_kind and model_kind and lora_kind != model_kind:
         return LdmkitError(f"this LoRA was made for {lora_kind} but the model is {model_kind} ({what}); "
                            f"use a LoRA made for {model_kind}")
-    return LdmkitError(f"{what}: it was made for another architecture")
+    return LdmkitError(f"{what}: {_ANOTHER}")
 
 
 def _module(parts: Mapping[str, nn.Module], path: str) -> nn.Module:
@@ -152,7 +153,7 @@ def _module(parts: Mapping[str, nn.Module], path: str) -> nn.Module:
                 raise
             m = parts[part].get_submodule(rest.removeprefix("text_model."))  # transformers >= 5.6 flattened CLIP
     except AttributeError:
-        raise LdmkitError(f"the LoRA adapts {path}, which this model does not have") from None
+        raise LdmkitError(f"the LoRA adapts {path}, which this model does not have: {_ANOTHER}") from None
     if hasattr(m, "base_layer"):  # a peft-wrapped layer: the plain one inside
         m = m.base_layer
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -251,19 +252,21 @@ def merge_lora(model: nn.Module, lora: Lora | str | Path, scale: float = 1.0) ->
         try:
             _module(parts, path)
         except LdmkitError as e:
-            raise _mismatch(str(e).removeprefix("the LoRA adapts "), kind, model) from None
+            raise _mismatch(str(e).removeprefix("the LoRA adapts ").removesuffix(": " + _ANOTHER), kind, model) from None
     for path, a in lora.items():
         m = _module(parts, path)
-        if tuple(a.delta().shape) != tuple(m.weight.shape):
-            raise _mismatch(f"its {path} is {tuple(a.delta().shape)}, the model's weight {tuple(m.weight.shape)}", kind, model)
+        shape = (a.up.shape[0], *a.down.shape[1:])  # ΔW's shape (see Adapter.delta), checked before any weight moves
+        if shape != tuple(m.weight.shape):
+            raise _mismatch(f"its {path} is {shape}, the model's weight {tuple(m.weight.shape)}", kind, model)
     for path, a in lora.items():
         m = _module(parts, path)
         m.weight.add_(scale * a.delta(m.weight.dtype).to(m.weight.device))
     if any(p.startswith("text_encoder") for p in lora):
         cond = getattr(model, "conditioner", None)
         for enc in [getattr(cond, "text_encoder", None), *text_encoders(cond)]:
-            if hasattr(enc, "_cache"):
-                enc._cache.clear()  # captions encoded before the merge are stale
+            for cache in (getattr(enc, "_cache", None), getattr(enc, "_pooled", None)):  # SDXL: pooled vectors too
+                if cache is not None:
+                    cache.clear()  # captions encoded before the merge are stale
     return model
 
 
