@@ -9,10 +9,10 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
 
 from ldmkit.interop import original_clip as oclip  # noqa: E402
 from ldmkit.interop import original_keys as okeys  # noqa: E402
-from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
 
 
 def perturb(module, scale=0.05, seed=0):
@@ -182,7 +182,7 @@ def _tensors(path) -> dict:
     return load_file(str(path))
 
 
-def test_sdxl_single_file_round_trip_is_lossless_and_diffusers_reads_it(sdxl_folder, tmp_path):
+def test_sdxl_single_file_round_trip_is_lossless_and_diffusers_reads_it(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
     """diffusers folder → ldmkit → single file: diffusers' own `from_single_file` (offline, config = the
     folder) rebuilds every part of the source pipeline exactly; single file → ldmkit → single file is
     bit-identical, and the model read back is the same model."""
@@ -212,7 +212,7 @@ def test_sdxl_single_file_round_trip_is_lossless_and_diffusers_reads_it(sdxl_fol
     assert enc.second.tokenizer.pad_token == "!" and enc.first.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
 
 
-def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folder, tmp_path):
+def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
     """No ldmkit metadata, fp16, the OpenCLIP temperature and causal mask, CLIP's position_ids and DDPM
     buffers alongside: read with the SDXL diffusers folder as config, the same weights come back."""
     import ldmkit
@@ -232,12 +232,12 @@ def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folde
     assert all(torch.equal(v, ours[k].half().float()) for k, v in back.state_dict().items())
 
 
-def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, tmp_path):
+def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
     """A refiner (OpenCLIP bigG alone as embedders.0) is refused; an SDXL U-Net + VAE without its text
     encoders says what is missing and what to pass, and loads with that folder."""
-    import ldmkit
     from safetensors.torch import save_file
 
+    import ldmkit
     from ldmkit.errors import LdmkitError
     from ldmkit.interop.original import load_original, to_original_state_dict
 

@@ -16,12 +16,12 @@ from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
 )
 from diffusers.utils import convert_unet_state_dict_to_peft  # noqa: E402
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya  # noqa: E402
+from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
+from test_sdxl_files import TINY_UNET, perturb  # noqa: E402
 
 from ldmkit.errors import LdmkitError  # noqa: E402
 from ldmkit.interop import lora as L  # noqa: E402
 from ldmkit.interop.diffusers import from_diffusers  # noqa: E402
-from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
-from test_sdxl_files import TINY_UNET, perturb  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj", "add_embedding.linear_1",
            "conv_in", "downsamplers.0.conv")  # fmt: skip
@@ -117,14 +117,15 @@ TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
-def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_path, layout):
+def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_path, layout):  # noqa: F811 - the fixture
     """An SDXL LoRA adapting the U-Net, CLIP ViT-L (kohya lora_te1_, diffusers text_encoder.) and OpenCLIP
     bigG (lora_te2_, text_encoder_2.): ldmkit's `--lora` (read with the model, merged) gives the prompt
     embeddings, pooled embeddings and U-Net outputs that diffusers' `StableDiffusionXLPipeline.
     load_lora_weights` gives, in both layouts; each part of the LoRA is live."""
+    from test_sdxl import unet_inputs
+
     import ldmkit
     from ldmkit.conditioning.conditioner import sdxl_vector
-    from test_sdxl import unet_inputs
 
     ldm = ldmkit.load(sdxl_folder)
     parts = L.model_parts(ldm)
@@ -165,7 +166,7 @@ def test_sdxl_lora_gives_diffusers_load_lora_weights_outputs(sdxl_folder, tmp_pa
     assert d1 + d2 == pe.shape[-1]
 
 
-def test_convert_rewrites_sdxl_lora_layouts_and_merges_them_into_a_single_file(sdxl_folder, tmp_path):
+def test_convert_rewrites_sdxl_lora_layouts_and_merges_them_into_a_single_file(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
     """`ldmkit convert` on SDXL: a diffusers-layout LoRA → kohya with the model as --config (SDXL names, the
     same ΔW per layer), and `--merge-lora` folds it into an SDXL single file whose weights are the merged model's."""
     import ldmkit

@@ -16,7 +16,6 @@ from torch import nn
 
 from ldmkit.errors import LdmkitError
 from ldmkit.interop.diffusers import check_state_dicts
-
 from ldmkit.interop.original_keys import (
     _IGNORED_KEYS,
     CLIP_PREFIX,

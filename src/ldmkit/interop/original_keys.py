@@ -13,7 +13,6 @@ from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.errors import LdmkitError
 from ldmkit.unet import UNet, UNetConfig
 
-
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
