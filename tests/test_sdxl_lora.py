@@ -192,3 +192,40 @@ def test_convert_rewrites_sdxl_lora_layouts_and_merges_them_into_a_single_file(s
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert not torch.equal(want["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
                            ldm.state_dict()["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+
+
+def test_sdxl_lora_saved_by_diffusers_loads_into_ldmkit(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
+    """diffusers' own SDXL LoRA file (`StableDiffusionXLPipeline.save_lora_weights` of peft adapters on the
+    U-Net and both text encoders, alpha != rank in its adapter metadata) reads in ldmkit as the same ΔW per layer."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    import ldmkit
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    layers, metas = {}, {}
+    for name, targets in (("unet", ["to_q", "to_v"]), ("text_encoder", ["q_proj", "fc1"]), ("text_encoder_2", ["k_proj", "out_proj"])):
+        cfg = LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False)
+        inject_adapter_in_model(cfg, getattr(pipe, name))  # peft itself (transformers' add_adapter wants peft >= 0.22)
+        layers[name] = get_peft_model_state_dict(getattr(pipe, name))
+        meta = cfg.to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])
+        metas[name] = meta
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"], unet_lora_adapter_metadata=metas["unet"],
+        text_encoder_lora_adapter_metadata=metas["text_encoder"], text_encoder_2_lora_adapter_metadata=metas["text_encoder_2"],
+        safe_serialization=True)  # fmt: skip
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    ldm = ldmkit.load(sdxl_folder)
+    lora = L.load_lora(file, ldm)
+    assert {p.split(".")[0] for p in lora} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(a.alpha == 6.0 and a.rank == 2 for a in lora.values())
+    for name, sd in layers.items():
+        for key, down in sd.items():
+            if ".lora_A." not in key:
+                continue
+            path = f"{name}.{key.removesuffix('.lora_A.weight')}"
+            want = 3.0 * sd[key.replace(".lora_A.", ".lora_B.")] @ down  # (α / r) B A
+            assert torch.equal(lora[path].down, down) and (lora[path].delta() - want).abs().max() <= 1e-6, path
+    L.merge_lora(ldm, lora)  # every path names a layer of ldmkit's SDXL model

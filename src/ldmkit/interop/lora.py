@@ -483,8 +483,8 @@ def _metadata_alphas(meta: Mapping[str, str]) -> dict[str, float]:
 def _alpha_for(path: str, alphas: Mapping[str, float], rank: int) -> float:
     """The most specific alpha the metadata gives `path` (a per-layer pattern, then its part), else the rank."""
     part = path.split(".", 1)[0]
-    for key, alpha in alphas.items():
-        if key != part and (path == key or path.endswith("." + key.split(".", 1)[1])):
+    for key, alpha in alphas.items():  # per-layer keys of this part only (an SDXL file has three parts' alphas)
+        if key.startswith(part + ".") and (path == key or path.endswith("." + key.split(".", 1)[1])):
             return alpha
     return alphas.get(part, float(rank))
 
