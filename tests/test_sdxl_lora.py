@@ -109,6 +109,9 @@ def test_sd1_lora_on_sdxl_and_sdxl_lora_on_sd1_are_refused_naming_both():
     sd, _ = L.to_state_dict(lora_sd1, "kohya")
     with pytest.raises(LdmkitError, match=r"^this LoRA was made for SD 1.x but the model is SDXL"):
         L.from_state_dict(sd, model=sdxl)
+    first = {k: v for k, v in sd.items() if k.startswith("lora_unet_down_blocks_0_")}  # no layer of it is SDXL's
+    with pytest.raises(LdmkitError, match=r"^this LoRA was made for SD 1.x but the model is SDXL \(its layer lora_unet_down"):
+        L.from_state_dict(first, model=sdxl)
 
 
 # ---- a whole SDXL pipeline: U-Net and both text encoders, through ldmkit's --lora and diffusers' load_lora_weights

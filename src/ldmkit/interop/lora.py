@@ -118,7 +118,10 @@ def family(model: nn.Module) -> str:
     if is_sdxl(model):
         return "SDXL"
     ctx = getattr(getattr(model_parts(model)["unet"], "config", None), "context_dim", None)
-    return {768: "SD 1.x", 1024: "SD 2.x"}.get(ctx, "")
+    return _CONTEXT_FAMILY.get(ctx, "") if ctx in (768, 1024) else ""
+
+
+_CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}  # text width → family (1280: refiner)
 
 
 def lora_family(lora: Mapping[str, Adapter]) -> str:
@@ -128,7 +131,7 @@ def lora_family(lora: Mapping[str, Adapter]) -> str:
         return "SDXL"
     for path, a in lora.items():
         if path.startswith("unet.") and path.endswith(("attn2.to_k", "attn2.to_v")):
-            return {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}.get(a.down.shape[1], "")
+            return _CONTEXT_FAMILY.get(a.down.shape[1], "")
     return ""
 
 
@@ -521,8 +524,9 @@ def _from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Lora:
             raise LdmkitError(f"kohya LoRA layer {name} has no lora_up weight")
         alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else v.shape[0]
         out[table[name]] = Adapter(v, up, alpha)
-    if unknown:
-        kind = "SDXL" if any(n.startswith("lora_te2_") for n in unknown) else lora_family(out)
+    if unknown:  # the family from the file itself: its names may not resolve on this model at all
+        widths = [v.shape[1] for k, v in sd.items() if k.endswith("attn2_to_k.lora_down.weight")]
+        kind = "SDXL" if any(n.startswith("lora_te2_") for n in unknown) else _CONTEXT_FAMILY.get(widths[0], "") if widths else ""
         raise _mismatch(f"its layer {unknown[0]} names no layer of this model", kind, model)
     if not out:
         raise LdmkitError("no lora_down weights found")
