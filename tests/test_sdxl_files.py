@@ -223,7 +223,8 @@ def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folde
     sd = {k: v.half() for k, v in sd.items()}
     p = okeys.SDXL_OPENCLIP_PREFIX
     sd |= {p + "logit_scale": torch.tensor(4.6), p + "attn_mask": torch.zeros(16, 16),
-           okeys.SDXL_CLIP_PREFIX + "embeddings.position_ids": torch.arange(16)[None], "alphas_cumprod_prev": torch.ones(1000)}
+           okeys.SDXL_CLIP_PREFIX + "embeddings.position_ids": torch.arange(16)[None], "alphas_cumprod_prev": torch.ones(1000),
+           "denoiser.sigmas": torch.ones(1000)}  # fmt: skip
     path = tmp_path / "xl.ckpt"
     torch.save({"state_dict": sd}, path)
     back = load_original(path, config=sdxl_folder)

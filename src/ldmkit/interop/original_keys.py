@@ -33,7 +33,8 @@ _SCHEDULE_BUFFERS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights",
 }  # fmt: skip
-_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
+# `denoiser.`: sgm's DiscreteDenoiser buffers (`sigmas`, SDXL files saved by sgm training), the schedule again
+_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.", "denoiser.")
 _IGNORED_KEYS = {
     CLIP_PREFIX + "embeddings.position_ids",
     OPENCLIP_PREFIX + "text_projection",
