@@ -256,3 +256,29 @@ def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, t
         load_original(tmp_path / "unet_vae.safetensors")
     back = load_original(tmp_path / "unet_vae.safetensors", config=sdxl_folder)
     assert same_state(back.state_dict(), ldm.state_dict())
+
+
+def test_sample_reads_the_sdxl_single_file_as_the_folder(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
+    """`ldmkit sample` on the single file and on the folder it came from: the same images, pixel for pixel
+    (a non-square size, a negative prompt, a LoRA in both runs)."""
+    import numpy as np
+    from PIL import Image
+
+    import ldmkit
+    from ldmkit.cli import main
+    from ldmkit.interop import lora as L
+    from ldmkit.interop.original import save_original
+
+    ldm = ldmkit.load(sdxl_folder)
+    path = save_original(ldm, tmp_path / "xl.safetensors")
+    g = torch.Generator().manual_seed(0)
+    lora = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v":
+            L.Adapter(0.3 * torch.randn(2, 56, generator=g), 0.3 * torch.randn(32, 2, generator=g), 2.0)}  # fmt: skip
+    lora_file = L.save_lora(lora, tmp_path / "l.safetensors", "kohya", ldm)
+    images = []
+    for src in (sdxl_folder, path):
+        out = tmp_path / f"out-{len(images)}"
+        assert main(["sample", "--checkpoint", str(src), "--prompt", "a cat", "--negative-prompt", "blurry", "--steps", "3",
+                     "--width", "48", "--height", "32", "--seed", "1", "--lora", f"{lora_file}:0.7", "--out", str(out)]) == 0
+        images.append(np.asarray(Image.open(out / "0000.png")))
+    assert images[0].shape == (32, 48, 3) and np.array_equal(images[0], images[1])
