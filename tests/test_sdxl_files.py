@@ -235,7 +235,7 @@ def test_sdxl_file_as_other_tools_write_it_loads_with_a_config_folder(sdxl_folde
 
 def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, tmp_path):  # noqa: F811 - the fixture
     """A refiner (OpenCLIP bigG alone as embedders.0) is refused; an SDXL U-Net + VAE without its text
-    encoders says what is missing and what to pass, and loads with that folder."""
+    encoders loads with an SDXL folder as config, which gives them."""
     from safetensors.torch import save_file
 
     import ldmkit
@@ -250,10 +250,7 @@ def test_refiner_and_text_less_sdxl_files_are_refused_in_one_line(sdxl_folder, t
     with pytest.raises(LdmkitError, match=r"is an SDXL refiner .*which ldmkit does not read; use an SDXL base model"):
         load_original(tmp_path / "refiner.safetensors")
     bare = {k: v for k, v in sd.items() if not k.startswith("conditioner.")}
-    save_file(bare, str(tmp_path / "unet_vae.safetensors"))
-    with pytest.raises(LdmkitError, match=r"holds an SDXL U-Net and VAE but not its two text encoders \(conditioner"
-                                          r"\.embedders\.\*\); pass config= an SDXL diffusers folder"):
-        load_original(tmp_path / "unet_vae.safetensors")
+    save_file(bare, str(tmp_path / "unet_vae.safetensors"))  # (its refusal without config: the test below)
     back = load_original(tmp_path / "unet_vae.safetensors", config=sdxl_folder)
     assert same_state(back.state_dict(), ldm.state_dict())
 
@@ -282,3 +279,21 @@ def test_sample_reads_the_sdxl_single_file_as_the_folder(sdxl_folder, tmp_path):
                      "--width", "48", "--height", "32", "--seed", "1", "--lora", f"{lora_file}:0.7", "--out", str(out)]) == 0
         images.append(np.asarray(Image.open(out / "0000.png")))
     assert images[0].shape == (32, 48, 3) and np.array_equal(images[0], images[1])
+
+
+def test_a_vector_route_alone_does_not_make_a_file_sdxl(tmp_path):
+    """SDXL is told by its text encoders, or (a file without them) by diffusers' rule, a label_emb MLP with a
+    2048-wide context: an ldmkit model with a pooled-text vector route (label_emb too) stays what its config says."""
+    from ldmkit.interop.original import _check_sdxl_file
+
+    def file(context: int) -> dict:
+        u = okeys.UNET_PREFIX
+        return {u + "label_emb.0.0.weight": torch.zeros(8, 4), u + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+                torch.zeros(8, context), okeys.VAE_PREFIX + "encoder.conv_in.weight": torch.zeros(1)}  # fmt: skip
+
+    path = tmp_path / "m.safetensors"
+    assert not _check_sdxl_file(file(384), path, None, {})  # MiniLM's 384-wide context
+    assert not _check_sdxl_file(file(2048), path, None, {"kind": "latent_diffusion"})  # ldmkit's config decides
+    assert not _check_sdxl_file(file(2048), path, "sdxl-folder", {})  # read with the folder's configs and text
+    with pytest.raises(Exception, match="holds an SDXL U-Net and VAE but not its two text encoders"):
+        _check_sdxl_file(file(2048), path, None, {})

@@ -72,14 +72,14 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interop.diffusers import assemble
 from ldmkit.interop.original_clip import (
     _build_clip,
-    sdxl_text_from_original,
-    sdxl_text_to_original,
     _clip_config_from_weights,
     _tokenizer_files,
     _tokenizer_from_files,
     clip_canonical,
     clip_from_original,
     clip_to_original,
+    sdxl_text_from_original,
+    sdxl_text_to_original,
 )
 from ldmkit.interop.original_keys import (
     CONDITIONER_PREFIX,
@@ -250,8 +250,8 @@ SDXL_SCALE = 0.13025  # SDXL's VAE latent scale (its diffusers vae/config.json s
 
 
 def _check_sdxl_file(sd: Mapping[str, torch.Tensor], path: Path, config, meta) -> bool:
-    """Whether the file is an SDXL base model; a refiner, or an SDXL U-Net + VAE without its text
-    encoders and nothing to take them from, is refused in one line."""
+    """Whether the file is an SDXL base model with its text encoders; a refiner, or an SDXL U-Net + VAE
+    without its text encoders and no config folder to take them from, is refused in one line."""
     if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in sd):
         raise LdmkitError(
             f"{path} is an SDXL refiner (one OpenCLIP bigG text encoder as conditioner.embedders.0, aesthetic-score "
@@ -262,14 +262,18 @@ def _check_sdxl_file(sd: Mapping[str, torch.Tensor], path: Path, config, meta) -
             raise LdmkitError(f"{path} has conditioner.embedders.0 but no OpenCLIP bigG text encoder "
                               "(conditioner.embedders.1.model.*): the file is incomplete; re-download it")
         return True
-    adm = sd.get(UNET_PREFIX + "label_emb.0.0.weight")
-    has_vae = any(k.startswith(VAE_PREFIX) for k in sd)
-    if adm is not None and has_vae and config is None and not meta:
+    if meta:  # ldmkit wrote it: its own config says what the model is (a vector route alone is not SDXL)
+        return False
+    # an SDXL U-Net by diffusers' rule (a label_emb MLP and a 2048-wide context) with a VAE: the text is missing
+    context = next((v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    if UNET_PREFIX + "label_emb.0.0.weight" not in sd or context != 2048 or not any(k.startswith(VAE_PREFIX) for k in sd):
+        return False
+    if config is None:
         raise LdmkitError(
             f"{path} holds an SDXL U-Net and VAE but not its two text encoders (conditioner.embedders.*); pass "
             "config= an SDXL diffusers folder (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/), or load "
             "the complete single file")
-    return adm is not None and has_vae
+    return False  # read as SD 1/2 files are: the folder given as config supplies every config and the text encoders
 
 
 def _read_json(path: Path) -> dict | None:
@@ -277,17 +281,14 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _sdxl_text_encoder(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, Any], config) -> tuple[nn.Module, set[str]]:
-    """SDXL's two text encoders (ldmkit's `SDXLTextEncoder`) from the file's `conditioner.embedders.*`, or
-    from the SDXL diffusers folder `config` when the file has none; and the file keys consumed."""
+    """SDXL's two text encoders (ldmkit's `SDXLTextEncoder`) from the file's `conditioner.embedders.*`, their
+    configs and tokenizers from the file's ldmkit metadata or the SDXL diffusers folder `config`; and the file
+    keys consumed."""
     from transformers import CLIPTokenizer
 
     from ldmkit.conditioning.text import CLIPPenultimateEncoder, SDXLTextEncoder
 
     folder = Path(config) if isinstance(config, (str, Path)) else None
-    if not any(k.startswith(CONDITIONER_PREFIX) for k in sd):  # an SDXL U-Net + VAE: text from the folder
-        if folder is None:
-            raise LdmkitError(f"{path} has no text encoders (conditioner.embedders.*); pass config= an SDXL diffusers folder")
-        return SDXLTextEncoder.from_folder(folder), set()
     clip_l, bigg, consumed = sdxl_text_from_original(sd)
     configs, tokenizers = [], []
     for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
@@ -448,9 +449,11 @@ def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tupl
     sd = {UNET_PREFIX + o: own[k] for k, o in unet_key_map(cfg.unet).items()}
     sd |= {VAE_PREFIX + k: v for k, v in vae_to_original(module.autoencoder.state_dict(), cfg.autoencoder).items()}
     meta: dict[str, Any] = {"kind": "latent_diffusion", "config": cfg.model_dump(mode="json")}
+    from ldmkit.conditioning.text import SDXLTextEncoder
+
     enc = module.conditioner.text_encoder
-    parts = None if hasattr(enc, "second") else _text_encoder_parts(module)
-    if hasattr(enc, "second"):  # SDXL's pair: conditioner.embedders.0 (CLIP ViT-L) and .1 (OpenCLIP bigG)
+    parts = None if isinstance(enc, SDXLTextEncoder) else _text_encoder_parts(module)
+    if isinstance(enc, SDXLTextEncoder):  # SDXL's pair: conditioner.embedders.0 (CLIP ViT-L) and .1 (OpenCLIP bigG)
         sd |= sdxl_text_to_original(clip_canonical(enc.first.model), clip_canonical(enc.second.model))
         for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
             part = (enc.first, enc.second)[i]
