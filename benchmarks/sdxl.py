@@ -10,6 +10,7 @@ halves of classifier-free guidance, as a guided step runs) under `torch.inferenc
 
     python benchmarks/sdxl.py --latent 64 --dtype bf16          # 512×512 images
     python benchmarks/sdxl.py --latent 128 --dtype bf16         # 1024×1024
+    python benchmarks/sdxl.py --order diffusers,ours ...        # the other side first
     python benchmarks/sdxl.py --side ours --latent 64 ...       # one side only (what the parent runs)
 
 Printed: a markdown table (seconds per step: median of the repeats after one warm-up; peak RSS of the
@@ -99,12 +100,14 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--side", choices=["ours", "diffusers"], help="run one side in this process (the parent's child)")
+    ap.add_argument("--order", default="ours,diffusers", help="which side runs first (on a shared machine, run both "
+                    "orders: the load drifts between the two children)")
     args = ap.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.latent, DTYPES[args.dtype], args.repeats)))
         return
     rows, results = [], {}
-    for side in ("ours", "diffusers"):
+    for side in args.order.split(","):
         cmd = [sys.executable, __file__, "--side", side, "--latent", str(args.latent), "--dtype", args.dtype,
                "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))

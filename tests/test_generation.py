@@ -245,3 +245,13 @@ def test_a_negative_prompt_with_fewer_chunks_is_padded_with_the_empty_chunk_as_a
     own = clip([negative], syntax=True)[0][0]
     torch.testing.assert_close(ctx[0, : clip.window], own, rtol=0, atol=0)
     torch.testing.assert_close(ctx[0, clip.window :], empty, rtol=0, atol=0)
+
+
+def test_the_hires_pass_runs_exactly_its_own_steps_as_a1111():
+    """A1111 (sd_samplers_common.setup_img2img_steps with steps given) stretches the second pass's schedule to
+    int(steps / denoising_strength) so it runs exactly `hr_second_pass_steps` (or the first pass's steps);
+    the server's progress counts the same."""
+    ldm = make(None)
+    assert steps_run(ldm, prompt="a", steps=3, sampler="ddim", hires=HiresPass(scale=2, second_pass_steps=2,
+                                                                                 denoising_strength=0.5)) == 3 + 2
+    assert steps_run(ldm, prompt="a", steps=3, sampler="ddim", hires=HiresPass(scale=2, denoising_strength=0.3)) == 3 + 3

@@ -26,7 +26,7 @@ def tiny() -> LatentDiffusion:
     ae = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)
     unet = UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), mid_attention=False,
                       num_heads=2, norm_groups=4)
-    return LatentDiffusion(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16)).eval()
+    return LatentDiffusion.from_config(LatentDiffusionConfig(autoencoder=ae, unet=unet, image_size=16)).eval()
 
 
 def random_lora(model, seed: int, targets=("to_q", "to_v", "conv1")) -> L.Lora:

@@ -75,7 +75,7 @@ def _tiny_ldm() -> LatentDiffusion:
     cond = ConditionerConfig(text_encoder=None, num_classes=0)
     torch.manual_seed(0)
     cfg = LatentDiffusionConfig(autoencoder=ae, unet=unet, conditioner=cond, image_size=16)
-    return LatentDiffusion(cfg, conditioner=Conditioner(cond))
+    return LatentDiffusion.from_config(cfg, conditioner=Conditioner(cond))
 
 
 def test_pipeline_pools_a_pixel_mask_to_the_latent_grid_and_masked_cells_do_not_train():

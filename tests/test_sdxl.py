@@ -416,3 +416,14 @@ def test_sdxl_preset_is_what_the_real_base_folder_describes(tmp_path):
     cfg, _ = pipeline_config(folder)
     assert cfg == SD_PRESETS["sdxl"](text_encoder=str(folder.resolve()))
     assert cfg.image_size == 1024 and cfg.autoencoder.scaling_factor == 0.13025
+
+
+def test_textual_inversion_on_sdxl_is_refused_in_one_line(tmp_path):
+    """SDXL embeddings hold a clip_l and a clip_g part; the pair does not read them yet: attaching says so."""
+    from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
+    from ldmkit.conditioning.embeddings import attach_embeddings
+
+    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True),
+                       text_encoder=_encoder(tiny_sdxl_pipeline()))
+    with pytest.raises(LdmkitError, match="SDXLTextEncoder cannot take textual-inversion embeddings"):
+        attach_embeddings(cond, tmp_path)

@@ -352,7 +352,7 @@ def test_hires_fix_fields_become_the_hires_pass_and_its_target_is_checked(client
     gen = resolved(client, body)
     assert gen.hires == HiresPass(scale=1.5, upscaler="latent-nearest", second_pass_steps=2, denoising_strength=0.5)
     assert gen.hires_size == (24, 16)  # int(12 · 1.5) = 18, rounded down to the granularity 4
-    assert gen.steps_per_batch == 3 + int(0.5 * 2)
+    assert gen.steps_per_batch == 3 + 2  # A1111 runs hr_second_pass_steps exactly (its schedule stretched)
     assert resolved(client, {**TXT, "enable_hr": True}).hires == HiresPass(scale=2.0, upscaler="latent", denoising_strength=0.7)
     assert resolved(client, {**TXT, "enable_hr": False, "hr_scale": 8}).hires is None
     gen = resolved(client, {**TXT, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+", "hr_resize_x": 40})

@@ -92,8 +92,11 @@ def save_checkpoint(
     ema: nn.Module | dict[str, torch.Tensor] | None = None,
     training_state: dict[str, Any] | None = None,
     keep: int = 2,
+    files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under OUT/checkpoints/, point OUT/latest at it, prune old ones."""
+    """Write checkpoint `step` under OUT/checkpoints/, point OUT/latest at it, prune old ones. `files(folder)`
+    writes more into the folder before it is renamed into place, so they appear with it or not at all (a
+    trained text encoder's own folder, `text_encoder/`, which `load` finds there)."""
     out_dir = Path(out_dir)
     ckpts = out_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
@@ -107,9 +110,12 @@ def save_checkpoint(
             save_file(_state_dict(ema), str(tmp / EMA_WEIGHTS))
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
+        if files is not None:
+            files(tmp)
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 folders
         for f in tmp.iterdir():  # and safetensors 0600 files: give the user's usual permissions
-            os.chmod(f, 0o666 & ~umask())
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask())
         final, aside = ckpts / name, _aside(ckpts / name)
         if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
             shutil.rmtree(aside, ignore_errors=True)

@@ -10,7 +10,9 @@
 
 The encoder is frozen, so a caption's tokens never change: each distinct caption is encoded once
 and kept in a cache. On `shapes` (72 captions) training then never runs the text encoder after the
-first few steps — the LDM recipe of precomputing conditioning, at no memory cost.
+first few steps — the LDM recipe of precomputing conditioning, at no memory cost. A trainer that trains the
+encoder itself (or textual-inversion vectors) sets `trains`: captions then bypass the cache and are encoded
+every step with gradients (`encode_trainable`).
 
 Generation reads prompts in the AUTOMATIC1111 web UI's syntax (`forward(texts, syntax=True)`): the
 prompt is parsed and cut into chunks of the encoder's window (`conditioning.prompt`), each chunk is
@@ -27,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.conditioning.prompt import chunk_prompt, parse_prompt
@@ -43,6 +46,7 @@ class CachedTextEncoder(nn.Module, ABC):
     eos_id: int
     pad_id: int
     comma_id: int | None = None
+    trains = False  # the encoder's weights (or LoRA) or an embedding's vectors train: no cache (`encode_trainable`)
 
     def __init__(self):
         super().__init__()
@@ -56,8 +60,16 @@ class CachedTextEncoder(nn.Module, ABC):
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode uncached captions: tokens (B, M, D) and a (B, M) mask of real tokens."""
 
-    @torch.no_grad()
     def forward(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch: from the
+        cache (`encode_cached`), or, while the encoder's weights or an embedding's vectors train (`trains`,
+        set by the trainer), encoded anew with gradients (`encode_trainable`)."""
+        if self.trains:
+            return self.encode_trainable(texts, syntax)
+        return self.encode_cached(texts, syntax)
+
+    @torch.no_grad()
+    def encode_cached(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions → (tokens (B, M, D) float32, mask (B, M) bool), M = longest caption in the batch.
 
         `syntax`: prompts in the A1111 web UI's syntax (`conditioning.prompt`): emphasis, BREAK, chunks of
@@ -104,6 +116,48 @@ class CachedTextEncoder(nn.Module, ABC):
 
     def cache_size(self) -> int:
         return len(self._cache)
+
+    # ---- training: the encoder's weights (`finetune.train: unet+text`, its LoRA) or textual-inversion vectors
+
+    def encode_trainable(self, texts: list[str], syntax: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_cached`'s output for the same captions, computed anew with no cache, so gradients (where the
+        caller has them enabled) reach the transformer's weights and any embedding vectors, and a step never
+        reads tokens encoded by weights that have since moved. Plain captions run the very `_encode` the cache
+        runs (truncated at the window, batched: a step's batch is a function of the step, so resume stays exact),
+        unless an embedding library is attached (textual-inversion training): then each caption is one unparsed
+        piece of weight 1 (no emphasis, no BREAK: a caption's brackets stay text), chunked as generation chunks
+        it, with an embedding's name replaced by its vectors at the transformer's input. `syntax` prompts (the
+        trainers' sample grids) are read as `encode_cached` reads them."""
+        self._cache.clear()  # entries of earlier weights (the empty chunk `match_chunk_counts` pads with) are stale
+        texts = list(texts)
+        if syntax and self.reads_syntax:
+            seqs = self._syntax_seqs(texts)
+        elif self.embeddings is not None and self.reads_syntax:
+            seqs = self._syntax_seqs(texts, parse=False)
+        else:
+            tokens, mask = self._encode(texts)  # (B, L, D), (B, L)
+            seqs = [tok[m.bool()].float() for tok, m in zip(tokens, mask)]  # padding dropped, as the cache does
+        if self.fixed_window and len({s.shape[0] for s in seqs}) > 1:  # whole chunks: pad with the empty prompt's
+            empty = self._syntax_seqs([""])[0]  # (window, D)
+            longest = max(s.shape[0] for s in seqs)
+            seqs = [torch.cat([s] + [empty] * ((longest - s.shape[0]) // empty.shape[0])) for s in seqs]
+        m = max(s.shape[0] for s in seqs)
+        mask = torch.zeros(len(seqs), m, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            mask[i, : s.shape[0]] = True
+        out = torch.stack([F.pad(s, (0, 0, 0, m - s.shape[0])) for s in seqs])  # (B, M, D), zeros past each caption
+        return out.float(), mask
+
+    def token_vectors(self, text: str) -> torch.Tensor:
+        """The input token embeddings (k, D_in) of `text`'s tokens (no start/end tokens): where textual inversion
+        starts a new word's vectors (its initialiser word)."""
+        ids = self._piece_ids([text])[0]
+        return self.input_embeddings().weight[torch.tensor(ids, dtype=torch.long)].detach().float().clone()
+
+    def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
+        """Write the encoder (or `model`, a trained copy of `self.model`: its EMA, its LoRA folded in) into
+        `folder` so `build_text_encoder` reads it back; returns the path a config names it by."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
 
     # ---- A1111 prompt syntax (conditioning.prompt): chunks, emphasis, textual-inversion embeddings
 
@@ -185,12 +239,13 @@ class CachedTextEncoder(nn.Module, ABC):
 
         return find
 
-    def _syntax_seqs(self, prompts: list[str]) -> list[torch.Tensor]:
+    def _syntax_seqs(self, prompts: list[str], parse: bool = True) -> list[torch.Tensor]:
         """Prompts → one (M_i, D) float32 context each: parse, chunk, encode chunk i of every prompt as one
-        batch, weight, concatenate the chunks along the tokens (A1111's `forward`/`process_tokens`)."""
+        batch, weight, concatenate the chunks along the tokens (A1111's `forward`/`process_tokens`).
+        `parse=False`: each prompt is one piece of weight 1 (embedding names still found)."""
         find = self._finder()
-        per_prompt = [chunk_prompt(parse_prompt(p), self._piece_ids, self.chunk_length, self.comma_id, find)
-                      for p in prompts]
+        per_prompt = [chunk_prompt(parse_prompt(p) if parse else [[(p, 1.0)] if p else []], self._piece_ids,
+                                   self.chunk_length, self.comma_id, find) for p in prompts]
         parts: list[list[torch.Tensor]] = [[] for _ in prompts]
         for c in range(max(len(ch) for ch in per_prompt)):
             rows = [(i, ch[c]) for i, ch in enumerate(per_prompt) if c < len(ch)]
@@ -338,6 +393,12 @@ class MiniLMTextEncoder(CachedTextEncoder):
     def input_embeddings(self) -> nn.Embedding:
         return self.model[0].auto_model.get_input_embeddings()
 
+    def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
+        """A sentence-transformers folder (`modules.json` …), which `build_text_encoder` reads as MiniLM."""
+        path = Path(folder) / "text_encoder"
+        (model if model is not None else self.model).save(str(path))
+        return path
+
 
 class CLIPTextEncoder(CachedTextEncoder):
     """A CLIP text transformer from a local folder, as Stable Diffusion uses it: the last hidden
@@ -402,6 +463,25 @@ class CLIPTextEncoder(CachedTextEncoder):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
+
+    def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
+        """FOLDER/text_encoder and FOLDER/tokenizer, a diffusers pipeline's layout. A penultimate-layer encoder
+        (`skip_last_layer`) is written one layer shorter, which is the same function read with its last hidden
+        state (as `interop.diffusers` writes SD 2's), so the folder reads back with the default."""
+        import copy
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
+        model = model if model is not None else self.model
+        if self.skip_last_layer:
+            model = copy.deepcopy(model)
+            del getattr(model, "text_model", model).encoder.layers[-1]  # transformers < 5.6 nests a text_model
+            model.config.num_hidden_layers -= 1
+        path = Path(folder) / "text_encoder"
+        model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(Path(folder) / "tokenizer"))
+        return path
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -45,6 +45,9 @@ from torch import nn
 from ldmkit.errors import LdmkitError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
+# a text encoder's attention projections: CLIP's (those diffusers' DreamBooth LoRA script adapts), BERT's (MiniLM)
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj",
+                "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
 CONV_TARGETS = ("conv1", "conv2")  # the ResBlock convolutions (`lora.targets` may add them)
 LAYOUTS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry for the adapter's config
@@ -199,19 +202,36 @@ def adapter_of_layer(m: nn.Module) -> Adapter:
     return Adapter(m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(), float(m.lora_alpha["default"]))
 
 
+def text_targets(module: nn.Module) -> list[str]:
+    """The `TEXT_TARGETS` a text encoder's transformers model has (CLIP's or BERT's)."""
+    names = [n for n, _ in module.named_modules()]
+    return [t for t in TEXT_TARGETS if any(n.endswith("." + t) for n in names)]
+
+
+def _name_prefix(module: nn.Module, part: str) -> str:
+    """What goes before a layer's name in `module` to give the path diffusers and kohya use: `text_model.` for a
+    CLIPTextModel of transformers >= 5.6, which dropped that level (`_module` and `_from_kohya` read either)."""
+    flat_clip = getattr(getattr(module, "config", None), "model_type", None) == "clip_text_model" and not hasattr(
+        module, "text_model")
+    return "text_model." if part == "text_encoder" and flat_clip else ""
+
+
 def adapter_of(module: nn.Module, part: str = "unet") -> Lora:
     """The LoRA held by the peft layers of `module` (one model part), as module path -> Adapter (copies)."""
     out: Lora = {}
+    prefix = _name_prefix(module, part)
     for name, m in _peft_layers(module):
         a = adapter_of_layer(m)
-        out[f"{part}.{name}"] = Adapter(a.down.clone(), a.up.clone(), a.alpha)
+        out[f"{part}.{prefix}{name}"] = Adapter(a.down.clone(), a.up.clone(), a.alpha)
     return out
 
 
 def load_adapter_(module: nn.Module, lora: Lora, part: str = "unet") -> None:
     """Copy `lora` into the peft layers of `module` (resuming training); every layer must be covered."""
     layers = dict(_peft_layers(module))
-    want = {p.split(".", 1)[1] for p in lora if p.startswith(part + ".")}
+    prefix = _name_prefix(module, part)
+    lora = {f"{part}.{p.split('.', 1)[1].removeprefix(prefix)}": a for p, a in lora.items() if p.startswith(part + ".")}
+    want = {p.split(".", 1)[1] for p in lora}
     if want != set(layers):
         raise LdmkitError(f"the saved adapter covers {len(want)} layers but the model has {len(layers)} LoRA layers; "
                           "resume with the same lora settings")

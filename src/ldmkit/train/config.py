@@ -319,6 +319,35 @@ class SampleConfig(BaseModel):
     num: int = Field(16, ge=1, description="images in each periodic grid")
 
 
+class EmbeddingConfig(BaseModel):
+    """Textual inversion (`finetune.train: embedding`; Gal et al. 2022): a new word's vectors learned with every
+    weight of the model frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field("", description="the placeholder word the captions use for the concept; the files are named "
+                       "after it (OUT/embeddings/WORD.safetensors) and a prompt names it the same way")
+    init: str = Field("*", description="the initialiser word(s): the vectors start as its token embeddings "
+                      "(spread over the vectors as A1111 does)")
+    vectors: int = Field(1, ge=1, le=75, description="number of vectors (tokens the word takes in a prompt)")
+
+
+class PriorConfig(BaseModel):
+    """DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2): class images the starting model draws from class
+    prompts, trained beside the instance images so the class keeps its meaning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str | None = Field(None, description="a text file of class prompts, one a line (None: off)")
+    images: int = Field(100, ge=1, description="class images generated once by the starting model (cycling the prompts)")
+    weight: float = Field(1.0, ge=0, description="λ: loss = instance + λ·prior")
+    steps: int = Field(25, ge=1, description="sampling steps of the class images")
+    guidance: float = Field(5.0, ge=0, description="guidance scale of the class images")
+    seed: int = Field(0, description="class images are drawn in blocks of 8, block k (images 8k…8k+7) with seed + 8k")
+    cache: str | None = Field(None, description="folder of generated class images, shared by runs (each set in a "
+                              "subfolder keyed by the model, prompts and settings); None: OUT/class_images")
+
+
 class FinetuneConfig(BaseModel):
     """Starting from a trained model (`ldmkit train --init-from MODEL`)."""
 
@@ -327,13 +356,15 @@ class FinetuneConfig(BaseModel):
     init_from: str | None = Field(None, description="an ldmkit run, a diffusers pipeline folder or an original SD "
                                   "single file: its U-Net weights start training, its first stage and text encoder "
                                   "are used (its model config replaces unet/autoencoder/conditioner's encoder)")
-    train: Literal["unet", "unet+text", "lora"] = Field(
-        "unet", description="what is trained: the whole U-Net; the U-Net and the text encoder; or only LoRA "
-        "adapters (the `lora:` section)")
+    train: Literal["unet", "unet+text", "lora", "embedding"] = Field(
+        "unet", description="what is trained: the whole U-Net; the U-Net and the text encoder; only LoRA "
+        "adapters (the `lora:` section); or a new word's vectors (textual inversion, `finetune.embedding`)")
     decoder_steps: int = Field(0, ge=0, description="first fine-tune the first stage's decoder for this many steps "
                                "(L2 reconstruction of the training images, encoder frozen so the latents and their "
                                "scale stay): for images the first stage never saw and cannot draw")
     decoder_lr: float = Field(1e-3, gt=0, description="the decoder's AdamW learning rate (cosine to 0)")
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    prior: PriorConfig = PriorConfig()
 
 
 class LoraConfig(BaseModel):
@@ -346,7 +377,8 @@ class LoraConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
     targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                description="U-Net layer names to adapt (suffixes); add conv1, conv2 for the ResBlocks")
-    text_encoder: bool = Field(False, description="also adapt the text encoder's attention projections")
+    text_encoder: bool = Field(False, description="also adapt the text encoder's attention projections (CLIP's "
+                               "q/k/v/out_proj, BERT's query/key/value/attention.output.dense)")
     format: Literal["diffusers", "kohya"] = Field(
         "diffusers", description="OUT/lora.safetensors: diffusers' load_lora_weights layout, or kohya's (A1111, ComfyUI)")
 

@@ -149,7 +149,7 @@ class DiffusionTask(Task):
             raise LdmkitError(f"dataset '{d.dataset}' has no labels, but the config asks for class conditioning")
         if cfg.conditioner.text_encoder and not any(self.data.texts):
             raise LdmkitError(f"dataset '{d.dataset}' has no captions, but the config asks for text conditioning")
-        if cfg.conditioner.text_encoder:  # fill the caption cache once, before the clock starts
+        if cfg.conditioner.text_encoder and self.caches_captions():  # fill the caption cache once, before the clock starts
             if isinstance(self.source, MemoryData):
                 warm_caption_cache(self.conditioner.text_encoder, self.data.texts)
             else:  # a collection's captions are encoded as they come; the cache keeps the most recent
@@ -168,6 +168,20 @@ class DiffusionTask(Task):
         self.ldm = LatentDiffusion.from_config(self.model_config, conditioner=self.conditioner)
         self.ldm.autoencoder.load_state_dict(ae.state_dict())
         return ae_meta
+
+    # hooks a fine-tune (train/finetune.py) changes where the text encoder or an embedding's vectors train
+
+    def caches_captions(self) -> bool:
+        """Whether captions are encoded once and cached (a frozen encoder); else they are encoded every step."""
+        return True
+
+    def loss_unet(self):
+        """The U-Net the loss calls (per piece): the trained module as the stepper runs it (wrapped for DDP/FSDP)."""
+        return self.trained
+
+    def sampling_unet(self):
+        """The U-Net sample grids use: the EMA's where there is one."""
+        return self.ema.module if self.ema is not None else self.module
 
     def load_weights(self, folder: Path) -> None:
         load_weights(self.ldm, folder / WEIGHTS)  # the whole LatentDiffusion, as the checkpoint holds it
@@ -216,7 +230,7 @@ class DiffusionTask(Task):
                 return self.ldm.loss(z0, texts=batch["text"] if use_text else None,
                                      labels=batch["label"] if use_labels else None, generator=r,
                                      images=batch["image"] if cfg.concat is not None else None,
-                                     masks=batch.get("mask"), unet=self.trained, size_crop=self._size_crop(batch, z0),
+                                     masks=batch.get("mask"), unet=self.loss_unet(), size_crop=self._size_crop(batch, z0),
                                      loss_mask=batch.get("loss_mask"))
 
         return piece_loss
@@ -236,7 +250,7 @@ class DiffusionTask(Task):
     def sample_grid(self, step: int) -> None:
         # a sharded U-Net runs collectively, so then every rank samples (the same images); else rank 0 alone
         cfg, ldm = self.cfg, self.ldm
-        net = self.ema.module if self.ema is not None else self.module
+        net = self.sampling_unet()
         if not (self.main or is_sharded(net)):
             return
         n = cfg.sample.num

@@ -7,23 +7,37 @@
                                 so the latents stay): a first stage cannot decode what it never saw
     finetune.train = unet       every U-Net weight trained, as in `ldmkit train`
                      unet+text  the U-Net and the text encoder's transformer
-                     lora       peft adapters on `lora.targets` (ldmkit.interop.lora); only A, B trained
+                     lora       peft adapters on `lora.targets` (ldmkit.interop.lora); only A, B trained;
+                                `lora.text_encoder` adds adapters on the encoder's attention projections
+                     embedding  textual inversion: a new word's vectors, all else frozen (train/inversion.py)
 
 The run is a normal `ldmkit train` folder: its checkpoints hold the whole model (for LoRA, the base
 with the adapter folded in at scale 1), so `sample`, `convert` and `serve` read it as they read any
 run. A LoRA run also writes the adapter alone as OUT/lora.safetensors (diffusers' `load_lora_weights`
 layout, or kohya's with `lora.format: kohya`), and keeps the adapter (live and EMA) in the training
 state, from which `--resume` restores it.
+
+Where the text encoder trains (unet+text, lora.text_encoder), its captions are not cached: each step encodes its
+batch anew with gradients (`CachedTextEncoder.encode_trainable`), and the trained module is the U-Net and the
+encoder's transformers model together (`TrainedParts`: one optimizer, one EMA, one gradient clip). Each checkpoint
+folder holds the encoder as a folder of its own (CHECKPOINT/text_encoder, + tokenizer/ for CLIP; the EMA's where
+there is an EMA, as `ldmkit.load` pairs it with the EMA U-Net; a LoRA folded in) and its config names it there;
+the training state holds the live encoder (or its adapter) and the EMA's, from which `--resume` restores them.
+The encoder stays on the CPU, as every text encoder in ldmkit does (the Conditioner keeps it out of `.to()`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import nn
 
 from ldmkit.checkpoint import load_training_state
 from ldmkit.conditioning import Conditioner
@@ -31,7 +45,10 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interop import lora as lora_io
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig
+from ldmkit.device import autocast
+from ldmkit.train import inversion, prior
 from ldmkit.train.diffusion import DiffusionTask
+from ldmkit.train.distributed import full_state_dict
 
 LORA_FILE = "lora.safetensors"
 
@@ -61,68 +78,110 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
     return ldm
 
 
+class TrainedParts(nn.Module):
+    """The U-Net and the text encoder's transformers model as one trained module (one optimizer, one EMA, one
+    gradient clip), called as the U-Net: the encoder's gradients come through the caption tokens (the Cond), which
+    the loss computes before this call (`CachedTextEncoder.encode_trainable`)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.unet(*args, **kwargs)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:  # optim.gradient_checkpointing: the U-Net's switch
+        self.unet.set_gradient_checkpointing(on)
+
+
+def _unet(net: nn.Module) -> nn.Module:
+    return net.unet if isinstance(net, TrainedParts) else net
+
+
+def _text(net: nn.Module) -> nn.Module | None:
+    return net.text_encoder if isinstance(net, TrainedParts) else None
+
+
 class LoraCheckpoints:
-    """Checkpoints of a task whose trained U-Net (`self.module`) may carry LoRA adapters (`self.lora`): the
-    weights hold the plain model (the adapter folded in at scale 1), so `sample`, `convert` and `serve` read
-    the run as any other; the training state holds the adapter alone (live and EMA), which `--resume`
-    restores; `save_lora_file` writes it as OUT/lora.safetensors. Mixed in before the task class."""
+    """Checkpoints of a task whose trained U-Net (`self.module`, or its `TrainedParts`) may carry LoRA adapters
+    (`self.lora`), on the text encoder too: the weights hold the plain model (the adapter folded in at scale 1), so
+    `sample`, `convert` and `serve` read the run as any other; the training state holds the adapter alone (live and
+    EMA), which `--resume` restores; `save_lora_file` writes it as OUT/lora.safetensors. Mixed in before the task
+    class."""
 
     lora: bool
 
     def weights(self) -> dict:
         if not self.lora:
             return super().weights()
-        return self._with_unet(lora_io.plain_state_dict(self.module))
+        return self._with_unet(lora_io.plain_state_dict(_unet(self.module)))
 
     def ema_weights(self) -> dict:
         if not self.lora:
             return super().ema_weights()
-        return self._with_unet(lora_io.plain_state_dict(self.ema.module))
+        return self._with_unet(lora_io.plain_state_dict(_unet(self.ema.module)))
+
+    def adapter(self, net: nn.Module) -> lora_io.Lora:
+        """The LoRA of `net` (the live module or the EMA's): the U-Net's layers, and the text encoder's."""
+        lora = lora_io.adapter_of(_unet(net))
+        if _text(net) is not None:
+            lora.update(lora_io.adapter_of(_text(net), "text_encoder"))
+        return lora
 
     def extra_state(self) -> dict:
         if not self.lora:
             return super().extra_state()
-        state = {"lora": _plain(lora_io.adapter_of(self.module))}
+        state = {"lora": _plain(self.adapter(self.module))}
         if self.ema is not None:
-            state["lora_ema"] = _plain(lora_io.adapter_of(self.ema.module))
+            state["lora_ema"] = _plain(self.adapter(self.ema.module))
         return state
+
+    def _load_adapter(self, net: nn.Module, lora: lora_io.Lora) -> None:
+        lora_io.load_adapter_(_unet(net), lora)
+        if _text(net) is not None:
+            lora_io.load_adapter_(_text(net), lora, "text_encoder")
 
     def load_weights(self, folder: Path) -> None:
         if not self.lora:
             return super().load_weights(folder)
-        lora_io.load_adapter_(self.module, _adapters(load_training_state(folder)["lora"]))
+        self._load_adapter(self.module, _adapters(load_training_state(folder)["lora"]))
 
     def load_ema(self, ema_module, path: Path) -> None:
         if not self.lora:
             return super().load_ema(ema_module, path)
         state = load_training_state(path.parent)
-        lora_io.load_adapter_(ema_module, _adapters(state.get("lora_ema", state["lora"])))
+        self._load_adapter(ema_module, _adapters(state.get("lora_ema", state["lora"])))
 
     def save_lora_file(self, lora_cfg, t0: float) -> dict:
         """Write the adapter (of the EMA where there is one) as OUT/lora.safetensors; its meta entry."""
         net = self.ema.module if self.ema is not None else self.module
-        lora_io.save_lora(lora_io.adapter_of(net), self.out / LORA_FILE, lora_cfg.format)
+        lora_io.save_lora(self.adapter(net), self.out / LORA_FILE, lora_cfg.format)
         return {"file": LORA_FILE, "format": lora_cfg.format, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha or lora_cfg.rank,
                 "targets": lora_cfg.targets,
+                **({"text_encoder_targets": lora_io.text_targets(_text(net))} if _text(net) is not None else {}),
                 "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
                 "seconds": round(time.time() - t0, 1)}
 
 
 class FinetuneTask(LoraCheckpoints, DiffusionTask):
-    """`DiffusionTask` started from `finetune.init_from`, training the U-Net, U-Net + text encoder, or LoRA."""
+    """`DiffusionTask` started from `finetune.init_from`, training the U-Net, U-Net + text encoder, LoRA (on the
+    U-Net, and the text encoder with `lora.text_encoder`), or a new word's vectors (textual inversion)."""
 
     name = "finetune"
     fsdp_refusal = "fine-tuning runs under DDP; set optim.distributed=ddp"
 
     def __init__(self, cfg: DiffusionTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         ft = cfg.finetune
-        if ft.train == "lora" and cfg.lora.text_encoder:
-            raise LdmkitError("lora.text_encoder: adapting the text encoder is not supported yet (its captions are "
-                              "encoded once and cached); set lora.text_encoder=false")
-        if ft.train == "unet+text":
-            raise LdmkitError("finetune.train: unet+text is not supported yet (the text encoder's captions are "
-                              "encoded once and cached); use unet or lora")
+        if (trains_text(cfg) or ft.train == "embedding") and dist.enabled:
+            raise LdmkitError(f"finetune.train={ft.train}{' with lora.text_encoder' if ft.train == 'lora' else ''} "
+                              "trains in one process for now (the text encoder stays on the CPU, which DDP cannot "
+                              "wrap with a GPU U-Net); run it without torchrun")
         super().__init__(cfg, out, dist, device, progress)
+        enc = self.conditioner.text_encoder
+        if (trains_text(cfg) or ft.train == "embedding") and enc is None:
+            raise LdmkitError(f"finetune.train={ft.train}{' with lora.text_encoder' if ft.train == 'lora' else ''} "
+                              "needs a model with a text encoder; this one has none")
+        self.prior = self._class_images(cfg, out) if ft.prior.prompts else None  # drawn by the model as it starts
         self.decoder_seconds = None
         if ft.decoder_steps:
             if self.mean is None:
@@ -135,11 +194,106 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             lora_io.add_adapter(self.ldm.unet, lo.rank, lo.alpha, lo.dropout, lo.targets)
             self.ldm.unet.to(device)  # the new adapter layers
             self.ldm.train()
+        if trains_text(cfg):
+            self.text_template = None  # the encoder without adapters: a LoRA's is folded into a copy of it to save
+            if ft.train == "lora":
+                self.text_template = copy.deepcopy(enc.model)
+                lo = cfg.lora
+                lora_io.add_adapter(enc.model, lo.rank, lo.alpha, lo.dropout, lora_io.text_targets(enc.model))
+            else:
+                enc.model.requires_grad_(True)
+            enc.model.train()  # as kohya's and diffusers' trainers (BERT's dropout then draws from seed_step's RNG)
+            enc.trains = True
+            self.module = TrainedParts(self.ldm.unet, enc.model)
+        if ft.train == "embedding":
+            emb = ft.embedding
+            inversion.check_word(enc, emb.token, list(self.data.texts))
+            self.ldm.eval().requires_grad_(False)  # the U-Net the vectors are fitted to: a fixed function (no dropout)
+            self.module = inversion.WordVectors(inversion.initial_vectors(enc, emb.init, emb.vectors)).to(device)
+            self.library = inversion.TrainingLibrary(emb.token, self.module.vectors)
+            enc.embeddings, enc.trains = self.library, True
+
+    def _class_images(self, cfg: DiffusionTrainConfig, out: Path) -> dict:
+        """DreamBooth's class images (train/prior.py), generated once (cached), and their posteriors."""
+        from ldmkit.train.latents import encode_batches
+
+        pc, ft = cfg.finetune.prior, cfg.finetune
+        if ft.train == "embedding":
+            raise LdmkitError("finetune.prior (DreamBooth) trains the U-Net: use finetune.train unet, unet+text or lora, "
+                              "not embedding")
+        if not ft.init_from or self.conditioner.text_encoder is None:
+            raise LdmkitError("finetune.prior needs a text-to-image model to draw the class images: pass --init-from MODEL")
+        if cfg.concat is not None:
+            raise LdmkitError("finetune.prior: class images for a model with a concatenation route (inpainting, "
+                              "super-resolution) are not supported; leave finetune.prior.prompts unset")
+        prompts = prior.read_prompts(pc.prompts)
+        cache = Path(pc.cache) if pc.cache else out / prior.CLASS_DIR
+        t0 = time.time()
+        self.ldm.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):  # the global RNG (LoRA's init after this) as without a prior
+                images, texts, folder, calls = prior.class_images(self.ldm, prompts, pc.images, pc.seed, pc.steps,
+                                                                  pc.guidance, cfg.data.size, cache)
+        finally:
+            self.ldm.train()
+        with torch.no_grad():
+            parts = list(encode_batches(self.ldm.autoencoder, images.to(self.device), 64, False))
+        mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])  # (N, c, h, w) each
+        return {"images": images, "texts": texts, "mean": mean, "std": std,
+                "meta": {"folder": str(folder), "images": pc.images, "prompts": len(prompts), "weight": pc.weight,
+                         "generate_calls": calls, "seconds": round(time.time() - t0, 1)}}
+
+    def piece_loss_at(self, step: int):
+        instance = super().piece_loss_at(step)
+        if self.embedding:
+            return self._with_vectors(instance)
+        if self.prior is None:
+            return instance
+        weight = self.cfg.finetune.prior.weight
+        self.step_losses = sums = {"instance_loss": 0.0, "prior_loss": 0.0, "rows": 0}
+
+        def piece_loss(lo: int, hi: int) -> torch.Tensor:
+            li, lp = instance(lo, hi), self._prior_loss(step, lo, hi)
+            sums["instance_loss"] += li.detach() * (hi - lo)
+            sums["prior_loss"] += lp.detach() * (hi - lo)
+            sums["rows"] += hi - lo
+            return li + weight * lp  # DreamBooth eq. 2: instance + λ·prior, each the mean over its rows
+
+        return piece_loss
+
+    def _with_vectors(self, piece_loss):
+        """A piece whose captions all lack the word (caption dropout, a set where only some images show the concept)
+        has no path to the vectors: a zero term keeps its backward valid (a zero gradient, as for any unused
+        parameter) instead of failing on a loss that needs no gradient."""
+
+        def with_vectors(lo: int, hi: int) -> torch.Tensor:
+            loss = piece_loss(lo, hi)  # sets the library's vectors (`loss_unet`)
+            return loss + 0.0 * self.library.vectors.sum()
+
+        return with_vectors
+
+    def _prior_loss(self, step: int, lo: int, hi: int) -> torch.Tensor:
+        """The mean loss of class rows [lo, hi) of step `step` (train/prior.py: which images, which draws)."""
+        o, p = self.optim, self.prior
+        rows = prior.class_rows(step, lo, hi, o.batch_size, len(p["texts"]), o.seed)
+        r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
+        mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
+        ae = self.ldm.autoencoder.config
+        z0 = (mean + std * r.randn(*mean.shape[1:]).to(mean.device) - ae.shift_factor) * ae.scaling_factor
+        with autocast(o.precision, self.device):
+            return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
+
+    def log_values(self) -> dict[str, float]:
+        values = super().log_values()
+        sums = getattr(self, "step_losses", None)
+        if self.prior is not None and sums and sums["rows"]:
+            values.update({k: float(sums[k]) / sums["rows"] for k in ("instance_loss", "prior_loss")})
+        return values
 
     def _build_model(self, cfg: DiffusionTrainConfig) -> dict:
         if not cfg.finetune.init_from:
-            if cfg.finetune.train == "lora":
-                raise LdmkitError("finetune.train: lora needs a model to adapt: pass --init-from MODEL")
+            if cfg.finetune.train in ("lora", "embedding"):
+                raise LdmkitError(f"finetune.train: {cfg.finetune.train} needs a model to adapt: pass --init-from MODEL")
             return super()._build_model(cfg)
         self.ldm = load_init_model(cfg)
         self.conditioner = self.ldm.conditioner
@@ -152,15 +306,122 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
     def lora(self) -> bool:
         return self.cfg.finetune.train == "lora"
 
+    @property
+    def embedding(self) -> bool:
+        return self.cfg.finetune.train == "embedding"
+
+    # --- the hooks of DiffusionTask
+
+    def caches_captions(self) -> bool:
+        return not (trains_text(self.cfg) or self.embedding)
+
+    def loss_unet(self):
+        if self.embedding:  # this piece's vectors (through the DDP wrapper's forward, if any) into the encoder
+            self.library.use(self.trained())
+            return self.ldm.unet
+        return self.trained
+
+    def sampling_unet(self):
+        net = self.ema.module if self.ema is not None else self.module
+        if self.embedding:
+            self.library.use(net.vectors.detach())
+            return self.ldm.unet
+        return _unet(net)
+
+    def sample_grid(self, step: int) -> None:
+        enc = self.conditioner.text_encoder
+        if not trains_text(self.cfg):
+            return super().sample_grid(step)
+        enc.model.eval()  # no dropout in the grid; the live encoder (the EMA's is saved in the checkpoint)
+        try:
+            super().sample_grid(step)
+        finally:
+            enc.model.train()
+
+    # --- checkpoints: what trains beyond the U-Net
+
+    def weights(self) -> dict:
+        if self.embedding:
+            return self.ldm.state_dict()  # unchanged: the run stays a model `sample` reads
+        if self.lora or not isinstance(self.module, TrainedParts):
+            return super().weights()
+        return self._with_unet(full_state_dict(self.module.unet))
+
+    def ema_weights(self) -> dict:
+        if self.embedding:
+            return self.ldm.state_dict()
+        if self.lora or not isinstance(self.module, TrainedParts):
+            return super().ema_weights()
+        return self._with_unet(full_state_dict(self.ema.module.unet))
+
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        ema = self.ema.module if self.ema is not None else None
+        if self.embedding:
+            state["embedding"] = self.module.vectors.detach().clone()
+            if ema is not None:
+                state["embedding_ema"] = ema.vectors.detach().clone()
+        elif trains_text(self.cfg) and not self.lora:  # (a LoRA's text adapter is in super's "lora")
+            state["text_encoder"] = dict(self.module.text_encoder.state_dict())
+            if ema is not None:
+                state["text_encoder_ema"] = dict(ema.text_encoder.state_dict())
+        return state
+
+    def load_weights(self, folder: Path) -> None:
+        super().load_weights(folder)
+        if self.embedding:
+            with torch.no_grad():
+                self.module.vectors.copy_(load_training_state(folder)["embedding"])
+        elif trains_text(self.cfg) and not self.lora:
+            self.module.text_encoder.load_state_dict(load_training_state(folder)["text_encoder"])
+
+    def load_ema(self, ema_module, path: Path) -> None:
+        if self.embedding:
+            state = load_training_state(path.parent)
+            with torch.no_grad():
+                ema_module.vectors.copy_(state.get("embedding_ema", state["embedding"]))
+            return
+        if self.lora or not isinstance(ema_module, TrainedParts):
+            return super().load_ema(ema_module, path)
+        super().load_ema(ema_module.unet, path)
+        state = load_training_state(path.parent)
+        ema_module.text_encoder.load_state_dict(state.get("text_encoder_ema", state["text_encoder"]))
+
+    def checkpoint_files(self, folder: Path) -> tuple[BaseModel, Callable[[Path], None] | None]:
+        if not trains_text(self.cfg):
+            return super().checkpoint_files(folder)
+        net = self.ema.module if self.ema is not None else self.module
+        model = net.text_encoder
+        if self.lora:  # the adapter folded in, in a copy without adapters
+            model = copy.deepcopy(self.text_template)
+            model.load_state_dict(lora_io.plain_state_dict(net.text_encoder))
+        enc = self.conditioner.text_encoder
+        name = str(folder.resolve() / "text_encoder")  # where `save_model` writes it, once the folder is in place
+        cond = self.model_config.conditioner.model_copy(update={"text_encoder": name})
+        return self.model_config.model_copy(update={"conditioner": cond}), lambda tmp: enc.save_model(tmp, model)
+
     def finish(self, step: int, t0: float) -> dict:
         meta = super().finish(step, t0)
         ft = self.cfg.finetune
         meta.update({"init_from": ft.init_from, "finetune": ft.train, "autoencoder": ft.init_from or meta["autoencoder"]})
         if self.decoder_seconds is not None:
             meta["decoder"] = {"steps": ft.decoder_steps, "seconds": round(self.decoder_seconds, 1)}
+        if self.prior is not None:
+            meta["prior"] = self.prior["meta"]
         if self.lora and self.main:
             meta["lora"] = self.save_lora_file(self.cfg.lora, t0)
+        if self.embedding and self.main:
+            net = self.ema.module if self.ema is not None else self.module
+            meta["embedding"] = {"token": ft.embedding.token, "init": ft.embedding.init,
+                                 **inversion.save_embedding_files(net.vectors, ft.embedding.token, self.out,
+                                                                  Path(str(ft.init_from)).name)}
         return meta
+
+
+def trains_text(cfg: DiffusionTrainConfig) -> bool:
+    """Whether the text encoder's weights (or a LoRA on them) train, so its captions cannot be cached."""
+    ft = cfg.finetune
+    return ft.train == "unet+text" or (ft.train == "lora" and cfg.lora.text_encoder)
 
 
 def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, steps: int, lr: float,

@@ -306,6 +306,12 @@ class Task(ABC):
     def checkpoint_meta(self, step: int, meta: dict | None) -> dict:
         return meta or {"step": step}
 
+    def checkpoint_files(self, folder: Path) -> tuple[BaseModel, Callable[[Path], None] | None]:
+        """The model config the checkpoint at `folder` records, and a function writing more files into it before
+        it is renamed into place (`save_checkpoint`'s `files`), or None. A task whose text encoder trains saves
+        the encoder there, and the config names it at `folder`."""
+        return self.model_config, None
+
     @abstractmethod
     def finish(self, step: int, t0: float) -> dict:
         """After the last step (`step`; training started at time `t0`): the final checkpoint's meta."""
@@ -410,9 +416,10 @@ def _checkpointer(task: Task, opt: torch.optim.Optimizer, stepper: Stepper) -> C
         if task.ema is not None:
             state["ema"] = task.ema.state_dict()
         if task.main:
-            folder = save_checkpoint(task.out, step, task.kind, weights, task.model_config,
+            config, files = task.checkpoint_files(folder)
+            folder = save_checkpoint(task.out, step, task.kind, weights, config,
                                      meta=task.checkpoint_meta(step, meta), ema=ema_weights, training_state=state,
-                                     keep=task.cfg.logging.keep_checkpoints)
+                                     keep=task.cfg.logging.keep_checkpoints, files=files)
         task.dist.barrier()
         return folder
 
