@@ -232,3 +232,28 @@ def test_sdxl_lora_saved_by_diffusers_loads_into_ldmkit(sdxl_folder, tmp_path): 
             want = 3.0 * sd[key.replace(".lora_A.", ".lora_B.")] @ down  # (α / r) B A
             assert torch.equal(lora[path].down, down) and (lora[path].delta() - want).abs().max() <= 1e-6, path
     L.merge_lora(ldm, lora)  # every path names a layer of ldmkit's SDXL model
+
+
+def test_full_size_sdxl_kohya_names_are_sd_scripts_and_read_back_through_diffusers():
+    """The real SDXL U-Net (meta device): a bare ldmkit SDXL U-Net is recognised as SDXL and gets the
+    original-layout names sd-scripts writes for SDXL (depth 10 at input_blocks.7–8, the middle block and
+    output_blocks.0–2), and diffusers' SDXL reader maps every one of them back to ldmkit's module path."""
+    from ldmkit.unet import UNet, unet_sdxl
+    from test_sdxl_files import SDXL_UNET
+
+    with torch.device("meta"):
+        unet = UNet(unet_sdxl())
+    assert L.is_sdxl(unet) and L.family(unet) == "SDXL"
+    paths = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ".transformer_blocks." in n]
+    lora = {f"unet.{p}": L.Adapter(torch.zeros(1, 1), torch.zeros(1, 1), 1.0) for p in paths}
+    sd, _ = L.to_state_dict(lora, "kohya", unet)
+    names = {k.split(".")[0] for k in sd}
+    for name in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+                 "lora_unet_middle_block_1_transformer_blocks_9_ff_net_0_proj", "lora_unet_output_blocks_0_1_transformer_blocks_9_attn2_to_out_0",
+                 "lora_unet_output_blocks_5_1_transformer_blocks_1_ff_net_2"):  # fmt: skip
+        assert name in names, name
+    with torch.device("meta"):
+        config = diffusers.UNet2DConditionModel(**SDXL_UNET).config
+    theirs, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(dict(sd), config))
+    theirs = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in theirs.items()})
+    assert {k.removesuffix(".lora_A.weight") for k in theirs if ".lora_A." in k} == set(paths)
