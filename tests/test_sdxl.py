@@ -427,3 +427,18 @@ def test_textual_inversion_on_sdxl_is_refused_in_one_line(tmp_path):
                        text_encoder=_encoder(tiny_sdxl_pipeline()))
     with pytest.raises(LdmkitError, match="SDXLTextEncoder cannot take textual-inversion embeddings"):
         attach_embeddings(cond, tmp_path)
+
+
+def test_pooled_embedding_while_the_encoders_train():
+    """With `trains` set (text-encoder fine-tuning), the pooled embedding is encoded anew each call, equal to the
+    cached one, and carries the graph to bigG's projection; nothing cached from moving weights is reused."""
+    enc = _encoder(tiny_sdxl_pipeline())
+    cached = enc.pooled(["a cat", "dog"])
+    enc.trains = True
+    enc.second.model.requires_grad_(True)
+    fresh = enc.pooled(["a cat", "dog"])
+    assert torch.allclose(fresh, cached, atol=1e-6) and fresh.requires_grad and not enc._pooled
+    fresh.sum().backward()
+    proj = enc.second.model.text_projection.weight
+    # d Σ pooled / d W_proj = 1 ⊗ Σ_b normed end-token state: every row the same
+    assert proj.grad is not None and torch.allclose(proj.grad, proj.grad[:1].expand_as(proj.grad))

@@ -573,16 +573,16 @@ class SDXLTextEncoder(CachedTextEncoder):
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         contexts = [part._encode(texts)[0] for part in (self.first, self.second)]  # (B, 77, D1), (B, 77, D2)
-        for text, pooled in zip(texts, self.second.last_pooled):
-            self._pooled[text] = pooled.float().cpu().clone()  # (P,)
+        for text, pooled in zip(texts, self.second.last_pooled if not self.trains else ()):  # training: no cache
+            self._pooled[text] = pooled.detach().float().cpu().clone()  # (P,)
         context = torch.cat(contexts, dim=-1)  # (B, 77, D1 + D2)
         return context, torch.ones(context.shape[:2], dtype=torch.bool)
 
-    def _syntax_seqs(self, prompts: list[str]) -> list[torch.Tensor]:
+    def _syntax_seqs(self, prompts: list[str], parse: bool = True) -> list[torch.Tensor]:
         """Each encoder parses and chunks the prompt with its own tokenizer; chunk counts differ only if the
         tokenizers' vocabularies do, and then the shorter is padded with its empty prompt's chunk."""
         version = self._embeddings_version()
-        first = self.first._syntax_seqs(prompts)  # [(M1_i, D1)]
+        first = self.first._syntax_seqs(prompts, parse)  # [(M1_i, D1)]
         pooled_runs: list[torch.Tensor] = []
 
         def record(module, args, out):  # the first transformer run holds chunk 0 of every prompt, in order
@@ -590,11 +590,11 @@ class SDXLTextEncoder(CachedTextEncoder):
 
         handle = self.second.model.register_forward_hook(record)
         try:
-            second = self.second._syntax_seqs(prompts)  # [(M2_i, D2)]
+            second = self.second._syntax_seqs(prompts, parse)  # [(M2_i, D2)]
         finally:
             handle.remove()
         for p, pooled in zip(prompts, pooled_runs[0] if pooled_runs else []):
-            self._pooled[("a1111", version, p)] = pooled.float().cpu().clone()  # (P,)
+            self._pooled[("a1111", version, p)] = pooled.detach().float().cpu().clone()  # (P,)
         out = []
         for a, b in zip(first, second):
             if a.shape[0] != b.shape[0]:
@@ -604,8 +604,15 @@ class SDXLTextEncoder(CachedTextEncoder):
         return out
 
     def pooled(self, texts: list[str], syntax: bool = False) -> torch.Tensor:
-        """The pooled bigG embeddings (B, P) float32 of captions (encoded first if not cached)."""
+        """The pooled bigG embeddings (B, P) float32 of captions (encoded first if not cached). While the encoders
+        train (`trains`) plain captions are encoded anew, with gradients where the caller has them, and nothing
+        cached survives (it came from weights that have moved), as `encode_trainable` does for the contexts."""
         syntax = syntax and self.reads_syntax
+        if self.trains:
+            self._pooled.clear()
+            if not syntax:
+                self._encode(list(texts))
+                return self.second.last_pooled.float()  # (B, P)
         keys = [("a1111", self._embeddings_version(), t) if syntax else t for t in texts]
         missing = sorted({t for t, k in zip(texts, keys) if k not in self._pooled})
         for i in range(0, len(missing), 256):
