@@ -18,6 +18,13 @@ and `text_encoder.<path inside the transformers model>`. On disk:
 | diffusers | `unet.<path>.lora_A.weight`, `unet.<path>.lora_B.weight` (peft names) | α/r folded into B on save; read from `lora_adapter_metadata` or `.alpha` keys if present |
 | kohya     | `lora_unet_<path, "." → "_">.lora_down.weight`, `.lora_up.weight`, `.alpha` (A1111, ComfyUI) | `.alpha`     |
 
+SDXL has two text encoders, `text_encoder` (CLIP ViT-L) and `text_encoder_2` (OpenCLIP bigG), kohya
+`lora_te1_` and `lora_te2_` (SD 1/2's single one is `lora_te_`, also read as `lora_te1_`). kohya's
+sd-scripts trains SDXL on Stability's own U-Net, so an SDXL kohya file names U-Net layers in the original
+(sgm) layout, `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; ldmkit writes SDXL that way
+(given the model) and reads both spellings for any model, through the original-format key map
+(`interop.original_keys.unet_module_map`), where diffusers' loader guesses from name patterns.
+
 The diffusers layout is what `StableDiffusionPipeline.load_lora_weights` reads; a peft
 `get_peft_model_state_dict` of a U-Net (keys without the `unet.` prefix, or with peft's
 `base_model.model.`) and the older diffusers `.lora.down/.lora.up` keys read too. Kohya names are
@@ -44,7 +51,9 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj",
 CONV_TARGETS = ("conv1", "conv2")  # the ResBlock convolutions (`lora.targets` may add them)
 LAYOUTS = ("diffusers", "kohya")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry for the adapter's config
-_PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # model part -> kohya prefix
+_PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}  # part -> kohya prefix
+_ANOTHER = "it was made for another architecture"
+_KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 
 
 @dataclass
@@ -74,17 +83,68 @@ Lora = dict[str, Adapter]
 
 
 def model_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """{"unet": …, "text_encoder": …} of a LatentDiffusion (the text encoder's transformers model, when
-    it has one), or {"unet": model} for a bare U-Net."""
+    """{"unet": …, "text_encoder": …[, "text_encoder_2": …]} of a LatentDiffusion (each text encoder's
+    transformers model, when it has one; SDXL's second is OpenCLIP bigG), or {"unet": model} for a bare U-Net."""
     unet = getattr(model, "unet", None)
     if unet is None:
         return {"unet": model}
     parts = {"unet": unet}
-    enc = getattr(getattr(model, "conditioner", None), "text_encoder", None)
-    inner = getattr(enc, "model", None)  # CLIPTextEncoder.model / MiniLMTextEncoder.model
-    if isinstance(inner, nn.Module):
-        parts["text_encoder"] = inner
+    cond = getattr(model, "conditioner", None)
+    for name, enc in zip(("text_encoder", "text_encoder_2"), text_encoders(cond)):
+        inner = getattr(enc, "model", None)  # CLIPTextEncoder.model / MiniLMTextEncoder.model
+        if isinstance(inner, nn.Module):
+            parts[name] = inner
     return parts
+
+
+def text_encoders(cond) -> list:
+    """The conditioner's text encoders in diffusers' order (text_encoder, text_encoder_2): one for SD 1/2,
+    SDXL's two (`SDXLTextEncoder.first`, CLIP ViT-L, and `.second`, OpenCLIP bigG)."""
+    enc = getattr(cond, "text_encoder", None)
+    if enc is None:
+        return []
+    if hasattr(enc, "first") and hasattr(enc, "second"):  # SDXLTextEncoder
+        return [enc.first, enc.second]
+    return [enc]
+
+
+def is_sdxl(model: nn.Module) -> bool:
+    """An SDXL-shaped model: two text encoders, or a U-Net with a vector route and a 2048/1280-wide
+    context (the rule diffusers' single-file loader uses to call a U-Net SDXL: `context_dim in [2048, 1280]`)."""
+    parts = model_parts(model)
+    cfg = getattr(parts["unet"], "config", None)
+    return "text_encoder_2" in parts or (getattr(cfg, "vector_dim", 0) > 0 and getattr(cfg, "context_dim", None) in (2048, 1280))
+
+
+def family(model: nn.Module) -> str:
+    """What a model is, in the words LoRA files are sold under: SDXL, SD 1.x (768-wide context), SD 2.x (1024)."""
+    if is_sdxl(model):
+        return "SDXL"
+    ctx = getattr(getattr(model_parts(model)["unet"], "config", None), "context_dim", None)
+    return _CONTEXT_FAMILY.get(ctx, "") if ctx in (768, 1024) else ""
+
+
+_CONTEXT_FAMILY = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "SDXL"}  # text width → family (1280: refiner)
+
+
+def lora_family(lora: Mapping[str, Adapter]) -> str:
+    """What a LoRA was made for, from what it adapts: a second text encoder is SDXL's; else the width of
+    the text features its cross-attention reads (attn2.to_k's input: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL)."""
+    if any(p.startswith("text_encoder_2.") for p in lora):
+        return "SDXL"
+    for path, a in lora.items():
+        if path.startswith("unet.") and path.endswith(("attn2.to_k", "attn2.to_v")):
+            return _CONTEXT_FAMILY.get(a.down.shape[1], "")
+    return ""
+
+
+def _mismatch(what: str, lora_kind: str, model: nn.Module | None) -> LdmkitError:
+    """One line for a LoRA that does not fit the model: the two families when both are known."""
+    model_kind = family(model) if model is not None else ""
+    if lora_kind and model_kind and lora_kind != model_kind:
+        return LdmkitError(f"this LoRA was made for {lora_kind} but the model is {model_kind} ({what}); "
+                           f"use a LoRA made for {model_kind}")
+    return LdmkitError(f"{what}: {_ANOTHER}")
 
 
 def _module(parts: Mapping[str, nn.Module], path: str) -> nn.Module:
@@ -99,8 +159,7 @@ def _module(parts: Mapping[str, nn.Module], path: str) -> nn.Module:
                 raise
             m = parts[part].get_submodule(rest.removeprefix("text_model."))  # transformers >= 5.6 flattened CLIP
     except AttributeError:
-        raise LdmkitError(f"the LoRA adapts {path}, which this model does not have: it was made for another "
-                          "architecture") from None
+        raise LdmkitError(f"the LoRA adapts {path}, which this model does not have: {_ANOTHER}") from None
     if hasattr(m, "base_layer"):  # a peft-wrapped layer: the plain one inside
         m = m.base_layer
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -211,15 +270,26 @@ def merge_lora(model: nn.Module, lora: Lora | str | Path, scale: float = 1.0) ->
         lora = load_lora(lora, model)
     if scale == 0:
         return model
+    kind = lora_family(lora)
+    for path in lora:
+        try:
+            _module(parts, path)
+        except LdmkitError as e:
+            raise _mismatch(str(e).removeprefix("the LoRA adapts ").removesuffix(": " + _ANOTHER), kind, model) from None
     for path, a in lora.items():
         m = _module(parts, path)
-        if tuple(a.delta().shape) != tuple(m.weight.shape):
-            raise LdmkitError(f"the LoRA's {path} is {tuple(a.delta().shape)} but the model's weight is "
-                              f"{tuple(m.weight.shape)}: it was made for another model")
+        shape = (a.up.shape[0], *a.down.shape[1:])  # ΔW's shape (see Adapter.delta), checked before any weight moves
+        if shape != tuple(m.weight.shape):
+            raise _mismatch(f"its {path} is {shape}, the model's weight {tuple(m.weight.shape)}", kind, model)
+    for path, a in lora.items():
+        m = _module(parts, path)
         m.weight.add_(scale * a.delta(m.weight.dtype).to(m.weight.device))
-    enc = getattr(getattr(model, "conditioner", None), "text_encoder", None)
-    if any(p.startswith("text_encoder.") for p in lora) and hasattr(enc, "_cache"):
-        enc._cache.clear()  # captions encoded before the merge are stale
+    if any(p.startswith("text_encoder") for p in lora):
+        cond = getattr(model, "conditioner", None)
+        for enc in [getattr(cond, "text_encoder", None), *text_encoders(cond)]:
+            for cache in (getattr(enc, "_cache", None), getattr(enc, "_pooled", None)):  # SDXL: pooled vectors too
+                if cache is not None:
+                    cache.clear()  # captions encoded before the merge are stale
     return model
 
 
@@ -245,8 +315,15 @@ def apply_loras(model: nn.Module, specs: Iterable[str | tuple[str, float]]) -> n
 # --- files ----------------------------------------------------------------------------------------
 
 
-def to_state_dict(lora: Lora, layout: str = "diffusers") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of `lora` in `layout` (see the module docstring)."""
+def to_state_dict(lora: Lora, layout: str = "diffusers", model: nn.Module | None = None, unet_names: str = "auto"
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """(tensors, safetensors metadata) of `lora` in `layout` (see the module docstring). `model`: the model
+    it adapts; an SDXL one gets kohya's SDXL names (`lora_te1_`/`lora_te2_`, and with `unet_names="auto"` the
+    original-layout U-Net names sd-scripts writes). `unet_names="diffusers"` keeps diffusers' module names
+    in a kohya file (what diffusers' `convert_state_dict_to_kohya` writes; A1111 and ComfyUI read both),
+    "original" asks for the original names (then `model` is needed)."""
+    if unet_names not in ("auto", "diffusers", "original"):
+        raise LdmkitError(f"unet_names is 'auto', 'diffusers' or 'original', not {unet_names!r}")
     if layout not in LAYOUTS:
         raise LdmkitError(f"unknown LoRA layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     sd: dict[str, torch.Tensor] = {}
@@ -257,26 +334,58 @@ def to_state_dict(lora: Lora, layout: str = "diffusers") -> tuple[dict[str, torc
         ranks = sorted({a.rank for a in lora.values()})
         meta = {"format": "diffusers", "ldmkit_lora": "1", "rank": ",".join(map(str, ranks))}
         return sd, meta
+    sdxl = any(p.startswith("text_encoder_2.") for p in lora) or (model is not None and is_sdxl(model))
+    unet_modules = None
+    if unet_names == "original" or (unet_names == "auto" and sdxl):
+        unet_modules = _unet_modules(model) if model is not None else None
+        if unet_modules is None and unet_names == "original":
+            raise LdmkitError("original-layout U-Net names need the model the LoRA adapts (an ldmkit U-Net)")
     for path, a in lora.items():
-        part, _, rest = path.partition(".")
-        if part not in _PARTS:
-            raise LdmkitError(f"the kohya layout has no name for {path}")
-        name = _PARTS[part] + rest.replace(".", "_")
+        name = kohya_name(path, sdxl, unet_modules)
         sd[f"{name}.lora_down.weight"] = a.down.contiguous()
         sd[f"{name}.lora_up.weight"] = a.up.contiguous()
         sd[f"{name}.alpha"] = torch.tensor(float(a.alpha))
     return sd, {"format": "kohya", "ldmkit_lora": "1", "ss_network_module": "networks.lora"}
 
 
-def save_lora(lora: Lora, path: str | Path, layout: str = "diffusers") -> Path:
-    """Write `lora` as one .safetensors file in `layout`, atomically."""
+def kohya_name(path: str, sdxl: bool = False, unet_modules=None) -> str:
+    """A module path's kohya name: `lora_unet_` + the U-Net path (its original name when `unet_modules`,
+    as sd-scripts writes SDXL), `lora_te_`/`lora_te1_`/`lora_te2_` + the path inside the text encoder, with
+    transformers' `text_model.` level (flattened away in transformers ≥ 5.6, kept in every kohya file)."""
+    part, _, rest = path.partition(".")
+    if part not in _PARTS:
+        raise LdmkitError(f"the kohya layout has no name for {path}")
+    if part == "unet" and unet_modules is not None:
+        from ldmkit.interop.original_keys import original_unet_module
+
+        rest = original_unet_module(rest, unet_modules)
+    if part.startswith("text_encoder") and not rest.startswith(("text_model.", "text_projection")):
+        rest = "text_model." + rest
+    prefix = "lora_te1_" if sdxl and part == "text_encoder" else _PARTS[part]
+    return prefix + rest.replace(".", "_")
+
+
+def _unet_modules(model: nn.Module):
+    """The original-format module map of the model's U-Net (None when it has no original form)."""
+    from ldmkit.interop.original_keys import unet_modules_of
+
+    cfg = getattr(model_parts(model)["unet"], "config", None)
+    try:
+        return unet_modules_of(cfg)
+    except (AttributeError, TypeError):  # not an ldmkit UNetConfig (a diffusers model)
+        return None
+
+
+def save_lora(lora: Lora, path: str | Path, layout: str = "diffusers", model: nn.Module | None = None,
+              unet_names: str = "auto") -> Path:  # fmt: skip
+    """Write `lora` as one .safetensors file in `layout`, atomically (`model`, `unet_names`: see `to_state_dict`)."""
     from safetensors.torch import save
 
     from ldmkit.imageio import atomic_write
 
     if not lora:
         raise LdmkitError("the LoRA is empty: no layer was adapted")
-    sd, meta = to_state_dict(lora, layout)
+    sd, meta = to_state_dict(lora, layout, model, unet_names)
     path = Path(path)
     atomic_write(path, save({k: v.detach().cpu() for k, v in sd.items()}, metadata=meta))
     return path
@@ -397,34 +506,48 @@ def _metadata_alphas(meta: Mapping[str, str]) -> dict[str, float]:
 def _alpha_for(path: str, alphas: Mapping[str, float], rank: int) -> float:
     """The most specific alpha the metadata gives `path` (a per-layer pattern, then its part), else the rank."""
     part = path.split(".", 1)[0]
-    for key, alpha in alphas.items():
-        if key != part and (path == key or path.endswith("." + key.split(".", 1)[1])):
+    for key, alpha in alphas.items():  # per-layer keys of this part only (an SDXL file has three parts' alphas)
+        if key.startswith(part + ".") and (path == key or path.endswith("." + key.split(".", 1)[1])):
             return alpha
     return alphas.get(part, float(rank))
 
 
 def _from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Lora:
     parts = model_parts(model)
+    unet_modules = _unet_modules(model)
     table = {}
-    for part, prefix in _PARTS.items():
-        if part in parts:
-            for name, m in parts[part].named_modules():
-                if isinstance(m, (nn.Linear, nn.Conv2d)) or hasattr(m, "base_layer"):
-                    table[prefix + name.replace(".", "_")] = f"{part}.{name}"
-                    if part == "text_encoder" and not name.startswith("text_model."):  # a flattened CLIPTextModel
-                        table[f"{prefix}text_model_{name.replace('.', '_')}"] = f"{part}.{name}"
+    for prefix, part in _KOHYA_PARTS.items():
+        if part not in parts:
+            continue
+        for name, m in parts[part].named_modules():
+            if not (isinstance(m, (nn.Linear, nn.Conv2d)) or hasattr(m, "base_layer")):
+                continue
+            table[prefix + name.replace(".", "_")] = f"{part}.{name}"
+            if part.startswith("text_encoder") and not name.startswith("text_model."):  # a flattened CLIPTextModel
+                table[f"{prefix}text_model_{name.replace('.', '_')}"] = f"{part}.{name}"
+            if part == "unet" and unet_modules is not None:  # the original (sgm) spelling, as SDXL files have
+                try:
+                    table[kohya_name(f"unet.{name}", unet_modules=unet_modules)] = f"unet.{name}"
+                except LdmkitError:
+                    pass  # a module with no original name (none of SD's): only its diffusers spelling
     out: Lora = {}
+    unknown = []
     for k, v in sd.items():
         if not k.endswith(".lora_down.weight"):
             continue
         name = k.split(".", 1)[0]
         if name not in table:
-            raise LdmkitError(f"kohya LoRA layer {name} names no layer of this model (made for another one?)")
+            unknown.append(name)
+            continue
         up = sd.get(f"{name}.lora_up.weight")
         if up is None:
             raise LdmkitError(f"kohya LoRA layer {name} has no lora_up weight")
         alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else v.shape[0]
         out[table[name]] = Adapter(v, up, alpha)
+    if unknown:  # the family from the file itself: its names may not resolve on this model at all
+        widths = [v.shape[1] for k, v in sd.items() if k.endswith("attn2_to_k.lora_down.weight")]
+        kind = "SDXL" if any(n.startswith("lora_te2_") for n in unknown) else _CONTEXT_FAMILY.get(widths[0], "") if widths else ""
+        raise _mismatch(f"its layer {unknown[0]} names no layer of this model", kind, model)
     if not out:
         raise LdmkitError("no lora_down weights found")
     return out
@@ -447,5 +570,5 @@ def convert_lora_file(src: str | Path, dst: str | Path, layout: str, model: str 
 
         net = load_any(model)
     lora = load_lora(src, net)
-    save_lora(lora, dst, layout)
+    save_lora(lora, dst, layout, net)
     return f"converted LoRA {src} ({len(lora)} layers) to {dst} ({layout} layout)"

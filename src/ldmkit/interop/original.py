@@ -10,6 +10,14 @@ One flat state dict holds the whole model under three prefixes:
 plus the noise schedule as buffers (`betas`, `alphas_cumprod`, …) and, in unpruned files, EMA
 copies (`model_ema.*`). A stand-alone VAE file has the VAE's keys with no prefix.
 
+SDXL (Stability's `sgm`) keeps the U-Net and VAE prefixes and puts its text encoders under
+`conditioner.embedders.`: 0 is CLIP ViT-L (`transformer.text_model.*`, transformers' names), 1 is
+OpenCLIP ViT-bigG (`model.*`, OpenCLIP's names, all blocks and `text_projection`, which gives the pooled
+embedding). Its U-Net adds `label_emb.0.0/0.2` (the text_time embedding of pooled text + size/crop
+values, diffusers' `add_embedding`) and varies the transformer depth per level; its VAE is SD's network
+with the latent scale 0.13025. A file with `conditioner.embedders.` is read as SDXL; the refiner (one
+OpenCLIP encoder as embedders.0, aesthetic-score conditioning) is refused.
+
 The key maps below are written from the structure each config implies (levels, ResBlocks per
 level, where the attention blocks are), not from a list of names, so they hold for every size:
 
@@ -70,8 +78,13 @@ from ldmkit.interop.original_clip import (
     clip_canonical,
     clip_from_original,
     clip_to_original,
+    sdxl_text_from_original,
+    sdxl_text_to_original,
 )
 from ldmkit.interop.original_keys import (
+    CONDITIONER_PREFIX,
+    REFINER_OPENCLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
     _IGNORED_KEYS,
     _IGNORED_PREFIXES,
     _SCHEDULE_BUFFERS,
@@ -233,6 +246,71 @@ def _config_from(config, meta: Mapping[str, Any]):
     return cfg, text_cfg, tok
 
 
+SDXL_SCALE = 0.13025  # SDXL's VAE latent scale (its diffusers vae/config.json scaling_factor)
+
+
+def _check_sdxl_file(sd: Mapping[str, torch.Tensor], path: Path, config, meta) -> bool:
+    """Whether the file is an SDXL base model with its text encoders; a refiner, or an SDXL U-Net + VAE
+    without its text encoders and no config folder to take them from, is refused in one line."""
+    if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in sd):
+        raise LdmkitError(
+            f"{path} is an SDXL refiner (one OpenCLIP bigG text encoder as conditioner.embedders.0, aesthetic-score "
+            "conditioning), which ldmkit does not read; use an SDXL base model, or the refiner's diffusers folder "
+            "with diffusers")
+    if any(k.startswith(CONDITIONER_PREFIX) for k in sd):
+        if not any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in sd):
+            raise LdmkitError(f"{path} has conditioner.embedders.0 but no OpenCLIP bigG text encoder "
+                              "(conditioner.embedders.1.model.*): the file is incomplete; re-download it")
+        return True
+    if meta:  # ldmkit wrote it: its own config says what the model is (a vector route alone is not SDXL)
+        return False
+    # an SDXL U-Net by diffusers' rule (a label_emb MLP and a 2048-wide context) with a VAE: the text is missing
+    context = next((v.shape[1] for k, v in sd.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
+    if UNET_PREFIX + "label_emb.0.0.weight" not in sd or context != 2048 or not any(k.startswith(VAE_PREFIX) for k in sd):
+        return False
+    if config is None:
+        raise LdmkitError(
+            f"{path} holds an SDXL U-Net and VAE but not its two text encoders (conditioner.embedders.*); pass "
+            "config= an SDXL diffusers folder (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/), or load "
+            "the complete single file")
+    return False  # read as SD 1/2 files are: the folder given as config supplies every config and the text encoders
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _sdxl_text_encoder(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, Any], config) -> tuple[nn.Module, set[str]]:
+    """SDXL's two text encoders (ldmkit's `SDXLTextEncoder`) from the file's `conditioner.embedders.*`, their
+    configs and tokenizers from the file's ldmkit metadata or the SDXL diffusers folder `config`; and the file
+    keys consumed."""
+    from transformers import CLIPTokenizer
+
+    from ldmkit.conditioning.text import CLIPPenultimateEncoder, SDXLTextEncoder
+
+    folder = Path(config) if isinstance(config, (str, Path)) else None
+    clip_l, bigg, consumed = sdxl_text_from_original(sd)
+    configs, tokenizers = [], []
+    for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
+        canonical = (clip_l, bigg)[i]
+        c = meta.get(f"{sub}_config") or (_read_json(folder / sub / "config.json") if folder else None)
+        if c is None:  # CLIP ViT-L (OpenAI: quick_gelu) and OpenCLIP bigG (gelu), 64-channel heads
+            c = _clip_config_from_weights(canonical, "clip" if i == 0 else "openclip")
+            if i == 1:
+                c["projection_dim"] = canonical["text_projection.weight"].shape[0]
+        configs.append(c)
+        if meta.get(tok):
+            tokenizers.append(_tokenizer_from_files(meta[tok]))
+        elif folder is not None and (folder / tok).is_dir():
+            tokenizers.append(CLIPTokenizer.from_pretrained(str(folder / tok), local_files_only=True))
+        else:
+            raise LdmkitError(f"{path} holds SDXL's text encoders but not their tokenizers; pass config= an SDXL "
+                              "diffusers folder with tokenizer/ and tokenizer_2/")
+    first = CLIPPenultimateEncoder.from_parts(_build_clip(clip_l, configs[0]), tokenizers[0])
+    second = CLIPPenultimateEncoder.from_parts(_build_clip(bigg, configs[1], projection=True), tokenizers[1])
+    return SDXLTextEncoder(first, second, path=f"{path}#conditioner"), consumed
+
+
 def load_original(path: str | Path, config=None, ema: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """An original-format single file → `LatentDiffusion` (U-Net + VAE [+ CLIP]), `AutoencoderKL`
     (a VAE file) or `UNet` (a U-Net alone), in eval mode, float32.
@@ -248,6 +326,7 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
 
     path = Path(path)
     sd, meta = read_state_dict(path)
+    sdxl = _check_sdxl_file(sd, path, config, meta)
     cfg, text_cfg, tokenizer = _config_from(config, meta)
     has_unet = any(k.startswith(UNET_PREFIX) for k in sd)
     if any(k.startswith(VAE_PREFIX) for k in sd):
@@ -269,7 +348,8 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
             theirs = _sub(sd, vae_prefix)
         else:
             theirs = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
-        vcfg = cfg if isinstance(cfg, AutoencoderConfig) else part("autoencoder") or infer_vae_config(theirs)
+        scale = {"scaling_factor": SDXL_SCALE} if sdxl else {}  # SDXL's VAE: SD's network, retrained, rescaled
+        vcfg = cfg if isinstance(cfg, AutoencoderConfig) else part("autoencoder") or infer_vae_config(theirs, **scale)
         with torch.device("meta"):
             ae = AutoencoderKL(vcfg)
         reshape = lambda k, t: t.reshape(t.shape[0], -1) if _is_vae_attention_weight(k) else t  # noqa: E731
@@ -290,7 +370,10 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
         unet = unet.eval()
     text = None
     text_sd = {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
-    if text_sd and ae is not None and unet is not None:
+    if sdxl and ae is not None and unet is not None:
+        text, consumed = _sdxl_text_encoder(sd, path, meta, config)
+        used |= consumed
+    elif text_sd and ae is not None and unet is not None:
         canonical, layout, consumed = clip_from_original(text_sd)
         used |= consumed
         model = _build_clip(canonical, text_cfg or _clip_config_from_weights(canonical, layout))
@@ -307,14 +390,17 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
         return unet.to(device)
 
     if not isinstance(cfg, LatentDiffusionConfig):
-        from ldmkit.interop.presets import sd1, sd2
+        from ldmkit.interop.presets import sd1, sd2, sdxl as sdxl_preset
 
-        preset = sd2() if unet.config.context_dim == 1024 else sd1()
+        # SDXL: the preset's schedule, 1024 px and conditioning (pooled bigG + size/crop, zero negative text)
+        preset = sdxl_preset() if sdxl else sd2() if unet.config.context_dim == 1024 else sd1()
         diffusion = _schedule_from_betas(sd.get("betas"), preset.diffusion)
-        cfg = LatentDiffusionConfig(autoencoder=ae.config, unet=unet.config, diffusion=diffusion, image_size=preset.image_size)
+        cfg = LatentDiffusionConfig(autoencoder=ae.config, unet=unet.config, diffusion=diffusion,
+                                    conditioner=preset.conditioner, image_size=preset.image_size)  # fmt: skip
     cond_cfg = cfg.conditioner
     if text is not None:  # the weights are in the file; the name says so (and refuses a rebuild)
-        cond_cfg = cond_cfg.model_copy(update={"text_encoder": f"{path}#cond_stage_model"})
+        where = "conditioner" if sdxl else "cond_stage_model"
+        cond_cfg = cond_cfg.model_copy(update={"text_encoder": f"{path}#{where}"})
     elif unet.config.context_dim is not None and cond_cfg.text_encoder is None:
         raise LdmkitError(f"{path} has no text encoder (cond_stage_model) and no config names one; pass config=")
     conditioner = Conditioner(cond_cfg, text_encoder=text)
@@ -363,8 +449,18 @@ def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tupl
     sd = {UNET_PREFIX + o: own[k] for k, o in unet_key_map(cfg.unet).items()}
     sd |= {VAE_PREFIX + k: v for k, v in vae_to_original(module.autoencoder.state_dict(), cfg.autoencoder).items()}
     meta: dict[str, Any] = {"kind": "latent_diffusion", "config": cfg.model_dump(mode="json")}
-    parts = _text_encoder_parts(module)
-    if parts is not None:
+    from ldmkit.conditioning.text import SDXLTextEncoder
+
+    enc = module.conditioner.text_encoder
+    parts = None if isinstance(enc, SDXLTextEncoder) else _text_encoder_parts(module)
+    if isinstance(enc, SDXLTextEncoder):  # SDXL's pair: conditioner.embedders.0 (CLIP ViT-L) and .1 (OpenCLIP bigG)
+        sd |= sdxl_text_to_original(clip_canonical(enc.first.model), clip_canonical(enc.second.model))
+        for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
+            part = (enc.first, enc.second)[i]
+            meta[f"{sub}_config"] = {k: v for k, v in part.model.config.to_dict().items() if not k.startswith("_")}
+            meta[tok] = _tokenizer_files(part.tokenizer)
+        meta["config"]["conditioner"]["text_encoder"] = None  # the weights are in the file
+    elif parts is not None:
         model, tokenizer = parts
         layout = _text_layout(module.conditioner.text_encoder, text_layout)
         sd |= clip_to_original(clip_canonical(model), layout)

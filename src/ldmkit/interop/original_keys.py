@@ -13,11 +13,17 @@ from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.errors import LdmkitError
 from ldmkit.unet import UNet, UNetConfig
 
-
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL (Stability's `sgm` GeneralConditioner): its embedders in order, CLIP ViT-L (transformers names
+# under OpenAI's `transformer.text_model.`) then OpenCLIP ViT-bigG (OpenCLIP names); the refiner has
+# only the OpenCLIP one, as embedders.0 (its 1..3 are the size/crop/aesthetic scalars, without weights).
+CONDITIONER_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # Keys of a CompVis checkpoint that are not model weights: the DDPM buffers, training leftovers.
@@ -27,12 +33,16 @@ _SCHEDULE_BUFFERS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights",
 }  # fmt: skip
-_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.")
+# `denoiser.`: sgm's DiscreteDenoiser buffers (`sigmas`, SDXL files saved by sgm training), the schedule again
+_IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.", "loss.", "denoiser.")
 _IGNORED_KEYS = {
     CLIP_PREFIX + "embeddings.position_ids",
     OPENCLIP_PREFIX + "text_projection",
     OPENCLIP_PREFIX + "logit_scale",
     OPENCLIP_PREFIX + "attn_mask",
+    SDXL_CLIP_PREFIX + "embeddings.position_ids",
+    SDXL_OPENCLIP_PREFIX + "logit_scale",  # CLIP's contrastive temperature: no part of the text features
+    SDXL_OPENCLIP_PREFIX + "attn_mask",  # the causal mask, a buffer transformers builds itself
 }
 
 
@@ -82,14 +92,23 @@ def check_unet_expressible(cfg: UNetConfig) -> None:
         raise LdmkitError("this U-Net has no original (CompVis) form: " + ", ".join(problems))
 
 
-def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
-    """ldmkit U-Net key → original key (without `model.diffusion_model.`), for every key of `UNet(cfg)`."""
-    n, levels = cfg.num_res_blocks, cfg.num_levels
+def unet_module_map(levels: int, n: int, attention_levels, mid_attention: bool) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """{ldmkit (= diffusers) module: (original module, renames inside it)} of a U-Net with `levels`
+    levels of `n` ResBlocks, transformers at `attention_levels` (and in the middle if `mid_attention`).
+
+    The structure alone decides the names: the number of transformer blocks inside a spatial
+    transformer (SDXL: 1, 2, 10 per level) only changes the `transformer_blocks.k` indices, which both
+    layouts share, while a level without attention (SDXL's first) leaves its input/output blocks with a
+    ResBlock only and moves its upsampler from slot 2 to slot 1 (CompVis' TimestepEmbedSequential)."""
     m: dict[str, tuple[str, Mapping[str, str]]] = {
         "conv_in": ("input_blocks.0.0", _SAME),
         "time_embedding.linear_1": ("time_embed.0", _SAME),
         "time_embedding.linear_2": ("time_embed.2", _SAME),
         "class_embedding": ("label_emb", _SAME),
+        # SDXL's text_time addition embedding: sgm's `label_emb = Sequential(Sequential(Linear, SiLU,
+        # Linear))` over [pooled text, Fourier(size/crop values)] (the "adm" vector), diffusers' add_embedding
+        "add_embedding.linear_1": ("label_emb.0.0", _SAME),
+        "add_embedding.linear_2": ("label_emb.0.2", _SAME),
         "conv_norm_out": ("out.0", _SAME),
         "conv_out": ("out.2", _SAME),
     }
@@ -102,21 +121,37 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
         if i < levels - 1:
             m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", _SAME)
             k += 1
-    mid_attn = cfg.use_attention and cfg.mid_attention
     m["mid_block.resnets.0"] = ("middle_block.0", _UNET_RES)
     m["mid_block.attentions.0"] = ("middle_block.1", _SAME)
-    m["mid_block.resnets.1"] = ("middle_block.2" if mid_attn else "middle_block.1", _UNET_RES)
+    m["mid_block.resnets.1"] = ("middle_block.2" if mid_attention else "middle_block.1", _UNET_RES)
     for u in range(levels):
         level = levels - 1 - u
         for j in range(n + 1):
             m[f"up_blocks.{u}.resnets.{j}"] = (f"output_blocks.{u * (n + 1) + j}.0", _UNET_RES)
             m[f"up_blocks.{u}.attentions.{j}"] = (f"output_blocks.{u * (n + 1) + j}.1", _SAME)
         if level > 0:
-            slot = 2 if cfg.has_attention(level) else 1
+            slot = 2 if level in attention_levels else 1
             m[f"up_blocks.{u}.upsamplers.0.conv"] = (f"output_blocks.{u * (n + 1) + n}.{slot}.conv", _SAME)
+    return m
+
+
+def unet_modules_of(cfg: UNetConfig) -> dict[str, tuple[str, Mapping[str, str]]]:
+    """`unet_module_map` for the structure of `cfg`."""
+    attention = [i for i in range(cfg.num_levels) if cfg.has_attention(i)]
+    return unet_module_map(cfg.num_levels, cfg.num_res_blocks, attention, cfg.use_attention and cfg.mid_attention)
+
+
+def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """ldmkit U-Net key → original key (without `model.diffusion_model.`), for every key of `UNet(cfg)`."""
     with torch.device("meta"):
         keys = list(UNet(cfg).state_dict())
-    return _map_keys(keys, m)
+    return _map_keys(keys, unet_modules_of(cfg))
+
+
+def original_unet_module(path: str, modules: Mapping[str, tuple[str, Mapping[str, str]]]) -> str:
+    """The original name of one U-Net module path (a LoRA's layer), e.g. `down_blocks.1.attentions.0.
+    transformer_blocks.0.attn1.to_q` → `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL)."""
+    return _map_keys([path + ".weight"], modules)[path + ".weight"].removesuffix(".weight")
 
 
 _VAE_RES = {"conv_shortcut": "nin_shortcut"}
@@ -201,7 +236,7 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor], **overrides) -> Autoencoder
 def infer_unet_config(sd: Mapping[str, torch.Tensor], **overrides) -> UNetConfig:
     """The U-Net architecture of original-format weights (no prefix). Attention heads are not in
     the weights: SD's are used for SD's shapes (8 heads with a 768-d context, 64-channel heads with a
-    1024-d one); anything else needs `num_heads` or `head_dim` in `overrides` (or a config)."""
+    1024-d one, and with SDXL's 2048-d one); anything else needs `num_heads` or `head_dim` in `overrides` (or a config)."""
     try:
         c0 = sd["input_blocks.0.0.weight"].shape[0]
         in_ch = sd["input_blocks.0.0.weight"].shape[1]
@@ -220,28 +255,44 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], **overrides) -> UNetConfig
         widths.append(sd[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0])
         if f"input_blocks.{k}.1.proj_in.weight" in sd:
             attention.append(i)
+
+    def depth(block: str) -> int:  # transformer blocks in one spatial transformer (SDXL: 1, 2, 10 per level)
+        head = block + "transformer_blocks."
+        return 1 + max((int(k[len(head) :].split(".")[0]) for k in sd if k.startswith(head)), default=0)
+
+    depths = [depth(f"input_blocks.{1 + i * (n + 1)}.1.") if i in attention else None for i in range(levels)]
+    mid_attention = "middle_block.1.proj_in.weight" in sd
+    if mid_attention and depth("middle_block.1.") != (depths[-1] or depth("middle_block.1.")):
+        raise LdmkitError(f"the middle block has {depth('middle_block.1.')} transformer blocks and the last level "
+                          f"{depths[-1]}; ldmkit's U-Net gives the middle block the last level's depth")
+    if mid_attention and depths[-1] is None:
+        depths[-1] = depth("middle_block.1.")
+    known = sorted({d for d in depths if d is not None})
+    transformer_depth: int | tuple[int, ...] = known[0] if len(known) <= 1 else tuple(d or 1 for d in depths)
     first = f"input_blocks.{1 + attention[0] * (n + 1)}.1." if attention else "middle_block.1."
-    depth = 1 + max((int(k.split(".")[4]) for k in sd if k.startswith(first + "transformer_blocks.")), default=0)
     to_k = sd.get(first + "transformer_blocks.0.attn2.to_k.weight")
     context = None if to_k is None else to_k.shape[1]
     proj = sd.get(first + "proj_in.weight")
     emb_rows = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     label = sd.get("label_emb.weight")
+    adm = sd.get("label_emb.0.0.weight")  # SDXL's text_time embedding: (4·C0, pooled + k·256)
     fields: dict[str, Any] = dict(
         in_channels=out_ch if in_ch > out_ch else in_ch, out_channels=out_ch,
         concat_channels=max(in_ch - out_ch, 0), model_channels=c0, channel_mult=tuple(w // c0 for w in widths),
-        num_res_blocks=n, attention_levels=tuple(attention), mid_attention="middle_block.1.proj_in.weight" in sd,
-        transformer_depth=depth, context_dim=context, use_linear_projection=proj is not None and proj.ndim == 2,
+        num_res_blocks=n, attention_levels=tuple(attention), mid_attention=mid_attention,
+        transformer_depth=transformer_depth or 1, context_dim=context,
+        use_linear_projection=proj is not None and proj.ndim == 2,
         emb_mode="scale_shift" if emb_rows == 2 * widths[0] else "add",
-        num_classes=0 if label is None else label.shape[0] - 1, zero_init=False,
+        num_classes=0 if label is None else label.shape[0] - 1, vector_dim=0 if adm is None else adm.shape[1],
+        zero_init=False,
     )  # fmt: skip
     if "norm_groups" not in overrides and any(w % 32 for w in widths):
         raise LdmkitError(f"U-Net widths {widths} do not fit CompVis' 32 GroupNorm groups; pass config= with the real norm groups")
     if "num_heads" not in overrides and "head_dim" not in overrides:
         if context == 768:
             fields["num_heads"] = 8  # SD 1.x
-        elif context == 1024:
-            fields |= {"head_dim": 64, "num_heads": None}  # SD 2.x
+        elif context in (1024, 2048, 1280):
+            fields |= {"head_dim": 64, "num_heads": None}  # SD 2.x, SDXL base (768 + 1280) and refiner (1280)
         else:
             raise LdmkitError(
                 "the number of attention heads is not stored in the weights and this is not an SD 1/2 U-Net; "
