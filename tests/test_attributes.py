@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
-from ldmkit.data.shapes import COMBOS, ShapesDataset, caption, render_shape
+from ldmkit.data.shapes import (
+    CENTRE_JITTER,
+    COLOURS,
+    COMBOS,
+    POSITIONS,
+    RADIUS,
+    ShapesDataset,
+    _free_geometry,
+    _outline,
+    caption,
+    combos,
+    render_shape,
+)
 from ldmkit.errors import LdmkitError
-from ldmkit.evaluate.attributes import check_attributes, score_captions
+from ldmkit.evaluate.attributes import (
+    STRICT_CORNERS,
+    STRICT_IOU,
+    STRICT_SOLIDITY,
+    check_attributes,
+    score_captions,
+    shape_fidelity,
+)
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -159,14 +182,6 @@ def test_extended_captions_pick_the_extended_judge():
 
 # --- strict shape (issue 31): the caption's ideal shape fitted to the sample ------------------------------------
 
-import math  # noqa: E402
-
-from PIL import Image, ImageDraw  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from ldmkit.data.shapes import COLOURS, POSITIONS, RADIUS, CENTRE_JITTER, _free_geometry, _outline, combos  # noqa: E402
-from ldmkit.evaluate.attributes import STRICT_CORNERS, STRICT_IOU, STRICT_SOLIDITY, shape_fidelity  # noqa: E402
-
 FINE = 8  # degraded shapes are drawn at 8x and box-averaged
 
 
@@ -205,7 +220,7 @@ def degraded(kind: str, amount: float, shape: str, colour: str, position: str, s
         return np.rint(ndimage.gaussian_filter(img, (sigma, sigma, 0))).clip(0, 255).astype(np.uint8)
     if kind == "rounded":
         rho = amount * r * FINE
-        n = int(math.ceil(rho))
+        n = math.ceil(rho)
         yy, xx = np.mgrid[-n : n + 1, -n : n + 1]
         return _image(ndimage.binary_opening(_fine(pts, size), structure=xx**2 + yy**2 <= rho**2), colour, size)
     if kind == "pinched":
