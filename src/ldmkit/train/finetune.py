@@ -155,7 +155,8 @@ class LoraCheckpoints:
     def save_lora_file(self, lora_cfg, t0: float) -> dict:
         """Write the adapter (of the EMA where there is one) as OUT/lora.safetensors; its meta entry."""
         net = self.ema.module if self.ema is not None else self.module
-        lora_io.save_lora(self.adapter(net), self.out / LORA_FILE, lora_cfg.format)
+        # model=: an SDXL U-Net LoRA in kohya layout takes sd-scripts' original names (lora_unet_input_blocks_…)
+        lora_io.save_lora(self.adapter(net), self.out / LORA_FILE, lora_cfg.format, model=self.ldm)
         return {"file": LORA_FILE, "format": lora_cfg.format, "rank": lora_cfg.rank, "alpha": lora_cfg.alpha or lora_cfg.rank,
                 "targets": lora_cfg.targets,
                 **({"text_encoder_targets": lora_io.text_targets(_text(net))} if _text(net) is not None else {}),
