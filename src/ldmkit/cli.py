@@ -266,9 +266,8 @@ def cmd_train_control(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from ldmkit.interop.convert import convert
-
-    from ldmkit.interop.lora import convert_lora_file, is_lora_file
+    from ldmkit.interop.convert import convert, convert_lora_file
+    from ldmkit.interop.lora import is_lora_file
 
     if is_lora_file(args.src):  # a LoRA file: rewrite it in another layout
         print(convert_lora_file(args.src, args.dst, args.format, model=args.config, overwrite=args.overwrite))
@@ -332,7 +331,7 @@ def cmd_data_make_shards(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from ldmkit.train.config import DataConfig
-    from ldmkit.train.diffusion import load_first_stage
+    from ldmkit.train.diffusion_task import load_first_stage
     from ldmkit.train.distributed import cleanup, setup
     from ldmkit.train.encode import encode_source
 

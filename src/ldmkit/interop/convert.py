@@ -1,4 +1,5 @@
-"""`ldmkit convert` and `load_any`: any supported checkpoint in, any supported format out.
+"""`ldmkit convert` and `load_any`: any supported checkpoint in, any supported format out (and a LoRA
+file in another layout, `convert_lora_file`).
 
 Formats, told apart by what is on disk (`detect_format`):
 
@@ -30,6 +31,7 @@ from torch import nn
 from ldmkit.checkpoint import is_checkpoint, kind_of, load, sampling_defaults
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import diffusers as dif
+from ldmkit.interop import lora as lora_io
 from ldmkit.interop import original as orig
 
 FORMATS = ("ldmkit", "diffusers", "original")
@@ -230,9 +232,7 @@ def convert(
     # a distilled model's sampler, steps and guidance travel with it (a single file has no place for them)
     sampling = sampling_defaults_any(src, src_fmt) if kind_of(module) == "latent_diffusion" else {}
     if loras:
-        from ldmkit.interop.lora import apply_loras
-
-        apply_loras(module, loras)
+        lora_io.apply_loras(module, loras)
     # Written under a temporary sibling name, then swapped in: a conversion that fails (a bug, a full disk,
     # an interrupt) leaves the old output as it was and no half-written new one.
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -249,3 +249,20 @@ def convert(
         note = (f"; a single file cannot record the model's sampling defaults: sample it with --sampler "
                 f"{sampling.get('sampler')} --steps {sampling.get('steps')} --guidance {sampling.get('guidance')}")
     return f"converted {src} ({src_fmt.replace('_', ' ')}: {_describe(module)}){merged} to {dst} ({fmt}){note}"
+
+
+def convert_lora_file(src: str | Path, dst: str | Path, layout: str, model: str | None = None,
+                      overwrite: bool = False) -> str:
+    """Rewrite the LoRA file `src` in `layout` at `dst` (`ldmkit convert --from LORA --format kohya|diffusers`).
+    `model`: the model it adapts, needed to read kohya names."""
+    if layout not in lora_io.LAYOUTS:
+        raise LdmkitError(f"a LoRA converts to {' or '.join(lora_io.LAYOUTS)}, not {layout}")
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise LdmkitError(f"{dst} already exists; remove it or choose another output path")
+    if dst.suffix != ".safetensors":
+        raise LdmkitError(f"a LoRA is one .safetensors file: give --to a name ending in .safetensors, not {dst.name}")
+    net = load_any(model) if model is not None else None
+    lora = lora_io.load_lora(src, net)
+    lora_io.save_lora(lora, dst, layout, net)
+    return f"converted LoRA {src} ({len(lora)} layers) to {dst} ({layout} layout)"

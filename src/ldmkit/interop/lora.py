@@ -551,24 +551,3 @@ def _from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> Lora:
     if not out:
         raise LdmkitError("no lora_down weights found")
     return out
-
-
-def convert_lora_file(src: str | Path, dst: str | Path, layout: str, model: str | None = None,
-                      overwrite: bool = False) -> str:
-    """Rewrite the LoRA file `src` in `layout` at `dst` (`ldmkit convert --from LORA --format kohya|diffusers`).
-    `model`: the model it adapts, needed to read kohya names."""
-    if layout not in LAYOUTS:
-        raise LdmkitError(f"a LoRA converts to {' or '.join(LAYOUTS)}, not {layout}")
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise LdmkitError(f"{dst} already exists; remove it or choose another output path")
-    if dst.suffix != ".safetensors":
-        raise LdmkitError(f"a LoRA is one .safetensors file: give --to a name ending in .safetensors, not {dst.name}")
-    net = None
-    if model is not None:
-        from ldmkit.interop.convert import load_any
-
-        net = load_any(model)
-    lora = load_lora(src, net)
-    save_lora(lora, dst, layout, net)
-    return f"converted LoRA {src} ({len(lora)} layers) to {dst} ({layout} layout)"

@@ -429,7 +429,7 @@ def check_lazy_source(source: TrainData, ldm, cfg) -> None:
 
     if not isinstance(ds, LatentShards):
         return
-    from ldmkit.train.encode import autoencoder_digest
+    from ldmkit.train.latents import autoencoder_digest
 
     if cfg.concat is not None:
         raise LdmkitError("a concatenation route needs the images themselves; train it from the images, not latent shards")

@@ -33,14 +33,8 @@ from ldmkit.data.latent_shards import FORMAT, INDEX, VERSION
 from ldmkit.data.shards import is_shard_spec, list_shards, read_items
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import atomic_write
-from ldmkit.train.latents import _sha256_tensors
-
-
-def autoencoder_digest(ae: AutoencoderKL) -> str:
-    """SHA-256 over the first stage's config and every weight: latents are only valid for this one."""
-    sd = ae.state_dict()
-    text = json.dumps(ae.config.model_dump(mode="json"), sort_keys=True) + _sha256_tensors((k, sd[k]) for k in sorted(sd))
-    return hashlib.sha256(text.encode()).hexdigest()
+from ldmkit.train.data import PREVIEW, LoaderData, Repeated, _map_dataset, collate, epoch_of, tag_rule
+from ldmkit.train.latents import autoencoder_digest
 
 
 def source_fingerprint(spec: str) -> str:
@@ -68,14 +62,10 @@ def encode_key(digest: str, d, shard_size: int | None) -> str:
 
 
 def _map_source(d) -> Dataset:
-    from ldmkit.train.data import _map_dataset
-
     return _map_dataset(d.dataset, d, "train", False)
 
 
 def _collate(items: list[dict]) -> dict:
-    from ldmkit.train.data import collate
-
     batch = collate(items)
     if "_error" in batch:
         raise LdmkitError(batch["_error"])
@@ -176,7 +166,6 @@ def cached_latent_source(ae: AutoencoderKL, d, batch_size: int, dist, accum: int
     import warnings
 
     from ldmkit.data.latent_shards import LatentShards
-    from ldmkit.train.data import PREVIEW, LoaderData, Repeated, epoch_of, tag_rule
     from ldmkit.train.distributed import micro_batches
 
     if d.crop == "random":

@@ -47,7 +47,7 @@ from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.device import autocast
 from ldmkit.train import inversion, prior
-from ldmkit.train.diffusion import DiffusionTask
+from ldmkit.train.diffusion_task import DiffusionTask
 from ldmkit.train.distributed import full_state_dict
 
 LORA_FILE = "lora.safetensors"

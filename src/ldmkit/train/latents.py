@@ -87,6 +87,13 @@ def _sha256_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def autoencoder_digest(ae: AutoencoderKL) -> str:
+    """SHA-256 over the first stage's config and every weight: latents are only valid for this one."""
+    sd = ae.state_dict()
+    text = json.dumps(ae.config.model_dump(mode="json"), sort_keys=True) + _sha256_tensors((k, sd[k]) for k in sorted(sd))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def key_ingredients(ae: AutoencoderKL, images: torch.Tensor, augmentation: str = "none") -> dict:
     """What the cache key is a digest of, in readable form (stored in index.json)."""
     sd = ae.state_dict()
@@ -124,7 +131,7 @@ def cache_key(ae: AutoencoderKL, images: torch.Tensor, augmentation: str = "none
 def encode_batches(ae: AutoencoderKL, images: torch.Tensor, batch_size: int = 128,
                    progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Posterior (mean, std) of images[i : i + batch_size] for i = 0, batch_size, ..., on the AE's
-    device. The same batches as `train.diffusion.encode_dataset`, so the results are bit-identical."""
+    device. The same batches as `encode_dataset`, so the results are bit-identical."""
     device = next(ae.parameters()).device
     for i in tqdm(range(0, len(images), batch_size), desc="encoding latents", disable=not progress, leave=False):
         x = images[i : i + batch_size].to(device)  # (B, 3, H, W)
@@ -255,7 +262,7 @@ def cached_latents(ae: AutoencoderKL, images: torch.Tensor, cache_dir: str | Pat
 
     `images` (N, 3, H, W) are the training images exactly as the model sees them; `augmentation`
     names any augmentation the caller applies that is not visible in `images`. A fresh build gives
-    the same bits as `train.diffusion.encode_dataset(ae, data, batch_size)` (moved to CPU).
+    the same bits as `encode_dataset(ae, data, batch_size)` (moved to CPU).
     `shard_size` only shapes the files of a new cache; a complete cache is read whatever it is."""
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
