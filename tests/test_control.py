@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.conditioning.cond import Cond, cat_conds
-from ldmkit.conditioning.adapter import Adapter, AdapterConfig
-from ldmkit.conditioning.control_image import prepare_control_image
-from ldmkit.conditioning.controlnet import (
+from ldmkit.control.adapter import Adapter, AdapterConfig
+from ldmkit.control.control_image import prepare_control_image
+from ldmkit.control.controlnet import (
     ControlNet,
     ControlNetConfig,
     MultiControlNet,
@@ -558,3 +558,13 @@ def test_vector_route_reaches_controlnet_and_multicontrolnet():
         torch.testing.assert_close(controlled_unet(unet, MultiControlNet([net, net]))(x, t, two), ref)
         with pytest.raises(LdmkitError, match="control image"):
             unet(x, t, cond)  # a raw control image needs a ControlNet to read it
+
+
+def test_old_conditioning_names_still_find_the_control_package():
+    """ControlNet and the adapter moved from ldmkit.conditioning to ldmkit.control (issue 28); code written
+    before the move imports the same classes through the old names."""
+    import ldmkit.conditioning as old
+    import ldmkit.control as new
+
+    for name in new.__all__:
+        assert getattr(old, name) is getattr(new, name), name

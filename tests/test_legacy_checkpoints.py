@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import ldmkit
 from ldmkit.autoencoder import AutoencoderKL
-from ldmkit.conditioning import Adapter, Cond, ControlNet, controlled_unet
+from ldmkit.conditioning import Cond
+from ldmkit.control import Adapter, ControlNet, controlled_unet
 from ldmkit.pipeline import LatentDiffusion
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

@@ -5,7 +5,7 @@ import torch
 
 from ldmkit.autoencoder import AutoencoderConfig
 from ldmkit.conditioning import Conditioner, ConditionerConfig
-from ldmkit.conditioning import Adapter, ControlNet
+from ldmkit.control import Adapter, ControlNet
 from ldmkit.errors import LdmkitError
 from ldmkit.pipeline import ConcatConfig, DiffusionConfig, LatentDiffusion, LatentDiffusionConfig
 from ldmkit.unet import UNetConfig

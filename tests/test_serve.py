@@ -26,7 +26,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ldmkit.autoencoder import AutoencoderConfig  # noqa: E402
 from ldmkit.checkpoint import save_checkpoint  # noqa: E402
 from ldmkit.cli import main  # noqa: E402
-from ldmkit.conditioning import ConditionerConfig, ControlNet  # noqa: E402
+from ldmkit.conditioning import ConditionerConfig  # noqa: E402
+from ldmkit.control import ControlNet  # noqa: E402
 from ldmkit.pipeline import ConcatConfig, LatentDiffusion, LatentDiffusionConfig  # noqa: E402
 from ldmkit.serve import create_app  # noqa: E402
 from ldmkit.serve.app import check_host  # noqa: E402

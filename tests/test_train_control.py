@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldmkit.cli import main
-from ldmkit.conditioning import Cond, controlled_unet
+from ldmkit.conditioning import Cond
+from ldmkit.control import controlled_unet
 from ldmkit.train.control import build_control, load_base
 
 

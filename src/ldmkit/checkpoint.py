@@ -39,8 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldmkit.conditioning.adapter import Adapter, AdapterConfig
-from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
+from ldmkit.control.adapter import Adapter, AdapterConfig
+from ldmkit.control.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError, disk_full
 from ldmkit.imageio import atomic_write, umask
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig

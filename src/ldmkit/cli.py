@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ldmkit.conditioning import Adapter, ControlNet, MultiControlNet
+    from ldmkit.control import Adapter, ControlNet, MultiControlNet
     from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder

@@ -83,6 +83,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, RGB → gray
+
+
+def convert_channels(image: torch.Tensor, want: int) -> torch.Tensor | None:
+    """A float image batch (B, C, H, W) → `want` channels (init images, masks, control maps): RGBA/gray-alpha
+    → drop alpha; gray → RGB by repetition; RGB → gray by BT.601 luma. None = no rule."""
+    c = image.shape[1]
+    if c == want:
+        return image
+    if c in (2, 4) and want in (1, 3):
+        image, c = image[:, : c - 1], c - 1  # drop the alpha channel
+        if c == want:
+            return image
+    if c == 1 and want == 3:
+        return image.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+    if c == 3 and want == 1:
+        w = torch.tensor(_LUMA, dtype=image.dtype, device=image.device)
+        return (image * w[None, :, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
+    return None
+
+
 def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
     """Refuse, before any work starts, an output folder that cannot be made or written: an existing
     file, or a folder (or its nearest existing parent) without write permission."""

@@ -11,7 +11,7 @@ Sampling is `ldmkit.generation.generate(model, GenerationRequest(…))`:
 z_T ~ N(0, I) → sampler(Denoiser(CFG(unet, c, ∅)), timesteps) → z0 → D(z0/scale + shift).
 
 Concatenation routes (inpainting, super-resolution): `ldmkit.conditioning.concat`; control networks:
-`ldmkit.conditioning.controlnet` / `adapter`. Classifier-free guidance wraps the model function
+`ldmkit.control.controlnet` / `adapter`. Classifier-free guidance wraps the model function
 (`ldmkit.diffusion.guidance`), with guidance rescale (Lin et al., 2024) on request.
 """
 

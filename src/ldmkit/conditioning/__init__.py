@@ -3,10 +3,12 @@
 - `cond`: the typed `Cond` every route travels in; `text`: frozen text encoders (cross-attention);
   `labels`: the class-label route; `conditioner`: raw batch → Cond with per-route dropout.
 - `concat`: the concatenation route (inpainting, super-resolution).
-- `controlnet`, `adapter`, `control_image`: spatial control of a frozen U-Net.
 
-Names are imported lazily: `cond` sits below the U-Net (which reads it) while `controlnet` and
-`adapter` sit above it (they are built from one), so the package itself must not import them all.
+ControlNet and the adapter moved to `ldmkit.control` (issue 28); their names are still found here so
+code written before the move keeps working, but new code imports them from `ldmkit.control`.
+
+Names are imported lazily: the U-Net reads `cond`, and importing it must load neither the text encoders
+nor (through the old names) `ldmkit.control`, which is built on the U-Net.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ _EXPORTS = {
     "Cond": "cond", "cat_conds": "cond",
     "Conditioner": "conditioner", "ConditionerConfig": "conditioner",
     "ConcatConfig": "concat",
-    "ControlNet": "controlnet", "ControlNetConfig": "controlnet", "MultiControlNet": "controlnet",
-    "controlled_unet": "controlnet",
-    "Adapter": "adapter", "AdapterConfig": "adapter",
-    "prepare_control_image": "control_image",
 }  # fmt: skip
+# before issue 28 these lived in this package; kept as aliases for old user code (import ldmkit.control)
+_MOVED = {"ControlNet", "ControlNetConfig", "MultiControlNet", "controlled_unet", "Adapter", "AdapterConfig",
+          "prepare_control_image"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -29,4 +30,6 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"ldmkit.conditioning.{_EXPORTS[name]}"), name)
+    if name in _MOVED:
+        return getattr(importlib.import_module("ldmkit.control"), name)
     raise AttributeError(f"module 'ldmkit.conditioning' has no attribute {name!r}")

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.conditioning.adapter import Adapter
+from ldmkit.control.adapter import Adapter
 from ldmkit.conditioning.concat import kept_cells
 from ldmkit.conditioning.cond import Cond, cat_conds
 from ldmkit.conditioning.text import match_chunk_counts
-from ldmkit.conditioning.controlnet import controlled_unet
+from ldmkit.control.controlnet import controlled_unet
 from ldmkit.diffusion.guidance import batched_classifier_free_guidance
 from ldmkit.diffusion.parameterization import Denoiser, KnownRegionDenoiser
 from ldmkit.diffusion.samplers import get_sampler

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldmkit.conditioning.control_image import convert_channels
+from ldmkit.imageio import convert_channels
 from ldmkit.errors import LdmkitError
 
 UPSCALERS = ("latent", "latent-nearest", "bicubic")

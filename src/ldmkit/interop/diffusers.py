@@ -70,11 +70,11 @@ def _diffusers():
 
 
 def _controlnet_interop():
-    """The ControlNet translation lives in its own module (written with ldmkit.conditioning.controlnet and .adapter)."""
+    """The ControlNet translation lives in its own module (written with ldmkit.control.controlnet and .adapter)."""
     try:
         return importlib.import_module("ldmkit.interop.diffusers_controlnet")
     except ModuleNotFoundError as e:
-        if e.name not in ("ldmkit.interop.diffusers_controlnet", "ldmkit.conditioning.controlnet"):
+        if e.name not in ("ldmkit.interop.diffusers_controlnet", "ldmkit.control.controlnet"):
             raise
         raise LdmkitError("this ldmkit has no ControlNet support (ldmkit.interop.diffusers_controlnet is missing)") from e
 
@@ -235,7 +235,7 @@ def to_diffusers(module: nn.Module, **kwargs):
         return vae_to_diffusers(module, **kwargs)
     if isinstance(module, UNet):
         return unet_to_diffusers(module, **kwargs)
-    if type(module).__module__ in ("ldmkit.conditioning.controlnet", "ldmkit.conditioning.adapter"):
+    if type(module).__module__ in ("ldmkit.control.controlnet", "ldmkit.control.adapter"):
         return _controlnet_interop().controlnet_to_diffusers(module, **kwargs)
     if type(module).__name__ == "LatentDiffusion":
         raise LdmkitError("a LatentDiffusion is a whole pipeline: write it with save_diffusers_pipeline(ldm, folder)")

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ldmkit.conditioning.adapter import Adapter, AdapterConfig
-from ldmkit.conditioning.controlnet import ControlNet, ControlNetConfig
+from ldmkit.control.adapter import Adapter, AdapterConfig
+from ldmkit.control.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError
 from ldmkit.interop.diffusers_unet import config_from_diffusers, config_to_diffusers
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ldmkit.conditioning import Adapter, ControlNet, controlled_unet
+from ldmkit.control import Adapter, ControlNet, controlled_unet
 from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid

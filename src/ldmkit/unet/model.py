@@ -118,7 +118,7 @@ class UNet(UNetStem):
         encoder level (see `level_channels`), added to the output of the level's last ResBlock(+transformer)
         before it is stored as a skip and downsampled (T2I-Adapter, Mou et al., 2023; = diffusers'
         `down_intrablock_additional_residuals` when every level but the last has attention, as in SD 1.x/2.x;
-        see ldmkit.conditioning.adapter). Returns (B, out_channels, H, W)."""
+        see ldmkit.control.adapter). Returns (B, out_channels, H, W)."""
         cond = Cond.of(cond, **routes)
         self._check_control(x, cond)
         h, emb = self.stem(x, t, cond)  # (B, C0, H, W), (B, 4·C0) or None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ldmkit.conditioning.control_image import prepare_control_image
+from ldmkit.control.control_image import prepare_control_image
 from ldmkit.errors import LdmkitError
 from ldmkit.unet import UNet
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from ldmkit.conditioning.adapter import Adapter
+from ldmkit.control.adapter import Adapter
 from ldmkit.conditioning.cond import Cond
-from ldmkit.conditioning.control_image import prepare_control_image
+from ldmkit.control.control_image import prepare_control_image
 from ldmkit.errors import LdmkitError
 from ldmkit.unet import DownBlock, MidBlock, UNet, UNetConfig
 from ldmkit.unet.stem import UNetStem

@@ -9,25 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.errors import LdmkitError
-
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights, RGB → gray
-
-
-def convert_channels(image: torch.Tensor, want: int) -> torch.Tensor | None:
-    """RGBA/gray-alpha → drop alpha; gray → RGB by repetition; RGB → gray by BT.601 luma. None = no rule."""
-    c = image.shape[1]
-    if c == want:
-        return image
-    if c in (2, 4) and want in (1, 3):
-        image, c = image[:, : c - 1], c - 1  # drop the alpha channel
-        if c == want:
-            return image
-    if c == 1 and want == 3:
-        return image.expand(-1, 3, -1, -1)  # (B, 3, H, W)
-    if c == 3 and want == 1:
-        w = torch.tensor(_LUMA, dtype=image.dtype, device=image.device)
-        return (image * w[None, :, None, None]).sum(1, keepdim=True)  # (B, 1, H, W)
-    return None
+from ldmkit.imageio import convert_channels
 
 
 def prepare_control_image(
