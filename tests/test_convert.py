@@ -240,3 +240,19 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(tmp_path, 
     convert(src, single, "original")
     convert(src, single, "original", overwrite=True)
     assert single.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ae", "out", "vae.safetensors"]
+
+
+def test_ldmkit_load_is_the_one_loader_of_every_format(sd_folder, tmp_path):
+    """`ldmkit.load` reads each format ldmkit reads to the same weights, passes `config=` to a single file and
+    refuses it for a folder (which carries its own), as `load_any` does."""
+    import ldmkit
+
+    src = load_any(sd_folder)
+    convert(sd_folder, tmp_path / "ld", "ldmkit")
+    convert(sd_folder, tmp_path / "sd.safetensors", "original")
+    for path, config in ((sd_folder, None), (tmp_path / "ld", None), (tmp_path / "sd.safetensors", sd_folder)):
+        back = ldmkit.load(path, config=config)
+        assert isinstance(back, LatentDiffusion) and same_state(back.state_dict(), src.state_dict()), path
+    for folder in (sd_folder, tmp_path / "ld"):
+        with pytest.raises(LdmkitError, match="config= is for single files"):
+            ldmkit.load(folder, config=sd_folder)

@@ -2,19 +2,23 @@
 
     import ldmkit
     ae = ldmkit.load("runs/demo/autoencoder")      # any checkpoint folder → its module, eval mode
+    ldm = ldmkit.load("sd-folder")                  # a diffusers pipeline folder → LatentDiffusion
 """
 
 __version__ = "0.1.0"
 
 
-def load(path, ema: bool = True, device="cpu"):
+def load(path, ema: bool = True, device="cpu", config=None):
     """Return the module a checkpoint holds (autoencoder, LatentDiffusion, ControlNet, ...) in eval
     mode: an ldmkit checkpoint folder, a diffusers model or pipeline folder, or an original
-    Stable Diffusion single file."""
+    Stable Diffusion single file. The one from-path loader: every command and trainer that reads a model
+    loads it here and then checks what it got. `config`: for a single file only, the diffusers pipeline
+    folder (or config) describing it (`ldmkit.interop.original.load_original`). `ema`: prefer EMA weights
+    where the checkpoint has both."""
     from ldmkit.checkpoint import is_checkpoint, load as load_native
 
-    if is_checkpoint(path):  # the native folder needs no conversion code (nor diffusers)
+    if config is None and is_checkpoint(path):  # the native folder needs no conversion code (nor diffusers)
         return load_native(path, ema=ema, device=device)
-    from ldmkit.interop.convert import load_any
+    from ldmkit.interop.convert import load_any  # reads every format, and refuses config= for non-files
 
-    return load_any(path, ema=ema, device=device)
+    return load_any(path, config=config, ema=ema, device=device)

@@ -259,14 +259,6 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         raise LdmkitError(f"cannot read {file} ({type(e).__name__}); resume from an earlier checkpoint") from e
 
 
-def load_diffusion(path: str | Path, hint: str, device: str | torch.device = "cpu") -> LatentDiffusion:
-    """The LatentDiffusion a checkpoint folder holds; anything else is refused, `hint` saying what to give."""
-    module = load(path, device=device)
-    if not isinstance(module, LatentDiffusion):
-        raise LdmkitError(f"{path} holds a {type(module).__name__}, not a diffusion model; {hint}")
-    return module
-
-
 def load_control(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, LatentDiffusion, dict]:
     """(control network, its base LatentDiffusion, meta) from a `train-control` folder, whose meta names
     the base checkpoint folder (`meta["base"]`)."""
@@ -277,7 +269,10 @@ def load_control(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not base:
         raise LdmkitError(f"{folder} does not name its base model (meta.base); pass the base with --checkpoint")
     net = load(folder, device=device)
-    ldm = load_diffusion(resolve(base), f"the base named in {folder / CONFIG} must be a `ldmkit train` folder", device)
+    ldm = load(resolve(base), device=device)  # the native reader: a base is always a `ldmkit train` folder
+    if not isinstance(ldm, LatentDiffusion):
+        raise LdmkitError(f"{resolve(base)} holds a {type(ldm).__name__}, not a diffusion model; "
+                          f"the base named in {folder / CONFIG} must be a `ldmkit train` folder")
     return net, ldm.eval().requires_grad_(False), meta
 
 

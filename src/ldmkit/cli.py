@@ -102,8 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import ldmkit
     from ldmkit.control import Adapter, ControlNet, MultiControlNet
-    from ldmkit.interop.convert import load_any
     from ldmkit.pipeline import LatentDiffusion
     from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
     from ldmkit.device import autocast, pick_device
@@ -119,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device, "--device")
     amp = autocast(args.precision, device, "--precision")  # refuses fp16 off CUDA before anything is loaded
 
-    ldm = load_any(args.checkpoint, config=args.config, device=device)
+    ldm = ldmkit.load(args.checkpoint, config=args.config, device=device)
     _fill_sampling_defaults(args, args.checkpoint)
     nets = []
     if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
@@ -137,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.negative_prompt is not None and not ldm.config.conditioner.text_encoder:
         raise LdmkitError("--negative-prompt needs a text-conditioned model; this one has no text route")
     for path in args.controlnet or []:
-        net = load_any(path, device=device)
+        net = ldmkit.load(path, device=device)
         if not isinstance(net, (ControlNet, Adapter)):
             raise LdmkitError(f"--controlnet {path} holds a {type(net).__name__}, not a ControlNet or adapter")
         nets.append(net)

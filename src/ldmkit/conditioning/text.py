@@ -646,7 +646,7 @@ def build_text_encoder(name: str) -> CachedTextEncoder:
         file = name.split("#", 1)[0]
         raise LdmkitError(
             f"the text encoder's weights live inside the single file {file}; load the model with "
-            f"ldmkit.interop.load_any('{file}', config=FOLDER) or convert it to a folder with `ldmkit convert`"
+            f"ldmkit.load('{file}', config=FOLDER) or convert it to a folder with `ldmkit convert`"
         )
     if not p.exists():
         raise LdmkitError(f"text encoder '{name}' is neither 'minilm' nor an existing folder")

@@ -1,13 +1,17 @@
 """Stable Diffusion interoperability: diffusers modules and folders, and the original single file.
 
-    from ldmkit.interop import load_any, convert, from_diffusers, to_diffusers
-    ldm = load_any("sd-folder")                 # diffusers pipeline folder → LatentDiffusion (CLIP)
-    ldm = load_any("v1-5.safetensors", config="sd-folder")   # original single file
+    import ldmkit
+    from ldmkit.interop import convert, from_diffusers, to_diffusers
+    ldm = ldmkit.load("sd-folder")              # diffusers pipeline folder → LatentDiffusion (CLIP)
+    ldm = ldmkit.load("v1-5.safetensors", config="sd-folder")   # original single file
     convert("runs/demo/diffusion", "out/sd", "diffusers")
 
+`ldmkit.load` is the one entry for reading a model from a path; for any format but ldmkit's own it
+calls `convert.load_any`, which tells the formats apart and calls their readers.
+
 Modules: `diffusers` (modules, model and pipeline folders), `original` (CompVis single-file key
-maps), `convert` (format detection, `load_any`, `convert`), `presets` (SD VAE and full-model
-configs), `diffusers_unet` (the U-Net's config translation). Names are imported lazily, so
+maps), `convert` (format detection, `load_any`, `convert`, `convert_lora_file`), `lora` (LoRA files),
+`presets` (SD VAE and full-model configs), `diffusers_unet` (the U-Net's config translation). Names are imported lazily, so
 `import ldmkit.interop` stays light and diffusers is only needed when used.
 """
 

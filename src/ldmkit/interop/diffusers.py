@@ -562,7 +562,7 @@ def _readme_minilm() -> str:
         "This model was trained with ldmkit's bundled MiniLM text encoder (all-MiniLM-L6-v2, 384-d token\n"
         "embeddings), which is not a CLIP model, so text_encoder/ and tokenizer/ are absent and marked null\n"
         "in model_index.json (`_ldmkit.text_encoder = \"minilm\"`). ldmkit reloads it as is:\n\n"
-        "    ldmkit.interop.load_any(FOLDER)\n\n"
+        "    ldmkit.load(FOLDER)\n\n"
         "With diffusers, pass a text encoder and tokenizer that produce (B, 77, 384) hidden states yourself.\n"
     )
 

@@ -24,11 +24,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+import ldmkit
 from ldmkit.control import Adapter, ControlNet, controlled_unet
 from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
-from ldmkit.checkpoint import load_diffusion, resolve
+from ldmkit.checkpoint import read_config, resolve
+from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, SampleConfig
 from ldmkit.data.latent_shards import LatentShards
 from ldmkit.data.tensors import TensorData, control_maps
@@ -126,7 +128,10 @@ def load_base(path: str, drop_prompt: float | None = None):
     if not path:
         raise LdmkitError("no base model given: pass --base (a folder from `ldmkit train`)")
     folder = resolve(path)
-    ldm = load_diffusion(folder, "--base takes a `ldmkit train` folder")
+    read_config(folder)  # an ldmkit folder only: checkpoint.load_control reads the base back from meta.base
+    ldm = ldmkit.load(folder)  # EMA weights
+    if not isinstance(ldm, LatentDiffusion):
+        raise LdmkitError(f"{folder} holds a {type(ldm).__name__}, not a diffusion model; --base takes a `ldmkit train` folder")
     if ldm.config.concat is not None:
         raise LdmkitError(f"{path} has a '{ldm.config.concat.kind}' concatenation route; "
                           "train-control supports base models without one")

@@ -23,7 +23,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.imageio import save_grid
 from ldmkit.pipeline import LatentDiffusion, LatentDiffusionConfig
 from ldmkit.device import autocast
-from ldmkit.checkpoint import EMA_WEIGHTS, WEIGHTS, load_weights, read_config
+from ldmkit.checkpoint import WEIGHTS, load_weights, read_config
 from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.data.tensors import TensorData
 from ldmkit.train.data import MemoryData, check_buckets, check_lazy_source, open_train_data, posterior_of
@@ -41,10 +41,12 @@ def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
     whole diffusers pipeline folder (its VAE is used) or an original SD single file."""
     if not path:
         raise LdmkitError("no first stage given: set `autoencoder:` in the config (a folder from `ldmkit train-autoencoder`)")
-    from ldmkit.interop.convert import detect_format, load_any
+    import ldmkit
+    from ldmkit.interop.convert import detect_format
 
     fmt = detect_format(path)
-    if fmt == "ldmkit":
+    meta = {"source": str(path), "format": fmt}
+    if fmt == "ldmkit":  # checked before the weights are read: the kind, and a finished first stage
         folder, kind, cfg, meta = read_config(path)
         if kind != "autoencoder":
             raise LdmkitError(f"{folder} holds a '{kind}', not an autoencoder; point `autoencoder:` at a first-stage checkpoint")
@@ -53,15 +55,13 @@ def load_first_stage(path: str) -> tuple[AutoencoderKL, dict]:
                 f"{folder} has no measured latent scale (training did not finish); finish it with "
                 "`ldmkit train-autoencoder --resume` or set model.scaling_factor by hand"
             )
-        model = AutoencoderKL(cfg)
-        load_weights(model, folder / (EMA_WEIGHTS if (folder / EMA_WEIGHTS).is_file() else WEIGHTS))
-        return model.eval().requires_grad_(False), meta
-    module = load_any(path)
+        path = folder
+    module = ldmkit.load(path)  # EMA weights where the checkpoint has them
     if isinstance(module, LatentDiffusion):
         module = module.autoencoder  # a whole SD pipeline or single file: train on its VAE
     if not isinstance(module, AutoencoderKL):
         raise LdmkitError(f"{path} holds a {type(module).__name__}, not an autoencoder; point `autoencoder:` at a VAE")
-    return module.eval().requires_grad_(False), {"source": str(path), "format": fmt}
+    return module.eval().requires_grad_(False), meta
 
 
 def resolve_model_config(cfg: DiffusionTrainConfig, ae: AutoencoderKL, conditioner: Conditioner) -> LatentDiffusionConfig:

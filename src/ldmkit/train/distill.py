@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from torch import nn
 
-from ldmkit.checkpoint import load_diffusion, read_config
+import ldmkit
+from ldmkit.checkpoint import read_config
 from ldmkit.conditioning.cond import cat_conds
 from ldmkit.device import autocast
 from ldmkit.diffusion.guidance import batched_classifier_free_guidance
@@ -197,7 +198,7 @@ def load_teacher(path: str):
     folder, kind, _, meta = read_config(path)
     if kind != "latent_diffusion":
         raise LdmkitError(f"--teacher {path} holds a '{kind}', not a latent diffusion model; give a folder from `ldmkit train`")
-    ldm = load_diffusion(folder, "--teacher takes a `ldmkit train` folder")
+    ldm = ldmkit.load(folder)  # EMA weights; a latent_diffusion folder holds a LatentDiffusion
     if ldm.config.concat is not None:
         raise LdmkitError(f"--teacher {path} has a '{ldm.config.concat.kind}' concatenation route; "
                           "distill supports models without one")

@@ -1,6 +1,6 @@
 """`ldmkit train --init-from MODEL`: fine-tuning a model that exists, whole or with LoRA.
 
-    MODEL (ldmkit run | diffusers pipeline folder | original SD single file) ──load_any──> LatentDiffusion
+    MODEL (ldmkit run | diffusers pipeline folder | original SD single file) ─ldmkit.load─> LatentDiffusion
         its model config (first stage, U-Net, text encoder) replaces the training config's model sections;
         its U-Net weights start training; its first stage (and, unless trained, text encoder) stay frozen
     finetune.decoder_steps > 0  first the first stage's decoder learns to draw the training images (encoder frozen,
@@ -56,10 +56,10 @@ LORA_FILE = "lora.safetensors"
 def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
     """The LatentDiffusion training starts from: MODEL's weights (EMA where it has them), its model config
     with the training config's image size and condition-dropout rates, on the CPU in train mode."""
-    from ldmkit.interop.convert import load_any
+    import ldmkit
 
     path = cfg.finetune.init_from
-    src = load_any(path, ema=True)
+    src = ldmkit.load(path, ema=True)
     if not isinstance(src, LatentDiffusion):
         raise LdmkitError(f"--init-from {path} holds a {type(src).__name__}, not a diffusion model; give an "
                           "`ldmkit train` run, a diffusers pipeline folder or a Stable Diffusion single file")
