@@ -310,7 +310,9 @@ def resolved(client, body: dict, images: bool = False):
 def test_any_multiple_of_the_granularity_is_a_size_others_are_refused_naming_the_nearest(client):
     switch(client, "text")
     # the tiny model: f = 2, U-Net levels 2 → granularity 2 · 2 = 4 px; sides up to 3 × 16 = 48 px
-    assert client.get("/ldmkit/v1/model").json()["granularity"] == 4
+    caps = client.get("/ldmkit/v1/model").json()  # what the page builds its width and height choices from
+    assert caps["granularity"] == 4 and caps["max_side"] == 48 == 3 * SIZE
+    assert (resolved(client, {**TXT, "width": caps["max_side"]}).width) == 48  # the page's largest choice is valid
     gen = resolved(client, {**TXT, "width": 24, "height": 12})
     assert (gen.width, gen.height) == (24, 12) and gen.parameters["width"] == 24 and gen.parameters["height"] == 12
     gen = resolved(client, {"prompt": "x"})
@@ -616,11 +618,17 @@ def test_the_page_generates_and_inpaints_in_headless_chromium(live, tmp_path):
             el = driver.find_element(By.ID, field)
             el.clear()
             el.send_keys(value)
+        width = Select(driver.find_element(By.ID, "width"))  # multiples of the granularity 4, up to 3 × 16
+        assert [o.get_attribute("value") for o in width.options] == [str(v) for v in range(4, 49, 4)]
+        assert width.first_selected_option.get_attribute("value") == str(SIZE)  # the model's size by default
+        width.select_by_value("24")
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card img")) == 2)
         params = driver.find_element(By.CSS_SELECTOR, "#gallery .card .params").text
         assert params.startswith("a green square in the bottom right") and "Steps: 3" in params and "Seed: 11" in params
-        assert driver.execute_script("return document.querySelector('#gallery .card img').naturalWidth") == SIZE
+        assert driver.execute_script("return document.querySelector('#gallery .card img').naturalWidth") == 24
+        assert driver.execute_script("return document.querySelector('#gallery .card img').naturalHeight") == SIZE
+        assert "Size: 24x16" in params
         link = driver.find_element(By.CSS_SELECTOR, "#gallery .card a[download]")
         assert link.get_attribute("href").startswith("data:image/png;base64,")
 

@@ -20,7 +20,7 @@ from typing import Any
 from ldmkit.errors import LdmkitError
 from ldmkit.serve.generate import run_generation
 from ldmkit.serve.models import ModelStore
-from ldmkit.serve.schema import FieldProblem, Img2ImgRequest, Txt2ImgRequest, resolve, sampler_names
+from ldmkit.serve.schema import MAX_SIDE_FACTOR, FieldProblem, Img2ImgRequest, Txt2ImgRequest, resolve, sampler_names
 from ldmkit.serve.worker import Job, QueueFull, Worker
 
 MAX_BODY = 128 << 20  # bytes of one request: a few large images; beyond it, 413 before anything is read
@@ -212,7 +212,8 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
 
     @app.get("/ldmkit/v1/model", tags=["ldmkit"], summary="What the current model can do (the page reads it)")
     async def model() -> dict:
-        return {**store.capabilities(), "samplers": [s["name"] for s in sampler_names()],
+        caps = store.capabilities()  # max_side: the largest width or height a request may ask (schema.check_side)
+        return {**caps, "max_side": MAX_SIDE_FACTOR * caps["size"], "samplers": [s["name"] for s in sampler_names()],
                 "queue_size": worker.queue.maxsize}
 
     return app
