@@ -6,7 +6,12 @@ apart from `ldmkit.conditioning`, whose routes the U-Net itself reads.
 
 from ldmkit.control.adapter import Adapter, AdapterConfig
 from ldmkit.control.control_image import prepare_control_image
-from ldmkit.control.controlnet import ControlNet, ControlNetConfig, MultiControlNet, controlled_unet
+from ldmkit.control.controlnet import (
+    ControlNet,
+    ControlNetConfig,
+    MultiControlNet,
+    controlled_unet,
+)
 
 __all__ = ["Adapter", "AdapterConfig", "ControlNet", "ControlNetConfig", "MultiControlNet", "controlled_unet",
            "prepare_control_image"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ldmkit.imageio import convert_channels
 from ldmkit.errors import LdmkitError
+from ldmkit.imageio import convert_channels
 
 UPSCALERS = ("latent", "latent-nearest", "bicubic")
 RESIZE_MODES = {0: "resize", 1: "crop and resize", 2: "resize and fill"}

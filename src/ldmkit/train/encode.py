@@ -33,7 +33,15 @@ from ldmkit.data.latent_shards import FORMAT, INDEX, VERSION
 from ldmkit.data.shards import is_shard_spec, list_shards, read_items
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import atomic_write
-from ldmkit.train.data import PREVIEW, LoaderData, Repeated, _map_dataset, collate, epoch_of, tag_rule
+from ldmkit.train.data import (
+    PREVIEW,
+    LoaderData,
+    Repeated,
+    _map_dataset,
+    collate,
+    epoch_of,
+    tag_rule,
+)
 from ldmkit.train.latents import autoencoder_digest
 
 
