@@ -71,24 +71,25 @@ def main(argv: list[str] | None = None) -> int:
             ldm = ldmkit.load(ck)
             kw = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance)
             imgs = torch.cat([ldm_sample(ldm, texts=caps, seed=7000 + 100 * k, **kw) for k in range(args.seeds)])
-            sc = score_captions(imgs, caps * args.seeds)
+            sc = score_captions(imgs, caps * args.seeds, strict=True)  # strict: issue 31's shape rule
             rows.append({"step": step, "minutes": (ae_s + per_step * step) / 60, **sc})
             print(f"{name} step {step}: {rows[-1]['minutes']:.1f} min, colour {sc['colour']:.3f} position "
-                  f"{sc['position']:.3f} shape {sc['shape']:.3f}", flush=True)
+                  f"{sc['position']:.3f} shape {sc['shape']:.3f} strict shape {sc['shape_strict']:.3f}", flush=True)
         curves[name] = rows
     (out / "curve.json").write_text(json.dumps(curves, indent=1))
-    print("\n| recipe | step | minutes | colour | position | shape | all |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| recipe | step | minutes | colour | position | shape | strict shape | all (strict) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, rows in curves.items():
         for r in rows:
             print(f"| {name} | {r['step']} | {r['minutes']:.1f} | {100 * r['colour']:.1f} | {100 * r['position']:.1f} | "
-                  f"{100 * r['shape']:.1f} | {100 * r['all']:.1f} |")
+                  f"{100 * r['shape']:.1f} | {100 * r['shape_strict']:.1f} | {100 * r['all_strict']:.1f} |")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
-    for ax, key, target in zip(axes, ("colour", "position", "shape"), (0.95, 0.95, 0.85)):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4), sharey=True)
+    for ax, key, target in zip(axes, ("colour", "position", "shape", "shape_strict"), (0.95, 0.95, 0.95, 0.95)):
         for name, rows in curves.items():
             ax.plot([r["minutes"] for r in rows], [100 * r[key] for r in rows], "o-", label=name)
         ax.axhline(100 * target, color="grey", ls="--", lw=0.8)
