@@ -115,6 +115,8 @@ def _report(r: dict, ae_cfg, ldm_cfg, seeds: int, quick: bool) -> str:
         f"| position | {100 * a['position']:.1f} % |",
         f"| shape | {100 * a['shape']:.1f} % |",
         f"| all three | {100 * a['all']:.1f} % |",
+        *([f"| shape, strict (the caption's ideal shape fitted: IoU, solidity, corners; docs/shape-judge.md) | "
+           f"{100 * a['shape_strict']:.1f} % |"] if "shape_strict" in a else []),
         "",
         "One sample per caption (12 per row, in vocabulary order: shape, then colour, then position):",
         "",
