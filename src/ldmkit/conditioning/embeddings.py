@@ -202,10 +202,7 @@ def attach_embeddings(conditioner, embeddings: str | Path | EmbeddingLibrary) ->
     encoder = getattr(conditioner, "text_encoder", None)
     if encoder is None:
         raise LdmkitError("this model has no text encoder; textual-inversion embeddings need one")
-    try:
-        width = encoder.embedding_width
-    except NotImplementedError as e:
-        raise LdmkitError(f"{type(encoder).__name__} cannot take textual-inversion embeddings") from e
+    width = encoder.embedding_width  # an encoder without a token-embedding table refuses in one line
     library = embeddings if isinstance(embeddings, EmbeddingLibrary) else EmbeddingLibrary(embeddings)
     if library.width != width:
         library.width = width

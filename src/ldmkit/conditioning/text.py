@@ -157,7 +157,8 @@ class CachedTextEncoder(nn.Module, ABC):
     def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
         """Write the encoder (or `model`, a trained copy of `self.model`: its EMA, its LoRA folded in) into
         `folder` so `build_text_encoder` reads it back; returns the path a config names it by."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be saved")
+        raise LdmkitError(f"a {type(self).__name__} text encoder cannot be saved into a checkpoint, so it cannot be "
+                          "trained; train the U-Net only (finetune.train: unet or lora) or use the CLIP or MiniLM encoder")
 
     # ---- A1111 prompt syntax (conditioning.prompt): chunks, emphasis, textual-inversion embeddings
 
@@ -174,16 +175,19 @@ class CachedTextEncoder(nn.Module, ABC):
 
     @property
     def window(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+        raise LdmkitError(f"a {type(self).__name__} text encoder does not read A1111 prompt syntax; use the CLIP or "
+                          "MiniLM encoder, or plain prompts")
 
     def _piece_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without start/end tokens and without truncation."""
-        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+        raise LdmkitError(f"a {type(self).__name__} text encoder does not read A1111 prompt syntax; use the CLIP or "
+                          "MiniLM encoder, or plain prompts")
 
     def _run_ids(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The transformer on token ids (B, L) with a (B, L) bool mask of real tokens → hidden states (B, L, D);
         the very call `_encode` makes, so a plain prompt gives the same context either way."""
-        raise NotImplementedError(f"{type(self).__name__} does not read A1111 prompt syntax")
+        raise LdmkitError(f"a {type(self).__name__} text encoder does not read A1111 prompt syntax; use the CLIP or "
+                          "MiniLM encoder, or plain prompts")
 
     def _is_continuation(self, token_id: int) -> bool:
         """Whether a token continues the word before it (WordPiece `##…`): an embedding name must end a word."""
@@ -191,7 +195,8 @@ class CachedTextEncoder(nn.Module, ABC):
 
     def input_embeddings(self) -> nn.Embedding:
         """The token-embedding table at the transformer's input (where textual-inversion vectors go)."""
-        raise NotImplementedError(f"{type(self).__name__} does not read textual-inversion embeddings")
+        raise LdmkitError(f"{type(self).__name__} cannot take textual-inversion embeddings (it has no single "
+                          "token-embedding table); use them with a CLIP or MiniLM encoder")
 
     @property
     def embedding_width(self) -> int:
