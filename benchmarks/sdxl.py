@@ -34,15 +34,6 @@ from common import RssPeak, _status_kb, machine_line, markdown_table, median  # 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-SDXL_DIFFUSERS = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=[5, 10, 20],
-    transformer_layers_per_block=[1, 2, 10], use_linear_projection=True, cross_attention_dim=2048,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)  # fmt: skip
-
-
 def _materialise(model: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """Meta-device model → real weights N(0, 0.02²) in `dtype`, drawn in state-dict order (the two sides share
     names, so the same seed gives both the same weights)."""
@@ -75,8 +66,12 @@ def run_side(side: str, latent: int, dtype: torch.dtype, repeats: int, seed: int
     else:
         import diffusers
 
+        from ldmkit.interop.diffusers_unet import config_to_diffusers
+        from ldmkit.unet import unet_sdxl
+
+        # SDXL base's unet/config.json: the preset's translation, which tests/test_sdxl.py pins to the real file
         with torch.device("meta"):
-            net = diffusers.UNet2DConditionModel(**SDXL_DIFFUSERS)
+            net = diffusers.UNet2DConditionModel(**config_to_diffusers(unet_sdxl(zero_init=False)))
         added = {"text_embeds": pooled, "time_ids": time_ids.to(dtype)}
         step = lambda: net(x, t, ctx, added_cond_kwargs=added).sample  # noqa: E731
     net = _materialise(net, dtype, seed)

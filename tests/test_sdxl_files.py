@@ -9,19 +9,13 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+from test_interop import perturb  # noqa: E402
 from test_sdxl import sdxl_folder  # noqa: E402, F401 - the fixture (a tiny StableDiffusionXLPipeline folder)
 
 from ldmkit.interop import original_clip as oclip  # noqa: E402
 from ldmkit.interop import original_keys as okeys  # noqa: E402
 
 
-def perturb(module, scale=0.05, seed=0):
-    """Random nudges to every weight, so zero-initialised layers do not hide mapping mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
 
 
 def same_state(a: dict, b: dict) -> bool:
