@@ -12,6 +12,10 @@ halves of classifier-free guidance, as a guided step runs) under `torch.inferenc
     python benchmarks/sdxl.py --latent 128 --dtype bf16         # 1024×1024
     python benchmarks/sdxl.py --order diffusers,ours ...        # the other side first
     python benchmarks/sdxl.py --side ours --latent 64 ...       # one side only (what the parent runs)
+    python benchmarks/sdxl.py --part vae --latent 128 --dtype fp32   # the SDXL VAE's decode of one 1024² image
+
+`--part vae` times the SDXL autoencoder's decoder instead (the whole 83.7 M-parameter VAE is built; batch 1: the image a guided run
+ends with), in float32 by default as ldmkit and diffusers both decode SDXL latents (the VAE overflows in fp16).
 
 Printed: a markdown table (seconds per step: median of the repeats after one warm-up; peak RSS of the
 process, and the rise of the peak above the weights alone, i.e. the step's own working memory).
@@ -45,7 +49,25 @@ def _materialise(model: torch.nn.Module, dtype: torch.dtype, seed: int) -> torch
     return model.eval().requires_grad_(False)
 
 
-def run_side(side: str, latent: int, dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
+def _vae_step(side: str, latent: int, dtype: torch.dtype):
+    """The SDXL VAE's decoder on one latent: (module, step)."""
+    from ldmkit.autoencoder import AutoencoderKL
+    from ldmkit.interop.diffusers import vae_config_to_diffusers
+    from ldmkit.interop.presets import vae_sdxl
+
+    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if side == "ours":
+        with torch.device("meta"):
+            net = AutoencoderKL(vae_sdxl())
+        return net, lambda: net.decode(z)
+    import diffusers
+
+    with torch.device("meta"):
+        net = diffusers.AutoencoderKL(**vae_config_to_diffusers(vae_sdxl()))
+    return net, lambda: net.decode(z).sample
+
+
+def run_side(side: str, latent: int, dtype: torch.dtype, repeats: int, seed: int = 0, part: str = "unet") -> dict:
     from ldmkit.conditioning.conditioner import sdxl_vector
 
     b = 2
@@ -56,7 +78,9 @@ def run_side(side: str, latent: int, dtype: torch.dtype, repeats: int, seed: int
     s = float(latent * 8)
     time_ids = torch.tensor([[s, s, 0.0, 0.0, s, s]] * b)
     t = torch.tensor([500, 500])
-    if side == "ours":
+    if part == "vae":
+        net, step = _vae_step(side, latent, dtype)
+    elif side == "ours":
         from ldmkit.unet import UNet, unet_sdxl
 
         with torch.device("meta"):
@@ -94,17 +118,18 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=64, help="latent side (image side / 8): 64 = 512 px, 128 = 1024 px")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--part", choices=["unet", "vae"], default="unet", help="the U-Net's guided step or the VAE's decode")
     ap.add_argument("--side", choices=["ours", "diffusers"], help="run one side in this process (the parent's child)")
     ap.add_argument("--order", default="ours,diffusers", help="which side runs first (on a shared machine, run both "
                     "orders: the load drifts between the two children)")
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.latent, DTYPES[args.dtype], args.repeats)))
+        print(json.dumps(run_side(args.side, args.latent, DTYPES[args.dtype], args.repeats, part=args.part)))
         return
     rows, results = [], {}
     for side in args.order.split(","):
         cmd = [sys.executable, __file__, "--side", side, "--latent", str(args.latent), "--dtype", args.dtype,
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--part", args.part]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode:
             raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -112,9 +137,9 @@ def main() -> None:
         rows.append([side, f"{r['params'] / 1e9:.3f} B", f"{r['seconds']:.1f}", f"{r['weights_mib']:.0f}",
                      f"{r['step_peak_mib']:.0f}", f"{r['peak_mib']:.0f}"])
     a, b = results["ours"], results["diffusers"]
-    print(f"SDXL U-Net, one guided step (batch 2), {args.latent}x{args.latent} latents "
-          f"({8 * args.latent} px), {args.dtype}; {machine_line()}")
-    print(markdown_table(["side", "parameters", "s/step", "weights RSS MiB", "step peak MiB (above weights)",
+    what = "VAE decode (batch 1)" if args.part == "vae" else "U-Net, one guided step (batch 2)"
+    print(f"SDXL {what}, {args.latent}x{args.latent} latents ({8 * args.latent} px), {args.dtype}; {machine_line()}")
+    print(markdown_table(["side", "parameters", "s/step" if args.part == "unet" else "s/decode", "weights RSS MiB", "step peak MiB (above weights)",
                           "process peak MiB"], rows))
     print(f"outputs: std {a['out_std']:.4g} vs {b['out_std']:.4g}, sum {a['out_sum']:.5g} vs {b['out_sum']:.5g}")
 
