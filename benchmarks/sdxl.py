@@ -14,8 +14,8 @@ halves of classifier-free guidance, as a guided step runs) under `torch.inferenc
     python benchmarks/sdxl.py --side ours --latent 64 ...       # one side only (what the parent runs)
     python benchmarks/sdxl.py --part vae --latent 128 --dtype fp32   # the SDXL VAE's decode of one 1024² image
 
-`--part vae` times the SDXL autoencoder's decoder instead (the whole 83.7 M-parameter VAE is built; batch 1: the image a guided run
-ends with), in float32 by default as ldmkit and diffusers both decode SDXL latents (the VAE overflows in fp16).
+`--part vae` times the SDXL autoencoder's decoder instead (the whole 83.7 M-parameter VAE is built; batch 1: the
+image a guided run ends with); give it `--dtype fp32`, as ldmkit and diffusers both decode SDXL latents in float32.
 
 Printed: a markdown table (seconds per step: median of the repeats after one warm-up; peak RSS of the
 process, and the rise of the peak above the weights alone, i.e. the step's own working memory).
