@@ -442,3 +442,63 @@ def test_pooled_embedding_while_the_encoders_train():
     proj = enc.second.model.text_projection.weight
     # d Σ pooled / d W_proj = 1 ⊗ Σ_b normed end-token state: every row the same
     assert proj.grad is not None and torch.allclose(proj.grad, proj.grad[:1].expand_as(proj.grad))
+
+
+def test_negative_micro_conditioning_matches_diffusers(sdxl_folder):
+    """SDXL's negative micro-conditioning (diffusers' `negative_original_size` …): the unconditional branch gets
+    its own size values. diffusers' StableDiffusionXLPipeline reads them only when negative_original_size and
+    negative_target_size are both given, and then takes the negative crop as (0, 0) unless given; ldmkit's every
+    negative_* defaults to its positive (16, 24 and 2, 4 here), so passing diffusers those is the same request."""
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    kw = dict(prompt=["a cat"], height=16, width=24, steps=2, guidance=5.0, sampler="euler", seed=0)
+    micro = dict(original_size=(32, 40), crops_coords_top_left=(2, 4), negative_original_size=(8, 12))
+    ours = generate(ldm, GenerationRequest(**kw, **micro)).images
+    plain = generate(ldm, GenerationRequest(**kw, original_size=(32, 40), crops_coords_top_left=(2, 4))).images
+    ref = pipe(["a cat"], height=16, width=24, num_inference_steps=2, guidance_scale=5.0, **micro,
+               negative_target_size=(16, 24), negative_crops_coords_top_left=(2, 4), generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (ours - (ref * 2 - 1)).abs().max() <= TOL
+    assert (ours - plain).abs().max() > 10 * TOL  # the negative values reach the unconditional branch
+
+
+def test_micro_conditioning_refusals_are_one_line(sdxl_folder):
+    from ldmkit.generation import GenerationRequest
+    from ldmkit.generation.request import micro_option
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    for kw, words in [({"aesthetic_score": 7.0}, "only an SDXL refiner"), ({"original_size": (16,)}, r"\(height, width\)"),
+                      ({"negative_crops_coords_top_left": (-1, 0)}, r"\(top, left\)")]:
+        with pytest.raises(LdmkitError, match=words):
+            GenerationRequest(prompt="a", **kw).check(ldm)
+    assert micro_option("negative_original_size=512x768") == ("negative_original_size", (512, 768))
+    assert micro_option("aesthetic-score=6.5") == ("aesthetic_score", 6.5)
+    with pytest.raises(LdmkitError, match="NAME one of original_size"):
+        micro_option("size=3x4")
+
+
+def test_sample_micro_option_is_the_request_field(sdxl_folder, tmp_path, capsys):
+    """`ldmkit sample --micro NAME=VALUE` sets that GenerationRequest field: the PNG equals `generate`'s with it;
+    a bad value is one line on stderr, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.cli import main
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.imageio import to_uint8
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    args = ["sample", "--checkpoint", str(sdxl_folder), "--prompt", "a cat", "--steps", "2", "--guidance", "5",
+            "--sampler", "euler", "--width", "24", "--height", "16", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(args + ["--micro", "negative_original_size=8x12", "--micro", "crops_coords_top_left=2x4"]) == 0
+    got = np.asarray(Image.open(tmp_path / "o" / "0000.png"))
+    want = generate(load_diffusers_pipeline(sdxl_folder), GenerationRequest(
+        prompt="a cat", steps=2, guidance=5.0, sampler="euler", width=24, height=16, seed=0,
+        negative_original_size=(8, 12), crops_coords_top_left=(2, 4))).images[0]
+    assert np.array_equal(got, to_uint8(want))
+    assert main(args + ["--micro", "original_size=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loaders' progress bars
+    assert err.startswith("ldmkit: error: --micro 'original_size=16': original_size takes HxW")
