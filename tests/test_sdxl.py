@@ -418,15 +418,38 @@ def test_sdxl_preset_is_what_the_real_base_folder_describes(tmp_path):
     assert cfg.image_size == 1024 and cfg.autoencoder.scaling_factor == 0.13025
 
 
-def test_textual_inversion_on_sdxl_is_refused_in_one_line(tmp_path):
-    """SDXL embeddings hold a clip_l and a clip_g part; the pair does not read them yet: attaching says so."""
+def test_sdxl_embedding_matches_diffusers_load_textual_inversion(tmp_path):
+    """An SDXL textual-inversion file ({"clip_l": (n, 32), "clip_g": (n, 24)} here; (n, 768) and (n, 1280) in real
+    ones) read from --embeddings-dir: each encoder puts in its own vectors, so the prompt's contexts and pooled
+    embedding equal diffusers' after `load_textual_inversion` of each part into its encoder (the two-call form
+    diffusers documents for SDXL). An SD 1/2 embedding on SDXL is refused by name in one line."""
+    from safetensors.torch import save_file
+
     from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
     from ldmkit.conditioning.embeddings import attach_embeddings
 
-    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True),
-                       text_encoder=_encoder(tiny_sdxl_pipeline()))
-    with pytest.raises(LdmkitError, match="SDXLTextEncoder cannot take textual-inversion embeddings"):
-        attach_embeddings(cond, tmp_path)
+    g = torch.Generator().manual_seed(8)
+    vecs = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 24, generator=g)}
+    save_file(vecs, str(tmp_path / "mytok.safetensors"))
+    save_file({"emb_params": torch.randn(1, 32, generator=g)}, str(tmp_path / "old15.safetensors"))
+    pipe = tiny_sdxl_pipeline()
+    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True), text_encoder=_encoder(pipe))
+    size_crop = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+    plain = cond(texts=["a mytok cat"], size_crop=size_crop, prompt_syntax=True)  # before: the name is text
+    library = attach_embeddings(cond, tmp_path)
+    assert library.names() == ["mytok"] and "SD 1/2 embedding" in library.problems()["old15"]
+    ours = cond(texts=["a mytok cat"], size_crop=size_crop, prompt_syntax=True)
+    pipe.load_textual_inversion(vecs["clip_l"], token="mytok", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vecs["clip_g"], token="mytok", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        pe, _, pp, _ = pipe.encode_prompt("a mytok cat", device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    assert (ours.context - pe).abs().max() <= 1e-5 and (ours.vector[:, :POOLED] - pp).abs().max() <= 1e-5
+    assert (plain.context - ours.context).abs().max() > 1e-2  # the vectors went in
+    with pytest.raises(LdmkitError, match=r"embedding 'old15' .* is an SD 1/2 embedding .*use one made for SDXL") as e:
+        cond(texts=["old15 cat"], size_crop=size_crop, prompt_syntax=True)
+    assert "\n" not in str(e.value)
 
 
 def test_pooled_embedding_while_the_encoders_train():
