@@ -49,6 +49,7 @@ class CachedTextEncoder(nn.Module, ABC):
     comma_id: int | None = None
     trains = False  # the encoder's weights (or LoRA) or an embedding's vectors train: no cache (`encode_trainable`)
     embedding_part: str | None = None  # which vectors of an SDXL embedding this encoder reads ("clip_l", "clip_g")
+    saved_as = "text_encoder"  # the folder `save_model` writes, under the folder it is given
 
     def __init__(self):
         super().__init__()
@@ -591,6 +592,36 @@ class SDXLTextEncoder(CachedTextEncoder):
     def parts(self) -> list[CLIPPenultimateEncoder]:
         """The encoders present: ViT-L and bigG, or the refiner's bigG alone."""
         return [p for p in (self.first, self.second) if p is not None]
+
+    # Training (finetune.train unet+text, lora.text_encoder): both transformers models as one module, saved as a
+    # diffusers SDXL folder's text parts, which `build_text_encoder` reads back.
+    saved_as = ""  # the checkpoint folder itself holds text_encoder/ … tokenizer_2/
+
+    @property
+    def model(self) -> nn.ModuleDict:
+        """{"text_encoder": ViT-L, "text_encoder_2": bigG} (the refiner: bigG alone): the very modules the encoders
+        run, so training them (or injecting LoRA layers into them) trains the encoder."""
+        pair = self.__dict__.get("_pair")
+        if pair is None:
+            pair = self.__dict__["_pair"] = nn.ModuleDict(
+                {name: p.model for name, p in (("text_encoder", self.first), ("text_encoder_2", self.second)) if p is not None})
+        return pair
+
+    def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
+        """FOLDER/text_encoder(_2)/ + tokenizer(_2)/ from `model` (a trained copy of `self.model`), as
+        `SDXLTextEncoder.from_folder` reads them (a refiner's: a model_index.json naming text_encoder null)."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = Path(folder)
+        model = model if model is not None else self.model
+        for name, part in (("text_encoder", self.first), ("text_encoder_2", self.second)):
+            if part is not None:
+                model[name].save_pretrained(str(folder / name), safe_serialization=True)
+                part.tokenizer.save_pretrained(str(folder / name.replace("text_encoder", "tokenizer")))
+        if self.first is None and not (folder / "model_index.json").exists():
+            (folder / "model_index.json").write_text(json.dumps({"text_encoder": [None, None]}))
+        return folder
 
     # Textual inversion: SDXL's embeddings hold a vector set per encoder ({"clip_l": (n, 768), "clip_g": (n, 1280)},
     # A1111's and diffusers' format); each encoder finds the name with its own tokenizer and puts in its own set.
