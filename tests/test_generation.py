@@ -106,10 +106,11 @@ def test_inpainting_at_a_non_square_size_pastes_the_kept_pixels_back():
 def test_micro_conditions_are_the_request_size(monkeypatch):
     ldm = make(None)
     seen = []
-    own = ldm.conditioner.default_size_crop
-    monkeypatch.setattr(ldm.conditioner, "default_size_crop", lambda n, h, w: seen.append((h, w)) or own(n, h, w))
+    own = ldm.conditioner.micro_values
+    monkeypatch.setattr(ldm.conditioner, "micro_values", lambda n, h, w, **kw: seen.append((h, w, kw["original"],
+                                                                                            kw["target"])) or own(n, h, w, **kw))
     generate(ldm, GenerationRequest(prompt="a", height=8, width=24, **KW))
-    assert set(seen) == {(8, 24)}
+    assert set(seen) == {(8, 24, None, None)}  # None: the pass's size (Conditioner.micro_values)
 
 
 def test_hires_fix_size_and_bicubic_pass_at_strength_zero_is_the_resized_first_pass():

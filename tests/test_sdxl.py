@@ -418,15 +418,38 @@ def test_sdxl_preset_is_what_the_real_base_folder_describes(tmp_path):
     assert cfg.image_size == 1024 and cfg.autoencoder.scaling_factor == 0.13025
 
 
-def test_textual_inversion_on_sdxl_is_refused_in_one_line(tmp_path):
-    """SDXL embeddings hold a clip_l and a clip_g part; the pair does not read them yet: attaching says so."""
+def test_sdxl_embedding_matches_diffusers_load_textual_inversion(tmp_path):
+    """An SDXL textual-inversion file ({"clip_l": (n, 32), "clip_g": (n, 24)} here; (n, 768) and (n, 1280) in real
+    ones) read from --embeddings-dir: each encoder puts in its own vectors, so the prompt's contexts and pooled
+    embedding equal diffusers' after `load_textual_inversion` of each part into its encoder (the two-call form
+    diffusers documents for SDXL). An SD 1/2 embedding on SDXL is refused by name in one line."""
+    from safetensors.torch import save_file
+
     from ldmkit.conditioning.conditioner import Conditioner, ConditionerConfig
     from ldmkit.conditioning.embeddings import attach_embeddings
 
-    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True),
-                       text_encoder=_encoder(tiny_sdxl_pipeline()))
-    with pytest.raises(LdmkitError, match="SDXLTextEncoder cannot take textual-inversion embeddings"):
-        attach_embeddings(cond, tmp_path)
+    g = torch.Generator().manual_seed(8)
+    vecs = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 24, generator=g)}
+    save_file(vecs, str(tmp_path / "mytok.safetensors"))
+    save_file({"emb_params": torch.randn(1, 32, generator=g)}, str(tmp_path / "old15.safetensors"))
+    pipe = tiny_sdxl_pipeline()
+    cond = Conditioner(ConditionerConfig(pooled_text=True, micro_conditioning=True), text_encoder=_encoder(pipe))
+    size_crop = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+    plain = cond(texts=["a mytok cat"], size_crop=size_crop, prompt_syntax=True)  # before: the name is text
+    library = attach_embeddings(cond, tmp_path)
+    assert library.names() == ["mytok"] and "SD 1/2 embedding" in library.problems()["old15"]
+    ours = cond(texts=["a mytok cat"], size_crop=size_crop, prompt_syntax=True)
+    pipe.load_textual_inversion(vecs["clip_l"], token="mytok", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vecs["clip_g"], token="mytok", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        pe, _, pp, _ = pipe.encode_prompt("a mytok cat", device="cpu", num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    assert (ours.context - pe).abs().max() <= 1e-5 and (ours.vector[:, :POOLED] - pp).abs().max() <= 1e-5
+    assert (plain.context - ours.context).abs().max() > 1e-2  # the vectors went in
+    with pytest.raises(LdmkitError, match=r"embedding 'old15' .* is an SD 1/2 embedding .*use one made for SDXL") as e:
+        cond(texts=["old15 cat"], size_crop=size_crop, prompt_syntax=True)
+    assert "\n" not in str(e.value)
 
 
 def test_pooled_embedding_while_the_encoders_train():
@@ -442,3 +465,63 @@ def test_pooled_embedding_while_the_encoders_train():
     proj = enc.second.model.text_projection.weight
     # d Σ pooled / d W_proj = 1 ⊗ Σ_b normed end-token state: every row the same
     assert proj.grad is not None and torch.allclose(proj.grad, proj.grad[:1].expand_as(proj.grad))
+
+
+def test_negative_micro_conditioning_matches_diffusers(sdxl_folder):
+    """SDXL's negative micro-conditioning (diffusers' `negative_original_size` …): the unconditional branch gets
+    its own size values. diffusers' StableDiffusionXLPipeline reads them only when negative_original_size and
+    negative_target_size are both given, and then takes the negative crop as (0, 0) unless given; ldmkit's every
+    negative_* defaults to its positive (16, 24 and 2, 4 here), so passing diffusers those is the same request."""
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    kw = dict(prompt=["a cat"], height=16, width=24, steps=2, guidance=5.0, sampler="euler", seed=0)
+    micro = dict(original_size=(32, 40), crops_coords_top_left=(2, 4), negative_original_size=(8, 12))
+    ours = generate(ldm, GenerationRequest(**kw, **micro)).images
+    plain = generate(ldm, GenerationRequest(**kw, original_size=(32, 40), crops_coords_top_left=(2, 4))).images
+    ref = pipe(["a cat"], height=16, width=24, num_inference_steps=2, guidance_scale=5.0, **micro,
+               negative_target_size=(16, 24), negative_crops_coords_top_left=(2, 4), generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (ours - (ref * 2 - 1)).abs().max() <= TOL
+    assert (ours - plain).abs().max() > 10 * TOL  # the negative values reach the unconditional branch
+
+
+def test_micro_conditioning_refusals_are_one_line(sdxl_folder):
+    from ldmkit.generation import GenerationRequest
+    from ldmkit.generation.request import micro_option
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    ldm = load_diffusers_pipeline(sdxl_folder)
+    for kw, words in [({"aesthetic_score": 7.0}, "only an SDXL refiner"), ({"original_size": (16,)}, r"\(height, width\)"),
+                      ({"negative_crops_coords_top_left": (-1, 0)}, r"\(top, left\)")]:
+        with pytest.raises(LdmkitError, match=words):
+            GenerationRequest(prompt="a", **kw).check(ldm)
+    assert micro_option("negative_original_size=512x768") == ("negative_original_size", (512, 768))
+    assert micro_option("aesthetic-score=6.5") == ("aesthetic_score", 6.5)
+    with pytest.raises(LdmkitError, match="NAME one of original_size"):
+        micro_option("size=3x4")
+
+
+def test_sample_micro_option_is_the_request_field(sdxl_folder, tmp_path, capsys):
+    """`ldmkit sample --micro NAME=VALUE` sets that GenerationRequest field: the PNG equals `generate`'s with it;
+    a bad value is one line on stderr, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmkit.cli import main
+    from ldmkit.generation import GenerationRequest, generate
+    from ldmkit.imageio import to_uint8
+    from ldmkit.interop.diffusers import load_diffusers_pipeline
+
+    args = ["sample", "--checkpoint", str(sdxl_folder), "--prompt", "a cat", "--steps", "2", "--guidance", "5",
+            "--sampler", "euler", "--width", "24", "--height", "16", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(args + ["--micro", "negative_original_size=8x12", "--micro", "crops_coords_top_left=2x4"]) == 0
+    got = np.asarray(Image.open(tmp_path / "o" / "0000.png"))
+    want = generate(load_diffusers_pipeline(sdxl_folder), GenerationRequest(
+        prompt="a cat", steps=2, guidance=5.0, sampler="euler", width=24, height=16, seed=0,
+        negative_original_size=(8, 12), crops_coords_top_left=(2, 4))).images[0]
+    assert np.array_equal(got, to_uint8(want))
+    assert main(args + ["--micro", "original_size=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loaders' progress bars
+    assert err.startswith("ldmkit: error: --micro 'original_size=16': original_size takes HxW")

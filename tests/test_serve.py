@@ -372,6 +372,20 @@ def test_hires_fix_fields_become_the_hires_pass_and_its_target_is_checked(client
     assert gen.hires is None and gen.not_honoured[0].startswith("enable_hr: hires fix is a txt2img option")
 
 
+def test_sdxl_micro_conditioning_fields_reach_the_request_and_other_models_refuse_them(client):
+    """diffusers' names for SDXL's size/crop values (A1111's API has none) become the GenerationRequest's fields;
+    a model without micro-conditioning refuses them with 422 and the reason, before generating anything."""
+    from ldmkit.serve.generate import request_of
+
+    switch(client, "text")
+    gen = resolved(client, {**TXT, "original_size": [32, 48], "negative_crops_coords_top_left": [0, 8]})
+    assert gen.micro == {"original_size": (32, 48), "negative_crops_coords_top_left": (0, 8)}
+    req = request_of(gen, client.app.state.store.get(gen.entry))
+    assert req.original_size == (32, 48) and req.negative_crops_coords_top_left == (0, 8) and req.target_size is None
+    r = client.post("/sdapi/v1/txt2img", json={**TXT, "negative_original_size": [8, 8]})
+    assert r.status_code == 422 and "no SDXL micro-conditioning" in r.json()["detail"][0]["msg"], r.text
+
+
 @pytest.fixture(scope="module")
 def student(models, tmp_path_factory):
     """A checkpoint that asks to be sampled its own way (meta.sampling, as `ldmkit distill` writes it)."""

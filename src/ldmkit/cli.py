@@ -150,6 +150,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                      second_pass_steps=args.hires_steps, denoising_strength=args.hires_denoise)
     elif args.hires_steps or args.hires_upscaler != "latent" or args.hires_denoise != 0.7:
         raise LdmkitError("--hires-steps/--hires-upscaler/--hires-denoise set the hires pass; turn it on with --hires-scale")
+    from ldmkit.generation.request import micro_option
+
+    spatial.update(micro_option(m) for m in args.micro or [])  # SDXL's size/crop/aesthetic values
     size = None  # images at their own size: generation fits them to --height/--width with --resize-mode
     control = None
     if args.embeddings_dir:
@@ -534,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the scaled adapters add")
     s.add_argument("--negative-prompt", default=None,
                    help="what to steer away from: the unconditional branch of guidance encodes it (needs --guidance > 1)")
+    s.add_argument("--micro", action="append", default=None, metavar="NAME=VALUE",
+                   help="SDXL micro-conditioning, diffusers' names (repeatable): original_size=HxW, "
+                        "crops_coords_top_left=TOPxLEFT, target_size=HxW, negative_… of each; a refiner's "
+                        "aesthetic_score=6 / negative_aesthetic_score=2.5 (docs/sdxl.md)")
     s.add_argument("--sigmas", default=None, choices=["karras", "exponential"],
                    help="space the steps in noise level σ (Karras et al. 2022 / log-uniform) instead of the model's "
                         "timestep spacing")

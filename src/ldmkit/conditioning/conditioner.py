@@ -24,6 +24,9 @@ from ldmkit.layers.embeddings import timestep_embedding
 from ldmkit.rng import BatchRandom
 
 MICRO_FIELDS = ("original height", "original width", "crop top", "crop left", "target height", "target width")
+# SDXL refiner's (SGM's `aesthetic_score` embedder in place of the target size; diffusers' requires_aesthetics_score)
+AESTHETIC_FIELDS = ("original height", "original width", "crop top", "crop left", "aesthetic score")
+AESTHETIC_DEFAULTS = (6.0, 2.5)  # diffusers' StableDiffusionXLImg2ImgPipeline: aesthetic_score, negative_aesthetic_score
 MICRO_DIM = 256  # SDXL's addition_time_embed_dim
 
 
@@ -55,6 +58,9 @@ class ConditionerConfig(BaseModel):
     micro_conditioning: bool = Field(
         False, description="SDXL's size and crop conditioning: (original height, width, crop top, left, target height, "
         "width) as Fourier features on the vector route, so a model trained on crops and buckets learns what a crop is")
+    aesthetic_score: bool = Field(
+        False, description="with micro_conditioning: the SDXL refiner's five values (original height, width, crop top, "
+        "left, aesthetic score) in place of the six; the score is the image's rated aesthetics (LAION's 0-10 scale)")
     num_classes: int = Field(0, ge=0, description="class-label route (0: off)")
     drop_text: float = Field(0.1, ge=0, le=1, description="P(caption → '') in training, drawn per item on its own "
                              "(SGM's ucg_rate of the text embedder); the text is also dropped with drop_all")
@@ -89,25 +95,44 @@ class Conditioner(nn.Module):
         pooled = 0
         if self.cfg.pooled_text and self._text is not None:
             pooled = getattr(self._text, "pooled_dim", None) or self.context_dim
-        return pooled + (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
+        return pooled + len(self.micro_fields) * MICRO_DIM
+
+    @property
+    def micro_fields(self) -> tuple[str, ...]:
+        """The micro-conditions this model takes, in order: none, SDXL base's six, or the refiner's five."""
+        if not self.cfg.micro_conditioning:
+            return ()
+        return AESTHETIC_FIELDS if self.cfg.aesthetic_score else MICRO_FIELDS
+
+    def micro_values(self, n: int, height: int, width: int, original: tuple[int, int] | None = None,
+                     crop: tuple[int, int] | None = None, target: tuple[int, int] | None = None,
+                     aesthetic: float | None = None) -> torch.Tensor | None:
+        """(n, 6) or the refiner's (n, 5) micro-conditions of images made at (height, width), None for a model
+        without them. Defaults as diffusers' SDXL pipelines: original = target = (height, width), crop (0, 0),
+        aesthetic score 6.0; a refiner takes no target size, a base model no score (`GenerationRequest.check`)."""
+        if not self.cfg.micro_conditioning:
+            return None
+        oh, ow = original or (height, width)
+        last = [AESTHETIC_DEFAULTS[0] if aesthetic is None else aesthetic] if self.cfg.aesthetic_score \
+            else list(target or (height, width))
+        return torch.tensor([[oh, ow, *(crop or (0, 0)), *last]], dtype=torch.float32).expand(n, -1)
 
     def default_size_crop(self, n: int, height: int, width: int) -> torch.Tensor | None:
         """The micro-conditions of an uncropped image made at its own size (SDXL's sampling default); None
         for a model without them."""
-        if not self.cfg.micro_conditioning:
-            return None
-        return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(n, -1)
+        return self.micro_values(n, height, width)
 
     def _micro(self, size_crop: torch.Tensor | None, n: int) -> torch.Tensor:
-        """(B, 6) micro-conditions → (B, 6·256) Fourier features (Podell et al. 2023, §2.2: each value through
+        """(B, k) micro-conditions → (B, k·256) Fourier features (Podell et al. 2023, §2.2: each value through
         the timestep embedding, concatenated)."""
+        fields = self.micro_fields
         if size_crop is None:
-            raise LdmkitError("this model takes SDXL size/crop conditioning; pass size_crop (B, 6) or sample through "
-                              "LatentDiffusion.sample, which fills it in")
-        if size_crop.shape != (n, len(MICRO_FIELDS)):
-            raise LdmkitError(f"size_crop must be ({n}, {len(MICRO_FIELDS)}): {', '.join(MICRO_FIELDS)}; got "
+            raise LdmkitError(f"this model takes SDXL size/crop conditioning; pass size_crop (B, {len(fields)}) or "
+                              "sample through ldmkit.generation.generate, which fills it in")
+        if size_crop.shape != (n, len(fields)):
+            raise LdmkitError(f"size_crop must be ({n}, {len(fields)}): {', '.join(fields)}; got "
                               f"{tuple(size_crop.shape)}")
-        return micro_features(size_crop)  # (B, 6·256)
+        return micro_features(size_crop)  # (B, k·256)
 
     def forward(
         self,
@@ -121,7 +146,7 @@ class Conditioner(nn.Module):
     ) -> Cond:
         """Build the Cond for a batch. In training, drop every route of an item with probability drop_all, and
         each route on its own with its probability (module docstring).
-        `size_crop` (B, 6): the micro-conditions of a model with `micro_conditioning` (never dropped).
+        `size_crop` (B, 6) (the refiner's (B, 5)): the micro-conditions of a model with `micro_conditioning` (never dropped).
         `prompt_syntax`: read the captions as prompts in the A1111 web UI's syntax (emphasis, BREAK, chunks
         past the encoder's window, embedding names); generation sets it, training never does (a caption's
         parentheses are text)."""
@@ -172,7 +197,7 @@ class Conditioner(nn.Module):
         if self.cfg.zero_uncond and cond.context is not None:
             cond.context = torch.zeros_like(cond.context)  # (B, M, D) diffusers: zeros_like(prompt_embeds)
             if self.cfg.pooled_text:
-                pooled = self.vector_dim - (len(MICRO_FIELDS) * MICRO_DIM if self.cfg.micro_conditioning else 0)
+                pooled = self.vector_dim - len(self.micro_fields) * MICRO_DIM
                 cond.vector = cond.vector.clone()
                 cond.vector[:, :pooled] = 0  # (B, P) zeros_like(pooled_prompt_embeds); the micro-conditions stay
         return cond

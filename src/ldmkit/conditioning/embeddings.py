@@ -8,7 +8,7 @@ Files read (the name is the file's stem, A1111's rule: `embeddings/bad-hands.pt`
 | A1111 `.pt` / `.bin`           | `{"string_to_param": {"*": (n, d)}, "name", "step", "sd_checkpoint", "sd_checkpoint_name"}` |
 | A1111 `.safetensors`           | `{"emb_params": (n, d)}`                                          |
 | diffusers `learned_embeds.*`   | `{token: (d,) or (n, d)}` (one entry), `.safetensors` or `.bin`    |
-| SDXL (either program)          | `{"clip_l": (n, 768), "clip_g": (n, 1280)}`: listed as skipped, refused in a prompt (SDXL is a later issue) |
+| SDXL (either program)          | `{"clip_l": (n, 768), "clip_g": (n, 1280)}`: clip_l into CLIP ViT-L, clip_g into OpenCLIP bigG (the refiner: clip_g alone) |
 
 `.pt`/`.bin` are read with `torch.load(weights_only=True)`: plain tensors and dicts only, never code, so
 an old pickle holding a `ParameterDict` (the original textual-inversion repository's) is refused with a
@@ -18,6 +18,8 @@ In a prompt read with A1111 syntax, a word equal to a loaded embedding's name (m
 A1111 does) becomes the embedding's n vectors at the transformer's input (`text.CachedTextEncoder`); an
 unknown word stays text; the name of a damaged file or of one whose width does not fit the model is
 refused with one line naming the file, so nothing is generated from a prompt that silently lost a word.
+An SDXL model's library is keyed by part (`width` {"clip_l": 768, "clip_g": 1280}): each encoder reads its own
+vectors; an SD 1/2 file there, or an SDXL file on an SD 1/2 model, is listed as skipped and refused by name.
 """
 
 from __future__ import annotations
@@ -116,11 +118,11 @@ def load_embedding(path: str | Path) -> Embedding:
 class EmbeddingLibrary:
     """The embeddings of one folder (searched recursively, hidden files skipped), reloaded by `refresh()`.
 
-    `width`: the text encoder's token-embedding width, set by `attach_embeddings`; files of another width
-    (or SDXL files) are kept apart as skipped, as A1111 lists them. `version` changes at every refresh,
+    `width`: the text encoder's token-embedding width, set by `attach_embeddings` (SDXL: {part: width}); files of
+    another width or of the other family are kept apart as skipped, as A1111 lists them. `version` changes at every refresh,
     so encoders drop prompts they cached with the old vectors."""
 
-    def __init__(self, folder: str | Path, width: int | None = None):
+    def __init__(self, folder: str | Path, width: int | dict[str, int] | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise LdmkitError(f"embeddings folder {self.folder} does not exist")
@@ -144,10 +146,10 @@ class EmbeddingLibrary:
             except LdmkitError as e:
                 damaged[p.stem] = str(e)
                 continue
-            if emb.sdxl is not None:
-                skipped[emb.name] = (emb, f"embedding '{emb.name}' ({p}) is an SDXL embedding (clip_l/clip_g); this "
-                                          "model has one CLIP text encoder (SD 1/2), and SDXL is not supported yet")
-            elif self.width is not None and emb.shape != self.width:
+            why = self._mismatch(emb)
+            if why:
+                skipped[emb.name] = (emb, f"embedding '{emb.name}' ({p}) {why}")
+            elif isinstance(self.width, int) and emb.shape != self.width:
                 skipped[emb.name] = (emb, f"embedding '{emb.name}' ({p}) has {emb.shape}-wide vectors; this model's "
                                           f"text encoder takes {self.width} (it was trained for another model)")
             else:
@@ -155,6 +157,20 @@ class EmbeddingLibrary:
         self._loaded, self._skipped, self._damaged = loaded, skipped, damaged
         self.version += 1
         return self
+
+    def _mismatch(self, emb: Embedding) -> str | None:
+        """Why an embedding does not fit this library's model family (SD 1/2: one vector set; SDXL: clip_l/clip_g)."""
+        if emb.sdxl is not None and not isinstance(self.width, dict):
+            return ("is an SDXL embedding (clip_l/clip_g); this model has one CLIP text encoder (SD 1/2): use it with an "
+                    "SDXL model, or an embedding made for SD 1/2")
+        if emb.sdxl is None and isinstance(self.width, dict):
+            return (f"is an SD 1/2 embedding ({emb.shape}-wide vectors); this model is SDXL, whose embeddings hold "
+                    "clip_l and clip_g vectors: use one made for SDXL")
+        if emb.sdxl is not None:
+            got = {k: emb.sdxl[k].shape[-1] for k in self.width}
+            if got != self.width:
+                return f"has {got} vectors; this model's text encoders take {self.width} (it was made for another model)"
+        return None
 
     def names(self) -> list[str]:
         """Names usable in a prompt."""
@@ -173,13 +189,15 @@ class EmbeddingLibrary:
             raise LdmkitError(self._damaged[name])
         raise LdmkitError(f"no embedding '{name}' in {self.folder} (there are: {', '.join(self.names()) or 'none'})")
 
-    def vectors_for(self, name: str, width: int) -> torch.Tensor:
-        """The (n, width) vectors of `name` for an encoder of that width (the text encoder calls this)."""
+    def vectors_for(self, name: str, width: int, part: str | None = None) -> torch.Tensor:
+        """The (n, width) vectors of `name` for an encoder of that width (the text encoder calls this); `part`:
+        which of an SDXL embedding's sets ("clip_l", "clip_g") that encoder reads."""
         emb = self.get(name)
-        if emb.shape != width:
+        vectors = emb.sdxl.get(part) if emb.sdxl is not None and part is not None else emb.vectors
+        if vectors is None or vectors.shape[-1] != width:
             raise LdmkitError(f"embedding '{name}' ({emb.path}) has {emb.shape}-wide vectors; this model's text "
                               f"encoder takes {width}")
-        return emb.vectors
+        return vectors
 
     def a1111_listing(self) -> dict:
         """The body of A1111's `GET /sdapi/v1/embeddings`: {"loaded": {name: info}, "skipped": {name: info}}."""

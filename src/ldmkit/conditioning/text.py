@@ -23,6 +23,7 @@ paths run the transformer through one `_run_ids`, so a plain prompt gives the sa
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import replace
@@ -47,6 +48,8 @@ class CachedTextEncoder(nn.Module, ABC):
     pad_id: int
     comma_id: int | None = None
     trains = False  # the encoder's weights (or LoRA) or an embedding's vectors train: no cache (`encode_trainable`)
+    embedding_part: str | None = None  # which vectors of an SDXL embedding this encoder reads ("clip_l", "clip_g")
+    saved_as = "text_encoder"  # the folder `save_model` writes, under the folder it is given
 
     def __init__(self):
         super().__init__()
@@ -238,7 +241,8 @@ class CachedTextEncoder(nn.Module, ABC):
             for name_ids, name in table.get(ids[pos], ()):
                 end = pos + len(name_ids)
                 if tuple(ids[pos:end]) == name_ids and not (end < len(ids) and self._is_continuation(ids[end])):
-                    vectors = library.vectors_for(name, self.embedding_width)  # raises for a damaged / skipped file
+                    # raises for a damaged / skipped file
+                    vectors = library.vectors_for(name, self.embedding_width, self.embedding_part)
                     return name, vectors.shape[0], len(name_ids)
             return None
 
@@ -269,7 +273,7 @@ class CachedTextEncoder(nn.Module, ABC):
         for b, r in enumerate(rows):
             ids[b, : len(r)] = torch.tensor(r)
             attention[b, : len(r)] = True
-        fixes = [(b, 1 + off, self.embeddings.vectors_for(name, self.embedding_width))
+        fixes = [(b, 1 + off, self.embeddings.vectors_for(name, self.embedding_width, self.embedding_part))
                  for b, ch in enumerate(chunks) for off, name, _ in ch.fixes]
         if fixes:
             table = self.input_embeddings()
@@ -529,40 +533,48 @@ class SDXLTextEncoder(CachedTextEncoder):
     The conditioner sees one `CachedTextEncoder`: `forward(texts, syntax)` gives the (B, 77·chunks, D1 + D2)
     context and caches each caption's pooled vector beside it. A1111 prompt syntax (`syntax=True`) runs on
     each encoder with its own tokenizer, the contexts concatenated chunk by chunk, the pooled vector taken
-    from the first chunk (A1111's `sd_hijack_clip`: `zs[0].pooled`); textual-inversion embeddings (SDXL's
-    clip_l / clip_g pairs) are not read: their names stay text."""
+    from the first chunk (A1111's `sd_hijack_clip`: `zs[0].pooled`); an SDXL textual-inversion embedding puts
+    its clip_l vectors into ViT-L and its clip_g vectors into bigG.
+
+    The SDXL refiner has bigG alone (`first` None): its context is bigG's penultimate layer (1280), as diffusers'
+    StableDiffusionXLImg2ImgPipeline with `text_encoder=None` encodes it."""
 
     fixed_window = True
 
-    def __init__(self, first: CLIPPenultimateEncoder, second: CLIPPenultimateEncoder, path: str | None = None):
+    def __init__(self, first: CLIPPenultimateEncoder | None, second: CLIPPenultimateEncoder, path: str | None = None):
         super().__init__()
         if getattr(second.model.config, "projection_dim", None) is None or not hasattr(second.model, "text_projection"):
             raise LdmkitError("SDXL's second text encoder must be a CLIPTextModelWithProjection (OpenCLIP bigG): it "
                               "gives the pooled embedding")
-        if first.window != second.window:
+        if first is not None and first.window != second.window:
             raise LdmkitError(f"SDXL's tokenizers have different windows ({first.window} and {second.window} tokens)")
         self.first, self.second = first, second
-        self.dim = first.dim + second.dim
+        self.dim = (first.dim if first is not None else 0) + second.dim
         self.pooled_dim = int(second.model.config.projection_dim)
         self.path = path
-        self.bos_id, self.eos_id, self.pad_id, self.comma_id = first.bos_id, first.eos_id, first.pad_id, first.comma_id
+        lead = first if first is not None else second
+        self.bos_id, self.eos_id, self.pad_id, self.comma_id = lead.bos_id, lead.eos_id, lead.pad_id, lead.comma_id
         self._pooled: dict = {}  # the keys of `_cache` → (P,) pooled embedding
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "SDXLTextEncoder":
-        """A diffusers SDXL pipeline folder's text_encoder/ + tokenizer/ and text_encoder_2/ + tokenizer_2/."""
+        """A diffusers SDXL pipeline folder's text_encoder/ + tokenizer/ and text_encoder_2/ + tokenizer_2/; a
+        refiner's (model_index.json: text_encoder null) text_encoder_2/ + tokenizer_2/ alone."""
         try:
             from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         except ImportError as e:
             raise LdmkitError("SDXL's text encoders need transformers: pip install 'ldmkit[text]'") from e
         folder = Path(folder)
-        missing = [d for d in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2") if not (folder / d).is_dir()]
+        index = folder / "model_index.json"
+        alone = index.is_file() and (json.loads(index.read_text()).get("text_encoder") or [None, None])[1] is None
+        names = ("text_encoder_2", "tokenizer_2") if alone else ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        missing = [d for d in names if not (folder / d).is_dir()]
         if missing:
             raise LdmkitError(f"{folder} is missing {', '.join(m + '/' for m in missing)}: an SDXL pipeline folder holds "
-                              "both text encoders and both tokenizers")
-        parts = []
+                              "both text encoders and both tokenizers (a refiner: text_encoder_2/ and tokenizer_2/)")
+        parts = [None] if alone else []
         for model_cls, enc, tok in ((CLIPTextModel, "text_encoder", "tokenizer"),
-                                    (CLIPTextModelWithProjection, "text_encoder_2", "tokenizer_2")):
+                                    (CLIPTextModelWithProjection, "text_encoder_2", "tokenizer_2"))[len(parts):]:
             model = model_cls.from_pretrained(str(folder / enc), local_files_only=True)
             parts.append(CLIPPenultimateEncoder.from_parts(
                 model, CLIPTokenizer.from_pretrained(str(folder / tok), local_files_only=True)))
@@ -574,10 +586,69 @@ class SDXLTextEncoder(CachedTextEncoder):
 
     @property
     def window(self) -> int:
-        return self.first.window
+        return self.second.window
+
+    @property
+    def parts(self) -> list[CLIPPenultimateEncoder]:
+        """The encoders present: ViT-L and bigG, or the refiner's bigG alone."""
+        return [p for p in (self.first, self.second) if p is not None]
+
+    # Training (finetune.train unet+text, lora.text_encoder): both transformers models as one module, saved as a
+    # diffusers SDXL folder's text parts, which `build_text_encoder` reads back.
+    saved_as = ""  # the checkpoint folder itself holds text_encoder/ … tokenizer_2/
+
+    @property
+    def model(self) -> nn.ModuleDict:
+        """{"text_encoder": ViT-L, "text_encoder_2": bigG} (the refiner: bigG alone): the very modules the encoders
+        run, so training them (or injecting LoRA layers into them) trains the encoder."""
+        pair = self.__dict__.get("_pair")
+        if pair is None:
+            pair = self.__dict__["_pair"] = nn.ModuleDict(
+                {name: p.model for name, p in (("text_encoder", self.first), ("text_encoder_2", self.second)) if p is not None})
+        return pair
+
+    def save_model(self, folder: Path, model: nn.Module | None = None) -> Path:
+        """FOLDER/text_encoder(_2)/ + tokenizer(_2)/ from `model` (a trained copy of `self.model`), as
+        `SDXLTextEncoder.from_folder` reads them (a refiner's: a model_index.json naming text_encoder null)."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        folder = Path(folder)
+        model = model if model is not None else self.model
+        for name, part in (("text_encoder", self.first), ("text_encoder_2", self.second)):
+            if part is not None:
+                model[name].save_pretrained(str(folder / name), safe_serialization=True)
+                part.tokenizer.save_pretrained(str(folder / name.replace("text_encoder", "tokenizer")))
+        if self.first is None and not (folder / "model_index.json").exists():
+            (folder / "model_index.json").write_text(json.dumps({"text_encoder": [None, None]}))
+        return folder
+
+    # Textual inversion: SDXL's embeddings hold a vector set per encoder ({"clip_l": (n, 768), "clip_g": (n, 1280)},
+    # A1111's and diffusers' format); each encoder finds the name with its own tokenizer and puts in its own set.
+    @property
+    def embeddings(self):
+        return self.__dict__.get("_library")
+
+    @embeddings.setter
+    def embeddings(self, library) -> None:
+        self.__dict__["_library"] = library
+        for name, part in (("first", "clip_l"), ("second", "clip_g")):
+            enc = self._modules.get(name)
+            if enc is not None:
+                enc.embeddings, enc.embedding_part = library, part
+
+    @property
+    def embedding_width(self) -> dict[str, int]:
+        """{"clip_l": ViT-L's width, "clip_g": bigG's} (the refiner: clip_g alone): what an SDXL embedding must hold."""
+        return {part: enc.embedding_width for part, enc in (("clip_l", self.first), ("clip_g", self.second))
+                if enc is not None}
+
+    def input_embeddings(self) -> nn.Module:
+        raise LdmkitError("SDXL has two token-embedding tables (clip_l, clip_g): training a textual-inversion embedding "
+                          "for it is not supported; train one for SD 1/2, or load SDXL embeddings with --embeddings-dir")
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        contexts = [part._encode(texts)[0] for part in (self.first, self.second)]  # (B, 77, D1), (B, 77, D2)
+        contexts = [part._encode(texts)[0] for part in self.parts]  # (B, 77, D1), (B, 77, D2)
         for text, pooled in zip(texts, self.second.last_pooled if not self.trains else ()):  # training: no cache
             self._pooled[text] = pooled.detach().float().cpu().clone()  # (P,)
         context = torch.cat(contexts, dim=-1)  # (B, 77, D1 + D2)
@@ -587,7 +658,7 @@ class SDXLTextEncoder(CachedTextEncoder):
         """Each encoder parses and chunks the prompt with its own tokenizer; chunk counts differ only if the
         tokenizers' vocabularies do, and then the shorter is padded with its empty prompt's chunk."""
         version = self._embeddings_version()
-        first = self.first._syntax_seqs(prompts, parse)  # [(M1_i, D1)]
+        first = self.first._syntax_seqs(prompts, parse) if self.first is not None else None  # [(M1_i, D1)]
         pooled_runs: list[torch.Tensor] = []
 
         def record(module, args, out):  # the first transformer run holds chunk 0 of every prompt, in order
@@ -600,6 +671,8 @@ class SDXLTextEncoder(CachedTextEncoder):
             handle.remove()
         for p, pooled in zip(prompts, pooled_runs[0] if pooled_runs else []):
             self._pooled[("a1111", version, p)] = pooled.detach().float().cpu().clone()  # (P,)
+        if first is None:  # the refiner: bigG's context alone
+            return second
         out = []
         for a, b in zip(first, second):
             if a.shape[0] != b.shape[0]:

@@ -334,12 +334,16 @@ class _Run:
         """The conditional Cond, the unconditional one when guiding (every route at its null value, the
         caption the negative prompt when one is given), and the scale to guide with: 1 for a w-embedded
         student, which takes the scale as an input (`cond.guidance`) and needs no unconditional branch.
-        Micro-conditioned models (SDXL) get original = target = (height, width), crop (0, 0)."""
+        Micro-conditioned models (SDXL) get the request's micro-conditions, by default original = target =
+        (height, width), crop (0, 0) (the refiner: aesthetic scores 6 and 2.5); the unconditional branch its
+        negative_* values, so the two branches may differ in their vector route as in their text."""
         model, req, b = self.model, self.req, end - first
         guidance = req.guidance
         texts = self.texts[first:end] if self.texts is not None else None
         labels = self.labels[first:end] if self.labels is not None else None
-        size_crop = model.conditioner.default_size_crop(b, height, width)
+        pos, neg = req.micro_conditions()
+        size_crop = model.conditioner.micro_values(b, height, width, **pos)  # (B, 6), the refiner's (B, 5), or None
+        neg_size_crop = model.conditioner.micro_values(b, height, width, **neg)
         cond = model.conditioner(texts=texts, labels=model._conditioner_labels(labels), batch_size=b,
                                  size_crop=size_crop, prompt_syntax=True).to(self.device)
         uncond = None
@@ -349,9 +353,9 @@ class _Run:
         if guidance != 1.0:
             if self.negatives is not None:
                 uncond = model.conditioner(texts=self.negatives[first:end], labels=None, batch_size=b,
-                                           size_crop=size_crop, prompt_syntax=True).to(self.device)
+                                           size_crop=neg_size_crop, prompt_syntax=True).to(self.device)
             else:
-                uncond = model.conditioner.uncond(b, size_crop).to(self.device)
+                uncond = model.conditioner.uncond(b, neg_size_crop).to(self.device)
             # A prompt and a negative prompt of different chunk counts (past the encoder's window): the shorter
             # is padded with the empty prompt's chunk, attended to, as A1111's CFG denoiser does
             cond, uncond = match_chunk_counts(model.conditioner.text_encoder, cond, uncond)

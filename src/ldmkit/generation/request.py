@@ -11,10 +11,12 @@ not a tensor of sigmas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from ldmkit.conditioning.conditioner import AESTHETIC_DEFAULTS
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import convert_channels
 
@@ -123,6 +125,17 @@ class GenerationRequest:
     control_scale: float | list[float] | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)  # (name or path, weight), besides <lora:> tags
     hires: HiresPass | None = None
+    # SDXL's micro-conditioning (Podell et al. 2023, §2.2), named as diffusers' StableDiffusionXL(Img2Img)Pipeline:
+    # (height, width) and (top, left) in pixels; None: original = target = each pass's size, crop (0, 0), and each
+    # negative_* (the unconditional branch's) as its positive. The refiner takes aesthetic scores, no target size.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None  # refiner: None = 6.0
+    negative_aesthetic_score: float | None = None  # refiner: None = 2.5
     # ldmkit's own additions
     num_images: int | None = None  # None: one per prompt/label in a list, else batch_size · n_iter; the last batch may be short
     sampler_options: dict = field(default_factory=dict)  # extra keywords for the sampler (e.g. final_alpha_cumprod)
@@ -159,6 +172,40 @@ class GenerationRequest:
             return list(value) * n if len(value) == 1 else list(value)
         return [value] * n
 
+    def micro_conditions(self) -> tuple[dict, dict]:
+        """Keyword arguments of `Conditioner.micro_values` for the conditional and the unconditional branch
+        (diffusers' StableDiffusionXLImg2ImgPipeline defaults; a negative_* left out is its positive)."""
+        pos = {"original": self.original_size, "crop": self.crops_coords_top_left, "target": self.target_size,
+               "aesthetic": self.aesthetic_score}
+        neg = {"original": self.negative_original_size, "crop": self.negative_crops_coords_top_left,
+               "target": self.negative_target_size,
+               "aesthetic": AESTHETIC_DEFAULTS[1] if self.negative_aesthetic_score is None else self.negative_aesthetic_score}
+        return pos, {k: pos[k] if v is None else v for k, v in neg.items()}
+
+    def _check_micro(self, model) -> None:
+        """SDXL micro-conditions: pairs of whole pixels, only on a model that takes them (a refiner: no target size;
+        a base model: no aesthetic score)."""
+        fields = model.conditioner.micro_fields
+        given = [f.name for f in MICRO_REQUEST_FIELDS if getattr(self, f.name) is not None]
+        if given and not fields:
+            raise LdmkitError(f"{given[0]}: this model has no SDXL micro-conditioning; leave it out")
+        for name in given:
+            v = getattr(self, name)
+            if "aesthetic" in name:
+                if "aesthetic score" not in fields:
+                    raise LdmkitError(f"{name}: only an SDXL refiner (aesthetic-score conditioning) takes it; leave it out")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    raise LdmkitError(f"{name} must be a number (LAION's aesthetic scale, 0-10), got {v!r}")
+                continue
+            if "target" in name and "target height" not in fields:
+                raise LdmkitError(f"{name}: an SDXL refiner takes no target size (its fifth value is the aesthetic "
+                                  "score); leave it out")
+            low = 0 if "crops" in name else 1
+            if (not isinstance(v, (tuple, list)) or len(v) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= low for x in v)):
+                what = "(top, left), whole pixels ≥ 0" if low == 0 else "(height, width), whole pixels ≥ 1"
+                raise LdmkitError(f"{name} must be {what}; got {v!r}")
+
     # --- validation: every refusal a request can earn, before any work -------------------------------
     def check(self, model, control=None) -> None:
         """Refuse, in one LdmkitError line, whatever this model (and `control`) cannot do with this request."""
@@ -170,6 +217,7 @@ class GenerationRequest:
             raise LdmkitError(f"strength must be in [0, 1], got {self.strength}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise LdmkitError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        self._check_micro(model)
         if self.resize_mode not in RESIZE_MODES:
             raise LdmkitError(f"resize mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), "
                               f"got {self.resize_mode}")
@@ -221,3 +269,26 @@ class GenerationRequest:
             raise LdmkitError("a ControlNet/adapter was given without a control image")
         if control is None and self.control_image is not None:
             raise LdmkitError("a control image was given, but no ControlNet or adapter to read it")
+
+
+MICRO_REQUEST_FIELDS = [f for f in fields(GenerationRequest) if f.name in (
+    "original_size", "crops_coords_top_left", "target_size", "negative_original_size", "negative_crops_coords_top_left",
+    "negative_target_size", "aesthetic_score", "negative_aesthetic_score")]
+
+
+def micro_option(text: str) -> tuple[str, tuple[int, int] | float]:
+    """`ldmkit sample --micro NAME=VALUE`: a micro-conditioning field of `GenerationRequest` and its value, sizes
+    written HxW (`original_size=1024x1024`), crops TOPxLEFT (`crops_coords_top_left=0x0`), scores as numbers."""
+    names = [f.name for f in MICRO_REQUEST_FIELDS]
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in names:
+        raise LdmkitError(f"--micro {text!r}: write NAME=VALUE with NAME one of {', '.join(names)}")
+    try:
+        if "aesthetic" in name:
+            return name, float(value)
+        a, b = value.lower().split("x")
+        return name, (int(a), int(b))
+    except ValueError:
+        form = "a number" if "aesthetic" in name else "TOPxLEFT, e.g. 0x0" if "crops" in name else "HxW, e.g. 1024x1024"
+        raise LdmkitError(f"--micro {text!r}: {name} takes {form}") from None

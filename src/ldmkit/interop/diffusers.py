@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldmkit.conditioning.conditioner import MICRO_DIM, MICRO_FIELDS
+from ldmkit.conditioning.conditioner import AESTHETIC_FIELDS, MICRO_DIM, MICRO_FIELDS
 from ldmkit.errors import LdmkitError
 from ldmkit.interop.diffusers_unet import config_from_diffusers, config_to_diffusers, unet_from_diffusers, unet_to_diffusers
 from ldmkit.unet import UNet, UNetConfig
@@ -438,13 +438,15 @@ def pipeline_config(folder: str | Path):
     sdxl = _sdxl_parts(folder, index)
     if sdxl:
         text_encoder = str(folder.resolve())  # SDXLTextEncoder.from_folder reads both encoders and tokenizers
-        sdxl_fields = {"pooled_text": True, "micro_conditioning": True,
+        refiner = bool(index.get("requires_aesthetics_score"))  # the refiner: bigG alone, aesthetic-score conditioning
+        sdxl_fields = {"pooled_text": True, "micro_conditioning": True, "aesthetic_score": refiner,
                        "zero_uncond": bool(index.get("force_zeros_for_empty_prompt", True))}
         ours = ours | {"conditioner": sdxl_fields | ours.get("conditioner", {})}
-        want = unet_cfg.vector_dim - len(MICRO_FIELDS) * MICRO_DIM
+        fields = AESTHETIC_FIELDS if refiner else MICRO_FIELDS
+        want = unet_cfg.vector_dim - len(fields) * MICRO_DIM
         if unet_cfg.vector_dim and want <= 0:
             raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {unet_cfg.vector_dim} features, too few for "
-                              f"a pooled text embedding and SDXL's six size/crop values ({len(MICRO_FIELDS)}·{MICRO_DIM})")
+                              f"a pooled text embedding and SDXL's {len(fields)} micro-conditions ({len(fields)}·{MICRO_DIM})")
     elif text[1] == "CLIPTextModel":
         if not (folder / "tokenizer").is_dir():
             raise LdmkitError(f"{folder} has a text_encoder/ but no tokenizer/; copy the tokenizer folder next to it")
@@ -475,17 +477,18 @@ def _sdxl_parts(folder: Path, index: Mapping[str, Any]) -> bool:
     if not (index.get("text_encoder_2") or [None, None])[1] and unet_addition != "text_time" \
             and "XL" not in str(index.get("_class_name", "")):
         return False
-    if index.get("requires_aesthetics_score"):
-        raise LdmkitError(f"{folder} is an SDXL refiner (aesthetic-score conditioning, text_encoder_2 only); ldmkit "
-                          "reads SDXL base pipelines (StableDiffusionXLPipeline) so far")
-    missing = [f"{name}/" for name in _SDXL_PARTS if not (folder / name).is_dir()]
-    missing += [f"{name} in {MODEL_INDEX}" for name in _SDXL_PARTS if (folder / name).is_dir()
+    # the refiner (requires_aesthetics_score) has OpenCLIP bigG alone, as diffusers' StableDiffusionXLImg2ImgPipeline
+    # takes it with text_encoder=None
+    parts = {k: v for k, v in _SDXL_PARTS.items() if k.endswith("_2")} if index.get("requires_aesthetics_score") \
+        and (index.get("text_encoder") or [None, None])[1] is None else _SDXL_PARTS
+    missing = [f"{name}/" for name in parts if not (folder / name).is_dir()]
+    missing += [f"{name} in {MODEL_INDEX}" for name in parts if (folder / name).is_dir()
                 and (index.get(name) or [None, None])[1] is None]
     if missing:
         raise LdmkitError(f"{folder} is an SDXL pipeline without {', '.join(missing)}: SDXL needs both text encoders "
                           "and both tokenizers (text_encoder/ + tokenizer/: CLIP ViT-L; text_encoder_2/ + tokenizer_2/: "
-                          "OpenCLIP bigG with projection); copy them from the model's release")
-    wrong = [f"{name} is {(index.get(name) or [None, None])[1]}" for name, cls in _SDXL_PARTS.items()
+                          "OpenCLIP bigG with projection; a refiner the second pair alone); copy them from the release")
+    wrong = [f"{name} is {(index.get(name) or [None, None])[1]}" for name, cls in parts.items()
              if (index.get(name) or [None, None])[1] not in (cls, cls + "Fast")]
     if wrong:
         raise LdmkitError(f"{folder}: {', '.join(wrong)}; ldmkit reads SDXL's "
@@ -552,8 +555,8 @@ def _sdxl_text_parts(ldm: LatentDiffusion) -> dict[str, Any] | None:
         raise LdmkitError("an SDXL text encoder pair is written as a StableDiffusionXLPipeline, whose U-Net takes the "
                           "pooled text and the size/crop values: set conditioner.pooled_text and micro_conditioning "
                           "(and no class labels)")
-    return {"text_encoder": enc.first.model, "tokenizer": enc.first.tokenizer,
-            "text_encoder_2": enc.second.model, "tokenizer_2": enc.second.tokenizer}
+    first = {"text_encoder": enc.first.model, "tokenizer": enc.first.tokenizer} if enc.first is not None else {}
+    return first | {"text_encoder_2": enc.second.model, "tokenizer_2": enc.second.tokenizer}
 
 
 def _readme_minilm() -> str:
@@ -639,10 +642,16 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: 
         LDMKIT_KEY: ours,
     }
     if sdxl is not None:
-        index["_class_name"] = "StableDiffusionXLPipeline"
+        refiner = "text_encoder" not in sdxl  # bigG alone, aesthetic-score conditioning: diffusers' img2img pipeline
+        index["_class_name"] = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
         for name in ("feature_extractor", "image_encoder", "requires_safety_checker", "safety_checker"):
             index.pop(name)
-        index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        if refiner != cfg.conditioner.aesthetic_score:
+            raise LdmkitError("diffusers reads an SDXL pipeline with bigG alone as a refiner, whose U-Net takes aesthetic "
+                              "scores (conditioner.aesthetic_score), and one with both text encoders as a base model")
+        index |= {"text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+                  "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+                  **({"requires_aesthetics_score": True} if refiner else {}),
                   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                   "tokenizer_2": ["transformers", "CLIPTokenizer"],
                   "force_zeros_for_empty_prompt": cfg.conditioner.zero_uncond,

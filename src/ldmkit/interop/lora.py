@@ -213,7 +213,7 @@ def _name_prefix(module: nn.Module, part: str) -> str:
     CLIPTextModel of transformers >= 5.6, which dropped that level (`_module` and `_from_kohya` read either)."""
     flat_clip = getattr(getattr(module, "config", None), "model_type", None) == "clip_text_model" and not hasattr(
         module, "text_model")
-    return "text_model." if part == "text_encoder" and flat_clip else ""
+    return "text_model." if part.startswith("text_encoder") and flat_clip else ""
 
 
 def adapter_of(module: nn.Module, part: str = "unet") -> Lora:

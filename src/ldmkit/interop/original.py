@@ -15,8 +15,8 @@ SDXL (Stability's `sgm`) keeps the U-Net and VAE prefixes and puts its text enco
 OpenCLIP ViT-bigG (`model.*`, OpenCLIP's names, all blocks and `text_projection`, which gives the pooled
 embedding). Its U-Net adds `label_emb.0.0/0.2` (the text_time embedding of pooled text + size/crop
 values, diffusers' `add_embedding`) and varies the transformer depth per level; its VAE is SD's network
-with the latent scale 0.13025. A file with `conditioner.embedders.` is read as SDXL; the refiner (one
-OpenCLIP encoder as embedders.0, aesthetic-score conditioning) is refused.
+with the latent scale 0.13025. A file with `conditioner.embedders.` is read as SDXL; the refiner has one
+OpenCLIP bigG as embedders.0 (`model.*`) and aesthetic-score conditioning (`label_emb` input 1280 + 5·256).
 
 The key maps below are written from the structure each config implies (levels, ResBlocks per
 level, where the attention blocks are), not from a list of names, so they hold for every size:
@@ -249,14 +249,12 @@ def _config_from(config, meta: Mapping[str, Any]):
 SDXL_SCALE = 0.13025  # SDXL's VAE latent scale (its diffusers vae/config.json scaling_factor)
 
 
-def _check_sdxl_file(sd: Mapping[str, torch.Tensor], path: Path, config, meta) -> bool:
-    """Whether the file is an SDXL base model with its text encoders; a refiner, or an SDXL U-Net + VAE
-    without its text encoders and no config folder to take them from, is refused in one line."""
+def _check_sdxl_file(sd: Mapping[str, torch.Tensor], path: Path, config, meta) -> bool | str:
+    """Whether the file is an SDXL model with its text encoders ("refiner" for a refiner: bigG alone as
+    embedders.0); an SDXL U-Net + VAE without its text encoders and no config folder to take them from is
+    refused in one line."""
     if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in sd):
-        raise LdmkitError(
-            f"{path} is an SDXL refiner (one OpenCLIP bigG text encoder as conditioner.embedders.0, aesthetic-score "
-            "conditioning), which ldmkit does not read; use an SDXL base model, or the refiner's diffusers folder "
-            "with diffusers")
+        return "refiner"
     if any(k.startswith(CONDITIONER_PREFIX) for k in sd):
         if not any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in sd):
             raise LdmkitError(f"{path} has conditioner.embedders.0 but no OpenCLIP bigG text encoder "
@@ -289,24 +287,26 @@ def _sdxl_text_encoder(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping
     from ldmkit.conditioning.text import CLIPPenultimateEncoder, SDXLTextEncoder
 
     folder = Path(config) if isinstance(config, (str, Path)) else None
-    clip_l, bigg, consumed = sdxl_text_from_original(sd)
-    configs, tokenizers = [], []
+    clip_l, bigg, consumed = sdxl_text_from_original(sd)  # clip_l None: a refiner
+    configs, tokenizers = [None, None], [None, None]
     for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
         canonical = (clip_l, bigg)[i]
+        if canonical is None:
+            continue
         c = meta.get(f"{sub}_config") or (_read_json(folder / sub / "config.json") if folder else None)
         if c is None:  # CLIP ViT-L (OpenAI: quick_gelu) and OpenCLIP bigG (gelu), 64-channel heads
             c = _clip_config_from_weights(canonical, "clip" if i == 0 else "openclip")
             if i == 1:
                 c["projection_dim"] = canonical["text_projection.weight"].shape[0]
-        configs.append(c)
+        configs[i] = c
         if meta.get(tok):
-            tokenizers.append(_tokenizer_from_files(meta[tok]))
+            tokenizers[i] = _tokenizer_from_files(meta[tok])
         elif folder is not None and (folder / tok).is_dir():
-            tokenizers.append(CLIPTokenizer.from_pretrained(str(folder / tok), local_files_only=True))
+            tokenizers[i] = CLIPTokenizer.from_pretrained(str(folder / tok), local_files_only=True)
         else:
             raise LdmkitError(f"{path} holds SDXL's text encoders but not their tokenizers; pass config= an SDXL "
-                              "diffusers folder with tokenizer/ and tokenizer_2/")
-    first = CLIPPenultimateEncoder.from_parts(_build_clip(clip_l, configs[0]), tokenizers[0])
+                              "diffusers folder with tokenizer/ and tokenizer_2/ (a refiner's: tokenizer_2/)")
+    first = CLIPPenultimateEncoder.from_parts(_build_clip(clip_l, configs[0]), tokenizers[0]) if clip_l is not None else None
     second = CLIPPenultimateEncoder.from_parts(_build_clip(bigg, configs[1], projection=True), tokenizers[1])
     return SDXLTextEncoder(first, second, path=f"{path}#conditioner"), consumed
 
@@ -394,6 +394,8 @@ def load_original(path: str | Path, config=None, ema: bool = False, device: str 
 
         # SDXL: the preset's schedule, 1024 px and conditioning (pooled bigG + size/crop, zero negative text)
         preset = sdxl_preset() if sdxl else sd2() if unet.config.context_dim == 1024 else sd1()
+        if sdxl == "refiner":  # aesthetic scores for the target size; stabilityai's refiner encodes the empty negative
+            preset.conditioner = preset.conditioner.model_copy(update={"aesthetic_score": True, "zero_uncond": False})
         diffusion = _schedule_from_betas(sd.get("betas"), preset.diffusion)
         cfg = LatentDiffusionConfig(autoencoder=ae.config, unet=unet.config, diffusion=diffusion,
                                     conditioner=preset.conditioner, image_size=preset.image_size)  # fmt: skip
@@ -454,9 +456,12 @@ def to_original_state_dict(module: nn.Module, text_layout: str = "auto") -> tupl
     enc = module.conditioner.text_encoder
     parts = None if isinstance(enc, SDXLTextEncoder) else _text_encoder_parts(module)
     if isinstance(enc, SDXLTextEncoder):  # SDXL's pair: conditioner.embedders.0 (CLIP ViT-L) and .1 (OpenCLIP bigG)
-        sd |= sdxl_text_to_original(clip_canonical(enc.first.model), clip_canonical(enc.second.model))
+        sd |= sdxl_text_to_original(clip_canonical(enc.first.model) if enc.first is not None else None,
+                                    clip_canonical(enc.second.model))  # a refiner: bigG alone as embedders.0
         for i, (sub, tok) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
             part = (enc.first, enc.second)[i]
+            if part is None:
+                continue
             meta[f"{sub}_config"] = {k: v for k, v in part.model.config.to_dict().items() if not k.startswith("_")}
             meta[tok] = _tokenizer_files(part.tokenizer)
         meta["config"]["conditioner"]["text_encoder"] = None  # the weights are in the file

@@ -22,6 +22,7 @@ from ldmkit.interop.original_keys import (
     OPENCLIP_PREFIX,
     SDXL_CLIP_PREFIX,
     SDXL_OPENCLIP_PREFIX,
+    REFINER_OPENCLIP_PREFIX,
 )
 
 
@@ -136,17 +137,24 @@ def clip_from_original(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
     return out, "openclip", consumed
 
 
-def sdxl_text_to_original(clip_l: Mapping[str, torch.Tensor], bigg: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SDXL's two canonical text encoders → `conditioner.embedders.0/1.*` (see `sdxl_text_from_original`)."""
+def sdxl_text_to_original(clip_l: Mapping[str, torch.Tensor] | None, bigg: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SDXL's two canonical text encoders → `conditioner.embedders.0/1.*` (see `sdxl_text_from_original`); the
+    refiner's bigG alone (`clip_l` None) → `conditioner.embedders.0.model.*`."""
+    if clip_l is None:
+        return openclip_to_original(bigg, REFINER_OPENCLIP_PREFIX)
     out = {SDXL_CLIP_PREFIX + k: v for k, v in clip_l.items()}
     return out | openclip_to_original(bigg, SDXL_OPENCLIP_PREFIX)
 
 
-def sdxl_text_from_original(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+def sdxl_text_from_original(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], set[str]]:
     """`conditioner.embedders.*` of an SDXL base file → (CLIP ViT-L canonical weights (CLIPTextModel),
     OpenCLIP ViT-bigG canonical weights (CLIPTextModelWithProjection, `text_projection.weight` included),
     file keys consumed). embedders.0 is `FrozenCLIPEmbedder` (transformers names), embedders.1
-    `FrozenOpenCLIPEmbedder2` (OpenCLIP names, all 32 blocks: SDXL needs the last one for the pooled output)."""
+    `FrozenOpenCLIPEmbedder2` (OpenCLIP names, all 32 blocks: SDXL needs the last one for the pooled output).
+    A refiner's file (bigG alone as embedders.0) gives None for CLIP ViT-L."""
+    if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in sd):
+        bigg, consumed = openclip_from_original(sd, REFINER_OPENCLIP_PREFIX)
+        return None, bigg, consumed
     clip_l = {k[len(SDXL_CLIP_PREFIX) :]: v for k, v in sd.items() if k.startswith(SDXL_CLIP_PREFIX) and k not in _IGNORED_KEYS}
     if not clip_l:
         raise LdmkitError("conditioner.embedders.0 holds no CLIP ViT-L text encoder (transformer.text_model.*)")

@@ -43,7 +43,7 @@ def request_of(gen: Generation, loaded) -> GenerationRequest:
         batch_size=gen.batch_size, n_iter=gen.n_iter, init_image=gen.init_image,
         mask=gen.mask, strength=gen.strength if gen.strength is not None else 1.0,
         resize_mode=getattr(gen, "resize_mode", 0) or 0, control_image=gen.control_image,
-        control_scale=gen.control_scale, hires=getattr(gen, "hires", None),
+        control_scale=gen.control_scale, hires=getattr(gen, "hires", None), **getattr(gen, "micro", {}),
         model_name=entry.title, model_hash=entry.sha256[:10] if entry.sha256 else None,
         # a distilled student's timesteps are its distillation grid (lcm's `grid_steps`, from meta.sampling)
         sampler_options={"grid_steps": int(entry.sampling["grid_steps"])} if entry.sampling.get("grid_steps") else {})

@@ -77,6 +77,16 @@ class Txt2ImgRequest(BaseModel):
     hr_resize_y: int | None = Field(0, ge=0, le=4096, description="target height (0: from hr_resize_x or hr_scale)")
     denoising_strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                              description="hires pass strength (default 0.7); img2img's strength")
+    # SDXL micro-conditioning: not in A1111's API; diffusers' StableDiffusionXL(Img2Img)Pipeline names (docs/sdxl.md)
+    original_size: list[int] | None = Field(None, min_length=2, max_length=2, description="SDXL: [height, width] "
+                                            "the image claims to come from (default: the request's size)")
+    crops_coords_top_left: list[int] | None = Field(None, min_length=2, max_length=2, description="SDXL: [top, left]")
+    target_size: list[int] | None = Field(None, min_length=2, max_length=2, description="SDXL base: [height, width]")
+    negative_original_size: list[int] | None = Field(None, min_length=2, max_length=2, description="default: original_size")
+    negative_crops_coords_top_left: list[int] | None = Field(None, min_length=2, max_length=2)
+    negative_target_size: list[int] | None = Field(None, min_length=2, max_length=2)
+    aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner (default 6)")
+    negative_aesthetic_score: float | None = Field(None, allow_inf_nan=False, description="SDXL refiner (default 2.5)")
     alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict,
                                                     description='"controlnet": {"args": [{"image": b64, "weight": 1}]}')
     override_settings: dict[str, Any] | None = Field(default_factory=dict,
@@ -93,6 +103,9 @@ class Img2ImgRequest(Txt2ImgRequest):
                                     "3 (latent resize) runs as 0")
     inpainting_mask_invert: int | None = Field(0, ge=0, le=1, description="1: black = repaint")
 
+
+MICRO_NAMES = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+               "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 # A1111 fields ldmkit does not do, with the value that asks for nothing (anything else is reported)
 NOT_HONOURED = {
@@ -168,6 +181,7 @@ class Generation:
     resize_mode: int = 0  # A1111: 0 resize, 1 crop and resize, 2 resize and fill (images arrive fitted)
     control_image: torch.Tensor | None = None  # (1, C, height, width) in [0, 1]
     control_scale: float | None = None
+    micro: dict = field(default_factory=dict)  # SDXL micro-conditioning: GenerationRequest's field → value
     eta: float | None = None
     hires: HiresPass | None = None  # A1111's hires fix (txt2img); its target is `hires_size`
     hires_size: tuple[int, int] | None = None  # (width, height) of the second pass
@@ -397,6 +411,7 @@ def resolve(req: Txt2ImgRequest, store, images: bool) -> Generation:
         kind = "an inpainting" if caps["inpainting"] else "a super-resolution"
         raise FieldProblem("init_images", f"model {entry.title} is {kind} model: it needs an image; use /sdapi/v1/img2img")
     _resolve_hires(req, gen, g, top, entry.title, images)
+    gen.micro = {k: tuple(v) if isinstance(v, list) else v for k in MICRO_NAMES if (v := getattr(req, k)) is not None}
     _resolve_control(req, gen, caps, entry.title)
     gen.parameters = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask", "alwayson_scripts")}
     gen.parameters.update(seed=seed, width=width, height=height, steps=steps, cfg_scale=guidance,

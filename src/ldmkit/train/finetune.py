@@ -102,6 +102,14 @@ def _text(net: nn.Module) -> nn.Module | None:
     return net.text_encoder if isinstance(net, TrainedParts) else None
 
 
+def _text_parts(text: nn.Module | None) -> dict[str, nn.Module]:
+    """{diffusers' part name: transformers model} of the trained text encoder: SDXL's `model` is a ModuleDict of its
+    two (text_encoder, text_encoder_2), each a part of its own in a LoRA file."""
+    if text is None:
+        return {}
+    return dict(text.items()) if isinstance(text, nn.ModuleDict) else {"text_encoder": text}
+
+
 class LoraCheckpoints:
     """Checkpoints of a task whose trained U-Net (`self.module`, or its `TrainedParts`) may carry LoRA adapters
     (`self.lora`), on the text encoder too: the weights hold the plain model (the adapter folded in at scale 1), so
@@ -124,8 +132,8 @@ class LoraCheckpoints:
     def adapter(self, net: nn.Module) -> lora_io.Lora:
         """The LoRA of `net` (the live module or the EMA's): the U-Net's layers, and the text encoder's."""
         lora = lora_io.adapter_of(_unet(net))
-        if _text(net) is not None:
-            lora.update(lora_io.adapter_of(_text(net), "text_encoder"))
+        for part, model in _text_parts(_text(net)).items():
+            lora.update(lora_io.adapter_of(model, part))
         return lora
 
     def extra_state(self) -> dict:
@@ -138,8 +146,8 @@ class LoraCheckpoints:
 
     def _load_adapter(self, net: nn.Module, lora: lora_io.Lora) -> None:
         lora_io.load_adapter_(_unet(net), lora)
-        if _text(net) is not None:
-            lora_io.load_adapter_(_text(net), lora, "text_encoder")
+        for part, model in _text_parts(_text(net)).items():
+            lora_io.load_adapter_(model, lora, part)
 
     def load_weights(self, folder: Path) -> None:
         if not self.lora:
@@ -397,7 +405,7 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             model = copy.deepcopy(self.text_template)
             model.load_state_dict(lora_io.plain_state_dict(net.text_encoder))
         enc = self.conditioner.text_encoder
-        name = str(folder.resolve() / "text_encoder")  # where `save_model` writes it, once the folder is in place
+        name = str(folder.resolve() / enc.saved_as)  # where `save_model` writes it, once the folder is in place
         cond = self.model_config.conditioner.model_copy(update={"text_encoder": name})
         return self.model_config.model_copy(update={"conditioner": cond}), lambda tmp: enc.save_model(tmp, model)
 

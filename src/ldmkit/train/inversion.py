@@ -56,7 +56,7 @@ class TrainingLibrary:
     def all_names(self) -> list[str]:
         return [self.name]
 
-    def vectors_for(self, name: str, width: int) -> torch.Tensor:
+    def vectors_for(self, name: str, width: int, part: str | None = None) -> torch.Tensor:
         return self.vectors  # (N, width): made for this encoder
 
 
