@@ -146,6 +146,9 @@ def test_train_reads_alpha_masks_from_a_folder(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = yaml.safe_load((whole / "train_config.yaml").read_text())["data"]
     assert (saved["mask"], saved["shuffle_tags"], saved["keep_tokens"], saved["tag_dropout"]) == ("alpha", True, 1, 0.3)
+    from ldmkit.checkpoint import read_config
+
+    assert read_config(str(whole))[3]["mask"] == "alpha"  # what `ldmkit evaluate` weighs its held-out error by
 
 
 def _masked_folder(root, n=9, mask_files=True):
@@ -211,3 +214,44 @@ def test_make_shards_carries_the_masks_and_training_reads_the_same_masked_batche
                 seen += 1
         source.close()
     assert seen == 24
+
+
+class _HalfWrong(torch.nn.Module):
+    """A stand-in U-Net predicting ε̂ = 0 in the left half of the latent grid and 10 in the right half."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, cond):
+        out = torch.zeros_like(z)
+        out[..., z.shape[-1] // 2 :] = 10.0
+        return out
+
+
+def test_the_heldout_error_of_a_masked_model_weighs_each_latent_cell_by_its_mask(tmp_path):
+    """`ldmkit evaluate`'s held-out denoising error of a model trained with data.mask reads the held-out images'
+    masks: alpha opaque on the left half only, and a predictor wrong by 10 on the right half only, gives exactly the
+    mean of ε² over the left half (the seeded noise rebuilt here); without the mask the right half's error counts."""
+    from ldmkit.evaluate.diffusion import HELDOUT_T, evaluate_diffusion
+
+    root = tmp_path / "f"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        rgba[..., 3] = 0
+        rgba[:, :8, 3] = 255  # the left 8 pixel columns: latent columns 0-1 at factor 4
+        Image.fromarray(rgba, "RGBA").save(root / f"{i:02d}.png")
+    ldm = _tiny_ldm().eval()
+    ldm.unet = _HalfWrong()
+    kw = dict(seeds=1, steps=1, dataset=str(root), seed=0)
+    masked = evaluate_diffusion(ldm, tmp_path / "m", mask="alpha", **kw)["heldout"]
+    plain = evaluate_diffusion(ldm, tmp_path / "p", **kw)["heldout"]
+    assert masked["masked"] and not plain["masked"] and masked["n"] == plain["n"] >= 1
+    g = torch.Generator().manual_seed(0)  # heldout_error's noise: seed·1_000_003 + 0, one draw per timestep
+    eps = torch.stack([torch.randn(masked["n"], 4, 4, 4, generator=g) for _ in HELDOUT_T])  # (T, n, c, h, w)
+    want_masked = eps[..., :2].pow(2).mean((2, 3, 4)).mean().item()
+    want_plain = torch.cat([eps[..., :2].pow(2), (10 - eps[..., 2:]).pow(2)], -1).mean((2, 3, 4)).mean().item()
+    assert masked["eps_mse"] == pytest.approx(want_masked, rel=1e-5)
+    assert plain["eps_mse"] == pytest.approx(want_plain, rel=1e-5) and plain["eps_mse"] > 40

@@ -392,7 +392,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                                  sampler=args.sampler, dataset=dataset, num_images=args.num_images, seed=args.seed,
                                  vocabulary=args.vocabulary or meta.get("vocabulary", "basic"),
-                                 sampler_options=args.sampler_options)
+                                 sampler_options=args.sampler_options, mask=meta.get("mask", "none"))
     else:
         raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
     print(json.dumps(res, indent=2))
