@@ -24,6 +24,12 @@ folder holds the encoder as a folder of its own (CHECKPOINT/text_encoder, + toke
 there is an EMA, as `ldmkit.load` pairs it with the EMA U-Net; a LoRA folded in) and its config names it there;
 the training state holds the live encoder (or its adapter) and the EMA's, from which `--resume` restores them.
 The encoder stays on the CPU, as every text encoder in ldmkit does (the Conditioner keeps it out of `.to()`).
+
+Under torchrun, DDP wraps the U-Net alone (one wrapper cannot hold a GPU U-Net and a CPU encoder: its buckets are
+reduced by one backend, and NCCL reduces only GPU tensors); the encoder's gradients (or its adapter's) are averaged
+after the step's last backward by `distributed.average_gradients`, so every rank clips and updates with the global
+batch's gradient and the replicas stay equal. Textual inversion's vectors are a module of their own, which DDP wraps
+(the loss reaches them through its forward).
 """
 
 from __future__ import annotations
@@ -173,10 +179,6 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
 
     def __init__(self, cfg: DiffusionTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         ft = cfg.finetune
-        if (trains_text(cfg) or ft.train == "embedding") and dist.enabled:
-            raise LdmkitError(f"finetune.train={ft.train}{' with lora.text_encoder' if ft.train == 'lora' else ''} "
-                              "trains in one process for now (the text encoder stays on the CPU, which DDP cannot "
-                              "wrap with a GPU U-Net); run it without torchrun")
         super().__init__(cfg, out, dist, device, progress)
         enc = self.conditioner.text_encoder
         if (trains_text(cfg) or ft.train == "embedding") and enc is None:
@@ -321,6 +323,16 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             self.library.use(self.trained())
             return self.ldm.unet
         return self.trained
+
+    def forward_module(self) -> nn.Module:
+        return _unet(self.module)  # DDP's: the U-Net (the text encoder's gradients: `reduce_gradients`)
+
+    def reduce_gradients(self) -> None:
+        if trains_text(self.cfg):
+            from ldmkit.train.distributed import average_gradients
+
+            text = _text(self.module)
+            average_gradients([p for p in text.parameters() if p.requires_grad], self.dist, self.device)
 
     def sampling_unet(self):
         net = self.ema.module if self.ema is not None else self.module
