@@ -4,7 +4,8 @@
         its model config (first stage, U-Net, text encoder) replaces the training config's model sections;
         its U-Net weights start training; its first stage (and, unless trained, text encoder) stay frozen
     finetune.decoder_steps > 0  first the first stage's decoder learns to draw the training images (encoder frozen,
-                                so the latents stay): a first stage cannot decode what it never saw
+                                so the latents stay): a first stage cannot decode what it never saw; with
+                                finetune.prior, the class images too (the decoder's own prior preservation)
     finetune.train = unet       every U-Net weight trained, as in `ldmkit train`
                      unet+text  the U-Net and the text encoder's transformer
                      lora       peft adapters on `lora.targets` (ldmkit.interop.lora); only A, B trained;
@@ -190,7 +191,12 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             if self.mean is None:
                 raise LdmkitError("finetune.decoder_steps needs the training set in memory (a built-in set or a small "
                                   "folder; set data.in_memory=true), or set finetune.decoder_steps=0")
-            self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, self.data.images, self.mean, self.std,
+            images, mean, std = self.data.images, self.mean, self.std
+            if self.prior is not None:  # the decoder rehearses the class images too, so the class keeps its looks
+                p = self.prior
+                images, mean, std = (torch.cat([a, b.to(a.device)]) for a, b in
+                                     ((images, p["images"]), (mean, p["mean"]), (std, p["std"])))
+            self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, images, mean, std,
                                                     ft.decoder_steps, ft.decoder_lr, cfg.optim.batch_size, cfg.optim.seed)
         if ft.train == "lora":
             lo = cfg.lora
