@@ -301,17 +301,33 @@ def shapes_image(shape: str, colour: str, position: str, seed: int, size: int = 
     return image, mask
 
 
-def write_folder(folder: Path, items: Sequence[tuple], start: int = 0) -> None:
-    """Write (uint8 image, caption[, uint8 mask]) items as NNNN.png + NNNN.txt (+ NNNN_mask.png): a kohya-style
-    folder (`data.caption_extension` .txt; `data.mask=files` reads the masks)."""
+def write_folder(folder: Path, items: Sequence[tuple], held_out: tuple | None = None, root: Path | None = None) -> None:
+    """Write (uint8 image, caption[, uint8 mask]) items as NAME.png + NAME.txt (+ NAME_mask.png): a kohya-style
+    folder (`data.caption_extension` .txt; `data.mask=files` reads the masks). An image folder holds out the files
+    whose name hashes below 5 % for validation, and at least one: the names are chosen so that every item trains
+    and `held_out` (another item of the same kind; default: the first) is the one validation image. `root`: the
+    data folder `folder` lies in (a kohya repeat folder's parent; default: `folder` itself)."""
     from PIL import Image
 
+    from ldmkit.data.folder import _hash_fraction  # the folder's train/val rule
+
     folder.mkdir(parents=True, exist_ok=True)
-    for i, item in enumerate(items, start):
-        Image.fromarray(item[0]).save(folder / f"{i:04d}.png")
-        (folder / f"{i:04d}.txt").write_text(item[1])
+    rel = folder.relative_to(root).as_posix() + "/" if root is not None and root != folder else ""
+
+    def names(val: bool):
+        k = 0
+        while True:
+            name = f"{k:04d}" if not val else f"val{k:04d}"
+            if (_hash_fraction(f"{rel}{name}.png") < 0.05) == val:
+                yield name
+            k += 1
+
+    train, val = names(False), names(True)
+    for name, item in [*((next(train), it) for it in items), (next(val), held_out or items[0])]:
+        Image.fromarray(item[0]).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(item[1])
         if len(item) > 2 and item[2] is not None:
-            Image.fromarray(item[2]).save(folder / f"{i:04d}_mask.png")
+            Image.fromarray(item[2]).save(folder / f"{name}_mask.png")
 
 
 def train_once(out: Path, base: str, config: str, sets: Sequence[str], threads: int | None = None) -> float:

@@ -42,7 +42,8 @@ def instance_folder(root: Path) -> Path:
         position = POSITIONS[i % 4]
         image, _ = shapes_image("diamond", "white", position, seed=100 + i)
         items.append((image, f"a {WORD} square in the {position}"))
-    write_folder(root / f"10_{WORD} square", items)
+    held_out = (shapes_image("diamond", "white", "top left", seed=99)[0], f"a {WORD} square in the top left")
+    write_folder(root / f"10_{WORD} square", items, held_out, root=root)  # all 8 train; a 9th is held out
     return root
 
 
@@ -69,14 +70,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the model to start from (e.g. runs/demo/diffusion)")
     p.add_argument("--out", default="runs/dreambooth-shapes", help="data, runs and results go here")
-    p.add_argument("--steps", type=int, default=300, help="LoRA steps of each run")
+    p.add_argument("--steps", type=int, default=1000, help="LoRA steps of each run")
     p.add_argument("--batch", type=int, default=8, help="instance rows a step (the prior adds as many class rows)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--decoder-steps", type=int, default=200, help="finetune.decoder_steps before the LoRA steps")
-    p.add_argument("--class-images", type=int, default=48, help="finetune.prior.images")
+    p.add_argument("--decoder-steps", type=int, default=300, help="finetune.decoder_steps before the LoRA steps")
+    p.add_argument("--class-images", type=int, default=96, help="finetune.prior.images")
     p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--seeds", type=int, default=3, help="sampling seeds of the judge")
+    p.add_argument("--seeds", type=int, default=4, help="sampling seeds of the judge")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the whole script")
