@@ -179,8 +179,6 @@ def test_make_shards_carries_the_masks_and_training_reads_the_same_masked_batche
     """`ldmkit data make-shards --mask MODE`: the shards hold each image's mask (a KEY.mask.png; the alpha kept,
     also through a re-encoded GIF), so the shards' items (image, caption, loss mask) equal the folder's one for one,
     and the training stream's batches pair each image with the folder's mask for it."""
-    from types import SimpleNamespace
-
     from ldmkit.cli import main
     from ldmkit.data.folder import ImageFolderDataset
     from ldmkit.data.shards import ShardItems
