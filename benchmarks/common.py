@@ -11,7 +11,10 @@
   freed memory is handed back to the OS first (`release_freed_memory`) and large allocations are
   mmapped one by one in that process, so the figure is the peak of live tensors;
 - the benchmark U-Net configurations (`UNET_CONFIGS`) and `FixedTextEncoder`, a stand-in text
-  encoder that gives every caption fixed random tokens so no model is loaded.
+  encoder that gives every caption fixed random tokens so no model is loaded;
+- the fine-tuning experiments' pieces: `shapes` drawings for a training folder (`shapes_image`,
+  `write_folder`), a run trained once and kept (`train_once`), samples at unseen seeds (`draw`) and the
+  extended judge per sample (`judged`).
 
     python benchmarks/common.py --help      # prints the matmul peak table
 """
@@ -279,6 +282,113 @@ def hash_text(t: str) -> int:
     for ch in t.encode():
         h = (h * 131 + ch) % (2**31)
     return h
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning experiments on `shapes` (dreambooth_shapes.py, inversion_shapes.py, masked_loss.py)
+
+JUDGE_SEED = 7000  # sampling seeds JUDGE_SEED + 97·s: no training run, class image or demo sample draws them
+
+
+def shapes_image(shape: str, colour: str, position: str, seed: int, size: int = 32):
+    """One jittered `shapes` drawing (uint8 (size, size, 3), bool mask (size, size)) from its own seed, outside the
+    bundled dataset's streams; `shape` may be the extended vocabulary's diamond, `colour` white."""
+    import numpy as np
+
+    from ldmkit.data.shapes import render_shape
+
+    image, mask, _ = render_shape(shape, colour, position, size, np.random.default_rng([seed, 4242]))
+    return image, mask
+
+
+def write_folder(folder: Path, items: Sequence[tuple], held_out: tuple | None = None, root: Path | None = None) -> None:
+    """Write (uint8 image, caption[, uint8 mask]) items as NAME.png + NAME.txt (+ NAME_mask.png): a kohya-style
+    folder (`data.caption_extension` .txt; `data.mask=files` reads the masks). An image folder holds out the files
+    whose name hashes below 5 % for validation, and at least one: the names are chosen so that every item trains
+    and `held_out` (another item of the same kind; default: the first) is the one validation image. `root`: the
+    data folder `folder` lies in (a kohya repeat folder's parent; default: `folder` itself)."""
+    from PIL import Image
+
+    from ldmkit.data.folder import _hash_fraction  # the folder's train/val rule
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = folder.relative_to(root).as_posix() + "/" if root is not None and root != folder else ""
+
+    def names(val: bool):
+        k = 0
+        while True:
+            name = f"{k:04d}" if not val else f"val{k:04d}"
+            if (_hash_fraction(f"{rel}{name}.png") < 0.05) == val:
+                yield name
+            k += 1
+
+    train, val = names(False), names(True)
+    for name, item in [*((next(train), it) for it in items), (next(val), held_out or items[0])]:
+        Image.fromarray(item[0]).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(item[1])
+        if len(item) > 2 and item[2] is not None:
+            Image.fromarray(item[2]).save(folder / f"{name}_mask.png")
+
+
+def train_once(out: Path, base: str, config: str, sets: Sequence[str], threads: int | None = None) -> float:
+    """`ldmkit train --init-from BASE --config CONFIG --set ...` into OUT, in this process; its wall seconds. A
+    finished run already in OUT is kept (its recorded seconds), so a script reruns only its judging; a killed one
+    is resumed (its seconds are then the resumed part's)."""
+    from ldmkit.checkpoint import read_config
+    from ldmkit.cli import main as ldmkit_main
+
+    started = (out / "latest").is_file()
+    if started and "train_seconds" in read_config(str(out))[3]:  # finished
+        wall = out / "wall_seconds.txt"
+        return float(wall.read_text()) if wall.is_file() else float(read_config(str(out))[3]["train_seconds"])
+    args = [*(["--threads", str(threads)] if threads else []), "train", "--init-from", base, "--config", config,
+            "--out", str(out), "--quiet", *(["--resume"] if started else [])]  # a killed run goes on
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.time()
+    if ldmkit_main(args) != 0:
+        raise SystemExit(f"training failed: ldmkit {' '.join(args)}")
+    seconds = time.time() - t0
+    (out / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def draw(ldm, captions: Sequence[str], seeds: int, steps: int = 25, guidance: float = 2.0,
+         batch: int = 72) -> tuple[torch.Tensor, list[str]]:
+    """Every caption at `seeds` unseen sampling seeds (dpmpp_2m): images (N, 3, H, W) in [-1, 1] and their captions,
+    seed by seed."""
+    from ldmkit.generation import GenerationRequest, generate
+
+    images, caps = [], []
+    for s in range(seeds):
+        for i in range(0, len(captions), batch):
+            part = list(captions[i : i + batch])
+            request = GenerationRequest(prompt=part, num_images=len(part), batch_size=len(part), steps=steps,
+                                        sampler="dpmpp_2m", guidance=guidance, seed=JUDGE_SEED + 97 * s + i)
+            images.append(generate(ldm, request).images)
+            caps += part
+    return torch.cat(images), caps
+
+
+def judged(images: torch.Tensor, want: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+    """Each sample read by the extended judge against (colour, shape, position): the share with each attribute,
+    all three, and `strict` (all three and the shape drawn right: `shape_fidelity(...).passed`)."""
+    from ldmkit.evaluate.attributes import check_attributes, shape_fidelity
+
+    hits = {"colour": 0, "position": 0, "shape": 0, "all": 0, "strict": 0}
+    for image, (colour, shape, position) in zip(images, want, strict=True):
+        found = check_attributes(image, "extended")
+        ok = [found["colour"] == colour, found["position"] == position, found["shape"] == shape]
+        for key, v in zip(("colour", "position", "shape"), ok):
+            hits[key] += v
+        hits["all"] += all(ok)
+        fidelity = shape_fidelity(image, shape) if all(ok) else None
+        hits["strict"] += bool(fidelity is not None and fidelity.passed)
+    return {k: v / max(len(want), 1) for k, v in hits.items()} | {"n": len(want)}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,3 +134,26 @@ def test_prior_settings_that_cannot_work_are_one_line(sd_folder, prompts, tmp_pa
     assert train(sd_folder, prompts, tmp_path / "b", "--set", "finetune.train=embedding",
                  "--set", "finetune.embedding.token=sks") == 2
     assert "not embedding" in capsys.readouterr().err
+
+
+def test_the_decoder_step_rehearses_the_class_images_beside_the_instance_images(sd_folder, prompts, tmp_path,
+                                                                                 monkeypatch):
+    """finetune.decoder_steps with a prior: the decoder learns the instance images and the N class images (their
+    pixels and posteriors), so a decoder taught a new concept keeps drawing the class as the model drew it."""
+    from ldmkit.train import finetune
+
+    seen = {}
+
+    def spy(ae, images, mean, std, *a):
+        seen.update(images=images, mean=mean, std=std)
+        return 0.0
+
+    monkeypatch.setattr(finetune, "finetune_decoder", spy)
+    assert train(sd_folder, prompts, tmp_path / "d", "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=2",
+                 "--set", "data.length=16", steps=1) == 0
+    folder = next((tmp_path / "d" / "class_images").iterdir())
+    classes = prior.class_images(load_any(sd_folder), prior.read_prompts(str(prompts)), N, 0, 2, 5.0, 16,
+                                 tmp_path / "d" / "class_images")[0]
+    images = seen["images"]
+    assert len(images) == len(seen["mean"]) == len(seen["std"]) > N and folder.is_dir()
+    assert torch.equal(images[-N:], classes)  # the class images, as read back from their PNGs, last

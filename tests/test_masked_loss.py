@@ -146,3 +146,110 @@ def test_train_reads_alpha_masks_from_a_folder(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = yaml.safe_load((whole / "train_config.yaml").read_text())["data"]
     assert (saved["mask"], saved["shuffle_tags"], saved["keep_tokens"], saved["tag_dropout"]) == ("alpha", True, 1, 0.3)
+    from ldmkit.checkpoint import read_config
+
+    assert read_config(str(whole))[3]["mask"] == "alpha"  # what `ldmkit evaluate` weighs its held-out error by
+
+
+def _masked_folder(root, n=9, mask_files=True):
+    """n noise images with captions; every other one has NAME_mask.png (with `mask_files`); one is a GIF with a transparent colour
+    (re-encoded by make-shards) and two are RGBA PNGs, so both data.mask modes have something to read."""
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)  # not square: the crop's record matters
+        if i == 0:
+            Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(root / f"{i:02d}.gif", transparency=0)
+        elif i in (1, 2):
+            alpha = np.zeros((20, 24, 1), np.uint8)
+            alpha[:, : 6 * i] = 255
+            Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(root / f"{i:02d}.png")
+        else:
+            Image.fromarray(rgb).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"noise {i}")
+        if i % 2 and mask_files:
+            m = np.zeros((20, 24), np.uint8)
+            m[2 * i % 20 :, 3:] = 200
+            Image.fromarray(m).save(root / f"{i:02d}_mask.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["files", "alpha"])
+def test_make_shards_carries_the_masks_and_training_reads_the_same_masked_batches_as_the_folder(mode, tmp_path):
+    """`ldmkit data make-shards --mask MODE`: the shards hold each image's mask (a KEY.mask.png; the alpha kept,
+    also through a re-encoded GIF), so the shards' items (image, caption, loss mask) equal the folder's one for one,
+    and the training stream's batches pair each image with the folder's mask for it."""
+    from ldmkit.cli import main
+    from ldmkit.data.folder import ImageFolderDataset
+    from ldmkit.data.shards import ShardItems
+    from ldmkit.train.config import DataConfig
+    from ldmkit.train.data import open_train_data
+    from ldmkit.train.distributed import Dist
+
+    root = _masked_folder(tmp_path / "f", mask_files=mode == "files")
+    assert main(["data", "make-shards", str(root), str(tmp_path / "s"), "--shard-size", "4", "--mask", mode,
+                 "--quiet"]) == 0
+    folder = ImageFolderDataset(str(root), size=16, split="all", mask=mode)
+    shards = ShardItems(str(tmp_path / "s"), 16, "all", limit=-1, mask=mode)
+    assert len(folder) == len(shards) == 9  # with files, the *_mask.png files are masks, not samples
+    partial = 0
+    for i in range(9):
+        a, b = folder[i], shards[i]
+        assert a["text"] == b["text"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["loss_mask"], b["loss_mask"]), i
+        partial += bool((a["loss_mask"] < 1).any())
+    assert partial == (4 if mode == "files" else 3)  # the masks are real, not all ones
+    # training: the stream's batches (shards) and the folder's, matched by image, carry the same masks
+    by_image = {folder[i]["image"].numpy().tobytes(): folder[i]["loss_mask"] for i in range(9)}
+    seen = 0
+    for spec in (str(root), str(tmp_path / "s")):
+        d = DataConfig(dataset=spec, size=16, mask=mode, workers=0, in_memory=False)
+        source = open_train_data(d, 4, 0, Dist(), 1, False, masked_loss=True)
+        for step in range(3):
+            batch = source.batch(step, 0, 4)
+            for img, m in zip(batch["image"], batch["loss_mask"]):
+                assert torch.equal(by_image[img.numpy().tobytes()], m)
+                seen += 1
+        source.close()
+    assert seen == 24
+
+
+class _HalfWrong(torch.nn.Module):
+    """A stand-in U-Net predicting ε̂ = 0 in the left half of the latent grid and 10 in the right half."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, cond):
+        out = torch.zeros_like(z)
+        out[..., z.shape[-1] // 2 :] = 10.0
+        return out
+
+
+def test_the_heldout_error_of_a_masked_model_weighs_each_latent_cell_by_its_mask(tmp_path):
+    """`ldmkit evaluate`'s held-out denoising error of a model trained with data.mask reads the held-out images'
+    masks: alpha opaque on the left half only, and a predictor wrong by 10 on the right half only, gives exactly the
+    mean of ε² over the left half (the seeded noise rebuilt here); without the mask the right half's error counts."""
+    from ldmkit.evaluate.diffusion import HELDOUT_T, evaluate_diffusion
+
+    root = tmp_path / "f"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        rgba = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        rgba[..., 3] = 0
+        rgba[:, :8, 3] = 255  # the left 8 pixel columns: latent columns 0-1 at factor 4
+        Image.fromarray(rgba, "RGBA").save(root / f"{i:02d}.png")
+    ldm = _tiny_ldm().eval()
+    ldm.unet = _HalfWrong()
+    kw = dict(seeds=1, steps=1, dataset=str(root), seed=0)
+    masked = evaluate_diffusion(ldm, tmp_path / "m", mask="alpha", **kw)["heldout"]
+    plain = evaluate_diffusion(ldm, tmp_path / "p", **kw)["heldout"]
+    assert masked["masked"] and not plain["masked"] and masked["n"] == plain["n"] >= 1
+    g = torch.Generator().manual_seed(0)  # heldout_error's noise: seed·1_000_003 + 0, one draw per timestep
+    eps = torch.stack([torch.randn(masked["n"], 4, 4, 4, generator=g) for _ in HELDOUT_T])  # (T, n, c, h, w)
+    want_masked = eps[..., :2].pow(2).mean((2, 3, 4)).mean().item()
+    want_plain = torch.cat([eps[..., :2].pow(2), (10 - eps[..., 2:]).pow(2)], -1).mean((2, 3, 4)).mean().item()
+    assert masked["eps_mse"] == pytest.approx(want_masked, rel=1e-5)
+    assert plain["eps_mse"] == pytest.approx(want_plain, rel=1e-5) and plain["eps_mse"] > 40

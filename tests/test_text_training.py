@@ -12,6 +12,7 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from ldmkit.checkpoint import resolve  # noqa: E402
 from ldmkit.cli import main  # noqa: E402
 from ldmkit.conditioning.text import MiniLMTextEncoder  # noqa: E402
 from ldmkit.interop import lora as L  # noqa: E402
@@ -157,3 +158,42 @@ def test_text_training_without_a_text_encoder_is_one_line(tmp_path):
     rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "a"), "--quiet", "--set", "finetune.train=unet+text",
                "--set", "conditioner.text_encoder=null", "--set", "unet.context_dim=null"])
     assert rc == 2
+
+
+def _live_text_and_unet(out):
+    """The run's live text-encoder weights (or text adapter) from its training state, and its U-Net weights."""
+    state = torch.load(resolve(out) / "training_state.pt", weights_only=True)
+    text = state.get("text_encoder") or {f"{k}.{part}": v[part] for k, v in state["lora"].items() for part in ("down", "up")}
+    return {k: v for k, v in text.items() if isinstance(v, torch.Tensor)}, load_file(resolve(out) / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [["finetune.train=unet+text"], ["finetune.train=lora", "lora.text_encoder=true"]])
+def test_text_encoder_training_under_torchrun_equals_one_process(train, sd_folder, tmp_path):
+    """Two gloo processes (DDP on the U-Net, the encoder's gradients averaged beside it) give, bit for bit, the one
+    process that splits each global batch into the same two pieces (grad_accum=2): the U-Net, the live encoder (or
+    its adapter), the logged loss; the replicas stay equal (without the encoder's average they drift apart)."""
+    import json
+
+    from test_distributed import _assert_close, _torchrun
+
+    args = ["train", "--config", "tiny", "--init-from", str(sd_folder), "--quiet", "--set", "optim.steps=3",
+            "--set", "optim.lr=0.001", "--set", "optim.warmup_steps=0", "--set", "optim.schedule=constant",
+            "--set", "optim.batch_size=8", "--set", "optim.grad_clip=1.0"]
+    for s in train:
+        args += ["--set", s]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*args, "--set", "optim.grad_accum=2", "--out", str(one)]) == 0
+    _torchrun(2, [*args, "--out", str(two)])
+    (text1, unet1), (text2, unet2) = _live_text_and_unet(one), _live_text_and_unet(two)
+    _assert_close(text1, text2, atol=0)
+    _assert_close(unet1, unet2, atol=0)
+    if "lora" in train[0]:  # the adapter trained (B starts at zero)
+        assert any(v.abs().sum() > 0 for k, v in text2.items() if k.endswith(".up"))
+    else:
+        base = load_any(sd_folder).conditioner.text_encoder.model.state_dict()
+        assert all(not torch.equal(v, base[k]) for k, v in text2.items())
+    meta = json.loads((resolve(two) / "config.json").read_text())["meta"]
+    assert meta["world_size"] == 2 and meta["rank_weight_sums"][0] == meta["rank_weight_sums"][1]
+    losses = [[json.loads(ln)["loss"] for ln in (f / "log.jsonl").read_text().splitlines()] for f in (one, two)]
+    assert losses[0] == losses[1]

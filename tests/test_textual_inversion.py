@@ -129,3 +129,31 @@ def test_a_word_no_caption_uses_or_no_model_is_one_line(sd_folder, concept, tmp_
     rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "b"), "--quiet", "--set", "finetune.train=embedding",
                "--set", f"finetune.embedding.token={WORD}"])
     assert rc == 2
+
+
+@pytest.mark.slow
+def test_two_processes_learn_the_vectors_of_one_process_with_the_same_pieces(sd_folder, concept, tmp_path):
+    """Under torchrun (gloo) DDP wraps the word's vectors: 2 processes give, bit for bit, the vectors (live and EMA)
+    of one process that splits each global batch into the same two pieces (grad_accum=2); the base stays as it was."""
+    import json
+
+    from test_distributed import _torchrun
+
+    extra = ["--set", "optim.batch_size=8", "--set", "optim.ema_decay=0.5", "--set", "conditioner.drop_text=0.3"]
+    assert train(sd_folder, concept, tmp_path / "one", *extra, "--set", "optim.grad_accum=2") == 0
+    args = ["train", "--config", "tiny", "--init-from", str(sd_folder), "--out", str(tmp_path / "two"), "--quiet",
+            "--set", f"data.dataset={concept}", "--set", "finetune.train=embedding",
+            "--set", f"finetune.embedding.token={WORD}", "--set", "finetune.embedding.init=cat",
+            "--set", "finetune.embedding.vectors=2", "--set", "optim.steps=3", "--set", "optim.lr=0.05",
+            "--set", "optim.warmup_steps=0", "--set", "optim.schedule=constant", *extra]
+    _torchrun(2, args)
+    a, b = (load_file(tmp_path / d / "embeddings" / f"{WORD}.safetensors")["emb_params"] for d in ("one", "two"))
+    assert torch.equal(a, b)
+    state = [torch.load(tmp_path / d / "checkpoints" / "step_00000003" / "training_state.pt", weights_only=True)
+             for d in ("one", "two")]
+    assert all(torch.equal(state[0][k], state[1][k]) for k in ("embedding", "embedding_ema"))
+    start = load_any(sd_folder).conditioner.text_encoder.token_vectors("cat")
+    assert not torch.equal(state[1]["embedding"][0], start[0])  # trained
+    assert same_state(load_any(tmp_path / "two").unet.state_dict(), load_any(sd_folder).unet.state_dict())
+    meta = json.loads((tmp_path / "two" / "checkpoints" / "step_00000003" / "config.json").read_text())["meta"]
+    assert meta["world_size"] == 2 and meta["rank_weight_sums"][0] == meta["rank_weight_sums"][1]

@@ -325,7 +325,8 @@ def cmd_data_make_shards(args: argparse.Namespace) -> int:
     from ldmkit.data.shards import make_shards
 
     t0 = time.time()
-    paths = make_shards(args.folder, args.out, args.shard_size, skip_bad=args.skip_bad_images, progress=not args.quiet)
+    paths = make_shards(args.folder, args.out, args.shard_size, skip_bad=args.skip_bad_images, progress=not args.quiet,
+                        mask=args.mask)
     last = len(paths) - 1
     print(f"{len(paths)} shards written to {args.out} in {time.time() - t0:.1f} s; train from them with "
           f"--data '{Path(args.out) / f'{{00000..{last:05d}}}.tar'}'")
@@ -394,7 +395,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate_diffusion(model, out, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                                  sampler=args.sampler, dataset=dataset, num_images=args.num_images, seed=args.seed,
                                  vocabulary=args.vocabulary or meta.get("vocabulary", "basic"),
-                                 sampler_options=args.sampler_options)
+                                 sampler_options=args.sampler_options, mask=meta.get("mask", "none"))
     else:
         raise LdmkitError(f"`ldmkit evaluate` does not support checkpoints of kind '{kind}' yet")
     print(json.dumps(res, indent=2))
@@ -619,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("out", help="output folder for 00000.tar, 00001.tar, ...")
     ds.add_argument("--shard-size", type=POSITIVE, default=1000, help="samples per shard (default: %(default)s)")
     ds.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out instead of stopping")
+    ds.add_argument("--mask", default="none", choices=["none", "alpha", "files"], help="data.mask the shards will "
+                    "train with: files writes each NAME_mask.png (or metadata's mask) as KEY.mask.png; an image's "
+                    "alpha always travels")
     ds.add_argument("--quiet", action="store_true", help="no progress bar")
     ds.set_defaults(func=cmd_data_make_shards)
 

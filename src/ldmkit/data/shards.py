@@ -8,7 +8,7 @@ base name) form one sample, and the rest of the name is the field:
     000042.json                           {"text": ..., "label": ...} (either key optional)
     000042.cls                            the class id as decimal text
     000042.control.png | .control.jpg     a conditioning image, registered with the image
-    000042.mask.png                       a loss mask (`data.mask=files`; "alpha" reads the image's alpha)
+    000042.mask.png | .mask.jpg | …       a loss mask (`data.mask=files`; "alpha" reads the image's alpha)
 
 The caption field is `txt` unless `data.caption_extension` names another (".caption" reads 000042.caption).
 kohya repeat folders do not carry into shards: a shard lists each sample once.
@@ -55,6 +55,7 @@ from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 CONTROL_FIELDS = ("control.png", "control.jpg", "control.jpeg", "control.webp")
+MASK_FIELDS = ("mask.png", "mask.jpg", "mask.jpeg", "mask.webp")
 
 
 # --- naming shards -------------------------------------------------------------------------------
@@ -170,7 +171,8 @@ def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, t
     if c is not None:
         item["control"] = c
     if mask != "none":  # every item carries one (ones where the sample has none), so batches stay uniform
-        m = alpha_of(raw) if mask == "alpha" else (to_rgb(decoded("mask.png")) if "mask.png" in fields else None)
+        mask_field = next((f for f in MASK_FIELDS if f in fields), None)
+        m = alpha_of(raw) if mask == "alpha" else (to_rgb(decoded(mask_field)) if mask_field is not None else None)
         item["loss_mask"] = crop_mask(m, record, size)  # (1, H, W)
     return item
 
@@ -314,13 +316,16 @@ class ShardStream(IterableDataset):
 
 
 def make_shards(folder: str, out: str | Path, shard_size: int = 1000, skip_bad: bool = False,
-                progress: bool = True) -> list[Path]:
+                progress: bool = True, mask: str = "none") -> list[Path]:
     """Write the images of an image folder (and its metadata.jsonl captions, labels and conditioning
     images) as tar shards OUT/00000.tar, 00001.tar, … of `shard_size` samples, the files' bytes unchanged.
+    `mask` is data.mask: with "files" each image's mask file travels as KEY.mask.EXT (and `*_mask.png` files
+    are masks, not samples, as the folder reads them); an image's alpha always travels with it (re-encoded
+    formats are written as RGBA PNG), so "alpha" reads the same masks from the shards as from the folder.
     Each shard is written whole to a temporary name and renamed, so a killed run leaves only whole shards."""
     if shard_size < 1:
         raise LdmkitError(f"--shard-size must be at least 1, got {shard_size}")
-    ds = ImageFolderDataset(folder, size=8, split="all", skip_bad=skip_bad)  # checks every file (indexed)
+    ds = ImageFolderDataset(folder, size=8, split="all", skip_bad=skip_bad, mask=mask)  # checks every file (indexed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -330,17 +335,7 @@ def make_shards(folder: str, out: str | Path, shard_size: int = 1000, skip_bad: 
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for i, item in enumerate(items[start : start + shard_size], start):
                 key = f"{i:08d}"
-                ext = os.path.splitext(item.file)[1].lower().lstrip(".")
-                ext = "jpg" if ext == "jpeg" else ext
-                if ext not in IMAGE_FIELDS:  # bmp, gif, tiff: re-encoded losslessly as PNG
-                    from PIL import Image
-
-                    png = io.BytesIO()
-                    with Image.open(ds._path(item.file)) as im:
-                        to_rgb(im).save(png, format="PNG")
-                    files = {"png": png.getvalue()}
-                else:
-                    files = {ext: Path(ds._path(item.file)).read_bytes()}
+                files = {**_image_field("", item.file, ds, IMAGE_FIELDS)}
                 meta = {"file_name": item.file}
                 if item.text:
                     files["txt"] = item.text.encode()
@@ -352,6 +347,8 @@ def make_shards(folder: str, out: str | Path, shard_size: int = 1000, skip_bad: 
                         files[f"control.{cext}"] = Path(ds._path(item.control)).read_bytes()
                     else:
                         raise LdmkitError(f"conditioning image {item.control}: shards carry png/jpg/webp; convert it")
+                if item.mask is not None:
+                    files.update(_image_field("mask.", item.mask, ds, MASK_FIELDS))
                 files["json"] = json.dumps(meta).encode()
                 for field, data in files.items():
                     info = tarfile.TarInfo(f"{key}.{field}")
@@ -361,3 +358,19 @@ def make_shards(folder: str, out: str | Path, shard_size: int = 1000, skip_bad: 
         atomic_write(path, buf.getvalue())
         written.append(path)
     return written
+
+
+def _image_field(prefix: str, file: str, ds: ImageFolderDataset, allowed: tuple[str, ...]) -> dict[str, bytes]:
+    """{field: bytes} of one image file: its bytes unchanged where the shard format names its type (png, jpg,
+    webp), else (bmp, gif, tiff) re-encoded losslessly as PNG, keeping an alpha channel (a loss mask may be read
+    from it) so the reader composites it onto white exactly as the folder does."""
+    ext = os.path.splitext(file)[1].lower().lstrip(".")
+    ext = "jpg" if ext == "jpeg" else ext
+    if prefix + ext in allowed:
+        return {prefix + ext: Path(ds._path(file)).read_bytes()}
+    from PIL import Image
+
+    png = io.BytesIO()
+    with Image.open(ds._path(file)) as im:
+        (im.convert("RGBA") if alpha_of(im) is not None else to_rgb(im)).save(png, format="PNG")
+    return {prefix + "png": png.getvalue()}

@@ -6,7 +6,9 @@ What can be judged depends on the data the model learned (the checkpoint's `meta
 - any dataset: the held-out denoising error, E‖ε̂(z_t, t, c) − ε‖² on the validation split over a
   fixed grid of timesteps and seeded noise, with the true conditions and with every route at its
   null value. A model that uses its caption or class predicts the noise better when it is given it,
-  so `gain = null / conditional > 1` measures how much the condition is used, on any data.
+  so `gain = null / conditional > 1` measures how much the condition is used, on any data. A model
+  trained with a loss mask (`data.mask`, recorded in its meta) is scored as it trained: the squared
+  error weighted by the mask area-averaged to the latent grid, per image over its mask's mass.
 - `shapes`: every caption (text route) or every class id (label route: shape × colour) is sampled at
   several seeds and the independent attribute checker reads colour, position and shape back; beside the
   shape class, the strict shape rate: the right class and drawn right (the ideal shape fitted to the
@@ -40,11 +42,12 @@ HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, sp
 def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sampler: str = "dpmpp_2m",
                        guidance: float = 2.0, batch_size: int = 72, dataset: str | None = None,
                        num_images: int = 128, seed: int = 0, vocabulary: str = "basic",
-                       sampler_options: dict | None = None) -> dict:
+                       sampler_options: dict | None = None, mask: str = "none") -> dict:
     """Judge `ldm` on what its training data allows (see the module docstring); `dataset` is the
     name or folder it was trained on (None: unknown, so only samples are written). `vocabulary`:
     shapes' words; "extended" judges all 112 captions and reports the 40 with white and/or diamond
-    (`text_new`) apart from the 72 basic ones (`text_basic`)."""
+    (`text_new`) apart from the 72 basic ones (`text_basic`). `mask`: the data.mask the model trained with; the
+    held-out error is then weighted by the held-out images' masks."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cc = ldm.config.conditioner
@@ -53,7 +56,7 @@ def evaluate_diffusion(ldm, out: str | Path, seeds: int = 2, steps: int = 25, sa
     kw = dict(steps=steps, sampler=sampler, guidance=guidance,  # GenerationRequest fields
               sampler_options=dict(sampler_options or {}))  # e.g. an lcm student's grid_steps
     grids: list[tuple[str, str]] = []  # (caption, file) of grids shown without a score
-    data = held_out(ldm, dataset, num_images, seed) if dataset else None
+    data = held_out(ldm, dataset, num_images, seed, mask) if dataset else None
     if data is not None:
         res["heldout"] = heldout_error(ldm, data, seed=seed)
     else:
@@ -108,11 +111,12 @@ def _named(dataset: str | None) -> str:
     return f"'{dataset}'" if dataset else "data the checkpoint does not record"
 
 
-def held_out(ldm, dataset: str, n: int, seed: int):
+def held_out(ldm, dataset: str, n: int, seed: int, mask: str = "none"):
     """Up to n items of the validation split of `dataset` (the data the model learned) at the
-    model's image size, in memory. An empty split is refused by the dataset itself."""
-    return materialize(build_dataset(dataset, ldm.config.image_size, "val", seed=seed, length=n), limit=n,
-                       progress=False)
+    model's image size, in memory, with their loss masks where `mask` (data.mask) reads them. An empty
+    split is refused by the dataset itself."""
+    return materialize(build_dataset(dataset, ldm.config.image_size, "val", seed=seed, length=n, mask=mask),
+                       limit=n, progress=False)
 
 
 def _some_captions(data, k: int = 8) -> list[str]:
@@ -127,7 +131,9 @@ def _some_captions(data, k: int = 8) -> list[str]:
 def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELDOUT_T) -> dict:
     """Mean ‖ε̂ − ε‖² over held-out images × `timesteps`, with the true conditions and with every route
     at its null value; the same noise (seeded per image and timestep) for both. `eps_mse_t` (and
-    `eps_mse_null_t`) break the mean down by timestep, in the order of `t`."""
+    `eps_mse_null_t`) break the mean down by timestep, in the order of `t`. Items with a "loss_mask" (data.mask)
+    are scored as the masked training loss weighs them (`DiffusionObjective.terms`): the error weighted by the
+    mask area-averaged to the latent grid, over the mask's mass, so unmasked content is not judged."""
     cc = ldm.config.conditioner
     conditional = bool(cc.text_encoder or cc.num_classes)
     d = ldm.config.diffusion
@@ -143,6 +149,10 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELD
         batch = data.batch(idx)
         images = batch["image"].to(device)
         z0 = ldm.encode_mean(images).float()
+        weight = None
+        if "loss_mask" in batch:  # (b, 1, H, W) -> (b, 1, h, w): the share of each latent cell's pixels that trained
+            weight = torch.nn.functional.interpolate(batch["loss_mask"].float(), size=z0.shape[-2:], mode="area")
+            weight = weight.to(device).expand_as(z0)  # (b, c, h, w)
         # the evaluation images are whole and at the model's size
         size_crop = ldm.conditioner.default_size_crop(len(idx), images.shape[2], images.shape[3])
         cond = ldm.conditioner(texts=batch["text"] if cc.text_encoder else None,
@@ -160,8 +170,11 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELD
             a, s = ldm.schedule.alpha(tt).view(-1, 1, 1, 1), ldm.schedule.sigma(tt).view(-1, 1, 1, 1)
             for name, c in (("conditional", cond), ("null", null)) if conditional else (("conditional", cond),):
                 _, eps_hat = to_x0_eps(d.prediction_type, ldm.unet(z_t, tt, c).float(), z_t, a, s)
-                sums[name][i] += (eps_hat - eps).pow(2).mean((1, 2, 3)).sum().item()
-    res = {"n": n, "t": ts, "eps_mse": sum(sums["conditional"]) / (n * len(ts)),
+                err = (eps_hat - eps).pow(2)  # (b, c, h, w)
+                per_image = err.mean((1, 2, 3)) if weight is None else (
+                    (weight * err).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(1e-12))  # an empty mask scores 0
+                sums[name][i] += per_image.sum().item()
+    res = {"n": n, "t": ts, "masked": "loss_mask" in data.extras, "eps_mse": sum(sums["conditional"]) / (n * len(ts)),
            "eps_mse_t": [v / n for v in sums["conditional"]]}
     if conditional:
         res["eps_mse_null"] = sum(sums["null"]) / (n * len(ts))
@@ -201,7 +214,9 @@ def _report(res: dict, grids: list[tuple[str, str]], sampler: str, steps: int, g
         h = res["heldout"]
         row = f"| {h['eps_mse']:.4f} |" + (f" {h['eps_mse_null']:.4f} | {h['gain']:.3f} |" if "gain" in h else " – | – |")
         lines += ["## Held-out denoising error", "",
-                  f"Mean ‖ε̂ − ε‖² over {h['n']} validation images × timesteps {h['t']} (seeded noise).", "",
+                  f"Mean ‖ε̂ − ε‖² over {h['n']} validation images × timesteps {h['t']} (seeded noise)"
+                  + (", each image's error weighted by its loss mask (data.mask) on the latent grid." if h.get("masked")
+                     else "."), "",
                   "| with the conditions | every route null | gain (null / conditional) |", "| --- | --- | --- |",
                   row, ""]
     if "text" in res:

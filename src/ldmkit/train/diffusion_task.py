@@ -277,4 +277,5 @@ class DiffusionTask(Task):
         return {"step": step, "train_seconds": round(time.time() - t0, 1), "dataset": self.cfg.data.dataset,
                 "autoencoder": str(self.cfg.autoencoder), "autoencoder_val": self.ae_meta.get("val"),
                 "world_size": self.dist.world, "rank_weight_sums": check_in_sync(self.module, self.dist),
-                **({"vocabulary": self.cfg.data.vocabulary} if self.cfg.data.vocabulary != "basic" else {})}
+                **({"vocabulary": self.cfg.data.vocabulary} if self.cfg.data.vocabulary != "basic" else {}),
+                **({"mask": self.cfg.data.mask} if self.cfg.data.mask != "none" else {})}  # evaluate scores it masked

@@ -160,6 +160,26 @@ def micro_batches(global_batch: int, d: Dist, accum: int) -> list[tuple[int, int
     return [(start + i * size, start + (i + 1) * size) for i in range(accum)]
 
 
+def average_gradients(params: list[nn.Parameter], d: Dist, device: torch.device) -> None:
+    """Average the gradients of parameters outside the DDP wrapper over the ranks, as DDP averages its own (one
+    all-reduce on `device`: NCCL reduces only GPU tensors, so a CPU module's gradients travel there and back).
+
+    A rank whose pieces did not reach a parameter (its grad is None) adds zeros; the parameter keeps None only when
+    no rank reached it, so the update is the one process's of the global batch (an optimizer skips None grads)."""
+    if not d.enabled or not params:
+        return
+    flat = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
+    reached = torch.tensor([float(p.grad is not None) for p in params])
+    buf = torch.cat([torch.cat([f.to(device) for f in flat]), reached.to(device)])  # (Σ numel + len(params),)
+    dist.all_reduce(buf)  # SUM
+    values, reached = buf[: -len(params)] / d.world, buf[-len(params) :].cpu()
+    offset = 0
+    for p, any_rank in zip(params, reached.tolist()):
+        grad = values[offset : offset + p.numel()].view(p.shape).to(device=p.device, dtype=p.dtype)
+        offset += p.numel()
+        p.grad = grad if any_rank > 0 else None
+
+
 def no_sync(model: nn.Module, last: bool):
     """Skip DDP's gradient all-reduce on every micro-batch but the last (the gradients accumulate
     locally and are averaged once). FSDP2 reduce-scatters every backward; that is only slower."""

@@ -4,7 +4,8 @@
         its model config (first stage, U-Net, text encoder) replaces the training config's model sections;
         its U-Net weights start training; its first stage (and, unless trained, text encoder) stay frozen
     finetune.decoder_steps > 0  first the first stage's decoder learns to draw the training images (encoder frozen,
-                                so the latents stay): a first stage cannot decode what it never saw
+                                so the latents stay): a first stage cannot decode what it never saw; with
+                                finetune.prior, the class images too (the decoder's own prior preservation)
     finetune.train = unet       every U-Net weight trained, as in `ldmkit train`
                      unet+text  the U-Net and the text encoder's transformer
                      lora       peft adapters on `lora.targets` (ldmkit.interop.lora); only A, B trained;
@@ -24,6 +25,12 @@ folder holds the encoder as a folder of its own (CHECKPOINT/text_encoder, + toke
 there is an EMA, as `ldmkit.load` pairs it with the EMA U-Net; a LoRA folded in) and its config names it there;
 the training state holds the live encoder (or its adapter) and the EMA's, from which `--resume` restores them.
 The encoder stays on the CPU, as every text encoder in ldmkit does (the Conditioner keeps it out of `.to()`).
+
+Under torchrun, DDP wraps the U-Net alone (one wrapper cannot hold a GPU U-Net and a CPU encoder: its buckets are
+reduced by one backend, and NCCL reduces only GPU tensors); the encoder's gradients (or its adapter's) are averaged
+after the step's last backward by `distributed.average_gradients`, so every rank clips and updates with the global
+batch's gradient and the replicas stay equal. Textual inversion's vectors are a module of their own, which DDP wraps
+(the loss reaches them through its forward).
 """
 
 from __future__ import annotations
@@ -181,10 +188,6 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
 
     def __init__(self, cfg: DiffusionTrainConfig, out: Path, dist, device: torch.device, progress: bool):
         ft = cfg.finetune
-        if (trains_text(cfg) or ft.train == "embedding") and dist.enabled:
-            raise LdmkitError(f"finetune.train={ft.train}{' with lora.text_encoder' if ft.train == 'lora' else ''} "
-                              "trains in one process for now (the text encoder stays on the CPU, which DDP cannot "
-                              "wrap with a GPU U-Net); run it without torchrun")
         super().__init__(cfg, out, dist, device, progress)
         enc = self.conditioner.text_encoder
         if (trains_text(cfg) or ft.train == "embedding") and enc is None:
@@ -196,7 +199,12 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             if self.mean is None:
                 raise LdmkitError("finetune.decoder_steps needs the training set in memory (a built-in set or a small "
                                   "folder; set data.in_memory=true), or set finetune.decoder_steps=0")
-            self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, self.data.images, self.mean, self.std,
+            images, mean, std = self.data.images, self.mean, self.std
+            if self.prior is not None:  # the decoder rehearses the class images too, so the class keeps its looks
+                p = self.prior
+                images, mean, std = (torch.cat([a, b.to(a.device)]) for a, b in
+                                     ((images, p["images"]), (mean, p["mean"]), (std, p["std"])))
+            self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, images, mean, std,
                                                     ft.decoder_steps, ft.decoder_lr, cfg.optim.batch_size, cfg.optim.seed)
         if ft.train == "lora":
             lo = cfg.lora
@@ -329,6 +337,16 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             self.library.use(self.trained())
             return self.ldm.unet
         return self.trained
+
+    def forward_module(self) -> nn.Module:
+        return _unet(self.module)  # DDP's: the U-Net (the text encoder's gradients: `reduce_gradients`)
+
+    def reduce_gradients(self) -> None:
+        if trains_text(self.cfg):
+            from ldmkit.train.distributed import average_gradients
+
+            text = _text(self.module)
+            average_gradients([p for p in text.parameters() if p.requires_grad], self.dist, self.device)
 
     def sampling_unet(self):
         net = self.ema.module if self.ema is not None else self.module

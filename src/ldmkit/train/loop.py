@@ -272,6 +272,10 @@ class Task(ABC):
         """After the optimizer and stepper exist: set up anything else trained (`state`: the resumed
         training state, {} on a fresh run)."""
 
+    def reduce_gradients(self) -> None:
+        """After the step's last backward, before clipping: average across ranks the gradients of anything trained
+        outside the module `forward_module` gives DDP (a CPU text encoder beside a GPU U-Net)."""
+
     def after_update(self, step: int) -> None:
         """After step `step`'s optimizer update, before the EMA update."""
 
@@ -385,7 +389,7 @@ def _prepare(task: Task, state: dict, resume: bool) -> tuple[torch.optim.Optimiz
         wrap(task.ema.module, task.dist, task.device, o.distributed)
     opt = build_optimizer(task.module.parameters(), o, task.device, is_sharded(task.module))
     stepper = Stepper(task.trained, opt, task.module.parameters(), o.grad_clip, o.batch_size, o.grad_accum, task.dist,
-                      task.device, task.out, o.precision)
+                      task.device, task.out, o.precision, reduce=task.reduce_gradients)
     if resume:
         load_optimizer_state(task.module, opt, state["optimizer"])
         stepper.load_state_dict(state.get("stepper", {}))

@@ -49,13 +49,15 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, params, grad_clip: float | None,
-                 batch_size: int, accum: int, dist, device: torch.device, out_dir: Path, precision: str = "fp32"):
+                 batch_size: int, accum: int, dist, device: torch.device, out_dir: Path, precision: str = "fp32",
+                 reduce=None):
         from ldmkit.train.distributed import StepSync, micro_batches
 
         self.model, self.opt, self.params, self.grad_clip = model, opt, list(params), grad_clip
         self.pieces = micro_batches(batch_size, dist, accum)
         self.sync = StepSync(dist, device)
         self.out_dir = out_dir
+        self.reduce = reduce  # averages gradients the DDP wrapper does not hold (`Task.reduce_gradients`), or None
         # fp16's 5-bit exponent underflows small gradients: scale the loss up, unscale before clipping,
         # skip steps whose gradients overflowed (Micikevicius et al., 2018). bf16 needs none of it.
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -73,6 +75,8 @@ class Stepper:
                 scaled = loss / len(self.pieces)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total = total + loss.detach().float()
+        if self.reduce is not None:  # before the clip and the update, which must see the global batch's gradient
+            self.reduce()
         loss, flags = self.sync(total / len(self.pieces), flags)
         check_finite(loss, step, self.out_dir)  # before the update: the weights stay those of step − 1
         if self.scaler:
