@@ -118,6 +118,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += read_prompts_file(args.prompts_file)
     device = pick_device(args.device, "--device")
     amp = autocast(args.precision, device, "--precision")  # refuses fp16 off CUDA before anything is loaded
+    unsupported = {"--controlnet": args.controlnet, "--lora-dir": args.lora_dir, "--embeddings-dir": args.embeddings_dir}
+    if args.backend != "torch":
+        from ldmkit.generation.openvino import refuse_unsupported
+
+        refuse_unsupported(args.backend, **unsupported)
 
     ldm = ldmkit.load(args.checkpoint, config=args.config, device=device)
     _fill_sampling_defaults(args, args.checkpoint)
@@ -193,6 +198,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise LdmkitError("--strength is for img2img; give --init-image")
     if args.mask:
         spatial["mask"] = read_image(args.mask, 1, size, "mask", False)
+    if args.backend != "torch":  # OpenVINO carries its own precision: no autocast around it
+        import contextlib
+
+        from ldmkit.generation.openvino import with_backend
+
+        ldm = with_backend(ldm, args.backend, args.precision, args.backend_cache, **unsupported, **{"a ControlNet": nets})
+        amp = contextlib.nullcontext()
     with amp:
         paths = sample_to_folder(
             ldm, args.out, prompts=prompts or None, labels=args.label, num_per_prompt=args.num_per_prompt,
@@ -419,8 +431,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(args.checkpoint, host=args.host, port=args.port, auth=args.api_auth,
                insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, device=args.device,
-               preview_every=args.preview_every, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+               preview_every=args.preview_every, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+               precision=args.precision, backend=args.backend, backend_cache=args.backend_cache)
     return 0
+
+
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """--precision, --backend, --backend-cache of `sample` and `serve` (docs: README "Fast sampling on a CPU")."""
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast for the U-Net; auto: bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else fp32 "
+                        "(fp16: CUDA only; the autoencoder decodes in float32 under fp16)")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="openvino: U-Net, decoder and CLIP text encoder converted once and run by OpenVINO on the CPU "
+                        "(needs ldmkit[openvino])")
+    p.add_argument("--backend-cache", default=None, metavar="DIR",
+                   help="where converted models are kept, by weights digest (default ~/.cache/ldmkit/openvino)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -548,8 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: paste the kept pixels of the init image back over the decoded image")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="autocast for the U-Net (fp16: CUDA only; the autoencoder decodes in float32 under fp16)")
+    _add_speed_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_sample)
 
@@ -572,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--embeddings-dir", default=None, metavar="DIR",
                     help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) that "
                          "prompts name; listed at GET /sdapi/v1/embeddings")
+    _add_speed_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("study", help="answer the FAQ's design questions by experiment: first stage, U-Net, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -14,11 +15,39 @@ def _setting(name: str, value: str) -> str:
     return f"{name}={value}" if name.startswith("optim.") else f"{name} {value}"
 
 
+# CPU flags of native bfloat16 arithmetic: AVX512-BF16 (dot products of bf16 pairs, Cooper Lake / Zen 4 on)
+# and AMX-BF16 (tile matrix multiply, Sapphire Rapids on). Without them bf16 is emulated and slower than fp32.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(set(BF16_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu", flags: set[str] | None = None) -> str:
+    """`auto` → bf16 on a CPU with native bf16 (`native_bf16`), else fp32 (CUDA included: its behaviour is
+    unchanged, fp32 unless asked); any other choice is returned as it is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cpu" and native_bf16(flags) else "fp32"
+
+
 def autocast(precision: str, device: torch.device | str = "cpu", setting: str = "optim.precision"):
     """The forward pass's autocast: weights, gradients and optimizer state stay float32 either way.
     Refused at once (when called, not when entered) where the device cannot run it; `setting` names
-    the option in that error."""
+    the option in that error. `auto`: `resolve_precision`."""
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16":

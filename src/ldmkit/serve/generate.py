@@ -66,8 +66,9 @@ def run_generation(gen: Generation, store, worker: Worker) -> dict:
         worker.step(done[0], preview=lambda: _b64_png(make_grid(ldm.decode(x0).float().cpu())),
                     text=f"batch {min(k + 1, gen.n_iter)}/{gen.n_iter}, step {i + 1}/{per_batch}")
 
-    out = generate(ldm, request, callback, control=loaded.control if gen.control_image is not None else None,
-                   networks=getattr(loaded, "networks", None) or getattr(store, "networks", None))
+    with store.autocast():
+        out = generate(ldm, request, callback, control=loaded.control if gen.control_image is not None else None,
+                       networks=getattr(loaded, "networks", None) or getattr(store, "networks", None))
     return _response(gen, request, list(out.images), out.seeds, out.parameters, out.interrupted)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 
 
@@ -102,16 +103,20 @@ class ModelStore:
     """The server's checkpoints. `current` is the one new requests are checked against and run with; only
     the worker thread loads (`get`), so loading never races a generation. `networks`: the LoRA library
     (`--lora-dir`, `<lora:name:w>` in prompts) or None; `embeddings`: the textual-inversion library
-    (`--embeddings-dir`) or None."""
+    (`--embeddings-dir`) or None. `precision` (autocast, `auto`: `device.resolve_precision`), `backend` and
+    `backend_cache`: as `ldmkit sample` takes them (`generation.openvino.with_backend`)."""
 
     def __init__(self, paths: list[str], device: torch.device | str = "cpu", lora_dir: str | None = None,
-                 embeddings_dir: str | None = None):
+                 embeddings_dir: str | None = None, precision: str = "auto", backend: str = "torch",
+                 backend_cache: str | None = None):
         if not paths:
             raise LdmkitError("give at least one --checkpoint")
         for p in paths:
             if not Path(p).exists():
                 raise LdmkitError(f"--checkpoint {p} does not exist")
         self.device = torch.device(device)
+        self.precision, self.backend, self.backend_cache = precision, backend, backend_cache
+        autocast(precision, self.device, "--precision")  # fp16 off CUDA is refused before any model loads
         self.networks = self.embeddings = None
         if lora_dir is not None:
             from ldmkit.interop.lora_library import LoraLibrary
@@ -150,10 +155,19 @@ class ModelStore:
                     from ldmkit.conditioning.embeddings import attach_embeddings
 
                     attach_embeddings(loaded.ldm.conditioner, self.embeddings)  # their names expand in prompts
+                if self.backend != "torch":
+                    from ldmkit.generation.openvino import with_backend
+
+                    loaded.ldm = with_backend(loaded.ldm, self.backend, self.precision, self.backend_cache, **{
+                        "--lora-dir": self.networks, "--embeddings-dir": self.embeddings, "a ControlNet": loaded.control})
                 entry.loaded = loaded
                 entry.sha256, entry.caps = loaded.sha256, loaded.capabilities()
                 entry.sampling = sampling_defaults_any(entry.path)
             return entry.loaded
+
+    def autocast(self):
+        """The autocast generation runs under (none for OpenVINO, which carries its own precision)."""
+        return autocast(self.precision if self.backend == "torch" else "fp32", self.device, "--precision")
 
     def capabilities(self) -> dict:
         """What the current model can do, for the page (GET /ldmkit/v1/model)."""

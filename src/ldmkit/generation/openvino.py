@@ -1,0 +1,322 @@
+"""An OpenVINO backend for CPU sampling (`ldmkit sample --backend openvino`, `ldmkit.generation.openvino_model`).
+
+The U-Net, the first stage's decoder and the CLIP text transformer are converted once with
+`openvino.convert_model` (traced from example inputs, batch and spatial sizes left dynamic) and saved as
+OpenVINO IR under the cache folder, named by part and by a digest of that part's weights: a second load
+reads the IR (no conversion), and changed weights (a fine-tune, a LoRA merged with `--lora`) get a new
+digest and so a new conversion. Each input shape is compiled once per process (a static shape compiles to
+faster kernels than a dynamic one; OpenVINO's own `CACHE_DIR` keeps the compiled blobs for the next process).
+
+The parts are wrapped as torch modules with the call signatures of the parts they replace, in a new
+`LatentDiffusion` container (the model given is left as it is), so `generate` and its sampler loop run
+unchanged in Python: `unet(x, t, cond)`, the autoencoder's `decoder(z)`, the text encoder's
+`model(ids, output_hidden_states=…)`. The encoder of img2img stays in torch.
+
+What a traced graph cannot take is refused in one line: ControlNet / adapter residuals, textual-inversion
+vectors put in by a hook, LoRAs applied per request (`<lora:…>`); a LoRA merged before conversion
+(`--lora FILE`) is part of the weights and works.
+
+Precision: the `INFERENCE_PRECISION_HINT` of the U-Net and the decoder is bf16 where `precision` resolves to
+bf16 (`device.resolve_precision`: `auto` on a CPU with AVX512-BF16 / AMX) and f32 otherwise; the text
+transformer runs f32.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ldmkit.conditioning.cond import Cond
+from ldmkit.device import resolve_precision
+from ldmkit.errors import LdmkitError
+
+CONVERSIONS: dict[str, int] = {}  # part name → conversions run in this process (tests assert the cache is used)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldmkit" / "openvino"
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights: every tensor's name, shape and dtype, its float64 sum and sum of
+    squares, and the bytes of up to 4,096 evenly strided elements. Hashing all 3.4 GB of an SD U-Net would
+    cost seconds at every load; any fine-tune or merged LoRA moves a sum (a changed weight changes
+    Σw² unless it only swaps values of equal magnitude)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu()
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        if t.is_floating_point():
+            d = flat.double()
+            h.update(f"{float(d.sum())!r}{float((d * d).sum())!r}".encode())
+            sample = sample.float()
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise LdmkitError("--backend openvino needs OpenVINO: pip install 'ldmkit[openvino]'") from None
+    return openvino
+
+
+class _Part(nn.Module):
+    """A converted part: the IR on disk, compiled per input shape. Holds one empty parameter so code that
+    asks a part for its device and dtype (`next(net.parameters())`) reads CPU float32."""
+
+    def __init__(self, name: str, xml: Path, hint: str, core):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.name, self.xml, self.hint, self.core = name, xml, hint, core
+        self._compiled: dict[tuple, object] = {}
+
+    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        arrays = [i.detach().cpu().contiguous().numpy() for i in inputs]
+        key = tuple(a.shape for a in arrays)
+        compiled = self._compiled.get(key) or self._compile(arrays, self.hint)
+        out = self._outputs(compiled, arrays)
+        if self.hint == "bf16" and not all(bool(torch.isfinite(o).all()) for o in out):
+            # OpenVINO 2026.4's bf16 kernels gave NaN for a few shapes of the tiny test U-Net (batch 2 at
+            # 16x24 latents, not batch 1 nor 16x16): such a shape is compiled again in f32, once
+            warnings.warn(f"OpenVINO {self.name} gave non-finite values in bf16 at shapes {key}; running them in f32")
+            out = self._outputs(self._compile(arrays, "f32"), arrays)
+        return out
+
+    def _compile(self, arrays, hint: str):
+        model = self.core.read_model(str(self.xml))
+        model.reshape({k: list(a.shape) for k, a in enumerate(arrays)})
+        compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        self._compiled[tuple(a.shape for a in arrays)] = compiled
+        return compiled
+
+    @staticmethod
+    def _outputs(compiled, arrays) -> list[torch.Tensor]:
+        out = compiled(arrays)
+        return [torch.from_numpy(out[k].copy()) for k in range(len(compiled.outputs))]
+
+
+# ---- the traced forms: positional tensors in, tensors out
+
+
+class _TracedUNet(nn.Module):
+    def __init__(self, unet: nn.Module, routes: list[str]):
+        super().__init__()
+        self.unet, self.routes = unet, routes
+
+    def forward(self, x, t, *routes):
+        return self.unet(x, t, Cond(**dict(zip(self.routes, routes))))
+
+
+class _TracedDecoder(nn.Module):
+    def __init__(self, post_quant_conv: nn.Module | None, decoder: nn.Module):
+        super().__init__()
+        self.post_quant_conv, self.decoder = post_quant_conv, decoder
+
+    def forward(self, z):
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+
+class _TracedCLIP(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        out = self.model(ids, output_hidden_states=True)
+        return out.last_hidden_state, out.hidden_states[-2]
+
+
+# ---- the wrappers with the replaced parts' call signatures
+
+
+class OVUNet(_Part):
+    """`unet(x, t, cond)` of the converted U-Net; routes are those of the model (context, its mask for an
+    encoder that masks, labels, vector, concat, the student's guidance)."""
+
+    def __init__(self, name, xml, hint, core, routes: list[str], config):
+        super().__init__(name, xml, hint, core)
+        self.routes, self.config = routes, config
+
+    def forward(self, x: torch.Tensor, t, cond: Cond | None = None, **routes) -> torch.Tensor:
+        cond = Cond.of(cond, **routes)
+        for route in ("control", "down_residuals", "mid_residual", "adapter_residuals"):
+            if getattr(cond, route) is not None:
+                raise LdmkitError("--backend openvino runs the U-Net alone: ControlNets and adapters need --backend torch")
+        b = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(b)  # (B,)
+        args = [x.float(), t]
+        for r in self.routes:
+            v = getattr(cond, r)
+            if v is None:
+                raise LdmkitError(f"the converted U-Net takes the {r} route, which this call does not give")
+            args.append(v.float() if v.is_floating_point() else v)
+        return self.run(*args)[0].to(x.device)  # (B, out_channels, H, W)
+
+
+class OVDecoder(_Part):
+    """The autoencoder's post_quant_conv + decoder as one graph: `decoder(z)` → (B, 3, H, W)."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.run(z.float())[0]
+
+
+class OVCLIPText(_Part):
+    """A CLIPTextModel's call as the text encoder makes it: `model(ids, output_hidden_states=…)` with
+    `last_hidden_state` and `hidden_states[-2]` (the penultimate layer SD 2 and SDXL read)."""
+
+    def __init__(self, name, xml, hint, core, torch_model: nn.Module):
+        super().__init__(name, xml, hint, core)
+        self.final_layer_norm = getattr(torch_model, "text_model", torch_model).final_layer_norm
+        self.config = torch_model.config
+        self._table = torch_model.get_input_embeddings()
+
+    def get_input_embeddings(self) -> nn.Module:
+        table = copy.copy(self._table)
+
+        def refuse(*_):
+            raise LdmkitError("--backend openvino cannot put textual-inversion vectors into the converted text "
+                              "encoder; use --backend torch for prompts with embeddings")
+
+        table.register_forward_hook = refuse
+        return table
+
+    def forward(self, ids: torch.Tensor, output_hidden_states: bool = False, **_):
+        last, penultimate = self.run(ids.long())
+        return SimpleNamespace(last_hidden_state=last, hidden_states=(penultimate, last))
+
+
+# ---- conversion
+
+
+def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[int]], cache: Path, core) -> Path:
+    """The IR of `module` under `cache`, named by its weights' digest; converted only when absent."""
+    ov = _openvino()
+    xml = cache / f"{name}-{weights_digest(module)[:20]}.xml"
+    if xml.exists() and xml.with_suffix(".bin").exists():
+        return xml
+    from ldmkit.layers.attention import clear_context_cache
+
+    clear_context_cache(module)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the traced shape checks: sizes stay dynamic
+        model = ov.convert_model(module, example_input=example,
+                                 input=[(ov.PartialShape(d), ov.Type.i64 if e.dtype == torch.long else
+                                         ov.Type.boolean if e.dtype == torch.bool else ov.Type.f32)
+                                        for d, e in zip(dynamic, example)])
+    clear_context_cache(module)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.xml")
+    ov.save_model(model, str(tmp), compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # weights first: an .xml is only there with its .bin
+    tmp.replace(xml)
+    CONVERSIONS[name] = CONVERSIONS.get(name, 0) + 1
+    return xml
+
+
+def _unet_routes(model) -> list[str]:
+    u, text = model.config.unet, model.conditioner.text_encoder
+    routes = []
+    if u.context_dim:
+        routes.append("context")
+        if text is not None and not text.fixed_window:  # CLIP attends to its whole window: no mask to pass
+            routes.append("context_mask")
+    if u.num_classes:
+        routes.append("labels")
+    if u.vector_dim:
+        routes.append("vector")
+    if u.concat_channels:
+        routes.append("concat")
+    if u.time_cond_proj_dim:
+        routes.append("guidance")
+    return routes
+
+
+def openvino_model(model, cache_dir: str | Path | None = None, precision: str = "auto"):
+    """A LatentDiffusion container whose U-Net, decoder and (CLIP) text transformer run in OpenVINO on the
+    CPU; `model` itself is unchanged. IR cached under `cache_dir` (default ~/.cache/ldmkit/openvino)."""
+    ov = _openvino()
+    if next(model.unet.parameters()).device.type != "cpu":
+        raise LdmkitError("--backend openvino runs on the CPU; use --device cpu")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    hint = "bf16" if resolve_precision(precision, "cpu") == "bf16" else "f32"
+    core = ov.Core()
+    # compiled blobs, one folder per precision hint: OpenVINO 2026.4 served an f32 blob to a bf16 compile of
+    # the same IR from one shared folder
+    core.set_property({"CACHE_DIR": str(cache / f"compiled-{hint}")})
+    cfg = model.config
+    c, f = cfg.autoencoder.latent_channels, cfg.autoencoder.downsample_factor
+    h = w = cfg.image_size // f
+    routes = _unet_routes(model)
+    b = 2  # a batch of 2 in the trace: a size-1 dimension can be folded into the graph as a constant
+    examples = {"context": torch.randn(b, 8, cfg.unet.context_dim or 1), "context_mask": torch.ones(b, 8, dtype=torch.bool),
+                "labels": torch.zeros(b, dtype=torch.long), "vector": torch.randn(b, cfg.unet.vector_dim or 1),
+                "concat": torch.randn(b, cfg.unet.concat_channels or 1, h, w), "guidance": torch.full((b,), 2.0)}
+    if "context_mask" in routes:
+        examples["context_mask"][0, -2:] = False  # trace the masked path (an all-True mask is skipped by the U-Net)
+    dyn = {"context": [-1, -1, cfg.unet.context_dim or 1], "context_mask": [-1, -1], "labels": [-1],
+           "vector": [-1, cfg.unet.vector_dim or 1], "concat": [-1, cfg.unet.concat_channels or 1, -1, -1], "guidance": [-1]}
+    unet_in = (torch.randn(b, cfg.unet.in_channels, h, w), torch.full((b,), 500.0), *[examples[r] for r in routes])
+    unet_dyn = [[-1, cfg.unet.in_channels, -1, -1], [-1], *[dyn[r] for r in routes]]
+    xml = _convert("unet", _TracedUNet(model.unet, routes), unet_in, unet_dyn, cache, core)
+    unet = OVUNet("unet", xml, hint, core, routes, model.unet.config)
+
+    ae = model.autoencoder
+    xml = _convert("decoder", _TracedDecoder(ae.post_quant_conv, ae.decoder), (torch.randn(b, c, h, w),),
+                   [[-1, c, -1, -1]], cache, core)
+    ae = copy.copy(ae)
+    ae._modules = dict(ae._modules)  # its own children: the given autoencoder keeps its decoder
+    ae._modules["decoder"] = OVDecoder("decoder", xml, hint, core)
+    ae._modules["post_quant_conv"] = None
+
+    out = model.with_unet(unet)
+    out._modules["autoencoder"] = ae
+    text = model.conditioner.text_encoder
+    clip = getattr(text, "model", None)
+    if clip is not None and type(clip).__name__ == "CLIPTextModel":  # SDXL's pair and MiniLM stay in torch
+        ids = torch.full((b, text.window), text.pad_id, dtype=torch.long)
+        xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, core)
+        text = copy.copy(text)
+        text_core = core if hint == "f32" else ov.Core()
+        text_core.set_property({"CACHE_DIR": str(cache / "compiled-f32")})
+        text._modules = dict(text._modules)
+        # f32 always: one pass per prompt costs little, and OpenVINO 2026.4's bf16 CLIP gave NaN at batch 1
+        # (its causal mask; batch 2 was fine), measured on this backend's tests
+        text._modules["model"] = OVCLIPText("text", xml, "f32", text_core, clip)
+        text._cache = {}
+        conditioner = copy.copy(model.conditioner)
+        conditioner.__dict__["_text"] = text  # kept outside the module tree (Conditioner.__init__ says why)
+        out._modules["conditioner"] = conditioner
+    return out.eval()
+
+
+BACKENDS = ("torch", "openvino")
+
+
+def with_backend(model, backend: str, precision: str = "auto", cache_dir: str | Path | None = None,
+                 **unsupported):
+    """`model` for `--backend`: torch → itself; openvino → `openvino_model`. `unsupported` maps a flag to its
+    value (`{"--lora-dir": …}`); a set one is refused in one line for OpenVINO, whose graphs are fixed at
+    conversion (a LoRA merged with `--lora` before this call is part of the weights and works)."""
+    refuse_unsupported(backend, **unsupported)
+    return model if backend == "torch" else openvino_model(model, cache_dir, precision)
+
+
+def refuse_unsupported(backend: str, **unsupported) -> None:
+    """The refusals of `with_backend`, callable before a model is loaded."""
+    if backend not in BACKENDS:
+        raise LdmkitError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    for flag, value in unsupported.items():
+        if value and backend == "openvino":
+            raise LdmkitError(f"--backend openvino cannot take {flag} (its graphs are fixed when converted); "
+                              f"use --backend torch, or merge a LoRA into the weights with --lora FILE")
