@@ -32,7 +32,7 @@ from ldmkit.device import autocast
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.metrics import psnr
 from ldmkit.imageio import save_grid
-from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig
+from ldmkit.train.config import DataConfig, LoggingConfig, OptimConfig, save_config
 from ldmkit.train.data import MemoryData, open_train_data, open_val_data, posterior_of
 from ldmkit.train.diffusion_task import load_first_stage
 from ldmkit.train.latents import encode_dataset, sample_latents
@@ -70,11 +70,12 @@ class DecoderDistillConfig(BaseModel):
 
 
 def decoder_demo() -> DecoderDistillConfig:
-    """The demo's first stage (`train-autoencoder --config demo`: f = 4, 4 channels, 32x32 `shapes`, widths 32, 32,
-    16 from the latent up): narrower than TAESD where the pixels are many, as the demo decoder is (figures:
-    docs/benchmarks.md, "A tiny decoder")."""
+    """The demo's first stage (`train-autoencoder --config demo`: f = 4, 4 channels, 32x32 `shapes`): widths 32, 16,
+    16 from the latent up, narrower than TAESD where the pixels are many, as the demo's decoder is. 2,000 steps:
+    39.1 dB against the full decoder, 1,000 gave 36.8 dB and a third fewer strict shape passes on the demo's samples
+    (docs/benchmarks.md, "A tiny decoder")."""
     return DecoderDistillConfig(channels=(32, 16, 16), blocks=(2, 1, 1), data=DataConfig(dataset="", length=2048),
-                                optim=OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, grad_clip=None),
+                                optim=OptimConfig(steps=2000, batch_size=32, lr=2e-3, warmup_steps=50, grad_clip=None),
                                 logging=LoggingConfig(val_every=250, ckpt_every=500))
 
 
@@ -141,6 +142,8 @@ class DecoderDistillTask(Task):
             if not self.ae_meta.get("dataset"):
                 raise LdmkitError(f"{cfg.autoencoder} does not record the data it learned; pass --data NAME_OR_FOLDER")
             d.dataset, d.size = self.ae_meta["dataset"], int(self.ae_meta.get("image_size", d.size))
+            if self.main:  # the run's config names the data it read
+                save_config(cfg, out / "train_config.yaml")
         if d.size % self.ae.downsample_factor:
             raise LdmkitError(f"data.size {d.size} is not a multiple of the first stage's factor {self.ae.downsample_factor}")
         self.ae.to(device)
