@@ -227,8 +227,8 @@ def from_diffusers(module, **kwargs) -> nn.Module:
     if type(module).__name__ == diffusers_tiny.CLASS_NAME:
         return diffusers_tiny.tiny_from_diffusers(module)
     raise LdmkitError(
-        f"cannot convert a {type(module).__name__}: from_diffusers takes an AutoencoderKL, an AutoencoderTiny, a "
-        "UNet2DConditionModel or a ControlNetModel (whole pipelines: load_diffusers_pipeline(folder))"
+        f"cannot convert a {type(module).__name__}: from_diffusers takes an AutoencoderKL, a "
+        "UNet2DConditionModel or a ControlNetModel (or an AutoencoderTiny; whole pipelines: load_diffusers_pipeline(folder))"
     )
 
 
