@@ -56,7 +56,9 @@ def main() -> None:
     for i in range(8):
         image, _ = shapes_image("triangle", "yellow", POSITIONS[i % 4], seed=200 + i)
         items.append((image, f"a {args.word} in the {POSITIONS[i % 4]}"))
-    write_folder(out / "data", items)
+    # a kohya repeat folder: 10 passes over the 8 images make an epoch, so a batch of 16 fits it (a plain folder of
+    # 8 images holds fewer than one batch and is refused)
+    write_folder(out / "data" / f"10_{args.word}", items, root=out / "data")
     t0 = time.time()
     run = out / "run"
     seconds = train_once(run, args.base, "shapes-lora", [

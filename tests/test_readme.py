@@ -53,6 +53,7 @@ def test_readme_command_can_run_as_written(command):
     from ldmkit.train.config import AUTOENCODER_PRESETS, DIFFUSION_PRESETS, AutoencoderTrainConfig, DiffusionTrainConfig, load_config
     from ldmkit.train.control import CONTROL_PRESETS, ControlTrainConfig
     from ldmkit.train.distill import DISTILL_PRESETS, DistillConfig
+    from ldmkit.train.distill_decoder import DECODER_PRESETS, DecoderDistillConfig
 
     argv = shlex.split(command)[1:]
     try:
@@ -61,7 +62,7 @@ def test_readme_command_can_run_as_written(command):
         pytest.fail(f"README command does not parse: {command}")
     kinds = {"train-autoencoder": (AutoencoderTrainConfig, AUTOENCODER_PRESETS),
              "train": (DiffusionTrainConfig, DIFFUSION_PRESETS), "train-control": (ControlTrainConfig, CONTROL_PRESETS),
-             "distill": (DistillConfig, DISTILL_PRESETS)}
+             "distill": (DistillConfig, DISTILL_PRESETS), "distill-decoder": (DecoderDistillConfig, DECODER_PRESETS)}
     if args.command in kinds:
         cls, presets = kinds[args.command]
         assert args.config in presets, f"{command}: no preset {args.config!r} (have {', '.join(presets)})"

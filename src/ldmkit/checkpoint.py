@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.autoencoder.tiny import TinyAutoencoder, TinyAutoencoderConfig
 from ldmkit.control.adapter import Adapter, AdapterConfig
 from ldmkit.control.controlnet import ControlNet, ControlNetConfig
 from ldmkit.errors import LdmkitError, disk_full
@@ -65,6 +66,7 @@ KINDS: dict[str, Kind] = {
     "latent_diffusion": Kind(LatentDiffusionConfig, LatentDiffusion),
     "controlnet": Kind(ControlNetConfig, ControlNet),
     "adapter": Kind(AdapterConfig, Adapter),
+    "tiny_autoencoder": Kind(TinyAutoencoderConfig, TinyAutoencoder),
 }
 
 

@@ -105,7 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import ldmkit
     from ldmkit.control import Adapter, ControlNet, MultiControlNet
     from ldmkit.pipeline import LatentDiffusion
-    from ldmkit.sample import read_image, read_prompts_file, sample_to_folder
+    from ldmkit.sample import read_image, read_prompts_file, read_tiny_decoder, sample_to_folder
     from ldmkit.device import autocast, pick_device
     from ldmkit.checkpoint import load_control, weights_sha256
 
@@ -135,6 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{args.checkpoint} holds a {type(ldm).__name__}, not a diffusion model; "
             "give the folder `ldmkit train` wrote or a Stable Diffusion pipeline"
         )
+    decoder = read_tiny_decoder(args.tiny_decoder, ldm, device) if args.tiny_decoder else None
     if args.lora:
         from ldmkit.interop.lora import apply_loras
 
@@ -212,7 +213,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             guidance_rescale=args.guidance_rescale, seed=None if args.seed < 0 else args.seed, batch_size=args.batch_size, progress=not args.quiet,
             negative_prompt=args.negative_prompt, model_name=Path(args.checkpoint).name,
             model_hash=(weights_sha256(args.checkpoint) or "")[:10] or None, control=control, networks=networks,
-            sampler_options=args.sampler_options, **spatial,
+            sampler_options=args.sampler_options, decoder=decoder, **spatial,
         )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
@@ -256,6 +257,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"LCM-LoRA adapter: {Path(args.out) / 'lora.safetensors'}; on the teacher: ldmkit sample --checkpoint "
               f"{cfg.teacher} --lora {Path(args.out) / 'lora.safetensors'} --sampler lcm --steps {cfg.sample_steps} "
               "--guidance 1")
+    return 0
+
+
+def cmd_distill_decoder(args: argparse.Namespace) -> int:
+    from ldmkit.train.config import load_config
+    from ldmkit.train.distill_decoder import DECODER_PRESETS, DecoderDistillConfig, distill_decoder
+
+    cfg = load_config(args.config, DecoderDistillConfig, DECODER_PRESETS, args.overrides)
+    if args.autoencoder:
+        cfg.autoencoder = args.autoencoder
+    if args.data is not None:
+        cfg.data.dataset = args.data
+    check_writable_dir(args.out)
+    folder = distill_decoder(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    meta = json.loads((folder / "config.json").read_text())["meta"]
+    v, t = meta["val"], meta["decode_time"]
+    print(f"tiny decoder saved to {folder}: held-out PSNR {v['psnr_decoder']:.2f} dB against the full decoder, "
+          f"{v['psnr_images']:.2f} dB against the images (full decoder: {v['full_psnr_images']:.2f} dB); decodes "
+          f"{t['images']} images in {1000 * t['tiny_seconds']:.1f} ms (full decoder: {1000 * t['full_seconds']:.1f} ms), "
+          f"trained in {meta['train_seconds']:.0f} s; use it with: ldmkit sample --tiny-decoder {args.out}")
     return 0
 
 
@@ -432,7 +453,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_server(args.checkpoint, host=args.host, port=args.port, auth=args.api_auth,
                insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, device=args.device,
                preview_every=args.preview_every, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-               precision=args.precision, backend=args.backend, backend_cache=args.backend_cache)
+               precision=args.precision, backend=args.backend, backend_cache=args.backend_cache,
+               tiny_decoder=args.tiny_decoder, tiny_final=args.tiny_final)
     return 0
 
 
@@ -513,6 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=cmd_distill)
 
+    from ldmkit.train.distill_decoder import DECODER_PRESETS
+
+    dd = sub.add_parser("distill-decoder", help="train a tiny decoder (TAESD's architecture) that reproduces a first "
+                        "stage's decoder, for fast previews and images (--tiny-decoder)")
+    _add_config_args(dd, list(DECODER_PRESETS))
+    dd.add_argument("--autoencoder", default=None, help="the first stage (folder from `ldmkit train-autoencoder`, or a "
+                    "diffusers VAE / pipeline); its decoder is reproduced")
+    dd.add_argument("--out", required=True, help="output folder (checkpoints, grids, log)")
+    dd.add_argument("--data", default=None, help="dataset name or image folder (default: the first stage's own)")
+    dd.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    dd.add_argument("--quiet", action="store_true", help="no progress bar")
+    dd.set_defaults(func=cmd_distill_decoder)
+
     s = sub.add_parser("sample", help="draw images from a diffusion checkpoint")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or training output folder")
     s.add_argument("--out", required=True, help="folder for 0000.png, 0001.png, ... and grid.png")
@@ -547,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fitting init image / mask / control maps of another size: 0 stretch, 1 crop and resize, 2 resize and fill")
     s.add_argument("--lora-dir", default=None, help="folder of LoRA files named in prompts as <lora:NAME:WEIGHT>")
     s.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings named in prompts")
+    s.add_argument("--tiny-decoder", default=None, metavar="DIR",
+                   help="decode the images with a tiny autoencoder: a diffusers AutoencoderTiny folder (TAESD) or a "
+                        "folder from `ldmkit distill-decoder` (faster, a little softer)")
     s.add_argument("--init-image", default=None, help="image for img2img / inpainting / super-resolution (fitted to the size by --resize-mode)")
     s.add_argument("--mask", default=None, help="inpainting mask image: white (1) = repaint, black = keep")
     s.add_argument("--strength", type=_number(float, 0, 1), default=1.0, help="img2img: 1 = ignore the init image's content, 0 = keep it")
@@ -597,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="textual-inversion embeddings (A1111 .pt/.safetensors, diffusers learned_embeds) that "
                          "prompts name; listed at GET /sdapi/v1/embeddings")
     _add_speed_args(sv)
+    sv.add_argument("--tiny-decoder", default=None, metavar="DIR",
+                    help="decode the live previews with a tiny autoencoder: a diffusers AutoencoderTiny folder (TAESD) "
+                         "or a folder from `ldmkit distill-decoder`")
+    sv.add_argument("--tiny-final", action="store_true",
+                    help="decode the final images with the --tiny-decoder too (default: the full first stage)")
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("study", help="answer the FAQ's design questions by experiment: first stage, U-Net, "

@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.generation import A1111_SAMPLERS, GenerationRequest, fit, generate, infotext
+from ldmkit.generation import A1111_SAMPLERS, GenerationRequest, fit, generate, infotext, tiny_decoder
 from ldmkit.imageio import make_dir, open_image, save_grid, save_png, to_rgb, to_uint8
 
-__all__ = ["A1111_SAMPLERS", "infotext", "read_image", "read_prompts_file", "sample_to_folder"]
+__all__ = ["A1111_SAMPLERS", "infotext", "read_image", "read_prompts_file", "read_tiny_decoder", "sample_to_folder"]
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -32,6 +32,17 @@ def read_prompts_file(path: str | Path) -> list[str]:
     if not prompts:
         raise LdmkitError(f"prompts file {path} has no prompts; write one prompt per line")
     return prompts
+
+
+def read_tiny_decoder(path: str | Path, model, device: torch.device | str = "cpu", flag: str = "--tiny-decoder"):
+    """The decoder `generate(decoder=…)` takes, from a tiny autoencoder folder: a diffusers `AutoencoderTiny`
+    folder (TAESD) or an ldmkit one (`ldmkit distill-decoder`), checked to decode `model`'s latents."""
+    import ldmkit
+
+    if not Path(path).exists():
+        raise LdmkitError(f"{flag} {path} does not exist; give a diffusers AutoencoderTiny folder or a folder from "
+                          "`ldmkit distill-decoder`")
+    return tiny_decoder(model, ldmkit.load(path, device=device), f"{flag} {path}")
 
 
 def read_image(path: str | Path, channels: int, size: int | tuple[int, int] | None, name: str, signed: bool,
@@ -74,12 +85,14 @@ def sample_to_folder(
     model_hash: str | None = None,
     control=None,
     networks=None,
+    decoder=None,
     **fields,
 ) -> list[Path]:
     """Sample and write PNGs, each with its generation parameters in an A1111-style `parameters` text
     chunk (`infotext`); returns the written paths (grid last). `fields`: the other GenerationRequest fields
     (height, width, init_image, mask, strength, resize_mode, control_image, control_scale, hires, loras…;
-    `sigmas` is read as `spacing`); `control` a ControlNet/adapter, `networks` a LoRA library for <lora:> tags.
+    `sigmas` is read as `spacing`); `control` a ControlNet/adapter, `networks` a LoRA library for <lora:> tags,
+    `decoder` latents → images instead of the model's first stage (`read_tiny_decoder`).
     Batches of `batch_size`, batch k seeded seed + k·batch_size (`GenerationRequest.batches`)."""
     classes = ldm.config.conditioner.num_classes
     bad = [lab for lab in labels or [] if not 0 <= lab < classes]
@@ -102,7 +115,7 @@ def sample_to_folder(
     request.check(ldm, control)  # before any folder is made
     out = make_dir(out)
     bar = tqdm(total=-(-total // request.batch_size) * steps, desc="sampling", disable=not progress, unit="step")
-    result = generate(ldm, request, lambda *_: bar.update(1), control=control, networks=networks)
+    result = generate(ldm, request, lambda *_: bar.update(1), control=control, networks=networks, decoder=decoder)
     bar.close()
     from PIL import Image
 

@@ -160,11 +160,13 @@ def _rows(x, first: int, end: int):
 
 @torch.no_grad()
 def generate(model, request: GenerationRequest, callback: Callable | None = None, *, control=None,
-             networks: Networks | None = None, decode: bool = True) -> Generated:
+             networks: Networks | None = None, decode: bool = True, decoder: Callable | None = None) -> Generated:
     """Images for `request` from `model` (a LatentDiffusion) and, optionally, a ControlNet / MultiControlNet /
     Adapter `control` and a LoRA library `networks` (needed when the request names LoRAs). `callback(i, t, x, x̂0)`
     is called after every sampler step (both passes of a hires fix) and may raise `Interrupted`.
-    decode=False skips decoding (latents only)."""
+    decode=False skips decoding (latents only); `decoder(z0)` → images in [-1, 1] decodes the final latents
+    instead of `model.decode` (a tiny decoder: `ldmkit.generation.decoders.tiny_decoder`; the hires pass's
+    bicubic upscale, which encodes its result again, keeps the full first stage)."""
     request.check(model, control)
     get_sampler(request.sampler)  # an unknown sampler is refused before any work
     n = request.count()
@@ -173,7 +175,7 @@ def generate(model, request: GenerationRequest, callback: Callable | None = None
     if loras and networks is None:
         raise LdmkitError(f"<lora:{loras[0][0]}> needs a LoRA library: give --lora-dir (Python: generate(networks=…))")
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32 - 1)  # A1111's range
-    run = _Run(model, request, control, n, texts)
+    run = _Run(model, request, control, n, texts, decoder or model.decode)
     applied = networks.applied(model, loras) if loras else contextlib.nullcontext({})
     images, latents, seeds, interrupted = [], [], [], False
     with applied as hashes:
@@ -211,8 +213,9 @@ def generate(model, request: GenerationRequest, callback: Callable | None = None
 class _Run:
     """One request's fixed inputs (per-image prompts, labels, fitted images) and its passes."""
 
-    def __init__(self, model, request: GenerationRequest, control, n: int, texts: list[str] | None):
-        self.model, self.req, self.control, self.n = model, request, control, n
+    def __init__(self, model, request: GenerationRequest, control, n: int, texts: list[str] | None,
+                 decoder: Callable[[torch.Tensor], torch.Tensor]):
+        self.model, self.req, self.control, self.n, self.decoder = model, request, control, n, decoder
         self.texts = texts
         self.prompts = request.per_image(request.prompt, n)
         self.negatives = request.per_image(request.negative_prompt, n)
@@ -388,7 +391,7 @@ class _Run:
 
     def finish(self, z0: torch.Tensor, first: int, end: int, size: tuple[int, int]) -> torch.Tensor:
         """Decoded images (B, 3, H, W); inpainting: the kept pixels pasted back."""
-        out = self.model.decode(z0)
+        out = self.decoder(z0)
         cc = self.model.config.concat
         if self.mask is not None and self.req.overlay and cc is not None and cc.takes_mask:
             # The decoder spreads every latent cell over ~f pixels and the cells that straddle the hole's

@@ -7,7 +7,7 @@ Formats, told apart by what is on disk (`detect_format`):
 | ------------------- | ------------------------------------------------------------ | ------------------------------ |
 | ldmkit              | folder with config.json holding "kind" (or a `latest` file)  | whatever the checkpoint holds  |
 | diffusers pipeline  | folder with model_index.json                                 | LatentDiffusion                |
-| diffusers model     | folder with config.json holding "_class_name"               | AutoencoderKL / UNet / ControlNet |
+| diffusers model     | folder with config.json holding "_class_name"               | AutoencoderKL / UNet / ControlNet / TinyAutoencoder (TAESD) |
 | original            | one .safetensors / .ckpt file (CompVis key names)            | LatentDiffusion / AutoencoderKL / UNet |
 
 Conversions are strict: every tensor must find its place and every place must be filled, so a

@@ -1,6 +1,6 @@
 """ldmkit ⇄ diffusers: single modules, model folders and whole Stable Diffusion pipeline folders.
 
-    from_diffusers(module)   diffusers AutoencoderKL / UNet2DConditionModel / ControlNetModel → ldmkit module
+    from_diffusers(module)   diffusers AutoencoderKL / UNet2DConditionModel / ControlNetModel / AutoencoderTiny → ldmkit module
     to_diffusers(module)     and back (same weights, copied)
     load_diffusers_model(folder) / save_diffusers_model(module, folder)           config.json + weights
     load_diffusers_pipeline(folder) / save_diffusers_pipeline(ldm, folder)       model_index.json + parts
@@ -50,6 +50,8 @@ from torch import nn
 from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.conditioning.conditioner import AESTHETIC_FIELDS, MICRO_DIM, MICRO_FIELDS
 from ldmkit.errors import LdmkitError
+from ldmkit.autoencoder.tiny import TinyAutoencoder
+from ldmkit.interop import diffusers_tiny
 from ldmkit.interop.diffusers_unet import config_from_diffusers, config_to_diffusers, unet_from_diffusers, unet_to_diffusers
 from ldmkit.unet import UNet, UNetConfig
 
@@ -222,9 +224,11 @@ def from_diffusers(module, **kwargs) -> nn.Module:
         return unet_from_diffusers(module, **kwargs)
     if type(module).__name__ == "ControlNetModel":
         return _controlnet_interop().controlnet_from_diffusers(module, **kwargs)
+    if type(module).__name__ == diffusers_tiny.CLASS_NAME:
+        return diffusers_tiny.tiny_from_diffusers(module)
     raise LdmkitError(
         f"cannot convert a {type(module).__name__}: from_diffusers takes an AutoencoderKL, a "
-        "UNet2DConditionModel or a ControlNetModel (whole pipelines: load_diffusers_pipeline(folder))"
+        "UNet2DConditionModel or a ControlNetModel (or an AutoencoderTiny; whole pipelines: load_diffusers_pipeline(folder))"
     )
 
 
@@ -235,6 +239,8 @@ def to_diffusers(module: nn.Module, **kwargs):
         return vae_to_diffusers(module, **kwargs)
     if isinstance(module, UNet):
         return unet_to_diffusers(module, **kwargs)
+    if isinstance(module, TinyAutoencoder):
+        return diffusers_tiny.tiny_to_diffusers(module)
     if type(module).__module__ in ("ldmkit.control.controlnet", "ldmkit.control.adapter"):
         return _controlnet_interop().controlnet_to_diffusers(module, **kwargs)
     if type(module).__name__ == "LatentDiffusion":
@@ -363,14 +369,18 @@ def load_diffusers_model(folder: str | Path, **kwargs) -> nn.Module:
     if not is_model_folder(folder):
         raise LdmkitError(f"{folder} is not a diffusers model folder (no config.json with a _class_name)")
     name = json.loads((folder / MODEL_CONFIG).read_text())["_class_name"]
+    if name == diffusers_tiny.CLASS_NAME:  # TAESD: read with safetensors alone, diffusers not needed
+        return diffusers_tiny.load_diffusers_tiny(folder)
     if name not in _MODEL_CLASSES:
-        raise LdmkitError(f"{folder} holds a diffusers {name}; ldmkit reads {', '.join(_MODEL_CLASSES)}")
+        raise LdmkitError(f"{folder} holds a diffusers {name}; ldmkit reads {', '.join(_MODEL_CLASSES)}, AutoencoderTiny")
     model = _from_pretrained(getattr(_diffusers(), name), folder)
     return from_diffusers(model, **kwargs).eval()
 
 
 def save_diffusers_model(module: nn.Module, folder: str | Path, **kwargs) -> Path:
-    """Write an ldmkit autoencoder / U-Net / ControlNet as a diffusers model folder."""
+    """Write an ldmkit autoencoder / U-Net / ControlNet / tiny autoencoder as a diffusers model folder."""
+    if isinstance(module, TinyAutoencoder):
+        return diffusers_tiny.save_diffusers_tiny(module, folder)
     model = to_diffusers(module, **kwargs)
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):

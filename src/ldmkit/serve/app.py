@@ -72,7 +72,8 @@ def page_html() -> str:
 
 def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = None, device: str = "cpu",
                preview_every: int = 5, store: ModelStore | None = None, lora_dir: str | None = None,
-               embeddings_dir: str | None = None, **speed):
+               embeddings_dir: str | None = None, tiny_decoder: str | None = None, tiny_final: bool = False,
+               **speed):
     """The ASGI app serving `checkpoints` (the first is loaded now; the others when a client switches).
     `lora_dir`: LoRA files by name (`<lora:name:w>` in prompts, GET /sdapi/v1/loras); `embeddings_dir`:
     textual-inversion embeddings by name (GET /sdapi/v1/embeddings). `speed`: precision, backend,
@@ -84,7 +85,8 @@ def create_app(checkpoints: list[str], queue_size: int = 8, auth: str | None = N
         raise LdmkitError("ldmkit serve needs FastAPI and uvicorn: pip install 'ldmkit[serve]'") from None
 
     credentials = parse_auth(auth)
-    store = store or ModelStore(checkpoints, device, lora_dir=lora_dir, embeddings_dir=embeddings_dir, **speed)
+    store = store or ModelStore(checkpoints, device, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                                tiny_decoder=tiny_decoder, tiny_final=tiny_final, **speed)
     worker = Worker(queue_size, preview_every)
 
     @contextlib.asynccontextmanager
@@ -264,7 +266,8 @@ def _version() -> str:
 
 def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
                insecure_no_auth: bool = False, queue_size: int = 8, device: str = "auto", preview_every: int = 5,
-               lora_dir: str | None = None, embeddings_dir: str | None = None, **speed) -> None:
+               lora_dir: str | None = None, embeddings_dir: str | None = None, tiny_decoder: str | None = None,
+               tiny_final: bool = False, **speed) -> None:
     """`ldmkit serve`: check the address, load the first model, serve until Ctrl-C. `speed`: precision,
     backend, backend_cache (`ModelStore`)."""
     from ldmkit.device import pick_device
@@ -274,6 +277,8 @@ def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860
     for path in checkpoints:  # every refusal that needs no model comes before the first is loaded
         if not Path(path).exists():
             raise LdmkitError(f"--checkpoint {path} does not exist")
+    if tiny_decoder is not None and not Path(tiny_decoder).exists():
+        raise LdmkitError(f"--tiny-decoder {tiny_decoder} does not exist")
     for flag, folder in (("--lora-dir", lora_dir), ("--embeddings-dir", embeddings_dir)):
         if folder is not None and not Path(folder).is_dir():
             raise LdmkitError(f"{flag} {folder} is not a folder")
@@ -283,7 +288,8 @@ def run_server(checkpoints: list[str], host: str = "127.0.0.1", port: int = 7860
         raise LdmkitError("ldmkit serve needs FastAPI and uvicorn: pip install 'ldmkit[serve]'") from None
     check_port(host, port)
     app = create_app(checkpoints, queue_size=queue_size, auth=auth, device=str(pick_device(device, "--device")),
-                     preview_every=preview_every, lora_dir=lora_dir, embeddings_dir=embeddings_dir, **speed)
+                     preview_every=preview_every, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                     tiny_decoder=tiny_decoder, tiny_final=tiny_final, **speed)
     shown = f"[{host}]" if ":" in host else host
     print(f"ldmkit serve: http://{shown}:{port}/ (API: /sdapi/v1, docs: /docs); "
           f"model {app.state.store.current.title}; Ctrl-C stops", flush=True)

@@ -3,7 +3,8 @@
 The request becomes a `GenerationRequest` and runs through `ldmkit.generation.generate`, as `ldmkit sample`
 does: one generator per batch seeded with seed + k·batch_size, so the same request gives the same images,
 and every PNG carries its `parameters` chunk. The sampler's callback reports each step to the worker
-(progress, the preview: the current estimate x̂0 decoded, every few steps) and raises there after
+(progress, the preview: the current estimate x̂0 decoded, every few steps, by the tiny decoder when the
+server has one) and raises there after
 POST /interrupt; an interrupted batch returns its last x̂0 decoded, as the A1111 web UI returns what it has.
 """
 
@@ -59,16 +60,19 @@ def run_generation(gen: Generation, store, worker: Worker) -> dict:
         request.init_image = request.init_image.to(next(ldm.unet.parameters()).device)
     per_batch = max(1, gen.steps_per_batch)
     done = [0]
+    tiny = getattr(loaded, "tiny", None)  # `--tiny-decoder`: every preview, and the results with --tiny-final
+    preview_decode = tiny or ldm.decode
 
     def callback(i, t, x, x0):
         done[0] += 1
         k = (done[0] - 1) // per_batch
-        worker.step(done[0], preview=lambda: _b64_png(make_grid(ldm.decode(x0).float().cpu())),
+        worker.step(done[0], preview=lambda: _b64_png(make_grid(preview_decode(x0).float().cpu())),
                     text=f"batch {min(k + 1, gen.n_iter)}/{gen.n_iter}, step {i + 1}/{per_batch}")
 
     with store.autocast():
         out = generate(ldm, request, callback, control=loaded.control if gen.control_image is not None else None,
-                       networks=getattr(loaded, "networks", None) or getattr(store, "networks", None))
+                       networks=getattr(loaded, "networks", None) or getattr(store, "networks", None),
+                       decoder=tiny if getattr(store, "tiny_final", False) else None)
     return _response(gen, request, list(out.images), out.seeds, out.parameters, out.interrupted)
 
 

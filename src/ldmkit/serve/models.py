@@ -26,6 +26,7 @@ class Loaded:
     ldm: object
     control: object | None
     sha256: str | None
+    tiny: object | None = None  # the server's tiny decoder for this model (`generation.tiny_decoder`), or None
 
     @property
     def size(self) -> int:
@@ -103,12 +104,14 @@ class ModelStore:
     """The server's checkpoints. `current` is the one new requests are checked against and run with; only
     the worker thread loads (`get`), so loading never races a generation. `networks`: the LoRA library
     (`--lora-dir`, `<lora:name:w>` in prompts) or None; `embeddings`: the textual-inversion library
-    (`--embeddings-dir`) or None. `precision` (autocast, `auto`: `device.resolve_precision`), `backend` and
-    `backend_cache`: as `ldmkit sample` takes them (`generation.openvino.with_backend`)."""
+    (`--embeddings-dir`) or None; `tiny`: the tiny autoencoder of `--tiny-decoder` (checked against each model as it
+    loads) for live previews, and for the final images too when `tiny_final`. `precision` (autocast, `auto`:
+    `device.resolve_precision`), `backend` and `backend_cache`: as `ldmkit sample` takes them
+    (`generation.openvino.with_backend`)."""
 
     def __init__(self, paths: list[str], device: torch.device | str = "cpu", lora_dir: str | None = None,
-                 embeddings_dir: str | None = None, precision: str = "auto", backend: str = "torch",
-                 backend_cache: str | None = None):
+                 embeddings_dir: str | None = None, tiny_decoder: str | None = None, tiny_final: bool = False,
+                 precision: str = "auto", backend: str = "torch", backend_cache: str | None = None):
         if not paths:
             raise LdmkitError("give at least one --checkpoint")
         for p in paths:
@@ -126,6 +129,15 @@ class ModelStore:
             from ldmkit.conditioning.embeddings import EmbeddingLibrary  # another branch's module: imported only when asked
 
             self.embeddings = EmbeddingLibrary(embeddings_dir)
+        self.tiny, self.tiny_path, self.tiny_final = None, tiny_decoder, tiny_final
+        if tiny_decoder is not None:
+            import ldmkit
+
+            if not Path(tiny_decoder).exists():
+                raise LdmkitError(f"--tiny-decoder {tiny_decoder} does not exist")
+            self.tiny = ldmkit.load(tiny_decoder, device=self.device).requires_grad_(False)
+        elif tiny_final:
+            raise LdmkitError("--tiny-final decodes the results with the tiny decoder: give it with --tiny-decoder DIR")
         self.entries = [Entry(p, t) for p, t in zip(paths, _titles(paths))]
         self.current = self.entries[0]
         self._lock = threading.Lock()
@@ -160,6 +172,10 @@ class ModelStore:
 
                     loaded.ldm = with_backend(loaded.ldm, self.backend, self.precision, self.backend_cache, **{
                         "--lora-dir": self.networks, "--embeddings-dir": self.embeddings, "a ControlNet": loaded.control})
+                if self.tiny is not None:  # refused here, for this model, when its latents do not fit
+                    from ldmkit.generation import tiny_decoder
+
+                    loaded.tiny = tiny_decoder(loaded.ldm, self.tiny, f"--tiny-decoder {self.tiny_path}")
                 entry.loaded = loaded
                 entry.sha256, entry.caps = loaded.sha256, loaded.capabilities()
                 entry.sampling = sampling_defaults_any(entry.path)
