@@ -12,7 +12,8 @@ only); ldmkit `--backend openvino`; optimum-intel's `OVStableDiffusionPipeline` 
 alone: its FLOPs per step (torch.utils.flop_counter), seconds per call in fp32 / bf16 / OpenVINO, the achieved
 GFLOP/s and its ratio to a bf16 matmul peak measured in the same run (a 4096² torch.mm). Then whole processes:
 `ldmkit sample` against a diffusers script doing the same, the second run of each timed (loading included).
-Then 25-step DPM++ with guidance 7.5 (batch 2 through the U-Net).
+Then 25-step DPM++ with guidance 7.5 (batch 2 through the U-Net). The "TAESD decoder" rows decode with a
+random-weight `AutoencoderTiny` of TAESD's architecture (saved in the folder as `taesd/`): time, not quality.
 
     python benchmarks/cpu_speed.py                 # the full run (SD 1.5 size; about 10 min on 2 cores)
     python benchmarks/cpu_speed.py --quick         # smoke size: a quarter-width model at 128x128
@@ -76,6 +77,10 @@ def build_folder(folder: Path, quick: bool) -> Path:
                                              scheduler=sched, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
+    # TAESD's architecture (diffusers' AutoencoderTiny defaults: widths 64, 3 blocks a level) with random weights:
+    # the tiny decoder FastSD CPU pairs with LCM; its time does not depend on the weights
+    diffusers.AutoencoderTiny(**({"decoder_block_out_channels": (16, 16, 16, 16), "encoder_block_out_channels": (16, 16, 16, 16)}
+                                 if quick else {})).save_pretrained(str(folder / "taesd"))
     return folder
 
 
@@ -108,7 +113,11 @@ def row(kind: str, folder: str, size: int, steps: int, guidance: float, sampler:
         from ldmkit.generation import GenerationRequest, generate
         from ldmkit.generation.openvino import with_backend
 
+        from ldmkit.sample import read_tiny_decoder
+
+        kind, tiny = kind.removesuffix("+taesd"), kind.endswith("+taesd")
         ldm = ldmkit.load(folder)
+        decoder = read_tiny_decoder(Path(folder) / "taesd", ldm) if tiny else None
         precision = "fp32" if kind == "ldmkit-fp32" else "auto"
         ldm = with_backend(ldm, "openvino" if kind == "openvino" else "torch", precision, cache)
         amp = autocast(precision if kind != "openvino" else "fp32", "cpu")
@@ -116,7 +125,7 @@ def row(kind: str, folder: str, size: int, steps: int, guidance: float, sampler:
         def run():
             with amp:
                 return generate(ldm, GenerationRequest(prompt=[PROMPT], steps=steps, sampler=sampler, guidance=guidance,
-                                                       height=size, width=size, seed=0))
+                                                       height=size, width=size, seed=0), decoder=decoder)
     t0 = time.perf_counter()
     run()  # warm-up (OpenVINO: compiles this shape)
     first = time.perf_counter() - t0
@@ -221,7 +230,9 @@ def main() -> None:
 
     rows, base = [], None
     for kind, label in (("diffusers", "diffusers fp32"), ("ldmkit-fp32", "ldmkit fp32"), ("ldmkit-auto", "ldmkit auto (bf16 where native)"),
-                        ("openvino", "ldmkit --backend openvino"), ("optimum", "optimum-intel OVStableDiffusionPipeline")):
+                        ("openvino", "ldmkit --backend openvino"), ("ldmkit-auto+taesd", "ldmkit auto, TAESD decoder"),
+                        ("openvino+taesd", "ldmkit --backend openvino, TAESD decoder"),
+                        ("optimum", "optimum-intel OVStableDiffusionPipeline")):
         r = child(args, kind)
         if "unavailable" in r:
             rows.append([label, "unavailable", "", "", r["unavailable"]])
@@ -250,7 +261,9 @@ def main() -> None:
                "--device", "cpu", "--quiet", "--out", str(out)]
     d = whole(py)
     wrows = [["diffusers script (fp32)", f"{d:.1f}", "1.00x"]]
-    for label, extra in (("ldmkit sample (auto)", []), ("ldmkit sample --backend openvino", ["--backend", "openvino", "--backend-cache", str(args.cache)])):
+    ov = ["--backend", "openvino", "--backend-cache", str(args.cache)]
+    for label, extra in (("ldmkit sample (auto)", []), ("ldmkit sample --backend openvino", ov),
+                         ("ldmkit sample --backend openvino --tiny-decoder (TAESD)", ov + ["--tiny-decoder", str(args.folder / "taesd")])):
         s = whole(ldm_cmd + extra)
         wrows.append([label, f"{s:.1f}", f"{d / s:.2f}x"])
     print("\n## Whole processes, second run, loading included\n")

@@ -103,7 +103,9 @@ class Denoiser:
         t = torch.as_tensor(t, dtype=torch.int64, device=z_t.device)
         t = t.repeat(z_t.shape[0]) if t.ndim == 0 else t  # (B,)
         alpha, sigma = _levels(self.schedule, t, z_t, alpha_bar)
-        pred = self.model_fn(z_t, t)  # (B, …) raw network output
+        # (B, …) raw network output, in the latents' dtype: under bf16 autocast the network answers in bf16,
+        # and the sampler's arithmetic (and every blend of it with float32 state) stays in float32
+        pred = self.model_fn(z_t, t).to(z_t.dtype)
         return to_x0_eps(self.prediction_type, pred, z_t, alpha, sigma)
 
 
