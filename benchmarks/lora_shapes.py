@@ -10,7 +10,8 @@ model, whose first stage and U-Net never saw the new words. Also the first stage
 of held-out new-word images: the ceiling any U-Net can reach with that decoder (the demo's decodes
 white as orange-red and a diamond as a teardrop, which is why shapes-lora fine-tunes the decoder first).
 
-Prints one JSON object and writes RUN/judged.json and RUN/judged.png.
+Each score has the strict shape rate beside the class ones (`shape_strict`, `all_strict`: the shape also drawn
+right, docs/shape-judge.md). Prints one JSON object and writes RUN/judged.json and RUN/judged.png.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def first_stage_ceiling(ae, seed: int = 5, n: int = 448) -> dict:
     x = torch.stack([it["image"] for it in keep])
     with torch.no_grad():
         y = ae.decode(ae.encode(x).mean).clamp(-1, 1)
-    return score_captions(y, [it["text"] for it in keep], "extended")
+    return score_captions(y, [it["text"] for it in keep], "extended", strict=True)
 
 
 def judge(ldm, seeds: int, grid: Path | None = None) -> dict:
@@ -49,7 +50,7 @@ def judge(ldm, seeds: int, grid: Path | None = None) -> dict:
     every = caps * seeds
     if grid is not None:
         save_grid(images[: len(caps)], grid, nrow=16, upscale=2)
-    return {key: score_captions(images[keep], [c for c, k in zip(every, keep) if k], "extended")
+    return {key: score_captions(images[keep], [c for c, k in zip(every, keep) if k], "extended", strict=True)
             for key, keep in (("new_words", new), ("original_72", ~new))}
 
 

@@ -99,11 +99,18 @@ def test_pipeline_pools_a_pixel_mask_to_the_latent_grid_and_masked_cells_do_not_
     plain = ldm.loss(z0, generator=torch.Generator().manual_seed(1))
     ones = ldm.loss(z0, generator=torch.Generator().manual_seed(1), loss_mask=torch.ones(2, 1, 16, 16))
     assert torch.equal(plain, ones)
-    # a cell half covered weighs half: area average, not nearest
-    half = torch.zeros(1, 1, 16, 16)
-    half[..., :2] = 1
-    pooled = torch.nn.functional.interpolate(half, size=(4, 4), mode="area")
-    assert torch.equal(pooled[0, 0, :, 0], torch.full((4,), 0.5)) and pooled[0, 0, :, 1:].sum() == 0
+    # a cell half covered weighs half (the mean of its 4x4 pixels): pixels 8-9 of cell 2 are unmasked, so cell 2
+    # weighs 0.5 and still trains, cells 0-1 get no gradient
+    from ldmkit.pipeline import latent_loss_mask
+
+    rim = torch.ones(2, 1, 16, 16)
+    rim[..., :10] = 0
+    pooled = latent_loss_mask(rim, (4, 4))
+    assert torch.equal(pooled[..., 2], torch.full((2, 1, 4), 0.5)) and torch.equal(pooled[..., 3], torch.ones(2, 1, 4))
+    outs.clear()
+    ldm.loss(z0, generator=torch.Generator().manual_seed(1), unet=unet, loss_mask=rim).backward()
+    grad = outs[-1].grad
+    assert torch.equal(grad[..., :2], torch.zeros(2, 4, 4, 2)) and (grad[..., 2:] != 0).all()
 
 
 @pytest.mark.slow

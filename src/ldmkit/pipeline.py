@@ -40,6 +40,16 @@ from ldmkit.unet import UNet, UNetConfig
 __all__ = ["ConcatConfig", "DiffusionConfig", "LatentDiffusion", "LatentDiffusionConfig"]
 
 
+def latent_loss_mask(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """A pixel loss mask (B, 1, H, W) in [0, 1] → the latent grid (B, 1, h, w): the mean over each cell's f x f
+    block of pixels (the image's side is f times the latent's), as kohya's sd-scripts weigh their masked loss.
+    The min over the block (a cell that covers any unmasked pixel does not train) was measured no better with
+    noise outside the mask (benchmarks/masked_loss.py; docs/finetune.md): the encoder mixes pixels beyond a
+    cell's own block into it, so no pooling keeps what lies near the mask out of the latents that train."""
+    mask = mask.float()
+    return mask if mask.shape[-2:] == tuple(size) else F.interpolate(mask, size=tuple(size), mode="area")
+
+
 class LatentDiffusionConfig(BaseModel):
     """Everything needed to rebuild a LatentDiffusion: saved in its checkpoint."""
 
@@ -195,8 +205,8 @@ class LatentDiffusion(nn.Module):
     ) -> torch.Tensor:
         """Denoising loss on normalised latents z0 (B, c, h, w), conditions dropped per route.
         `loss_mask` (B, 1, H, W) in [0, 1] at pixel (or latent) resolution weights the loss (`data.mask`): it
-        is area-averaged to the latent grid, each latent cell weighted by the share of its pixels that train
-        (`DiffusionObjective`: cells at 0 get no gradient, a mask of ones is the plain loss).
+        is area-averaged to the latent grid (`latent_loss_mask`), each latent cell weighted by the share of its
+        pixels that train (`DiffusionObjective`: cells at 0 get no gradient, a mask of ones is the plain loss).
         `size_crop` (B, 6) are the micro-conditions of a model that has them (default: uncropped, own size).
         `images` (B, 3, H, W) in [-1, 1] (and the dataset's `masks` (B, 1, H, W), optional) feed the
         concatenation route; its random masks and dropout come from `generator` too (a BatchRandom
@@ -220,9 +230,6 @@ class LatentDiffusion(nn.Module):
             images = images.to(latents.device) if images is not None else None
             cond.concat = self.concat_condition(images, masks, train=True, generator=generator,
                                                 labels=labels).to(latents.device)
-        if loss_mask is not None and loss_mask.shape[-2:] != latents.shape[-2:]:
-            # area average: an f x f block of pixels per cell, the image's side f times the latent's
-            loss_mask = F.interpolate(loss_mask.float(), size=latents.shape[-2:], mode="area")  # (B, 1, h, w)
         if loss_mask is not None:
-            loss_mask = loss_mask.to(latents.device)
+            loss_mask = latent_loss_mask(loss_mask, latents.shape[-2:]).to(latents.device)
         return self.objective(lambda z, t: unet(z, t, cond), latents, generator, loss_mask=loss_mask)

@@ -33,6 +33,7 @@ from ldmkit.diffusion.schedules import q_sample
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluate.attributes import check_attributes, score_captions, shape_fidelity
 from ldmkit.generation import GenerationRequest, generate
+from ldmkit.pipeline import latent_loss_mask
 from ldmkit.imageio import save_grid
 
 HELDOUT_T = (50, 200, 400, 600, 800, 950)  # timesteps of the held-out error, spread over the 1000-step range
@@ -150,8 +151,8 @@ def heldout_error(ldm, data, seed: int = 0, batch_size: int = 32, timesteps=HELD
         images = batch["image"].to(device)
         z0 = ldm.encode_mean(images).float()
         weight = None
-        if "loss_mask" in batch:  # (b, 1, H, W) -> (b, 1, h, w): the share of each latent cell's pixels that trained
-            weight = torch.nn.functional.interpolate(batch["loss_mask"].float(), size=z0.shape[-2:], mode="area")
+        if "loss_mask" in batch:  # (b, 1, H, W) -> (b, 1, h, w), as the training loss weighs its cells
+            weight = latent_loss_mask(batch["loss_mask"], z0.shape[-2:])
             weight = weight.to(device).expand_as(z0)  # (b, c, h, w)
         # the evaluation images are whole and at the model's size
         size_crop = ldm.conditioner.default_size_crop(len(idx), images.shape[2], images.shape[3])
