@@ -10,9 +10,11 @@ transparency composited onto white (a cut-out is meant to be seen on a page; on 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -181,6 +183,23 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staging_dir(folder: str | Path):
+    """A temporary sibling folder that is renamed to `folder` (absent or empty) if the block succeeds, and
+    removed if it fails: a reader (or a crash) never finds half a model folder at `folder`."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        yield tmp
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

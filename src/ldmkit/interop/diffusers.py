@@ -36,10 +36,7 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +48,7 @@ from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.conditioning.conditioner import AESTHETIC_FIELDS, MICRO_DIM, MICRO_FIELDS
 from ldmkit.errors import LdmkitError
 from ldmkit.autoencoder.tiny import TinyAutoencoder
+from ldmkit.imageio import staging_dir
 from ldmkit.interop import diffusers_tiny
 from ldmkit.interop.diffusers_unet import config_from_diffusers, config_to_diffusers, unet_from_diffusers, unet_to_diffusers
 from ldmkit.unet import UNet, UNetConfig
@@ -385,24 +383,9 @@ def save_diffusers_model(module: nn.Module, folder: str | Path, **kwargs) -> Pat
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise LdmkitError(f"{folder} exists and is not empty; remove it or choose another output folder")
-    with _staging(folder) as tmp:
+    with staging_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
     return folder
-
-
-@contextlib.contextmanager
-def _staging(folder: Path):
-    """A temporary sibling folder that is renamed to `folder` (absent or empty) if the block succeeds."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        yield tmp
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_json(path: Path) -> dict:
@@ -667,7 +650,7 @@ def save_diffusers_pipeline(ldm: LatentDiffusion, folder: str | Path, sampling: 
                   "force_zeros_for_empty_prompt": cfg.conditioner.zero_uncond,
                   "feature_extractor": [None, None], "image_encoder": [None, None]}
         index = dict(sorted(index.items(), key=lambda kv: (kv[0] == LDMKIT_KEY, kv[0])))
-    with _staging(folder) as tmp:
+    with staging_dir(folder) as tmp:
         if sdxl is not None:
             for name, part in sdxl.items():
                 part.save_pretrained(str(tmp / name), **({} if "tokenizer" in name else {"safe_serialization": True}))

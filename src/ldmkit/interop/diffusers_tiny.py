@@ -19,9 +19,6 @@ diffusers' blocks have `skip` only where widths differ, which TAESD never has.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from typing import Any
 import torch
 
 from ldmkit.autoencoder.tiny import TinyAutoencoder, TinyAutoencoderConfig
+from ldmkit.imageio import staging_dir
 from ldmkit.errors import LdmkitError
 
 CLASS_NAME = "AutoencoderTiny"
@@ -184,16 +182,8 @@ def save_diffusers_tiny(tiny: TinyAutoencoder, folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise LdmkitError(f"{folder} exists and is not empty; remove it or choose another output folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with staging_dir(folder) as tmp:
         sd = tiny.state_dict()
         save_file({t: sd[o].detach().cpu().contiguous() for o, t in key_map(tiny.config).items()}, str(tmp / WEIGHTS_NAME))
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
