@@ -133,3 +133,15 @@ def _plain(file: dict, tmp_path):
 
     save_file(file, str(tmp_path / "plain.safetensors"))
     return tmp_path / "plain.safetensors"
+
+
+def test_fine_tuning_a_refiner_is_refused_in_one_line(refiner_folder):
+    """Training builds the base model's six size/crop values; the refiner takes five (with the aesthetic score):
+    `train --init-from` a refiner stops before anything is built, naming what to fine-tune instead."""
+    from ldmkit.train.config import ldm_tiny
+    from ldmkit.train.finetune import load_init_model
+
+    cfg = ldm_tiny()
+    cfg.finetune.init_from = str(refiner_folder)
+    with pytest.raises(LdmkitError, match="is an SDXL refiner .* fine-tune the SDXL base model instead"):
+        load_init_model(cfg)

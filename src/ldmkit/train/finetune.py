@@ -71,6 +71,9 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
         raise LdmkitError(f"--init-from {path} holds a {type(src).__name__}, not a diffusion model; give an "
                           "`ldmkit train` run, a diffusers pipeline folder or a Stable Diffusion single file")
     mc = src.config
+    if mc.conditioner.aesthetic_score:  # the training loss builds SDXL base's six size/crop values, not five
+        raise LdmkitError(f"--init-from {path} is an SDXL refiner (aesthetic-score conditioning), which ldmkit samples "
+                          "and converts but does not fine-tune; fine-tune the SDXL base model instead")
     if cfg.concat is not None and cfg.concat != mc.concat:
         raise LdmkitError(f"the config's concat route ({cfg.concat.kind}) is not the one {path} was trained with "
                           f"({mc.concat.kind if mc.concat else 'none'}); fine-tuning keeps the model's inputs")
