@@ -263,7 +263,8 @@ def test_heldout_error_of_a_zero_predictor_is_one_and_ignores_the_condition(zero
 
 def test_first_stage_stays_float32_under_float16_autocast():
     """SD's VAE overflows float16 (diffusers' force_upcast): under fp16 autocast the autoencoder runs
-    in its float32 weights; bf16 autocast (float32's range) is left alone."""
+    in its float32 weights. On a CPU bf16 autocast (`--precision auto`) leaves it float32 too: there bf16 gained
+    ~5 % for pixel errors up to 0.09 (docs/benchmarks.md); on a GPU bf16 reaches it (not testable here)."""
     ldm = make_ldm(text=False)
     z = torch.randn(1, *ldm.latent_shape)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -272,5 +273,5 @@ def test_first_stage_stays_float32_under_float16_autocast():
         img, zz = ldm.decode(z), ldm.encode_mean(x)
     assert img.dtype == torch.float32 and torch.equal(img, ref_img) and torch.equal(zz, ref_z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = ldm.decode(z)
-    assert low.dtype == torch.bfloat16  # bf16 autocast does reach the decoder
+        low, low_z = ldm.decode(z), ldm.encode_mean(x)
+    assert low.dtype == torch.float32 and torch.equal(low, ref_img) and torch.equal(low_z, ref_z)
