@@ -515,7 +515,8 @@ def test_sample_micro_option_is_the_request_field(sdxl_folder, tmp_path, capsys)
     from ldmkit.interop.diffusers import load_diffusers_pipeline
 
     args = ["sample", "--checkpoint", str(sdxl_folder), "--prompt", "a cat", "--steps", "2", "--guidance", "5",
-            "--sampler", "euler", "--width", "24", "--height", "16", "--quiet", "--out", str(tmp_path / "o")]
+            "--sampler", "euler", "--width", "24", "--height", "16", "--precision", "fp32", "--quiet",
+            "--out", str(tmp_path / "o")]  # fp32: compared with generate() outside autocast
     assert main(args + ["--micro", "negative_original_size=8x12", "--micro", "crops_coords_top_left=2x4"]) == 0
     got = np.asarray(Image.open(tmp_path / "o" / "0000.png"))
     want = generate(load_diffusers_pipeline(sdxl_folder), GenerationRequest(
