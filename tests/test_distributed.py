@@ -1,6 +1,7 @@
 """Training under torchrun: N processes reproduce 1 process with the same global batch, ranks stay in
 sync, gradient accumulation equals the whole batch, and a run resumes on another number of processes."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -40,6 +41,18 @@ def _torchrun(nproc, args):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The single-process side at torchrun's thread count (`_torchrun` sets OMP_NUM_THREADS=1): a bit-for-bit
+    comparison needs the same float reductions, and more intra-op threads split them differently."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _weights(out, name="model.safetensors"):

@@ -175,7 +175,7 @@ def test_text_encoder_training_under_torchrun_equals_one_process(train, sd_folde
     its adapter), the logged loss; the replicas stay equal (without the encoder's average they drift apart)."""
     import json
 
-    from test_distributed import _assert_close, _torchrun
+    from test_distributed import _assert_close, _one_thread, _torchrun
 
     args = ["train", "--config", "tiny", "--init-from", str(sd_folder), "--quiet", "--set", "optim.steps=3",
             "--set", "optim.lr=0.001", "--set", "optim.warmup_steps=0", "--set", "optim.schedule=constant",
@@ -183,7 +183,8 @@ def test_text_encoder_training_under_torchrun_equals_one_process(train, sd_folde
     for s in train:
         args += ["--set", s]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--set", "optim.grad_accum=2", "--out", str(one)]) == 0
+    with _one_thread():
+        assert main([*args, "--set", "optim.grad_accum=2", "--out", str(one)]) == 0
     _torchrun(2, [*args, "--out", str(two)])
     (text1, unet1), (text2, unet2) = _live_text_and_unet(one), _live_text_and_unet(two)
     _assert_close(text1, text2, atol=0)

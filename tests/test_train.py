@@ -170,7 +170,7 @@ def test_diffusion_training_resume_and_sample(trained_ae, tmp_path, capsys):
     from PIL import Image
 
     one = ["sample", "--checkpoint", str(ref), "--prompt", "a red circle in the top left", "--label", "0",
-           "--steps", "2", "--quiet", "--device", "cpu"]
+           "--steps", "2", "--precision", "fp32", "--quiet", "--device", "cpu"]  # fp32 unless a test sets it
     for prec in ("fp32", "bf16"):
         rc, _, err = run_cli([*one, "--out", str(tmp_path / prec), "--precision", prec], capsys)
         assert rc == 0, err
