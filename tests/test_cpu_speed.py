@@ -112,3 +112,30 @@ def test_sample_cli_with_openvino_and_its_refusals(sd_folder, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "x"), "--backend", "openvino", *cache, "--lora-dir", str(tmp_path / "loras")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--backend openvino cannot take --lora-dir" in err[0]
+
+
+_SIGNAL_AFTER_A_FOREIGN_FREE = """
+import gc, os, signal, sys, threading
+import ldmkit
+from ldmkit.generation import GenerationRequest, generate
+from ldmkit.generation.openvino import openvino_model
+box = [openvino_model(ldmkit.load(sys.argv[1]), sys.argv[2], precision="bf16")]
+generate(box[0], GenerationRequest(prompt="a cat", steps=1, seed=0, height=32, width=32))
+# the compiled parts freed in another thread (as a garbage collection in a server thread does), then a signal
+t = threading.Thread(target=lambda: (box.clear(), gc.collect()))
+t.start(); t.join()
+signal.signal(signal.SIGUSR1, lambda *a: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive", flush=True)
+"""
+
+
+def test_openvino_leaves_the_threads_signal_stack_so_a_later_signal_is_handled(sd_folder, tmp_path):
+    """OpenVINO's CPU plugin swaps in an alternate signal stack of its own on the compiling thread and frees it
+    with the plugin; freed from another thread, the next signal segfaulted the process (the full test suite
+    died so at a DataLoader worker's SIGCHLD). The backend keeps each thread's own stack."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_A_FOREIGN_FREE, str(sd_folder), str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == ["handled", "alive"], (res.returncode, res.stderr[-1500:])

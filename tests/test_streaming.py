@@ -6,8 +6,6 @@ included), and streams must show each item once per epoch across processes and w
 import io
 import json
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -74,15 +72,10 @@ def _rewind(out: Path, step: int):
 def _resumed_equals_whole(args, tmp_path):
     """Train `args` whole; copy the run, rewind it to its step-3 checkpoint (a kill), resume: same weights."""
     whole, part = tmp_path / "whole", tmp_path / "part"
-    # each run in a fresh process: its 2 DataLoader workers fork from a process without the threads earlier tests
-    # leave in pytest's (servers, OpenVINO's pool), after which a forked start once segfaulted the whole suite
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ldmkit.cli", *a], capture_output=True, text=True)  # noqa: E731
-    res = run(*args, "--out", str(whole))
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert main([*args, "--out", str(whole)]) == 0
     shutil.copytree(whole, part)
     _rewind(part, 3)
-    res = run(*args, "--out", str(part), "--resume")
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert main([*args, "--out", str(part), "--resume"]) == 0
     assert _equal(_weights(whole), _weights(part))
     return whole
 

@@ -23,9 +23,12 @@ transformer runs f32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,6 +74,35 @@ def _openvino():
     return openvino
 
 
+class _StackT(ctypes.Structure):  # stack_t of sigaltstack(2) on Linux
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _own_signal_stack():
+    """Keep the calling thread's alternate signal stack across an OpenVINO call.
+
+    OpenVINO 2026.4's CPU plugin installs its own alternate signal stack (about 20 KB) on the thread that
+    compiles a model and frees it with the plugin; freed from another thread (a garbage collection that
+    happens to run in a server thread), the compiling thread is left with a dangling stack, and the next
+    signal delivered to it (a DataLoader worker's SIGCHLD, Ctrl-C) kills the process with SIGSEGV (si_code
+    SI_KERNEL: the kernel cannot build the signal frame), before any Python handler or faulthandler can run.
+    Restoring the thread's own stack after each call leaves OpenVINO's unused."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = _StackT()
+    if libc.sigaltstack(None, ctypes.byref(old)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        if not old.ss_flags & 1:  # SS_ONSTACK (called from a signal handler on that stack): leave it alone
+            libc.sigaltstack(ctypes.byref(old), None)
+
+
 class _Part(nn.Module):
     """A converted part: the IR on disk, compiled per input shape. Holds one empty parameter so code that
     asks a part for its device and dtype (`next(net.parameters())`) reads CPU float32."""
@@ -96,13 +128,15 @@ class _Part(nn.Module):
     def _compile(self, arrays, hint: str):
         model = self.core.read_model(str(self.xml))
         model.reshape({k: list(a.shape) for k, a in enumerate(arrays)})
-        compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        with _own_signal_stack():
+            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
         self._compiled[tuple(a.shape for a in arrays)] = compiled
         return compiled
 
     @staticmethod
     def _outputs(compiled, arrays) -> list[torch.Tensor]:
-        out = compiled(arrays)
+        with _own_signal_stack():
+            out = compiled(arrays)
         return [torch.from_numpy(out[k].copy()) for k in range(len(compiled.outputs))]
 
 
