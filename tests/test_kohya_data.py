@@ -130,7 +130,7 @@ def test_repeats_and_tags_in_memory_and_lazy_agree(kohya):
     lazy.close()
 
 
-def test_alpha_mask_keeps_the_pixels_on_white(tmp_path):
+def test_alpha_mask_fills_the_transparent_pixels_from_the_opaque_ones(tmp_path):
     alpha = np.zeros((16, 16), np.uint8)
     alpha[:, :8] = 255  # left half opaque
     _png(tmp_path / "f" / "a.png", value=(200, 0, 0), alpha=alpha)
@@ -138,10 +138,30 @@ def test_alpha_mask_keeps_the_pixels_on_white(tmp_path):
     ds = ImageFolderDataset(str(tmp_path / "f"), size=16, split="all", mask="alpha")
     a, b = ds.load(0), ds.load(1)
     assert torch.equal(a["loss_mask"][0, :, :8], torch.ones(16, 8)) and torch.equal(a["loss_mask"][0, :, 8:], torch.zeros(16, 8))
-    assert torch.equal(a["image"][:, :, 12], torch.ones(3, 16))  # transparent pixels: white, as before
+    # the pixels the loss leaves out take the nearest kept pixel's value, so none of their own reaches the encoder
+    assert torch.equal(a["image"][:, :, 8:], a["image"][:, :, 7:8].expand(3, 16, 8))
+    assert torch.allclose(a["image"][:, 0, 0], torch.tensor([200 / 127.5 - 1, -1.0, -1.0]))
     assert torch.equal(b["loss_mask"], torch.ones(1, 16, 16))
     plain = ImageFolderDataset(str(tmp_path / "f"), size=16, split="all")
-    assert "loss_mask" not in plain.load(0) and torch.equal(plain.load(0)["image"], a["image"])
+    assert "loss_mask" not in plain.load(0) and torch.equal(plain.load(0)["image"][:, :, 12], torch.ones(3, 16))  # on white
+    assert torch.equal(plain.load(0)["image"][:, :, :8], a["image"][:, :, :8])  # the kept pixels are untouched
+
+
+def test_fill_unmasked_copies_the_nearest_kept_pixel_and_leaves_full_or_empty_masks_alone():
+    from ldmkit.data.transforms import fill_unmasked
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 9, 9, generator=g) * 2 - 1  # "noise" everywhere
+    mask = torch.zeros(1, 9, 9)
+    mask[0, 3:6, 3:6] = 1.0  # a kept 3x3 block in the middle
+    mask[0, 4, 4] = 0.5  # a soft weight still keeps its pixel
+    out = fill_unmasked(image, mask)
+    assert torch.equal(out[:, 3:6, 3:6], image[:, 3:6, 3:6])
+    for y, x in [(0, 0), (0, 4), (8, 8), (4, 0), (2, 5)]:  # each outside pixel: the nearest block pixel
+        ny, nx = min(max(y, 3), 5), min(max(x, 3), 5)
+        assert torch.equal(out[:, y, x], image[:, ny, nx]), (y, x)
+    assert torch.equal(fill_unmasked(image, torch.ones(1, 9, 9)), image)
+    assert torch.equal(fill_unmasked(image, torch.zeros(1, 9, 9)), image)  # nothing kept: nothing to fill from
 
 
 def test_mask_files_beside_the_image_or_in_metadata(tmp_path):

@@ -30,10 +30,11 @@ kohya repeat folders: an image whose first folder under the root is named `N_wor
 appears N times in each epoch, and `word` captions it when 1 and 2 give nothing. Other folders repeat
 once. The repeats are `epoch`: the item indices of one epoch, each as often as it repeats.
 
-Loss masks (`mask`): "alpha" keeps the image's alpha channel as the mask (the pixels are still flattened
-onto white); "files" reads `NAME_mask.png` beside the image, or metadata.jsonl's "mask" column. An
-image without one trains whole (a mask of ones); with "files", `*_mask.png` files beside an image of the
-same name are masks, not training images. Items then carry "loss_mask" (1, H, W) in [0, 1].
+Loss masks (`mask`): "alpha" keeps the image's alpha channel as the mask; "files" reads `NAME_mask.png`
+beside the image, or metadata.jsonl's "mask" column. An image without one trains whole (a mask of ones);
+with "files", `*_mask.png` files beside an image of the same name are masks, not training images. Items
+then carry "loss_mask" (1, H, W) in [0, 1], and the pixels it leaves out (0) take the value of the nearest
+pixel it keeps (`transforms.fill_unmasked`: nothing outside the mask reaches the latents that train).
 
 Every path must stay inside the folder: a metadata line naming `../x.png` or an absolute path is
 refused, and so is a symlink that resolves outside the folder, unless `allow_outside_links` (config
@@ -57,7 +58,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ldmkit.errors import LdmkitError
-from ldmkit.data.transforms import alpha_of, crop_mask, resize_crop
+from ldmkit.data.transforms import alpha_of, crop_mask, fill_unmasked, resize_crop
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
 INDEX_VERSION = 2  # 2: each entry also holds the image's width and height (aspect-ratio buckets)
@@ -341,6 +342,7 @@ class ImageFolderDataset(Dataset):
             mask = alpha_of(decoded) if self.mask == "alpha" else (
                 to_rgb(open_image(self._path(item.mask), self.size, "mask")) if item.mask is not None else None)
             out["loss_mask"] = crop_mask(mask, record, target or self.size)  # (1, H, W)
+            out["image"] = fill_unmasked(x, out["loss_mask"])  # nothing outside the mask reaches the encoder
         return out
 
     def __getitem__(self, index: int) -> dict:

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ldmkit.data.folder import ImageFolderDataset, _hash_fraction  # one split rule for folders and shards
-from ldmkit.data.transforms import alpha_of, crop_mask, resize_crop
+from ldmkit.data.transforms import alpha_of, crop_mask, fill_unmasked, resize_crop
 from ldmkit.errors import LdmkitError
 from ldmkit.imageio import ImageProblem, atomic_write, open_image, to_rgb
 
@@ -174,6 +174,7 @@ def decode_sample(tar: tarfile.TarFile, path: str, key: str, fields: dict[str, t
         mask_field = next((f for f in MASK_FIELDS if f in fields), None)
         m = alpha_of(raw) if mask == "alpha" else (to_rgb(decoded(mask_field)) if mask_field is not None else None)
         item["loss_mask"] = crop_mask(m, record, size)  # (1, H, W)
+        item["image"] = fill_unmasked(x, item["loss_mask"])  # nothing outside the mask reaches the encoder
     return item
 
 
