@@ -101,18 +101,31 @@ class DistillConfig(BaseModel):
 
 def distill_shapes() -> DistillConfig:
     """The demo's text-to-image model (runs/demo/diffusion) into a few-step student, guidance 2.5 folded in
-    (figures: README, "Few-step sampling: ldmkit distill")."""
+    (figures: README, "Few-step sampling: ldmkit distill").
+
+    100 steps (50 of them warm-up): on the demo model the 4-step student's strict shape rate fell the longer it
+    trained, 98.1 / 93.1 / 89.4 / 82.9 / 73.1 / 60.6 % after 100 / 200 / 300 / 400 / 800 / 1,600 steps (216
+    samples at unseen seeds; 99.5 % at 100 steps from a second training seed), colour and position 100 % at
+    100 steps. The teacher sampled the same way without distilling (lcm, 4 steps) gives 59.3 % all-strict:
+    the few steps do the work, and the rest drifts the student off its teacher's ODE."""
     return DistillConfig(
         teacher="runs/demo/diffusion", guidance=2.5,
         data=DataConfig(dataset="shapes", size=32),
-        optim=OptimConfig(steps=800, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=0.95, grad_clip=1.0),
+        optim=OptimConfig(steps=100, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=0.95, grad_clip=1.0),
     )  # fmt: skip
+
+
+def _shapes_800() -> DistillConfig:
+    """distill_shapes at the 800 steps the presets below were measured with (README)."""
+    cfg = distill_shapes()
+    cfg.optim = cfg.optim.model_copy(update={"steps": 800})
+    return cfg
 
 
 def distill_shapes_free() -> DistillConfig:
     """The shapes-free text model (runs/free/text: a shape anywhere in its quadrant, any size and angle), whose
     few-step samples the attribute judge can tell apart, unlike the fixed layout's."""
-    cfg = distill_shapes()
+    cfg = _shapes_800()
     cfg.teacher, cfg.data.dataset, cfg.guidance = "runs/free/text", "shapes-free", 2.0
     return cfg
 
@@ -120,7 +133,7 @@ def distill_shapes_free() -> DistillConfig:
 def distill_shapes_lcm_lora() -> DistillConfig:
     """LCM-LoRA of the demo's model: rank-16 adapters on the attention projections and the ResBlock convolutions,
     trained against the online student (no EMA target, as the LCM-LoRA code), lr 1e-3 as for the other LoRAs."""
-    cfg = distill_shapes()
+    cfg = _shapes_800()
     cfg.train, cfg.lora = "lora", LoraConfig(rank=16, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     cfg.optim = cfg.optim.model_copy(update={"lr": 1e-3, "ema_decay": None})
     return cfg
@@ -129,7 +142,7 @@ def distill_shapes_lcm_lora() -> DistillConfig:
 def distill_shapes_w() -> DistillConfig:
     """The demo's model with a learned guidance scale: the teacher guided at g ~ U[1.5, 4], the scale given to
     the student through a w-embedding, so one student samples at any scale in the range (default 2.5)."""
-    cfg = distill_shapes()
+    cfg = _shapes_800()
     cfg.guidance_range = (1.5, 4.0)
     return cfg
 
