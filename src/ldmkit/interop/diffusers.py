@@ -182,14 +182,16 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int | None = No
     return kw
 
 
-def vae_from_diffusers(model) -> AutoencoderKL:
-    """An ldmkit `AutoencoderKL` with the same weights (copied; same dtype and device)."""
+def vae_from_diffusers(model, copy: bool = True) -> AutoencoderKL:
+    """An ldmkit `AutoencoderKL` with the same weights (copied; same dtype and device; `copy=False` shares them,
+    for a diffusers model that is thrown away afterwards)."""
     cfg = vae_config_from_diffusers(model.config)
     with torch.device("meta"):  # no wasted random init; the weights come from `model`
         ae = AutoencoderKL(cfg)
     theirs = model.state_dict()
     check_state_dicts("the diffusers AutoencoderKL", ae.state_dict(), theirs)
-    ae.load_state_dict({k: theirs[k].detach().clone() for k in ae.state_dict()}, assign=True)
+    ae.load_state_dict({k: theirs[k].detach().clone() if copy else theirs[k].detach() for k in ae.state_dict()},
+                       assign=True)
     return ae.train(model.training)
 
 
@@ -506,8 +508,10 @@ def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cp
         raise LdmkitError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
     cfg, _ = pipeline_config(folder)
     dm = _diffusers()
-    ae = vae_from_diffusers(_from_pretrained(dm.AutoencoderKL, folder / "vae"))
-    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels)
+    # the diffusers modules are temporaries: their tensors are taken over, not copied
+    ae = vae_from_diffusers(_from_pretrained(dm.AutoencoderKL, folder / "vae"), copy=False)
+    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels,
+                               copy=False)
     ae.config, unet.config = cfg.autoencoder, cfg.unet  # the same models, possibly as ldmkit first wrote them
     conditioner = Conditioner(cfg.conditioner)
     if conditioner.vector_dim != cfg.unet.vector_dim:

@@ -256,15 +256,18 @@ def _check_keys(
         raise LdmkitError("U-Net parameter shapes do not match: " + "; ".join(bad[:8]))
 
 
-def unet_from_diffusers(model: UNet2DConditionModel, concat_channels: int | None = None) -> UNet:
-    """A `UNet` with the same weights (copied; same dtype and device) as a diffusers U-Net."""
+def unet_from_diffusers(model: UNet2DConditionModel, concat_channels: int | None = None, copy: bool = True) -> UNet:
+    """A `UNet` with the same weights (copied; same dtype and device) as a diffusers U-Net. `copy=False` takes
+    the tensors over instead (the two modules then share them): for a diffusers model that is thrown away
+    afterwards, as a pipeline loader's is, where the copy of SD 1.5's 3.4 GB cost seconds of every load."""
     cfg = config_from_diffusers(model.config, concat_channels)
     with torch.device("meta"):  # no wasted random init; the weights come from `model`
         unet = UNet(cfg)
     key_map = diffusers_key_map(unet)
     theirs = model.state_dict()
     _check_keys(unet.state_dict(), theirs, key_map)
-    unet.load_state_dict({k: theirs[d].detach().clone() for k, d in key_map.items()}, assign=True)
+    unet.load_state_dict({k: theirs[d].detach().clone() if copy else theirs[d].detach() for k, d in key_map.items()},
+                         assign=True)
     return unet.train(model.training)
 
 
