@@ -588,8 +588,10 @@ def ldm_shapes_lora() -> DiffusionTrainConfig:
     cfg = ldm_shapes_text()
     cfg.data.vocabulary = "extended"
     # The demo's first stage decodes white as orange-red and a diamond as a teardrop (it saw neither), so
-    # its decoder learns them first: 100 % of held-out new-word reconstructions read right after 300 steps.
-    cfg.finetune = FinetuneConfig(train="lora", decoder_steps=300)
+    # its decoder learns them first. Judged strictly (docs/shape-judge.md) on 160 held-out new-word and 288
+    # old-word reconstructions of the demo's first stage: 0 / 99.7 % before, 79.4 / 94.8 % after 300 steps
+    # (lr 1e-3), 98.8 / 97.9 % after 1,000 (lr 2e-3: 98.8 / 97.2; 600 at 3e-4: 80.6 / 93.4).
+    cfg.finetune = FinetuneConfig(train="lora", decoder_steps=1000)
     cfg.lora = LoraConfig(rank=8, alpha=8)
     cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, grad_clip=1.0)
     cfg.logging = LoggingConfig(val_every=500, ckpt_every=500)
@@ -601,7 +603,7 @@ def ldm_shapes_lora() -> DiffusionTrainConfig:
 def ldm_shapes_finetune() -> DiffusionTrainConfig:
     """shapes-lora as a full fine-tune: every U-Net weight trained, at a lower learning rate."""
     cfg = ldm_shapes_lora()
-    cfg.finetune = FinetuneConfig(train="unet", decoder_steps=300)
+    cfg.finetune = FinetuneConfig(train="unet", decoder_steps=1000)
     cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-4, warmup_steps=50, ema_decay=None, grad_clip=1.0)
     return cfg
 
