@@ -17,6 +17,7 @@ random-weight `AutoencoderTiny` of TAESD's architecture (saved in the folder as 
 
     python benchmarks/cpu_speed.py                 # the full run (SD 1.5 size; about 10 min on 2 cores)
     python benchmarks/cpu_speed.py --quick         # smoke size: a quarter-width model at 128x128
+    python benchmarks/cpu_speed.py --part whole --folder runs/cpu/sd --cache runs/cpu/ov   # whole processes only
 """
 
 from __future__ import annotations
@@ -201,6 +202,24 @@ def child(args, what: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def whole_rows(args, tmp: Path) -> None:
+    """Whole processes, each run twice and the second timed: a diffusers script against `ldmkit sample`."""
+    out = tmp / "out"
+    py = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(args.folder), str(tmp / "d.png"), PROMPT, str(args.size)]
+    ldm_cmd = [sys.executable, "-m", "ldmkit.cli", "sample", "--checkpoint", str(args.folder), "--prompt", PROMPT,
+               "--steps", "4", "--sampler", "lcm", "--guidance", "1", "--width", str(args.size), "--height", str(args.size),
+               "--device", "cpu", "--quiet", "--out", str(out)]
+    d = whole(py)
+    wrows = [["diffusers script (fp32)", f"{d:.1f}", "1.00x"]]
+    ov = ["--backend", "openvino", "--backend-cache", str(args.cache)]
+    for label, extra in (("ldmkit sample (auto)", []), ("ldmkit sample --backend openvino", ov),
+                         ("ldmkit sample --backend openvino --tiny-decoder (TAESD)", ov + ["--tiny-decoder", str(args.folder / "taesd")])):
+        s = whole(ldm_cmd + extra)
+        wrows.append([label, f"{s:.1f}", f"{d / s:.2f}x"])
+    print("\n## Whole processes, second run, loading included\n")
+    print(markdown_table(["", "s", "vs diffusers"], wrows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke size: a quarter-width model at 128x128, DPM++ 3 steps")
@@ -210,6 +229,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--dpm-steps", type=int, default=None)
     p.add_argument("--dpm-diffusers", action="store_true", help="also time diffusers fp32 on the DPM++ row (about 5 min more)")
+    p.add_argument("--part", choices=("all", "whole"), default="all",
+                   help="whole: only the whole-process rows (diffusers script against `ldmkit sample`), about 3 min")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -227,6 +248,9 @@ def main() -> None:
     args.folder = build_folder(args.folder or tmp / "sd", args.quick)
     args.cache = args.cache or tmp / "openvino"
     print(machine_line("cpu"), f"threads {torch.get_num_threads()}", flush=True)
+    if args.part == "whole":
+        whole_rows(args, tmp)
+        return
 
     rows, base = [], None
     for kind, label in (("diffusers", "diffusers fp32"), ("ldmkit-fp32", "ldmkit fp32"), ("ldmkit-auto", "ldmkit auto (bf16 where native)"),
@@ -254,20 +278,8 @@ def main() -> None:
     else:
         print("U-Net row failed:", u["unavailable"])
 
-    out = tmp / "out"
-    py = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(args.folder), str(tmp / "d.png"), PROMPT, str(args.size)]
-    ldm_cmd = [sys.executable, "-m", "ldmkit.cli", "sample", "--checkpoint", str(args.folder), "--prompt", PROMPT,
-               "--steps", "4", "--sampler", "lcm", "--guidance", "1", "--width", str(args.size), "--height", str(args.size),
-               "--device", "cpu", "--quiet", "--out", str(out)]
-    d = whole(py)
-    wrows = [["diffusers script (fp32)", f"{d:.1f}", "1.00x"]]
-    ov = ["--backend", "openvino", "--backend-cache", str(args.cache)]
-    for label, extra in (("ldmkit sample (auto)", []), ("ldmkit sample --backend openvino", ov),
-                         ("ldmkit sample --backend openvino --tiny-decoder (TAESD)", ov + ["--tiny-decoder", str(args.folder / "taesd")])):
-        s = whole(ldm_cmd + extra)
-        wrows.append([label, f"{s:.1f}", f"{d / s:.2f}x"])
-    print("\n## Whole processes, second run, loading included\n")
-    print(markdown_table(["", "s", "vs diffusers"], wrows))
+    whole_rows(args, tmp)
+
 
     drows, dbase = [], None
     for kind, label in ([("diffusers", "diffusers fp32")] if args.dpm_diffusers else []) + [
