@@ -592,7 +592,10 @@ def ldm_shapes_lora() -> DiffusionTrainConfig:
     # old-word reconstructions of the demo's first stage: 0 / 99.7 % before, 79.4 / 94.8 % after 300 steps
     # (lr 1e-3), 98.8 / 97.9 % after 1,000 (lr 2e-3: 98.8 / 97.2; 600 at 3e-4: 80.6 / 93.4).
     cfg.finetune = FinetuneConfig(train="lora", decoder_steps=1000)
-    cfg.lora = LoraConfig(rank=8, alpha=8)
+    # Rank 16 on the attention projections and the ResBlock convolutions: with the 1,000 decoder steps, the strict
+    # judge passed 79.2 % of new-word samples and 88.4 % of old captions all right, against 48.3 / 85.6 % for
+    # rank 8 on attention alone (benchmarks/lora_shapes.py; a full U-Net fine-tune: 81.7 / 88.9 %).
+    cfg.lora = LoraConfig(rank=16, alpha=16, targets=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     cfg.optim = OptimConfig(steps=1000, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=None, grad_clip=1.0)
     cfg.logging = LoggingConfig(val_every=500, ckpt_every=500)
     cfg.sample.prompts = ["a white diamond in the bottom left", "a white circle in the top right",
