@@ -107,9 +107,10 @@ def distill_shapes() -> DistillConfig:
     trained, 98.1 / 93.1 / 89.4 / 82.9 / 64.4 % after 100 / 200 / 300 / 400 / 800 steps (216 samples at unseen
     seeds; 99.5 % at 100 steps from a second training seed, 100 % from a second demo run as teacher), colour
     and position 100 % at 100 steps. The teacher sampled the same way without distilling (lcm, 4 steps) gives
-    59.3 % all-strict: the few steps do the work, and the rest drifts the student off its teacher's ODE. The drift comes from the
-    target network's fast EMA (0.95, the LCM reference's): 800 steps at ema_decay 0.999 give 99.5 %, 800 at
-    0.95 with a quarter of the learning rate 78.2 %. 100 steps at 0.95 are as good and 8x shorter."""
+    59.3 % all-strict: the few steps do the work, and the rest drifts the student off its teacher's ODE. The
+    drift comes from the target network's fast EMA (0.95, the LCM reference's): 800 steps at ema_decay 0.999
+    give 99.5 %, 800 at 0.95 with a quarter of the learning rate 78.2 %. 100 steps at 0.95 are as good and 8x
+    shorter."""
     return DistillConfig(
         teacher="runs/demo/diffusion", guidance=2.5,
         data=DataConfig(dataset="shapes", size=32),
