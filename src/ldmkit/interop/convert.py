@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from ldmkit.checkpoint import is_checkpoint, kind_of, load, sampling_defaults
 from ldmkit.errors import LdmkitError
+from ldmkit.imageio import staging_dir
 from ldmkit.interop import diffusers as dif
 from ldmkit.interop import lora as lora_io
 from ldmkit.interop import original as orig
@@ -127,9 +127,7 @@ def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "", samplin
     folder = Path(folder)
     kind = kind_of(module)
     cfg = module.config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with staging_dir(folder) as tmp:
         if kind == "latent_diffusion" and isinstance(module.conditioner.text_encoder, CLIPTextEncoder):
             parts = dif._text_encoder_parts(module)
             parts[0].save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
@@ -147,10 +145,6 @@ def save_ldmkit(module: nn.Module, folder: str | Path, source: str = "", samplin
         meta: dict[str, Any] = {"converted_from": source, **({"sampling": dict(sampling)} if sampling else {})}
         doc = {"kind": kind, "config": cfg.model_dump(mode="json"), "meta": meta, "step": 0}
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
