@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import hashlib
 import os
 import sys
@@ -76,6 +77,11 @@ class _StackT(ctypes.Structure):  # stack_t of sigaltstack(2) on Linux
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)  # once: every compile and inference call goes through it
+
+
 @contextlib.contextmanager
 def _own_signal_stack():
     """Keep the calling thread's alternate signal stack across an OpenVINO call.
@@ -89,7 +95,7 @@ def _own_signal_stack():
     if not sys.platform.startswith("linux"):
         yield
         return
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     old = _StackT()
     if libc.sigaltstack(None, ctypes.byref(old)) != 0:
         yield
