@@ -243,3 +243,18 @@ def test_two_real_ranks_share_one_build(tmp_path):
     assert r0["calls"] > 0 and r1["calls"] == 0
     assert torch.equal(r0["mean"], r1["mean"]) and torch.equal(r0["std"], r1["std"])
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_mean_latents_are_the_posterior_mean_and_leave_the_steps_later_draws_unchanged():
+    from ldmkit.train.config import OptimConfig
+    from ldmkit.train.latents import sample_latents
+
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.randn(4, 4, 2, 2, generator=g), torch.rand(4, 4, 2, 2, generator=g) + 0.5  # rows 2-5 of 8
+    o = OptimConfig(batch_size=8, seed=5)
+    r_s, z_s = sample_latents(mean, std, o, 7, 2, 6, 0.1, 0.5)
+    r_m, z_m = sample_latents(mean, std, o, 7, 2, 6, 0.1, 0.5, "mean")
+    torch.testing.assert_close(z_m, (mean - 0.1) * 0.5)  # no draw in z0
+    eps = (z_s / 0.5 + 0.1 - mean) / std  # the sampled rows' noise: a standard normal draw, not zero
+    assert eps.abs().mean() > 0.3
+    assert torch.equal(r_s.randn(3), r_m.randn(3))  # the noise and t drawn after it are the same either way

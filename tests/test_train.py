@@ -447,3 +447,20 @@ def test_photos_presets_start_as_bicubic_and_hold_out_whole_photographs():
         assert cfg.model.bicubic_shortcut and cfg.model.downsample_factor == f and cfg.data.size == 64
     assert not set(TRAIN_PHOTOS) & set(VAL_PHOTOS)
     assert {p.split(":")[0] for p in VAL_PHOTOS} - {p.split(":")[0] for p in TRAIN_PHOTOS}  # a package train never uses
+
+
+def test_diffusion_latents_mean_reaches_the_loss_and_a_fine_tune_inherits_it(trained_ae, tmp_path, monkeypatch):
+    """`diffusion.latents` is part of the model: set for a run, it is what the trainer draws z0 with, and a
+    fine-tune (`--init-from`) of that run draws the same way without being told."""
+    import ldmkit.train.diffusion_task as task
+
+    seen, real = [], task.sample_latents
+    monkeypatch.setattr(task, "sample_latents", lambda *a: seen.append(a[-1]) or real(*a))
+    sets = ["--set", "optim.steps=1", "--set", "logging.val_every=100", "--quiet"]
+    base = tmp_path / "base"
+    assert main(["train", "--config", "tiny", "--autoencoder", str(trained_ae), "--out", str(base), *sets,
+                 "--set", "diffusion.latents=mean"]) == 0
+    assert seen and set(seen) == {"mean"} and ldmkit.load(base).config.diffusion.latents == "mean"
+    seen.clear()
+    assert main(["train", "--config", "tiny", "--init-from", str(base), "--out", str(tmp_path / "ft"), *sets]) == 0
+    assert seen and set(seen) == {"mean"}

@@ -25,6 +25,9 @@ class DiffusionConfig(BaseModel):
     offset_noise: float = Field(0.0, ge=0)
     timestep_spacing: Literal["leading", "trailing", "linspace"] = Field("trailing", description="sampling timesteps")
     steps_offset: int = Field(0, ge=0, description="added to 'leading' timesteps (SD v1: 1)")
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="the clean latent z0 of the training loss: a fresh draw z ~ q(z|x) each step (the LDM "
+        "recipe) or the posterior mean (for a first stage whose posterior is wide; docs/benchmarks.md)")
 
     @field_validator("prediction_type", mode="before")
     @classmethod

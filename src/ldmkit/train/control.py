@@ -197,7 +197,7 @@ class ControlTask(Task):
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
             batch = self.source.batch(step, lo, hi)
             mean, std = posterior_of(batch, self.mean, self.std, ldm.autoencoder, self.device)
-            r, z0 = sample_latents(mean, std, o, step, lo, hi, shift, scale)  # z0: (b, c, h, w)
+            r, z0 = sample_latents(mean, std, o, step, lo, hi, shift, scale, ldm.config.diffusion.latents)  # z0: (b, c, h, w)
             if "_rows" in batch:
                 hint = self.maps[batch["_rows"]].to(self.device)  # (b, C, H, W) in [0, 1]
             else:  # a lazily read folder's conditioning images come in [-1, 1]

@@ -209,10 +209,11 @@ class DiffusionTask(Task):
         # labels feed the label route, or the onehot concatenation route
         use_labels = bool(cfg.conditioner.num_classes) or (cfg.concat is not None and cfg.concat.reads_labels)
         shift, scale = self.ldm.autoencoder.config.shift_factor, self.ldm.autoencoder.config.scaling_factor
+        latents = self.ldm.config.diffusion.latents  # a fine-tune's from the model it starts from
 
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
             batch = self.source.batch(step, lo, hi)
-            r, z0 = sample_latents(*self._posterior(batch), o, step, lo, hi, shift, scale)  # z0: (b, c, h, w)
+            r, z0 = sample_latents(*self._posterior(batch), o, step, lo, hi, shift, scale, latents)  # z0: (b, c, h, w)
             if d.hflip:
                 flip = (r.rand() < 0.5).to(z0.device)
                 z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)

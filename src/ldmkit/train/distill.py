@@ -344,7 +344,7 @@ class DistillTask(LoraCheckpoints, StudentCheckpoints):
         def piece_loss(lo: int, hi: int) -> torch.Tensor:
             batch = self.source.batch(step, lo, hi)
             mean, std = posterior_of(batch, self.mean, self.std, ldm.autoencoder, self.device)
-            r, z0 = sample_latents(mean, std, o, step, lo, hi, shift, scale)  # z0: (b, c, h, w)
+            r, z0 = sample_latents(mean, std, o, step, lo, hi, shift, scale, ldm.config.diffusion.latents)  # z0: (b, c, h, w)
             b = z0.shape[0]
             n = r.randint(len(self.grid))  # (b,) grid index, Algorithm 1 line 4: n ~ U[1, N − 1]
             noise = r.randn(*z0.shape[1:]).to(z0.device)  # (b, c, h, w)

@@ -299,7 +299,9 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
         mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
         ae = self.ldm.autoencoder.config
-        z0 = (mean + std * r.randn(*mean.shape[1:]).to(mean.device) - ae.shift_factor) * ae.scaling_factor
+        eps = r.randn(*mean.shape[1:]).to(mean.device)  # drawn either way, as in sample_latents
+        z = mean if self.ldm.config.diffusion.latents == "mean" else mean + std * eps
+        z0 = (z - ae.shift_factor) * ae.scaling_factor
         with autocast(o.precision, self.device):
             return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
 

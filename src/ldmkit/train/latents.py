@@ -311,13 +311,15 @@ def encode_dataset(ae: AutoencoderKL, data: TensorData, batch_size: int = 128, p
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, optim, step: int, lo: int, hi: int,
-                   shift: float, scale: float) -> tuple[BatchRandom, torch.Tensor]:
+                   shift: float, scale: float, latents: str = "sample") -> tuple[BatchRandom, torch.Tensor]:
     """Rows [lo, hi) of step `step`'s global batch, given their posteriors `mean`, `std` (b, c, h, w):
-    (the step's BatchRandom, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step). Every draw is made
-    for the whole global batch and sliced, so the result does not depend on how many processes /
-    micro-batches share the batch; the step's later draws continue from the returned BatchRandom."""
+    (the step's BatchRandom, z0 = (z − shift)·scale with z ~ q(z|x) fresh each step, or z = the mean when
+    `latents` is "mean", `DiffusionConfig.latents`). Every draw is made for the whole global batch and sliced,
+    so the result does not depend on how many processes / micro-batches share the batch; the step's later
+    draws continue from the returned BatchRandom."""
     r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
-    z = mean + std * r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
+    eps = r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w), drawn either way: the later draws stay put
+    z = mean if latents == "mean" else mean + std * eps
     return r, (z - shift) * scale
 
 
