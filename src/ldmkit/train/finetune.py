@@ -54,6 +54,7 @@ from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.device import autocast
 from ldmkit.train import inversion, prior
+from ldmkit.train.latents import posterior_z
 from ldmkit.train.diffusion_task import DiffusionTask
 from ldmkit.train.distributed import full_state_dict
 
@@ -299,9 +300,7 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
         mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
         ae = self.ldm.autoencoder.config
-        eps = r.randn(*mean.shape[1:]).to(mean.device)  # drawn either way, as in sample_latents
-        z = mean if self.ldm.config.diffusion.latents == "mean" else mean + std * eps
-        z0 = (z - ae.shift_factor) * ae.scaling_factor
+        z0 = (posterior_z(mean, std, r, self.ldm.config.diffusion.latents) - ae.shift_factor) * ae.scaling_factor
         with autocast(o.precision, self.device):
             return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
 
