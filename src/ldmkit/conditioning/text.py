@@ -418,10 +418,10 @@ class CLIPTextEncoder(CachedTextEncoder):
     `text_encoder/` next to `tokenizer/`). Note that a diffusers SD 2 `text_encoder/` already has its
     last layer removed, so it is used with `skip_last_layer=False`, exactly as diffusers does."""
 
-    def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False):
+    def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False, weights: bool = True):
         super().__init__()
         try:
-            from transformers import CLIPTextModel, CLIPTokenizer
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
         except ImportError as e:
             raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
         if not Path(path).exists():
@@ -432,7 +432,11 @@ class CLIPTextEncoder(CachedTextEncoder):
                 f"no CLIP tokenizer in {path} or in a sibling tokenizer/ folder; pass tokenizer_path "
                 "(a folder with tokenizer.json or vocab.json + merges.txt)"
             )
-        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        if weights:
+            self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        else:  # `weights=False`: the architecture on the meta device, for a converted model that replaces it
+            with torch.device("meta"):
+                self.model = CLIPTextModel(CLIPTextConfig.from_pretrained(path, local_files_only=True)).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         self.dim = self.model.config.hidden_size
         self.skip_last_layer = skip_last_layer
@@ -714,9 +718,10 @@ def find_tokenizer_folder(path: Path) -> Path | None:
     return None
 
 
-def build_text_encoder(name: str) -> CachedTextEncoder:
+def build_text_encoder(name: str, weights: bool = True) -> CachedTextEncoder:
     """'minilm' (bundled), or a local folder: a sentence-transformers model or a CLIP text model
-    (its tokenizer in the same folder or in a sibling `tokenizer/`, as in a diffusers pipeline)."""
+    (its tokenizer in the same folder or in a sibling `tokenizer/`, as in a diffusers pipeline). `weights=False`:
+    a CLIP text model is built on the meta device without its weights (the others are read as ever)."""
     if name == "minilm":
         return MiniLMTextEncoder()
     p = Path(name)
@@ -732,4 +737,4 @@ def build_text_encoder(name: str) -> CachedTextEncoder:
         return MiniLMTextEncoder(str(p))
     if (p / "text_encoder_2").is_dir():  # an SDXL pipeline folder: both encoders
         return SDXLTextEncoder.from_folder(p)
-    return CLIPTextEncoder(str(p))
+    return CLIPTextEncoder(str(p), weights=weights)

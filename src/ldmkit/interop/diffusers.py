@@ -498,9 +498,12 @@ def assemble(config, autoencoder: AutoencoderKL, unet: UNet, conditioner) -> Lat
     return LatentDiffusion(autoencoder, unet, conditioner, config).eval()
 
 
-def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cpu",
+                            skip: frozenset[str] = frozenset()) -> LatentDiffusion:
     """A diffusers Stable Diffusion pipeline folder → `LatentDiffusion` (eval mode) with the same
-    weights; the text encoder is a `CLIPTextEncoder` on its text_encoder/ and tokenizer/."""
+    weights; the text encoder is a `CLIPTextEncoder` on its text_encoder/ and tokenizer/. `skip`: parts built
+    on the meta device, their weights not read (`ldmkit.load` says which)."""
+    from ldmkit.checkpoint import skeleton
     from ldmkit.conditioning.conditioner import Conditioner
 
     folder = Path(folder)
@@ -510,15 +513,27 @@ def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cp
     dm = _diffusers()
     # the diffusers modules are temporaries: their tensors are taken over, not copied
     ae = vae_from_diffusers(_from_pretrained(dm.AutoencoderKL, folder / "vae"), copy=False)
-    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels,
-                               copy=False)
-    ae.config, unet.config = cfg.autoencoder, cfg.unet  # the same models, possibly as ldmkit first wrote them
-    conditioner = Conditioner(cfg.conditioner)
+    ae.config = cfg.autoencoder  # the same model, possibly as ldmkit first wrote it
+    if skip:
+        ldm = skeleton(cfg, skip, autoencoder=ae, unet=None if "unet" in skip else _unet_of(dm, folder, cfg))
+        conditioner = ldm.conditioner
+    else:
+        unet = _unet_of(dm, folder, cfg)
+        conditioner = Conditioner(cfg.conditioner)
     if conditioner.vector_dim != cfg.unet.vector_dim:
         raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {cfg.unet.vector_dim} features, the text encoders "
                           f"and size/crop values give {conditioner.vector_dim}; are unet/ and text_encoder_2/ from the "
                           "same model?")
+    if skip:
+        return ldm  # on the CPU: meta tensors cannot move
     return assemble(cfg, ae, unet, conditioner).to(device)
+
+
+def _unet_of(dm, folder: Path, cfg) -> UNet:
+    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels,
+                               copy=False)
+    unet.config = cfg.unet  # the same model, possibly as ldmkit first wrote it
+    return unet
 
 
 def _text_encoder_parts(ldm: LatentDiffusion):
