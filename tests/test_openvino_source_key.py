@@ -80,8 +80,9 @@ def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, mon
     again, skip = gov.load_skip("openvino", sd_folder, None, cache)
     assert again == key and skip == PARTS
     bare = ldmkit.load(str(sd_folder), skip=skip)
-    assert read == ["vae"]  # the U-Net's folder was never opened
+    assert read == []  # no part through diffusers: the VAE's encoder straight from its file, the rest not at all
     assert no_weights(bare.unet) and no_weights(bare.conditioner.text_encoder.model)
+    assert no_weights(bare.autoencoder.decoder) and no_weights(bare.autoencoder.post_quant_conv)
     assert not any(p.is_meta for p in bare.autoencoder.encoder.parameters())  # img2img's encoder stays in torch
     before = counted()
     out = generate(gov.openvino_model(bare, cache, "fp32", key), request()).images
@@ -174,3 +175,15 @@ def test_sample_cli_reuses_the_files_key_and_a_lora_falls_back_to_the_weights(sd
     assert main(args + ["--out", str(tmp_path / "l"), "--lora", str(tmp_path / "any.safetensors")]) == 0
     assert converted_since(before) == {"unet": 1, "decoder": 1, "text": 1}
     assert (tmp_path / "l" / "0000.png").read_bytes() != (tmp_path / "a" / "0000.png").read_bytes()
+
+
+def test_the_vae_read_without_diffusers_is_the_one_diffusers_reads(sd_folder, tmp_path):
+    from ldmkit.interop import diffusers as dif
+
+    cfg, _ = dif.pipeline_config(sd_folder)
+    theirs = dif.vae_from_diffusers(dif._from_pretrained(dif._diffusers().AutoencoderKL, sd_folder / "vae")).state_dict()
+    ours = dif._vae_from_file(sd_folder / "vae", cfg.autoencoder, skip_decoder=False).state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    half = dif._vae_from_file(sd_folder / "vae", cfg.autoencoder, skip_decoder=True)
+    assert no_weights(half.decoder) and torch.equal(half.encoder.conv_in.weight, ours["encoder.conv_in.weight"])
+    assert dif._vae_from_file(tmp_path, cfg.autoencoder, skip_decoder=False) is None  # no such file: diffusers reads it
