@@ -187,3 +187,26 @@ def test_the_vae_read_without_diffusers_is_the_one_diffusers_reads(sd_folder, tm
     half = dif._vae_from_file(sd_folder / "vae", cfg.autoencoder, skip_decoder=True)
     assert no_weights(half.decoder) and torch.equal(half.encoder.conv_in.weight, ours["encoder.conv_in.weight"])
     assert dif._vae_from_file(tmp_path, cfg.autoencoder, skip_decoder=False) is None  # no such file: diffusers reads it
+
+
+_HIT_IMPORTS = """
+import sys
+import ldmkit
+from ldmkit.generation.openvino import load_skip
+key, skip = load_skip("openvino", sys.argv[1], None, sys.argv[2])
+ldm = ldmkit.load(sys.argv[1], skip=skip)
+print(sorted(skip), sorted(m for m in ("diffusers", "transformers.models.clip.modeling_clip") if m in sys.modules))
+"""
+
+
+def test_a_cache_hit_imports_neither_diffusers_nor_the_clip_modeling_code(sd_folder, tmp_path):
+    """Those imports were seconds of a warm `ldmkit sample --backend openvino` once no weights were read."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    key, _ = gov.load_skip("openvino", sd_folder, None, cache)
+    gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
+    res = subprocess.run([sys.executable, "-c", _HIT_IMPORTS, str(sd_folder), str(cache)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert res.stdout.split("\n")[0] == "['decoder', 'text', 'unet'] []"

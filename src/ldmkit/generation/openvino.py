@@ -401,7 +401,8 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     out._modules["autoencoder"] = ae
     text = model.conditioner.text_encoder
     clip = getattr(text, "model", None)
-    if clip is not None and type(clip).__name__ == "CLIPTextModel":  # SDXL's pair and MiniLM stay in torch
+    # SDXL's pair and MiniLM stay in torch; a skeleton is a CLIPTextModel loaded without weights (its IR cached)
+    if clip is not None and type(clip).__name__ in ("CLIPTextModel", "CLIPTextSkeleton"):
         ids = torch.full((b, text.window), text.pad_id, dtype=torch.long)
         xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, core, source)
         text = copy.copy(text)
