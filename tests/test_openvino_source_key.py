@@ -9,10 +9,13 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ldmkit
+from ldmkit.errors import LdmkitError
 from ldmkit.generation import GenerationRequest, generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,7 +95,7 @@ def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, mon
     # the IR went away between the check and the conversion: said in one line, never a meta-tensor trace
     for f in cache.glob("unet-*"):
         f.unlink()
-    with pytest.raises(ldmkit.errors.LdmkitError, match="no longer in the cache"):
+    with pytest.raises(LdmkitError, match="no longer in the cache"):
         gov.openvino_model(bare, cache, "fp32", key)
 
 
@@ -168,6 +171,14 @@ def test_sample_cli_reuses_the_files_key_and_a_lora_falls_back_to_the_weights(sd
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert converted_since(before) == {"unet": 0, "decoder": 0, "text": 0}
     assert (tmp_path / "a" / "0000.png").read_bytes() == (tmp_path / "b" / "0000.png").read_bytes()
+    assert gov.source_key(sd_folder, ema=False) != gov.source_key(sd_folder)  # other weights of the same files
+
+    # img2img on a cache hit: the encoder, read without the decoder, is the one torch runs
+    i2i = ["--init-image", str(tmp_path / "a" / "0000.png"), "--strength", "0.6"]
+    assert main(args + ["--out", str(tmp_path / "i"), *i2i]) == 0
+    assert main(args[:-4] + ["--out", str(tmp_path / "t"), *i2i]) == 0  # --backend torch
+    i, t = (np.asarray(Image.open(tmp_path / d / "0000.png")).astype(int) for d in ("i", "t"))
+    assert np.abs(i - t).max() <= 1  # f32: the same 8-bit image, up to a rounding
 
     # a merged LoRA changes the weights, not the files: the U-Net is loaded whole and keyed by its weights
     monkeypatch.setattr(lora, "apply_loras", lambda ldm, files: perturb(ldm.unet, scale=0.02, seed=4))
@@ -210,3 +221,18 @@ def test_a_cache_hit_imports_neither_diffusers_nor_the_clip_modeling_code(sd_fol
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-1500:]
     assert res.stdout.split("\n")[0] == "['decoder', 'text', 'unet'] []"
+
+
+def test_serve_loads_a_cached_model_by_its_files_and_still_refuses_a_lora_library(sd_folder, tmp_path):
+    from ldmkit.serve.models import ModelStore
+
+    cache = str(tmp_path / "cache")
+    first = ModelStore([str(sd_folder)], backend="openvino", backend_cache=cache, precision="fp32")
+    ref = generate(first.current.loaded.ldm, request()).images
+    before = counted()
+    store = ModelStore([str(sd_folder)], backend="openvino", backend_cache=cache, precision="fp32")
+    assert converted_since(before) == {"unet": 0, "decoder": 0, "text": 0}
+    assert torch.equal(generate(store.current.loaded.ldm, request()).images, ref)
+    (tmp_path / "loras").mkdir()
+    with pytest.raises(LdmkitError, match="cannot take --lora-dir"):
+        ModelStore([str(sd_folder)], backend="openvino", backend_cache=cache, lora_dir=str(tmp_path / "loras"))

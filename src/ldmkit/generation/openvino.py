@@ -104,11 +104,12 @@ def source_files(path: str | Path, config=None) -> list[Path] | None:
     return sorted(files)
 
 
-def source_key(path: str | Path, config=None) -> str | None:
-    """The IR cache key of the model read from `path` (`source_files`): each file's resolved path, size and
-    modification time in nanoseconds, with this ldmkit's IR layout and the versions that shape a traced graph.
-    Reading no weights, it tells a cache hit before the model is loaded; a file rewritten (or touched) in place
-    changes its time and so the key. None where the files are not known: the caller keys by the weights."""
+def source_key(path: str | Path, config=None, ema: bool = True) -> str | None:
+    """The IR cache key of the model read from `path` (`source_files`) as `ldmkit.load(path, ema=ema,
+    config=config)` reads it: each file's resolved path, size and modification time in nanoseconds, with this
+    ldmkit's IR layout and the versions that shape a traced graph. Reading no weights, it tells a cache hit before
+    the model is loaded; a file rewritten (or touched) in place changes its time and so the key. None where the
+    files are not known: the caller keys by the weights."""
     files = source_files(path, config)
     if files is None:
         return None
@@ -121,7 +122,7 @@ def source_key(path: str | Path, config=None) -> str | None:
             return None
 
     stats = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
-    doc = {"ir": IR_FORMAT, "ldmkit": ldmkit.__version__, "torch": torch.__version__,
+    doc = {"ir": IR_FORMAT, "ldmkit": ldmkit.__version__, "torch": torch.__version__, "ema": ema,
            "openvino": version("openvino"), "transformers": version("transformers"), "files": stats}
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
@@ -433,12 +434,13 @@ def with_backend(model, backend: str, precision: str = "auto", cache_dir: str | 
 
 
 def load_skip(backend: str, path: str | Path, config=None, cache_dir: str | Path | None = None,
-              device="cpu") -> tuple[str | None, frozenset[str]]:
+              device="cpu", ema: bool = True) -> tuple[str | None, frozenset[str]]:
     """(`source_key`, the parts `ldmkit.load(…, skip=…)` may leave unread) for a model about to be loaded from
-    `path` and given to `with_backend` unchanged; (None, nothing) for the torch backend or another device."""
+    `path` (with `config`, `ema`) and given to `with_backend` unchanged; (None, nothing) for the torch backend or
+    another device."""
     if backend != "openvino" or torch.device(device).type != "cpu":
         return None, frozenset()
-    key = source_key(path, config)
+    key = source_key(path, config, ema)
     return key, cached_parts(cache_dir, key)
 
 
