@@ -24,7 +24,9 @@ from test_interop import make_tiny_sd_folder, perturb  # noqa: E402
 
 pytest.importorskip("openvino", reason="the OpenVINO backend's tests need openvino (pip install 'ldmkit[openvino]')")
 
+from ldmkit.checkpoint import source_files  # noqa: E402
 from ldmkit.generation import openvino as gov  # noqa: E402
+from ldmkit.sample import load_skip  # noqa: E402
 
 PARTS = {"unet", "decoder", "text"}
 
@@ -67,7 +69,7 @@ def refuse_reading(monkeypatch, read: list):
 
 def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    key, skip = gov.load_skip("openvino", sd_folder, None, cache)
+    key, skip = load_skip("openvino", sd_folder, None, cache)
     assert key is not None and skip == frozenset()  # nothing cached yet: the whole model is read
     ldm = ldmkit.load(str(sd_folder), skip=skip)
     ref = generate(ldm, request()).images
@@ -80,7 +82,7 @@ def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, mon
     # the second process: the same files, so the same key, and every part's IR is there
     read: list[str] = []
     refuse_reading(monkeypatch, read)
-    again, skip = gov.load_skip("openvino", sd_folder, None, cache)
+    again, skip = load_skip("openvino", sd_folder, None, cache)
     assert again == key and skip == PARTS
     bare = ldmkit.load(str(sd_folder), skip=skip)
     assert read == []  # no part through diffusers: the VAE's encoder straight from its file, the rest not at all
@@ -105,7 +107,7 @@ def test_a_rewritten_or_touched_weights_file_is_converted_again(sd_folder, tmp_p
     folder = tmp_path / "sd"
     os.system(f"cp -r {sd_folder} {folder}")
     cache = tmp_path / "cache"
-    key, _ = gov.load_skip("openvino", folder, None, cache)
+    key, _ = load_skip("openvino", folder, None, cache)
     old = generate(gov.openvino_model(ldmkit.load(str(folder)), cache, "fp32", key), request()).images
 
     weights = next((folder / "unet").glob("*.safetensors"))
@@ -113,7 +115,7 @@ def test_a_rewritten_or_touched_weights_file_is_converted_again(sd_folder, tmp_p
     g = torch.Generator().manual_seed(5)
     save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, str(weights),
               metadata={"format": "pt"})  # the same size: only the time tells the change
-    new_key, skip = gov.load_skip("openvino", folder, None, cache)
+    new_key, skip = load_skip("openvino", folder, None, cache)
     assert new_key != key and skip == frozenset()
     ldm = ldmkit.load(str(folder), skip=skip)
     before = counted()
@@ -123,7 +125,7 @@ def test_a_rewritten_or_touched_weights_file_is_converted_again(sd_folder, tmp_p
 
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched: a new key too
-    assert gov.source_key(folder) != new_key
+    assert gov.source_key(source_files(folder)) != new_key
 
 
 def test_an_ldmkit_folder_is_keyed_by_its_files_and_skips_the_unet_and_text(sd_folder, tmp_path):
@@ -131,9 +133,9 @@ def test_an_ldmkit_folder_is_keyed_by_its_files_and_skips_the_unet_and_text(sd_f
 
     folder = save_ldmkit(ldmkit.load(str(sd_folder)), tmp_path / "native")
     cache = tmp_path / "cache"
-    key, skip = gov.load_skip("openvino", folder, None, cache)
+    key, skip = load_skip("openvino", folder, None, cache)
     first = generate(gov.openvino_model(ldmkit.load(str(folder)), cache, "fp32", key), request()).images
-    again, skip = gov.load_skip("openvino", folder, None, cache)
+    again, skip = load_skip("openvino", folder, None, cache)
     assert again == key and skip == PARTS
     bare = ldmkit.load(str(folder), skip=skip)
     assert no_weights(bare.unet) and no_weights(bare.conditioner.text_encoder.model)
@@ -148,9 +150,9 @@ def test_a_model_in_memory_is_keyed_by_its_weights(sd_folder, tmp_path):
     gov.openvino_model(ldm, cache, "fp32")  # no source: the weights' digest names the IR
     names = {p.name for p in cache.glob("*.xml")}
     assert len(names) == 3 and not any("-src-" in n for n in names)
-    assert gov.source_key(sd_folder, config=ldm.config) is None  # a config object: not files, no key
-    assert gov.load_skip("torch", sd_folder, None, cache) == (None, frozenset())
-    assert gov.load_skip("openvino", sd_folder, None, cache, device="meta")[1] == frozenset()
+    assert source_files(sd_folder, config=ldm.config) is None and gov.source_key(None) is None  # a config object
+    assert load_skip("torch", sd_folder, None, cache) == (None, frozenset())
+    assert load_skip("openvino", sd_folder, None, cache, device="meta")[1] == frozenset()
     perturb(ldm.unet, scale=0.01, seed=9)
     before = counted()
     gov.openvino_model(ldm, cache, "fp32")
@@ -171,7 +173,7 @@ def test_sample_cli_reuses_the_files_key_and_a_lora_falls_back_to_the_weights(sd
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert converted_since(before) == {"unet": 0, "decoder": 0, "text": 0}
     assert (tmp_path / "a" / "0000.png").read_bytes() == (tmp_path / "b" / "0000.png").read_bytes()
-    assert gov.source_key(sd_folder, ema=False) != gov.source_key(sd_folder)  # other weights of the same files
+    assert gov.source_key(source_files(sd_folder), ema=False) != gov.source_key(source_files(sd_folder))  # other weights of the same files
 
     # img2img on a cache hit: the encoder, read without the decoder, is the one torch runs
     i2i = ["--init-image", str(tmp_path / "a" / "0000.png"), "--strength", "0.6"]
@@ -203,7 +205,7 @@ def test_the_vae_read_without_diffusers_is_the_one_diffusers_reads(sd_folder, tm
 _HIT_IMPORTS = """
 import sys
 import ldmkit
-from ldmkit.generation.openvino import load_skip
+from ldmkit.sample import load_skip
 key, skip = load_skip("openvino", sys.argv[1], None, sys.argv[2])
 ldm = ldmkit.load(sys.argv[1], skip=skip)
 print(sorted(skip), sorted(m for m in ("diffusers", "transformers.models.clip.modeling_clip") if m in sys.modules))
@@ -215,7 +217,7 @@ def test_a_cache_hit_imports_neither_diffusers_nor_the_clip_modeling_code(sd_fol
     import subprocess
 
     cache = tmp_path / "cache"
-    key, _ = gov.load_skip("openvino", sd_folder, None, cache)
+    key, _ = load_skip("openvino", sd_folder, None, cache)
     gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
     res = subprocess.run([sys.executable, "-c", _HIT_IMPORTS, str(sd_folder), str(cache)], capture_output=True,
                          text=True, timeout=300)

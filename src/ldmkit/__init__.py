@@ -16,7 +16,7 @@ def load(path, ema: bool = True, device="cpu", config=None, skip=frozenset()):
     folder (or config) describing it (`ldmkit.interop.original.load_original`). `ema`: prefer EMA weights
     where the checkpoint has both. `skip`: parts of a LatentDiffusion ("unet", "text": a CLIP text model) to
     build on the meta device without reading their weights, because a converted model replaces them
-    (`ldmkit.generation.openvino.load_skip`); CPU only. An ldmkit or diffusers pipeline folder honours it, a
+    (`ldmkit.sample.load_skip`); CPU only. An ldmkit or diffusers pipeline folder honours it, a
     single file is read whole."""
     from ldmkit.checkpoint import is_checkpoint, load as load_native
 

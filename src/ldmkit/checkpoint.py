@@ -320,6 +320,36 @@ def sampling_defaults(path: str | Path) -> dict[str, Any]:
         return {}
 
 
+def source_files(path: str | Path, config=None) -> list[Path] | None:
+    """Every file the model at `path` (and a single file's `config` folder or file) is read from, or None where
+    that is not known (a config given as an object, a path that is not there): what keys a converted model's
+    cache (`generation.openvino.source_key`). A folder counts with everything under it (weights, configs,
+    tokenizer; a diffusers pipeline's unused variants too, which costs a stat each); an ldmkit checkpoint also
+    with a text encoder folder its config names outside it."""
+    path = Path(path)
+    if not path.exists() or (config is not None and not isinstance(config, (str, Path))):
+        return None
+    roots = [path]
+    if is_checkpoint(path):
+        folder = resolve(path)
+        roots = [folder]
+        try:
+            name = json.loads((folder / CONFIG).read_text())["config"]["conditioner"]["text_encoder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            name = None
+        if name and name != "minilm" and Path(name).exists():
+            roots.append(Path(name))
+    if config is not None:
+        if not Path(config).exists():
+            return None
+        roots.append(Path(config))
+    files = set()
+    for root in roots:
+        root = root.resolve()
+        files.update([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file()))
+    return sorted(files)
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` looks like an ldmkit checkpoint folder or training output folder (not another format)."""
     path = Path(path)

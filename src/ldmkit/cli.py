@@ -121,7 +121,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     unsupported = {"--controlnet": args.controlnet, "--lora-dir": args.lora_dir, "--embeddings-dir": args.embeddings_dir}
     source, skip = None, frozenset()
     if args.backend != "torch":
-        from ldmkit.generation.openvino import load_skip, refuse_unsupported
+        from ldmkit.generation.openvino import refuse_unsupported
+        from ldmkit.sample import load_skip
 
         refuse_unsupported(args.backend, **unsupported)
         if not args.lora:  # a merged LoRA changes the weights the files hold: keyed by the weights then

@@ -5,7 +5,7 @@ The U-Net, the first stage's decoder and the CLIP text transformer are converted
 OpenVINO IR under the cache folder, named by part and by a key: a second load reads the IR (no conversion).
 The key of a model read from files (`ldmkit sample --checkpoint`, `ldmkit serve`) is `source_key`: the path,
 size and modification time of every file it was read from, so a cache hit is known before any weight is read
-and the loader builds the replaced parts without their weights (`ldmkit.load(…, skip=cached_parts(…))`);
+and the loader builds the replaced parts without their weights (`ldmkit.sample.load_skip`, `ldmkit.load(…, skip=…)`);
 a rewritten or touched file gets a new key. A model built or changed in memory (a fine-tune, a LoRA merged
 with `--lora`) is keyed by a digest of that part's weights (`weights_digest`). Each input shape is compiled
 once per process (a static shape compiles to faster kernels than a dynamic one; OpenVINO's own `CACHE_DIR`
@@ -49,7 +49,7 @@ from ldmkit.errors import LdmkitError
 
 CONVERSIONS: dict[str, int] = {}  # part name → conversions run in this process (tests assert the cache is used)
 PARTS = ("unet", "decoder", "text")  # what a converted model replaces, as `ldmkit.load(skip=…)` names them
-IR_FORMAT = 1  # part of `source_key`: raise it when the traced forms below change, so no older IR is served
+IR_FORMAT = 1  # part of `source_key`: raise it when the traced forms or the parts' code change, so no older IR is served
 
 
 def default_cache_dir() -> Path:
@@ -73,47 +73,14 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def source_files(path: str | Path, config=None) -> list[Path] | None:
-    """Every file the model at `path` (and a single file's `config` folder or file) is read from, or None where
-    that is not known (a config given as an object, a path that is not there). A folder counts with everything
-    under it (weights, configs, tokenizer; a diffusers pipeline's unused variants too, which costs a stat each);
-    an ldmkit checkpoint also with a text encoder folder its config names outside it."""
-    from ldmkit.checkpoint import CONFIG, is_checkpoint, resolve
-
-    path = Path(path)
-    if not path.exists() or (config is not None and not isinstance(config, (str, Path))):
-        return None
-    roots = [path]
-    if is_checkpoint(path):
-        folder = resolve(path)
-        roots = [folder]
-        try:
-            name = json.loads((folder / CONFIG).read_text())["config"]["conditioner"]["text_encoder"]
-        except (OSError, ValueError, KeyError, TypeError):
-            name = None
-        if name and name != "minilm" and Path(name).exists():
-            roots.append(Path(name))
-    if config is not None:
-        if not Path(config).exists():
-            return None
-        roots.append(Path(config))
-    files = set()
-    for root in roots:
-        root = root.resolve()
-        files.update([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file()))
-    return sorted(files)
-
-
-def source_key(path: str | Path, config=None, ema: bool = True) -> str | None:
-    """The IR cache key of the model read from `path` (`source_files`) as `ldmkit.load(path, ema=ema,
-    config=config)` reads it: each file's resolved path, size and modification time in nanoseconds, with this
-    ldmkit's IR layout and the versions that shape a traced graph. Reading no weights, it tells a cache hit before
-    the model is loaded; a file rewritten (or touched) in place changes its time and so the key. None where the
-    files are not known: the caller keys by the weights."""
-    files = source_files(path, config)
+def source_key(files: list[Path] | None, ema: bool = True) -> str | None:
+    """The IR cache key of a model read from `files` (`ldmkit.checkpoint.source_files`), as `ldmkit.load(…,
+    ema=ema)` reads it: each file's resolved path, size and modification time in nanoseconds, with this
+    backend's IR layout (`IR_FORMAT`) and the versions that shape a traced graph. Reading no weights, it tells
+    a cache hit before the model is loaded; a file rewritten (or touched) in place changes its time and so the
+    key. None where the files are not known: the caller keys by the weights."""
     if files is None:
         return None
-    import ldmkit
 
     def version(dist: str) -> str | None:
         try:
@@ -122,8 +89,8 @@ def source_key(path: str | Path, config=None, ema: bool = True) -> str | None:
             return None
 
     stats = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
-    doc = {"ir": IR_FORMAT, "ldmkit": ldmkit.__version__, "torch": torch.__version__, "ema": ema,
-           "openvino": version("openvino"), "transformers": version("transformers"), "files": stats}
+    doc = {"ir": IR_FORMAT, "torch": torch.__version__, "ema": ema, "openvino": version("openvino"),
+           "transformers": version("transformers"), "files": stats}
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
 
 
@@ -363,7 +330,7 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     """A LatentDiffusion container whose U-Net, decoder and (CLIP) text transformer run in OpenVINO on the
     CPU; `model` itself is unchanged. IR cached under `cache_dir` (default ~/.cache/ldmkit/openvino).
     `source`: the `source_key` of the files `model` was read from, unchanged since (no LoRA merged); the parts
-    `cached_parts` named for it may then be weightless (`ldmkit.load(…, skip=…)`). None: keyed by the weights."""
+    `cached_parts` named for it may then be weightless (`ldmkit.sample.load_skip`). None: keyed by the weights."""
     ov = _openvino()
     if next(model.unet.parameters()).device.type not in ("cpu", "meta"):  # meta: skipped at load, its IR cached
         raise LdmkitError("--backend openvino runs on the CPU; use --device cpu")
@@ -431,17 +398,6 @@ def with_backend(model, backend: str, precision: str = "auto", cache_dir: str | 
     the weights and works)."""
     refuse_unsupported(backend, **unsupported)
     return model if backend == "torch" else openvino_model(model, cache_dir, precision, source)
-
-
-def load_skip(backend: str, path: str | Path, config=None, cache_dir: str | Path | None = None,
-              device="cpu", ema: bool = True) -> tuple[str | None, frozenset[str]]:
-    """(`source_key`, the parts `ldmkit.load(…, skip=…)` may leave unread) for a model about to be loaded from
-    `path` (with `config`, `ema`) and given to `with_backend` unchanged; (None, nothing) for the torch backend or
-    another device."""
-    if backend != "openvino" or torch.device(device).type != "cpu":
-        return None, frozenset()
-    key = source_key(path, config, ema)
-    return key, cached_parts(cache_dir, key)
 
 
 def refuse_unsupported(backend: str, **unsupported) -> None:

@@ -165,7 +165,7 @@ class ModelStore:
                     torch.cuda.empty_cache()
                 source, skip = None, frozenset()
                 if self.backend != "torch" and self.networks is None and self.embeddings is None:  # else refused below
-                    from ldmkit.generation.openvino import load_skip
+                    from ldmkit.sample import load_skip
 
                     # the parts whose IR is cached for these files are not read (most of a warm start's loading)
                     source, skip = load_skip(self.backend, entry.path, None, self.backend_cache, self.device)
