@@ -287,8 +287,8 @@ def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[in
     if xml.exists() and xml.with_suffix(".bin").exists():
         return xml
     if any(p.is_meta for p in module.parameters()):
-        raise LdmkitError(f"the OpenVINO IR {xml} was loaded without its weights but is no longer in the cache "
-                          "(removed meanwhile?); run the command again")
+        raise LdmkitError(f"the model's {name} was loaded without its weights for the OpenVINO IR {xml}, which is no "
+                          "longer in the cache (removed meanwhile?); run the command again")
     from ldmkit.layers.attention import clear_context_cache
 
     clear_context_cache(module)
