@@ -24,6 +24,7 @@ checkpoints (train, interop, evaluate, cli); it never imports the interop format
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,13 +194,20 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {err['msg']}" if loc else err["msg"]
 
 
-def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
-    """Load safetensors weights, naming missing/unexpected/mis-shaped keys instead of half-loading."""
+def load_weights(module: nn.Module, file: Path, strict: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """Load safetensors weights, naming missing/unexpected/mis-shaped keys instead of half-loading. `skip`: key
+    prefixes neither read from the file nor expected in the module (parts built without weights)."""
     try:
-        sd = load_file(str(file))
+        if skip:
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as f:  # only the tensors asked for are read from the file
+                sd = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(skip)}
+        else:
+            sd = load_file(str(file))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise LdmkitError(f"cannot read weights {file} ({type(e).__name__}: {e}); the file is damaged, use another checkpoint") from e
-    own = module.state_dict()
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)} if skip else module.state_dict()
     for key in [k for k in sd if k not in own]:  # a module renamed since the file was written (unet.stem)
         for old, now in LEGACY_NAMES.items():
             if f".{old}" in f".{key}" and (renamed := f".{key}".replace(f".{old}", f".{now}")[1:]) in own:
@@ -217,23 +225,45 @@ def load_weights(module: nn.Module, file: Path, strict: bool = True) -> None:
             k = shapes[0]
             parts.append(f"{len(shapes)} keys of the wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise LdmkitError(f"weights {file} do not match the config: {'; '.join(parts)}")
-    module.load_state_dict(sd, strict=strict)
+    module.load_state_dict(sd, strict=strict and not skip)  # skipped keys: checked above without them
 
 
 def load(
     path: str | Path,
     ema: bool = True,
     device: str | torch.device = "cpu",
+    skip: frozenset[str] = frozenset(),
 ) -> nn.Module:
-    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`."""
+    """The module a checkpoint folder holds, in eval mode, with EMA weights when present and `ema`. `skip`: parts
+    of a LatentDiffusion built on the meta device, their weights not read (`ldmkit.load` says which)."""
     folder, kind, cfg, meta = read_config(path)
     cls = KINDS[kind].module_cls
-    module = getattr(cls, "from_config", cls)(_relocate_text_encoder(folder, cfg))  # LatentDiffusion: from its parts
+    skip = skip if kind == "latent_diffusion" else frozenset()
+    cfg = _relocate_text_encoder(folder, cfg)
+    module = skeleton(cfg, skip) if skip else getattr(cls, "from_config", cls)(cfg)  # LatentDiffusion: from its parts
     file = folder / EMA_WEIGHTS if ema and (folder / EMA_WEIGHTS).is_file() else folder / WEIGHTS
     if not file.is_file():
         raise LdmkitError(f"{folder} has no {WEIGHTS}; the checkpoint is incomplete, use an earlier one")
-    load_weights(module, file)
-    return module.to(device).eval()
+    load_weights(module, file, skip=("unet.",) if "unet" in skip else ())
+    return (module if skip else module.to(device)).eval()  # meta tensors cannot move; skip is for the CPU only
+
+
+def skeleton(cfg: LatentDiffusionConfig, skip: frozenset[str], autoencoder: nn.Module | None = None,
+             unet: nn.Module | None = None) -> LatentDiffusion:
+    """A LatentDiffusion of `cfg` whose `skip` parts ("unet", "text": a CLIP text model) are built on the meta
+    device: their architecture without weights, neither initialised nor read, for a converted model that
+    replaces them (`generation.openvino`). `autoencoder`, `unet`: parts already loaded; the others are built."""
+    from ldmkit.conditioning.conditioner import Conditioner
+    from ldmkit.conditioning.text import build_text_encoder
+    from ldmkit.unet import UNet
+
+    if unet is None:
+        with torch.device("meta") if "unet" in skip else contextlib.nullcontext():
+            unet = UNet(cfg.unet)
+    name = cfg.conditioner.text_encoder
+    text = build_text_encoder(name, weights="text" not in skip) if name else None
+    ae = autoencoder if autoencoder is not None else AutoencoderKL(cfg.autoencoder)
+    return LatentDiffusion(ae, unet, Conditioner(cfg.conditioner, text), cfg).eval()
 
 
 def _relocate_text_encoder(folder: Path, cfg: BaseModel) -> BaseModel:
@@ -288,6 +318,36 @@ def sampling_defaults(path: str | Path) -> dict[str, Any]:
         return dict(read_config(path)[3].get("sampling") or {})
     except LdmkitError:
         return {}
+
+
+def source_files(path: str | Path, config=None) -> list[Path] | None:
+    """Every file the model at `path` (and a single file's `config` folder or file) is read from, or None where
+    that is not known (a config given as an object, a path that is not there): what keys a converted model's
+    cache (`generation.openvino.source_key`). A folder counts with everything under it (weights, configs,
+    tokenizer; a diffusers pipeline's unused variants too, which costs a stat each); an ldmkit checkpoint also
+    with a text encoder folder its config names outside it."""
+    path = Path(path)
+    if not path.exists() or (config is not None and not isinstance(config, (str, Path))):
+        return None
+    roots = [path]
+    if is_checkpoint(path):
+        folder = resolve(path)
+        roots = [folder]
+        try:
+            name = json.loads((folder / CONFIG).read_text())["config"]["conditioner"]["text_encoder"]
+        except (OSError, ValueError, KeyError, TypeError):
+            name = None
+        if name and name != "minilm" and Path(name).exists():
+            roots.append(Path(name))
+    if config is not None:
+        if not Path(config).exists():
+            return None
+        roots.append(Path(config))
+    files = set()
+    for root in roots:
+        root = root.resolve()
+        files.update([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file()))
+    return sorted(files)
 
 
 def is_checkpoint(path: str | Path) -> bool:

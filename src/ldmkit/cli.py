@@ -119,12 +119,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device, "--device")
     amp = autocast(args.precision, device, "--precision")  # refuses fp16 off CUDA before anything is loaded
     unsupported = {"--controlnet": args.controlnet, "--lora-dir": args.lora_dir, "--embeddings-dir": args.embeddings_dir}
+    source, skip = None, frozenset()
     if args.backend != "torch":
         from ldmkit.generation.openvino import refuse_unsupported
+        from ldmkit.sample import load_skip
 
         refuse_unsupported(args.backend, **unsupported)
+        if not args.lora:  # a merged LoRA changes the weights the files hold: keyed by the weights then
+            # the parts whose IR is cached for these files are not read at all (most of a second run's loading)
+            source, skip = load_skip(args.backend, args.checkpoint, args.config, args.backend_cache, device)
 
-    ldm = ldmkit.load(args.checkpoint, config=args.config, device=device)
+    ldm = ldmkit.load(args.checkpoint, config=args.config, device=device, skip=skip)
     _fill_sampling_defaults(args, args.checkpoint)
     nets = []
     if isinstance(ldm, (ControlNet, Adapter)):  # a train-control folder: its meta names the base model
@@ -204,7 +209,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         from ldmkit.generation.openvino import with_backend
 
-        ldm = with_backend(ldm, args.backend, args.precision, args.backend_cache, **unsupported, **{"a ControlNet": nets})
+        ldm = with_backend(ldm, args.backend, args.precision, args.backend_cache, source, **unsupported,
+                           **{"a ControlNet": nets})
         amp = contextlib.nullcontext()
     with amp:
         paths = sample_to_folder(

@@ -18,6 +18,20 @@ from ldmkit.imageio import make_dir, open_image, save_grid, save_png, to_rgb, to
 __all__ = ["A1111_SAMPLERS", "infotext", "read_image", "read_prompts_file", "read_tiny_decoder", "sample_to_folder"]
 
 
+def load_skip(backend: str, path: str | Path, config=None, cache_dir: str | Path | None = None,
+              device="cpu", ema: bool = True) -> tuple[str | None, frozenset[str]]:
+    """(`source_key`, the parts `ldmkit.load(…, skip=…)` may leave unread) for a model about to be loaded from
+    `path` (with `config`, `ema`) and given to `with_backend` unchanged, as `ldmkit sample` and `serve` do;
+    (None, nothing) for the torch backend or another device than the CPU."""
+    from ldmkit.checkpoint import source_files
+    from ldmkit.generation.openvino import cached_parts, source_key
+
+    if backend != "openvino" or torch.device(device).type != "cpu":
+        return None, frozenset()
+    key = source_key(source_files(path, config), ema)
+    return key, cached_parts(cache_dir, key)
+
+
 def read_prompts_file(path: str | Path) -> list[str]:
     path = Path(path)
     try:

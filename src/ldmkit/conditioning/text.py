@@ -409,6 +409,30 @@ class MiniLMTextEncoder(CachedTextEncoder):
         return path
 
 
+class CLIPTextSkeleton(nn.Module):
+    """A CLIP text model without its weights and without transformers' modeling code, whose import (torch's
+    dynamo and distributed tensors come with it) was a second or more of a warm `ldmkit sample --backend openvino`:
+    the config, and the input-embedding table and final norm on the meta device, which is what a converted model
+    that replaces it reads (`generation.openvino.OVCLIPText`). Running it is refused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        with torch.device("meta"):
+            # given its (empty) table, nn.Embedding draws no random init: normal_ on the meta device goes through
+            # torch's Python decompositions, whose first use imports torch._dynamo (1.4 s measured under load)
+            self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size,
+                                                _weight=torch.empty(config.vocab_size, config.hidden_size))
+            self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.token_embedding
+
+    def forward(self, *_, **__):
+        raise LdmkitError("this CLIP text encoder was loaded without its weights, for a converted model to replace "
+                          "it; load the model again without skip= to run it in torch")
+
+
 class CLIPTextEncoder(CachedTextEncoder):
     """A CLIP text transformer from a local folder, as Stable Diffusion uses it: the last hidden
     state (SD v1) or the penultimate one (SD v2, `skip_last_layer=True`), padded to 77 tokens.
@@ -418,10 +442,10 @@ class CLIPTextEncoder(CachedTextEncoder):
     `text_encoder/` next to `tokenizer/`). Note that a diffusers SD 2 `text_encoder/` already has its
     last layer removed, so it is used with `skip_last_layer=False`, exactly as diffusers does."""
 
-    def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False):
+    def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False, weights: bool = True):
         super().__init__()
         try:
-            from transformers import CLIPTextModel, CLIPTokenizer
+            from transformers import CLIPTextConfig, CLIPTokenizer
         except ImportError as e:
             raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
         if not Path(path).exists():
@@ -432,7 +456,12 @@ class CLIPTextEncoder(CachedTextEncoder):
                 f"no CLIP tokenizer in {path} or in a sibling tokenizer/ folder; pass tokenizer_path "
                 "(a folder with tokenizer.json or vocab.json + merges.txt)"
             )
-        self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        if weights:
+            from transformers import CLIPTextModel
+
+            self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        else:  # for a converted model that replaces it: nothing read but the config
+            self.model = CLIPTextSkeleton(CLIPTextConfig.from_pretrained(path, local_files_only=True)).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         self.dim = self.model.config.hidden_size
         self.skip_last_layer = skip_last_layer
@@ -714,9 +743,10 @@ def find_tokenizer_folder(path: Path) -> Path | None:
     return None
 
 
-def build_text_encoder(name: str) -> CachedTextEncoder:
+def build_text_encoder(name: str, weights: bool = True) -> CachedTextEncoder:
     """'minilm' (bundled), or a local folder: a sentence-transformers model or a CLIP text model
-    (its tokenizer in the same folder or in a sibling `tokenizer/`, as in a diffusers pipeline)."""
+    (its tokenizer in the same folder or in a sibling `tokenizer/`, as in a diffusers pipeline). `weights=False`:
+    a CLIP text model is a `CLIPTextSkeleton`, its weights not read (the others are read as ever)."""
     if name == "minilm":
         return MiniLMTextEncoder()
     p = Path(name)
@@ -732,4 +762,4 @@ def build_text_encoder(name: str) -> CachedTextEncoder:
         return MiniLMTextEncoder(str(p))
     if (p / "text_encoder_2").is_dir():  # an SDXL pipeline folder: both encoders
         return SDXLTextEncoder.from_folder(p)
-    return CLIPTextEncoder(str(p))
+    return CLIPTextEncoder(str(p), weights=weights)

@@ -2,10 +2,14 @@
 
 The U-Net, the first stage's decoder and the CLIP text transformer are converted once with
 `openvino.convert_model` (traced from example inputs, batch and spatial sizes left dynamic) and saved as
-OpenVINO IR under the cache folder, named by part and by a digest of that part's weights: a second load
-reads the IR (no conversion), and changed weights (a fine-tune, a LoRA merged with `--lora`) get a new
-digest and so a new conversion. Each input shape is compiled once per process (a static shape compiles to
-faster kernels than a dynamic one; OpenVINO's own `CACHE_DIR` keeps the compiled blobs for the next process).
+OpenVINO IR under the cache folder, named by part and by a key: a second load reads the IR (no conversion).
+The key of a model read from files (`ldmkit sample --checkpoint`, `ldmkit serve`) is `source_key`: the path,
+size and modification time of every file it was read from, so a cache hit is known before any weight is read
+and the loader builds the replaced parts without their weights (`ldmkit.sample.load_skip`, `ldmkit.load(…, skip=…)`);
+a rewritten or touched file gets a new key. A model built or changed in memory (a fine-tune, a LoRA merged
+with `--lora`) is keyed by a digest of that part's weights (`weights_digest`). Each input shape is compiled
+once per process (a static shape compiles to faster kernels than a dynamic one; OpenVINO's own `CACHE_DIR`
+keeps the compiled blobs for the next process).
 
 The parts are wrapped as torch modules with the call signatures of the parts they replace, in a new
 `LatentDiffusion` container (the model given is left as it is), so `generate` and its sampler loop run
@@ -28,6 +32,8 @@ import copy
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
+import json
 import os
 import sys
 import warnings
@@ -42,6 +48,8 @@ from ldmkit.device import resolve_precision
 from ldmkit.errors import LdmkitError
 
 CONVERSIONS: dict[str, int] = {}  # part name → conversions run in this process (tests assert the cache is used)
+PARTS = ("unet", "decoder", "text")  # what a converted model replaces, as `ldmkit.load(skip=…)` names them
+IR_FORMAT = 1  # part of `source_key`: raise it when the traced forms or the parts' code change, so no older IR is served
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +71,39 @@ def weights_digest(module: nn.Module) -> str:
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes())  # the bytes as stored (bf16 included)
     return h.hexdigest()
+
+
+def source_key(files: list[Path] | None, ema: bool = True) -> str | None:
+    """The IR cache key of a model read from `files` (`ldmkit.checkpoint.source_files`), as `ldmkit.load(…,
+    ema=ema)` reads it: each file's resolved path, size and modification time in nanoseconds, with this
+    backend's IR layout (`IR_FORMAT`) and the versions that shape a traced graph. Reading no weights, it tells
+    a cache hit before the model is loaded; a file rewritten (or touched) in place changes its time and so the
+    key. None where the files are not known: the caller keys by the weights."""
+    if files is None:
+        return None
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    stats = [(str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
+    doc = {"ir": IR_FORMAT, "torch": torch.__version__, "ema": ema, "openvino": version("openvino"),
+           "transformers": version("transformers"), "files": stats}
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()
+
+
+def _source_xml(cache: Path, name: str, key: str) -> Path:
+    return cache / f"{name}-src-{key[:24]}.xml"
+
+
+def cached_parts(cache_dir: str | Path | None, key: str | None) -> frozenset[str]:
+    """The parts (of `PARTS`) whose IR for `key` is in the cache: what `ldmkit.load(…, skip=…)` need not read."""
+    if key is None:
+        return frozenset()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return frozenset(n for n in PARTS if (x := _source_xml(cache, n, key)).exists() and x.with_suffix(".bin").exists())
 
 
 def _openvino():
@@ -237,12 +278,17 @@ class OVCLIPText(_Part):
 # ---- conversion
 
 
-def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[int]], cache: Path, core) -> Path:
-    """The IR of `module` under `cache`, named by its weights' digest; converted only when absent."""
+def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[int]], cache: Path, core,
+             source: str | None = None) -> Path:
+    """The IR of `module` under `cache`, named by `source` (`source_key`) where given, else by its weights'
+    digest; converted only when absent."""
     ov = _openvino()
-    xml = cache / f"{name}-{weights_digest(module)[:20]}.xml"
+    xml = _source_xml(cache, name, source) if source is not None else cache / f"{name}-{weights_digest(module)[:20]}.xml"
     if xml.exists() and xml.with_suffix(".bin").exists():
         return xml
+    if any(p.is_meta for p in module.parameters()):
+        raise LdmkitError(f"the model's {name} was loaded without its weights for the OpenVINO IR {xml}, which is no "
+                          "longer in the cache (removed meanwhile?); run the command again")
     from ldmkit.layers.attention import clear_context_cache
 
     clear_context_cache(module)
@@ -280,11 +326,13 @@ def _unet_routes(model) -> list[str]:
     return routes
 
 
-def openvino_model(model, cache_dir: str | Path | None = None, precision: str = "auto"):
+def openvino_model(model, cache_dir: str | Path | None = None, precision: str = "auto", source: str | None = None):
     """A LatentDiffusion container whose U-Net, decoder and (CLIP) text transformer run in OpenVINO on the
-    CPU; `model` itself is unchanged. IR cached under `cache_dir` (default ~/.cache/ldmkit/openvino)."""
+    CPU; `model` itself is unchanged. IR cached under `cache_dir` (default ~/.cache/ldmkit/openvino).
+    `source`: the `source_key` of the files `model` was read from, unchanged since (no LoRA merged); the parts
+    `cached_parts` named for it may then be weightless (`ldmkit.sample.load_skip`). None: keyed by the weights."""
     ov = _openvino()
-    if next(model.unet.parameters()).device.type != "cpu":
+    if next(model.unet.parameters()).device.type not in ("cpu", "meta"):  # meta: skipped at load, its IR cached
         raise LdmkitError("--backend openvino runs on the CPU; use --device cpu")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     hint = "bf16" if resolve_precision(precision, "cpu") == "bf16" else "f32"
@@ -306,12 +354,12 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
            "vector": [-1, cfg.unet.vector_dim or 1], "concat": [-1, cfg.unet.concat_channels or 1, -1, -1], "guidance": [-1]}
     unet_in = (torch.randn(b, cfg.unet.in_channels, h, w), torch.full((b,), 500.0), *[examples[r] for r in routes])
     unet_dyn = [[-1, cfg.unet.in_channels, -1, -1], [-1], *[dyn[r] for r in routes]]
-    xml = _convert("unet", _TracedUNet(model.unet, routes), unet_in, unet_dyn, cache, core)
+    xml = _convert("unet", _TracedUNet(model.unet, routes), unet_in, unet_dyn, cache, core, source)
     unet = OVUNet("unet", xml, hint, core, routes, model.unet.config)
 
     ae = model.autoencoder
     xml = _convert("decoder", _TracedDecoder(ae.post_quant_conv, ae.decoder), (torch.randn(b, c, h, w),),
-                   [[-1, c, -1, -1]], cache, core)
+                   [[-1, c, -1, -1]], cache, core, source)
     ae = copy.copy(ae)
     ae._modules = dict(ae._modules)  # its own children: the given autoencoder keeps its decoder
     ae._modules["decoder"] = OVDecoder("decoder", xml, hint, core)
@@ -321,9 +369,10 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     out._modules["autoencoder"] = ae
     text = model.conditioner.text_encoder
     clip = getattr(text, "model", None)
-    if clip is not None and type(clip).__name__ == "CLIPTextModel":  # SDXL's pair and MiniLM stay in torch
+    # SDXL's pair and MiniLM stay in torch; a skeleton is a CLIPTextModel loaded without weights (its IR cached)
+    if clip is not None and type(clip).__name__ in ("CLIPTextModel", "CLIPTextSkeleton"):
         ids = torch.full((b, text.window), text.pad_id, dtype=torch.long)
-        xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, core)
+        xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, core, source)
         text = copy.copy(text)
         text_core = core if hint == "f32" else ov.Core()
         text_core.set_property({"CACHE_DIR": str(cache / "compiled-f32")})
@@ -342,12 +391,13 @@ BACKENDS = ("torch", "openvino")
 
 
 def with_backend(model, backend: str, precision: str = "auto", cache_dir: str | Path | None = None,
-                 **unsupported):
-    """`model` for `--backend`: torch → itself; openvino → `openvino_model`. `unsupported` maps a flag to its
-    value (`{"--lora-dir": …}`); a set one is refused in one line for OpenVINO, whose graphs are fixed at
-    conversion (a LoRA merged with `--lora` before this call is part of the weights and works)."""
+                 source: str | None = None, **unsupported):
+    """`model` for `--backend`: torch → itself; openvino → `openvino_model` (`source`: its `source_key`).
+    `unsupported` maps a flag to its value (`{"--lora-dir": …}`); a set one is refused in one line for
+    OpenVINO, whose graphs are fixed at conversion (a LoRA merged with `--lora` before this call is part of
+    the weights and works)."""
     refuse_unsupported(backend, **unsupported)
-    return model if backend == "torch" else openvino_model(model, cache_dir, precision)
+    return model if backend == "torch" else openvino_model(model, cache_dir, precision, source)
 
 
 def refuse_unsupported(backend: str, **unsupported) -> None:

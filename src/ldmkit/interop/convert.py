@@ -75,21 +75,23 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def load_any(path: str | Path, config=None, ema: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+def load_any(path: str | Path, config=None, ema: bool = True, device: str | torch.device = "cpu",
+             skip: frozenset[str] = frozenset()) -> nn.Module:
     """The module any supported checkpoint holds, in eval mode: an ldmkit checkpoint folder, a
     diffusers pipeline folder (→ LatentDiffusion with its CLIP text encoder), a diffusers model
     folder, or an original single file.
 
     `config` is for single files only (a diffusers pipeline folder or config object; see
     `ldmkit.interop.original.load_original`). `ema`: prefer EMA weights where the checkpoint has
-    both (ldmkit's ema.safetensors, the original format's model_ema.*)."""
+    both (ldmkit's ema.safetensors, the original format's model_ema.*). `skip`: as `ldmkit.load` takes it (an
+    ldmkit or diffusers pipeline folder; a single file is read whole)."""
     fmt = detect_format(path)
     if config is not None and fmt != "original":
         raise LdmkitError(f"config= is for single files; {path} is a {fmt.replace('_', ' ')} and carries its own")
     if fmt == "ldmkit":
-        return load(path, ema=ema, device=device)
+        return load(path, ema=ema, device=device, skip=skip)
     if fmt == "diffusers_pipeline":
-        return dif.load_diffusers_pipeline(path, device=device)
+        return dif.load_diffusers_pipeline(path, device=device, skip=skip)
     if fmt == "diffusers_model":
         return dif.load_diffusers_model(path).to(device)
     return orig.load_original(path, config=config, ema=ema, device=device)

@@ -498,27 +498,68 @@ def assemble(config, autoencoder: AutoencoderKL, unet: UNet, conditioner) -> Lat
     return LatentDiffusion(autoencoder, unet, conditioner, config).eval()
 
 
-def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cpu",
+                            skip: frozenset[str] = frozenset()) -> LatentDiffusion:
     """A diffusers Stable Diffusion pipeline folder → `LatentDiffusion` (eval mode) with the same
-    weights; the text encoder is a `CLIPTextEncoder` on its text_encoder/ and tokenizer/."""
+    weights; the text encoder is a `CLIPTextEncoder` on its text_encoder/ and tokenizer/. `skip`: parts built
+    on the meta device, their weights not read (`ldmkit.load` says which)."""
+    from ldmkit.checkpoint import skeleton
     from ldmkit.conditioning.conditioner import Conditioner
 
     folder = Path(folder)
     if not is_pipeline_folder(folder):
         raise LdmkitError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
     cfg, _ = pipeline_config(folder)
-    dm = _diffusers()
-    # the diffusers modules are temporaries: their tensors are taken over, not copied
-    ae = vae_from_diffusers(_from_pretrained(dm.AutoencoderKL, folder / "vae"), copy=False)
-    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels,
-                               copy=False)
-    ae.config, unet.config = cfg.autoencoder, cfg.unet  # the same models, possibly as ldmkit first wrote them
-    conditioner = Conditioner(cfg.conditioner)
+    # with skip (a converted model's cache hit) the VAE is read from its file without diffusers, whose import
+    # was most of that load (a few seconds, to read 0.3 GB)
+    ae = _vae_from_file(folder / "vae", cfg.autoencoder, "decoder" in skip) if skip else None
+    if ae is None:
+        # the diffusers modules are temporaries: their tensors are taken over, not copied
+        ae = vae_from_diffusers(_from_pretrained(_diffusers().AutoencoderKL, folder / "vae"), copy=False)
+    ae.config = cfg.autoencoder  # the same model, possibly as ldmkit first wrote it
+    if skip:
+        ldm = skeleton(cfg, skip, autoencoder=ae, unet=None if "unet" in skip else _unet_of(_diffusers(), folder, cfg))
+        conditioner = ldm.conditioner
+    else:
+        unet = _unet_of(_diffusers(), folder, cfg)
+        conditioner = Conditioner(cfg.conditioner)
     if conditioner.vector_dim != cfg.unet.vector_dim:
         raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {cfg.unet.vector_dim} features, the text encoders "
                           f"and size/crop values give {conditioner.vector_dim}; are unet/ and text_encoder_2/ from the "
                           "same model?")
+    if skip:
+        return ldm  # on the CPU: meta tensors cannot move
     return assemble(cfg, ae, unet, conditioner).to(device)
+
+
+def _vae_from_file(folder: Path, cfg: AutoencoderConfig, skip_decoder: bool) -> AutoencoderKL | None:
+    """The VAE of a pipeline folder read straight from its float32 safetensors file, whose keys are diffusers'
+    current names, which ldmkit's AutoencoderKL shares (`check_state_dicts` in `vae_from_diffusers`); `skip_decoder`:
+    the decoder and post_quant_conv stay on the meta device, unread. None for anything else (fp16 or .bin files,
+    older attention names diffusers renames as it loads): diffusers reads those."""
+    from safetensors import safe_open
+
+    file = folder / "diffusion_pytorch_model.safetensors"
+    if not file.is_file():
+        return None
+    with torch.device("meta"):
+        ae = AutoencoderKL(cfg)
+    own = ae.state_dict()
+    with safe_open(str(file), "pt") as f:
+        keys = set(f.keys())
+        if keys != set(own) or any(f.get_slice(k).get_dtype() != "F32" or f.get_slice(k).get_shape() != list(own[k].shape)
+                                   for k in keys):
+            return None
+        wanted = [k for k in keys if not (skip_decoder and k.startswith(("decoder.", "post_quant_conv.")))]
+        ae.load_state_dict({k: f.get_tensor(k) for k in wanted}, strict=False, assign=True)
+    return ae.eval()
+
+
+def _unet_of(dm, folder: Path, cfg) -> UNet:
+    unet = unet_from_diffusers(_from_pretrained(dm.UNet2DConditionModel, folder / "unet"), cfg.unet.concat_channels,
+                               copy=False)
+    unet.config = cfg.unet  # the same model, possibly as ldmkit first wrote it
+    return unet
 
 
 def _text_encoder_parts(ldm: LatentDiffusion):

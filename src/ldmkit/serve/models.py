@@ -81,8 +81,9 @@ def _titles(paths: list[str]) -> list[str]:
     return [f"{Path(p).resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def load_checkpoint(path: str, device: torch.device) -> Loaded:
-    """The LatentDiffusion (and control network) a checkpoint holds, as `ldmkit sample` reads it."""
+def load_checkpoint(path: str, device: torch.device, skip: frozenset[str] = frozenset()) -> Loaded:
+    """The LatentDiffusion (and control network) a checkpoint holds, as `ldmkit sample` reads it (`skip`: as
+    `ldmkit.load` takes it)."""
     import ldmkit
     from ldmkit.checkpoint import is_checkpoint, load_control, read_config, weights_sha256
     from ldmkit.pipeline import LatentDiffusion
@@ -93,7 +94,7 @@ def load_checkpoint(path: str, device: torch.device) -> Loaded:
     if is_checkpoint(path) and read_config(path)[1] in ("controlnet", "adapter"):
         control, ldm, _ = load_control(path, device=device)
     else:
-        ldm = ldmkit.load(path, device=device)
+        ldm = ldmkit.load(path, device=device, skip=skip)
     if not isinstance(ldm, LatentDiffusion):
         raise LdmkitError(f"--checkpoint {path} holds a {type(ldm).__name__}, not a diffusion model; give a folder "
                           "`ldmkit train` or `ldmkit train-control` wrote, or a Stable Diffusion pipeline")
@@ -162,7 +163,13 @@ class ModelStore:
                     other.loaded = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                loaded = load_checkpoint(entry.path, self.device)
+                source, skip = None, frozenset()
+                if self.backend != "torch" and self.networks is None and self.embeddings is None:  # else refused below
+                    from ldmkit.sample import load_skip
+
+                    # the parts whose IR is cached for these files are not read (most of a warm start's loading)
+                    source, skip = load_skip(self.backend, entry.path, None, self.backend_cache, self.device)
+                loaded = load_checkpoint(entry.path, self.device, skip)
                 if self.embeddings is not None and loaded.text:  # before it counts as loaded: a refusal leaves none
                     from ldmkit.conditioning.embeddings import attach_embeddings
 
@@ -170,7 +177,7 @@ class ModelStore:
                 if self.backend != "torch":
                     from ldmkit.generation.openvino import with_backend
 
-                    loaded.ldm = with_backend(loaded.ldm, self.backend, self.precision, self.backend_cache, **{
+                    loaded.ldm = with_backend(loaded.ldm, self.backend, self.precision, self.backend_cache, source, **{
                         "--lora-dir": self.networks, "--embeddings-dir": self.embeddings, "a ControlNet": loaded.control})
                 if self.tiny is not None:  # refused here, for this model, when its latents do not fit
                     from ldmkit.generation import tiny_decoder
