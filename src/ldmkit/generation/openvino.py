@@ -56,6 +56,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldmkit" / "openvino"
 
 
+def _cache(cache_dir: str | Path | None) -> Path:
+    """The cache folder `--backend-cache` names, else the default one."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
 def weights_digest(module: nn.Module) -> str:
     """A digest of a module's weights: every tensor's name, shape and dtype and the exact bytes of up to 16,384
     evenly strided elements of it. Hashing all 3.4 GB of an SD U-Net, or summing it, costs seconds at every
@@ -102,7 +107,7 @@ def cached_parts(cache_dir: str | Path | None, key: str | None) -> frozenset[str
     """The parts (of `PARTS`) whose IR for `key` is in the cache: what `ldmkit.load(…, skip=…)` need not read."""
     if key is None:
         return frozenset()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = _cache(cache_dir)
     return frozenset(n for n in PARTS if (x := _source_xml(cache, n, key)).exists() and x.with_suffix(".bin").exists())
 
 
@@ -334,7 +339,7 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     ov = _openvino()
     if next(model.unet.parameters()).device.type not in ("cpu", "meta"):  # meta: skipped at load, its IR cached
         raise LdmkitError("--backend openvino runs on the CPU; use --device cpu")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = _cache(cache_dir)
     hint = "bf16" if resolve_precision(precision, "cpu") == "bf16" else "f32"
     core = ov.Core()
     # compiled blobs, one folder per precision hint: OpenVINO 2026.4 served an f32 blob to a bf16 compile of
