@@ -77,6 +77,10 @@ def main() -> None:
     p.add_argument("--decoder-steps", type=int, default=300, help="finetune.decoder_steps before the LoRA steps")
     p.add_argument("--class-images", type=int, default=96, help="finetune.prior.images")
     p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--class-prompts", choices=("squares", "vocabulary"), default="squares",
+                   help="squares: the issue's `a {colour} square in the {position}` (24); vocabulary: every caption "
+                        "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run without prior preservation")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds of the judge")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -91,7 +95,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = instance_folder(out / "instance")
-    (out / "class_prompts.txt").write_text("".join(f"a {c} square in the {p}\n" for c in COLOURS for p in POSITIONS))
+    from ldmkit.data.shapes import all_captions
+
+    classes = ([f"a {c} square in the {p}" for c in COLOURS for p in POSITIONS] if args.class_prompts == "squares"
+               else all_captions("basic"))
+    (out / "class_prompts.txt").write_text("".join(f"{c}\n" for c in classes))
     sets = [f"data.dataset={data}", "data.vocabulary=basic", "data.hflip=false", f"optim.steps={args.steps}",
             f"optim.batch_size={args.batch}", f"optim.lr={args.lr}", "optim.warmup_steps=0",
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
@@ -100,8 +108,11 @@ def main() -> None:
              f"finetune.prior.weight={args.prior_weight}", f"finetune.prior.cache={out / 'class_images'}"]
     t0 = time.time()
     runs = {"prior": out / "with-prior", "no_prior": out / "without-prior"}
-    seconds = {"prior": train_once(runs["prior"], args.base, "shapes-lora", sets + prior, args.threads),
-               "no_prior": train_once(runs["no_prior"], args.base, "shapes-lora", sets, args.threads)}
+    if args.no_baseline:
+        del runs["no_prior"]
+    seconds = {"prior": train_once(runs["prior"], args.base, "shapes-lora", sets + prior, args.threads)}
+    if "no_prior" in runs:
+        seconds["no_prior"] = train_once(runs["no_prior"], args.base, "shapes-lora", sets, args.threads)
     results: dict = {"args": vars(args), "train_wall_seconds": {k: round(v, 1) for k, v in seconds.items()}}
     from ldmkit.imageio import save_grid
 
@@ -115,6 +126,8 @@ def main() -> None:
     base72 = results["base"]["original_72"]
     rows = []
     for name, label in (("base", "base model"), ("prior", "LoRA + prior preservation"), ("no_prior", "LoRA, no prior")):
+        if name not in results:
+            continue
         r = results[name]
         o = r["original_72"]
         drop = max(100 * (base72[k] - o[k]) for k in ("colour", "position", "shape", "shape_strict"))

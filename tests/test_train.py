@@ -462,5 +462,41 @@ def test_diffusion_latents_mean_reaches_the_loss_and_a_fine_tune_inherits_it(tra
                  "--set", "diffusion.latents=mean"]) == 0
     assert seen and set(seen) == {"mean"} and ldmkit.load(base).config.diffusion.latents == "mean"
     seen.clear()
-    assert main(["train", "--config", "tiny", "--init-from", str(base), "--out", str(tmp_path / "ft"), *sets]) == 0
+    import ldmkit.train.finetune as ft
+
+    decoder_modes, real_dec = [], ft.finetune_decoder
+    monkeypatch.setattr(ft, "finetune_decoder", lambda *a: decoder_modes.append(a[-1]) or real_dec(*a))
+    assert main(["train", "--config", "tiny", "--init-from", str(base), "--out", str(tmp_path / "ft"), *sets,
+                 "--set", "finetune.decoder_steps=1"]) == 0
     assert seen and set(seen) == {"mean"}
+    assert decoder_modes == ["mean"]  # the decoder steps learn to draw from what the U-Net learns to make
+
+
+def test_the_decoder_steps_decode_the_posterior_mean_or_a_draw_as_the_model_says():
+    """finetune_decoder on latents: "mean" hands the decoder each row's posterior mean itself; "sample" a draw
+    mean + std·ε with ε standard normal. The rows and ε come from the same seeded stream either way."""
+    from ldmkit.train.finetune import finetune_decoder
+
+    class AE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder, self.post_quant_conv = torch.nn.Conv2d(4, 3, 1), torch.nn.Identity()
+
+        def decode(self, z):
+            seen.append(z.detach().clone())
+            return self.decoder(z)
+
+    torch.manual_seed(0)
+    mean, std, images = torch.randn(6, 4, 4, 4), torch.full((6, 4, 4, 4), 0.5), torch.randn(6, 3, 4, 4)
+    draws = {}
+    for mode in ("mean", "sample"):
+        seen = []
+        ae = AE()
+        before = ae.decoder.weight.detach().clone()
+        finetune_decoder(ae, images, mean, std, 3, 1e-2, 4, 0, mode)
+        assert len(seen) == 3 and not torch.equal(before, ae.decoder.weight)  # 3 steps, the decoder moved
+        draws[mode] = torch.cat(seen)
+    rows = [int((mean - z).flatten(1).abs().sum(1).argmin()) for z in draws["mean"]]
+    assert torch.equal(draws["mean"], mean[rows])  # exactly the means of the drawn rows
+    eps = (draws["sample"] - mean[rows]) / 0.5  # the same rows (the same stream), plus std·ε
+    assert eps.abs().min() > 0 and abs(float(eps.std()) - 1) < 0.2 and abs(float(eps.mean())) < 0.2
