@@ -75,8 +75,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--decoder-steps", type=int, default=300, help="finetune.decoder_steps before the LoRA steps")
+    p.add_argument("--decoder-lr", type=float, default=1e-3, help="finetune.decoder_lr")
     p.add_argument("--class-images", type=int, default=96, help="finetune.prior.images")
     p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--class-guidance", type=float, default=2.0,
+                   help="finetune.prior.guidance: the class images drawn as the judge samples (its default, 5, drew "
+                        "the demo's triangles with rounder corners: 94.4 %% strict against 98.6 %% at 2)")
     p.add_argument("--class-prompts", choices=("squares", "vocabulary"), default="squares",
                    help="squares: the issue's `a {colour} square in the {position}` (24); vocabulary: every caption "
                         "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
@@ -103,9 +107,11 @@ def main() -> None:
     sets = [f"data.dataset={data}", "data.vocabulary=basic", "data.hflip=false", f"optim.steps={args.steps}",
             f"optim.batch_size={args.batch}", f"optim.lr={args.lr}", "optim.warmup_steps=0",
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
+            f"finetune.decoder_lr={args.decoder_lr}",
             "logging.val_every=100000", "logging.ckpt_every=100000", f"sample.prompts=[a {WORD} square in the top left]"]
     prior = [f"finetune.prior.prompts={out / 'class_prompts.txt'}", f"finetune.prior.images={args.class_images}",
-             f"finetune.prior.weight={args.prior_weight}", f"finetune.prior.cache={out / 'class_images'}"]
+             f"finetune.prior.weight={args.prior_weight}",
+             f"finetune.prior.guidance={args.class_guidance}", f"finetune.prior.cache={out / 'class_images'}"]
     t0 = time.time()
     runs = {"prior": out / "with-prior", "no_prior": out / "without-prior"}
     if args.no_baseline:
