@@ -500,3 +500,28 @@ def test_the_decoder_steps_decode_the_posterior_mean_or_a_draw_as_the_model_says
     assert torch.equal(draws["mean"], mean[rows])  # exactly the means of the drawn rows
     eps = (draws["sample"] - mean[rows]) / 0.5  # the same rows (the same stream), plus std·ε
     assert eps.abs().min() > 0 and abs(float(eps.std()) - 1) < 0.2 and abs(float(eps.mean())) < 0.2
+
+
+def test_the_decoder_steps_rehearsal_rows_keep_what_the_starting_decoder_drew():
+    """Rows from keep_from on (DreamBooth's class latents) target the starting decoder's own output, not their
+    image: a decoder given only such rows has a zero loss and does not move, however far the images are from what
+    it draws; the same rows as ordinary rows pull it toward the images."""
+    from ldmkit.train.finetune import finetune_decoder
+
+    class AE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder, self.post_quant_conv = torch.nn.Conv2d(4, 3, 1), torch.nn.Identity()
+
+        def decode(self, z):
+            return self.decoder(z)
+
+    torch.manual_seed(0)
+    mean, std, images = torch.randn(6, 4, 4, 4), torch.full((6, 4, 4, 4), 0.5), torch.randn(6, 3, 4, 4) + 5
+    moved = {}
+    for keep_from in (0, 3, None):
+        ae = AE()
+        before = ae.decoder.weight.detach().clone()
+        finetune_decoder(ae, images, mean, std, 4, 1e-2, 4, 0, "sample", keep_from)
+        moved[keep_from] = float((ae.decoder.weight - before).abs().max())
+    assert moved[0] == 0 and moved[3] > 0 and moved[None] > 0
