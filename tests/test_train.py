@@ -465,7 +465,7 @@ def test_diffusion_latents_mean_reaches_the_loss_and_a_fine_tune_inherits_it(tra
     import ldmkit.train.finetune as ft
 
     decoder_modes, real_dec = [], ft.finetune_decoder
-    monkeypatch.setattr(ft, "finetune_decoder", lambda *a: decoder_modes.append(a[-1]) or real_dec(*a))
+    monkeypatch.setattr(ft, "finetune_decoder", lambda *a: decoder_modes.append(a[8]) or real_dec(*a))
     assert main(["train", "--config", "tiny", "--init-from", str(base), "--out", str(tmp_path / "ft"), *sets,
                  "--set", "finetune.decoder_steps=1"]) == 0
     assert seen and set(seen) == {"mean"}
