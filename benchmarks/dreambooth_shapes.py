@@ -1,12 +1,17 @@
 """Issue 30's DreamBooth target on `shapes`: a new subject bound to a rare word, with and without prior preservation.
 
     python benchmarks/dreambooth_shapes.py --base runs/demo/diffusion --out runs/dreambooth-shapes
+    python benchmarks/dreambooth_shapes.py --base runs/demo/diffusion --out runs/dreambooth-vocab \
+        --class-prompts vocabulary --no-baseline
 
 Instance data: 8 white diamonds (the extended vocabulary's; a square turned 45°), two per quadrant, in a kohya
-folder `10_sks square/` captioned `a sks square in the {position}`. Two LoRA runs over the base (`shapes-lora`:
-rank 8 on the attention projections; the decoder first learns the images, as the demo's decoder cannot draw white
-or a diamond): one with DreamBooth's prior preservation (class prompts `a {colour} square in the {position}`, the
-6 basic colours x 4 positions; class images drawn once by the base; the decoder rehearses them too), one without.
+folder `10_sks square/` captioned `a sks square in the {position}`. Two LoRA runs over the base (`shapes-lora`
+at rank 8; the decoder first learns the images in 1,000 steps, as the demo's decoder cannot draw white or a
+diamond): one with DreamBooth's prior preservation, one without. The class prompts: the issue's
+`a {colour} square in the {position}` (6 basic colours x 4 positions, 96 images), or with `--class-prompts
+vocabulary` every caption the base knows (the 72, 144 images), so the prior rehearses circles and triangles too.
+Class images are drawn once by the base at the judge's guidance; the decoder keeps drawing from their latents
+what it drew before (`finetune.finetune_decoder`'s rehearsal rows).
 
 Judged at unseen sampling seeds (25 dpmpp_2m steps, guidance 2), base and both runs, by the extended judge
 (`ldmkit.evaluate.attributes`):
@@ -74,9 +79,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="instance rows a step (the prior adds as many class rows)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--decoder-steps", type=int, default=300, help="finetune.decoder_steps before the LoRA steps")
+    p.add_argument("--decoder-steps", type=int, default=1000, help="finetune.decoder_steps before the LoRA steps")
     p.add_argument("--decoder-lr", type=float, default=1e-3, help="finetune.decoder_lr")
-    p.add_argument("--class-images", type=int, default=96, help="finetune.prior.images")
+    p.add_argument("--class-images", type=int, default=None,
+                   help="finetune.prior.images (default: 96 for the squares' prompts, 144 for the vocabulary's)")
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--class-guidance", type=float, default=2.0,
                    help="finetune.prior.guidance: the class images drawn as the judge samples (its default, 5, drew "
@@ -92,6 +98,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.steps, args.batch, args.decoder_steps, args.class_images, args.seeds, args.sample_steps = 2, 2, 2, 8, 1, 2
+    if args.class_images is None:
+        args.class_images = 96 if args.class_prompts == "squares" else 144
     if args.threads:
         torch.set_num_threads(args.threads)
     import ldmkit
