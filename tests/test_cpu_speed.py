@@ -86,8 +86,15 @@ def test_openvino_matches_torch_and_its_cache_is_reused_and_invalidated(sd_folde
     assert (out - ref).abs().max() <= OV_F32_MAX
 
     counted = dict(gov.CONVERSIONS)
-    bf16 = gov.openvino_model(ldm, cache, precision="bf16")  # read from the cache: nothing converted again
-    assert gov.CONVERSIONS == counted
+    bf16 = gov.openvino_model(ldm, cache, precision="bf16")  # the U-Net and decoder again, with fp16 weights
+    assert {k: gov.CONVERSIONS.get(k, 0) - counted.get(k, 0) for k in ("unet", "decoder", "text")} == \
+        {"unet": 1, "decoder": 1, "text": 0}
+    for part in ("unet", "decoder"):  # the bf16 compile's IR stores its weights in half the bytes
+        (w32,), (w16,) = cache.glob(f"{part}-[0-9a-f]*.bin"), cache.glob(f"{part}-w16-*.bin")
+        assert 0.45 < w16.stat().st_size / w32.stat().st_size < 0.55
+    counted = dict(gov.CONVERSIONS)
+    again = gov.openvino_model(ldm, cache, precision="bf16")  # read from the cache: nothing converted again
+    assert gov.CONVERSIONS == counted and again.unet.xml == bf16.unet.xml
     out = generate(bf16, request()).images
     diff = (out - ref).abs()
     assert torch.isfinite(out).all() and diff.mean() <= OV_BF16_MEAN and diff.max() <= OV_BF16_MAX, (diff.mean(), diff.max())
@@ -96,7 +103,7 @@ def test_openvino_matches_torch_and_its_cache_is_reused_and_invalidated(sd_folde
     moved = gov.openvino_model(ldm, cache, precision="fp32")
     assert gov.CONVERSIONS["unet"] == counted["unet"] + 1 and gov.CONVERSIONS["decoder"] == counted["decoder"]
     assert (generate(moved, request()).images - generate(ldm, request()).images).abs().max() <= OV_F32_MAX
-    assert len(list(cache.glob("unet-*.xml"))) == 2
+    assert len(list(cache.glob("unet-[0-9a-f]*.xml"))) == 2
 
 
 def test_sample_cli_with_openvino_and_its_refusals(sd_folder, tmp_path, capsys):

@@ -19,7 +19,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.generation import GenerationRequest, generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cpu_speed import OV_F32_MAX  # noqa: E402
+from test_cpu_speed import OV_BF16_MAX, OV_BF16_MEAN, OV_F32_MAX  # noqa: E402
 from test_interop import make_tiny_sd_folder, perturb  # noqa: E402
 
 pytest.importorskip("openvino", reason="the OpenVINO backend's tests need openvino (pip install 'ldmkit[openvino]')")
@@ -69,7 +69,7 @@ def refuse_reading(monkeypatch, read: list):
 
 def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    key, skip = load_skip("openvino", sd_folder, None, cache)
+    key, skip = load_skip("openvino", sd_folder, None, cache, precision="fp32")
     assert key is not None and skip == frozenset()  # nothing cached yet: the whole model is read
     ldm = ldmkit.load(str(sd_folder), skip=skip)
     ref = generate(ldm, request()).images
@@ -82,7 +82,7 @@ def test_a_cache_hit_reads_none_of_the_replaced_weights(sd_folder, tmp_path, mon
     # the second process: the same files, so the same key, and every part's IR is there
     read: list[str] = []
     refuse_reading(monkeypatch, read)
-    again, skip = load_skip("openvino", sd_folder, None, cache)
+    again, skip = load_skip("openvino", sd_folder, None, cache, precision="fp32")
     assert again == key and skip == PARTS
     bare = ldmkit.load(str(sd_folder), skip=skip)
     assert read == []  # no part through diffusers: the VAE's encoder straight from its file, the rest not at all
@@ -107,7 +107,7 @@ def test_a_rewritten_or_touched_weights_file_is_converted_again(sd_folder, tmp_p
     folder = tmp_path / "sd"
     os.system(f"cp -r {sd_folder} {folder}")
     cache = tmp_path / "cache"
-    key, _ = load_skip("openvino", folder, None, cache)
+    key, _ = load_skip("openvino", folder, None, cache, precision="fp32")
     old = generate(gov.openvino_model(ldmkit.load(str(folder)), cache, "fp32", key), request()).images
 
     weights = next((folder / "unet").glob("*.safetensors"))
@@ -115,7 +115,7 @@ def test_a_rewritten_or_touched_weights_file_is_converted_again(sd_folder, tmp_p
     g = torch.Generator().manual_seed(5)
     save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items()}, str(weights),
               metadata={"format": "pt"})  # the same size: only the time tells the change
-    new_key, skip = load_skip("openvino", folder, None, cache)
+    new_key, skip = load_skip("openvino", folder, None, cache, precision="fp32")
     assert new_key != key and skip == frozenset()
     ldm = ldmkit.load(str(folder), skip=skip)
     before = counted()
@@ -133,9 +133,9 @@ def test_an_ldmkit_folder_is_keyed_by_its_files_and_skips_the_unet_and_text(sd_f
 
     folder = save_ldmkit(ldmkit.load(str(sd_folder)), tmp_path / "native")
     cache = tmp_path / "cache"
-    key, skip = load_skip("openvino", folder, None, cache)
+    key, skip = load_skip("openvino", folder, None, cache, precision="fp32")
     first = generate(gov.openvino_model(ldmkit.load(str(folder)), cache, "fp32", key), request()).images
-    again, skip = load_skip("openvino", folder, None, cache)
+    again, skip = load_skip("openvino", folder, None, cache, precision="fp32")
     assert again == key and skip == PARTS
     bare = ldmkit.load(str(folder), skip=skip)
     assert no_weights(bare.unet) and no_weights(bare.conditioner.text_encoder.model)
@@ -206,7 +206,7 @@ _HIT_IMPORTS = """
 import sys
 import ldmkit
 from ldmkit.sample import load_skip
-key, skip = load_skip("openvino", sys.argv[1], None, sys.argv[2])
+key, skip = load_skip("openvino", sys.argv[1], None, sys.argv[2], precision="fp32")
 ldm = ldmkit.load(sys.argv[1], skip=skip)
 print(sorted(skip), sorted(m for m in ("diffusers", "transformers.models.clip.modeling_clip") if m in sys.modules))
 """
@@ -217,7 +217,7 @@ def test_a_cache_hit_imports_neither_diffusers_nor_the_clip_modeling_code(sd_fol
     import subprocess
 
     cache = tmp_path / "cache"
-    key, _ = load_skip("openvino", sd_folder, None, cache)
+    key, _ = load_skip("openvino", sd_folder, None, cache, precision="fp32")
     gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
     res = subprocess.run([sys.executable, "-c", _HIT_IMPORTS, str(sd_folder), str(cache)], capture_output=True,
                          text=True, timeout=300)
@@ -238,3 +238,25 @@ def test_serve_loads_a_cached_model_by_its_files_and_still_refuses_a_lora_librar
     (tmp_path / "loras").mkdir()
     with pytest.raises(LdmkitError, match="cannot take --lora-dir"):
         ModelStore([str(sd_folder)], backend="openvino", backend_cache=cache, lora_dir=str(tmp_path / "loras"))
+
+
+def test_a_precision_has_its_own_ir_and_bf16_keeps_fp16_weights(sd_folder, tmp_path):
+    """The U-Net and decoder compiled for bf16 read IR whose weights are fp16 (half the bytes to read and repack on
+    a cached compile); f32 keeps f32 weights. So a cache hit is per precision: the bf16 IR skips nothing for an
+    fp32 run, which converts its own, and the text transformer (always f32) is shared."""
+    cache = tmp_path / "cache"
+    key, skip = load_skip("openvino", sd_folder, None, cache, precision="bf16")
+    assert skip == frozenset()
+    ldm = ldmkit.load(str(sd_folder))
+    ref = generate(ldm, request()).images
+    out = generate(gov.openvino_model(ldm, cache, "bf16", key), request()).images
+    assert {p.name for p in cache.glob("*.xml")} == {f"{n}-src-{key[:24]}.xml" for n in ("unet-w16", "decoder-w16", "text")}
+    diff = (out - ref).abs()
+    assert torch.isfinite(out).all() and diff.mean() <= OV_BF16_MEAN and diff.max() <= OV_BF16_MAX
+    assert load_skip("openvino", sd_folder, None, cache, precision="bf16")[1] == PARTS
+    assert load_skip("openvino", sd_folder, None, cache, precision="fp32")[1] == {"text"}
+    before = counted()
+    gov.openvino_model(ldmkit.load(str(sd_folder), skip=frozenset({"text"})), cache, "fp32", key)
+    assert converted_since(before) == {"unet": 1, "decoder": 1, "text": 0}
+    w16, w32 = (cache / f"unet{s}-src-{key[:24]}.bin" for s in ("-w16", ""))
+    assert 0.45 < w16.stat().st_size / w32.stat().st_size < 0.55

@@ -127,7 +127,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         refuse_unsupported(args.backend, **unsupported)
         if not args.lora:  # a merged LoRA changes the weights the files hold: keyed by the weights then
             # the parts whose IR is cached for these files are not read at all (most of a second run's loading)
-            source, skip = load_skip(args.backend, args.checkpoint, args.config, args.backend_cache, device)
+            source, skip = load_skip(args.backend, args.checkpoint, args.config, args.backend_cache, device,
+                                     precision=args.precision)
 
     ldm = ldmkit.load(args.checkpoint, config=args.config, device=device, skip=skip)
     _fill_sampling_defaults(args, args.checkpoint)

@@ -19,17 +19,17 @@ __all__ = ["A1111_SAMPLERS", "infotext", "read_image", "read_prompts_file", "rea
 
 
 def load_skip(backend: str, path: str | Path, config=None, cache_dir: str | Path | None = None,
-              device="cpu", ema: bool = True) -> tuple[str | None, frozenset[str]]:
+              device="cpu", ema: bool = True, precision: str = "auto") -> tuple[str | None, frozenset[str]]:
     """(`source_key`, the parts `ldmkit.load(…, skip=…)` may leave unread) for a model about to be loaded from
-    `path` (with `config`, `ema`) and given to `with_backend` unchanged, as `ldmkit sample` and `serve` do;
-    (None, nothing) for the torch backend or another device than the CPU."""
+    `path` (with `config`, `ema`) and given to `with_backend` unchanged (with `precision`), as `ldmkit sample` and
+    `serve` do; (None, nothing) for the torch backend or another device than the CPU."""
     from ldmkit.checkpoint import source_files
     from ldmkit.generation.openvino import cached_parts, source_key
 
     if backend != "openvino" or torch.device(device).type != "cpu":
         return None, frozenset()
     key = source_key(source_files(path, config), ema)
-    return key, cached_parts(cache_dir, key)
+    return key, cached_parts(cache_dir, key, precision)
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

@@ -168,7 +168,8 @@ class ModelStore:
                     from ldmkit.sample import load_skip
 
                     # the parts whose IR is cached for these files are not read (most of a warm start's loading)
-                    source, skip = load_skip(self.backend, entry.path, None, self.backend_cache, self.device)
+                    source, skip = load_skip(self.backend, entry.path, None, self.backend_cache, self.device,
+                                             precision=self.precision)
                 loaded = load_checkpoint(entry.path, self.device, skip)
                 if self.embeddings is not None and loaded.text:  # before it counts as loaded: a refusal leaves none
                     from ldmkit.conditioning.embeddings import attach_embeddings
