@@ -252,7 +252,8 @@ def skeleton(cfg: LatentDiffusionConfig, skip: frozenset[str], autoencoder: nn.M
              unet: nn.Module | None = None) -> LatentDiffusion:
     """A LatentDiffusion of `cfg` whose `skip` parts ("unet", "text": a CLIP text model) are built on the meta
     device: their architecture without weights, neither initialised nor read, for a converted model that
-    replaces them (`generation.openvino`). `autoencoder`, `unet`: parts already loaded; the others are built."""
+    replaces them (`generation.openvino`). `autoencoder`, `unet`: parts already loaded; the others are built.
+    `load_diffusers_pipeline` builds every model through it, with `skip` empty on a plain load."""
     from ldmkit.conditioning.conditioner import Conditioner
     from ldmkit.conditioning.text import build_text_encoder
     from ldmkit.unet import UNet

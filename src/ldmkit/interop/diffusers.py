@@ -502,34 +502,27 @@ def load_diffusers_pipeline(folder: str | Path, device: str | torch.device = "cp
                             skip: frozenset[str] = frozenset()) -> LatentDiffusion:
     """A diffusers Stable Diffusion pipeline folder → `LatentDiffusion` (eval mode) with the same
     weights; the text encoder is a `CLIPTextEncoder` on its text_encoder/ and tokenizer/. `skip`: parts built
-    on the meta device, their weights not read (`ldmkit.load` says which)."""
+    on the meta device, their weights not read (`ldmkit.load` says which); the model then stays on the CPU."""
     from ldmkit.checkpoint import skeleton
-    from ldmkit.conditioning.conditioner import Conditioner
 
     folder = Path(folder)
     if not is_pipeline_folder(folder):
         raise LdmkitError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
     cfg, _ = pipeline_config(folder)
-    # with skip (a converted model's cache hit) the VAE is read from its file without diffusers, whose import
-    # was most of that load (a few seconds, to read 0.3 GB)
-    ae = _vae_from_file(folder / "vae", cfg.autoencoder, "decoder" in skip) if skip else None
+    # a float32 safetensors VAE is read from its file without diffusers, whose import was most of a converted
+    # model's cache hit, where the U-Net and CLIP are skipped (a few seconds, to read 0.3 GB)
+    ae = _vae_from_file(folder / "vae", cfg.autoencoder, "decoder" in skip)
     if ae is None:
         # the diffusers modules are temporaries: their tensors are taken over, not copied
         ae = vae_from_diffusers(_from_pretrained(_diffusers().AutoencoderKL, folder / "vae"), copy=False)
     ae.config = cfg.autoencoder  # the same model, possibly as ldmkit first wrote it
-    if skip:
-        ldm = skeleton(cfg, skip, autoencoder=ae, unet=None if "unet" in skip else _unet_of(_diffusers(), folder, cfg))
-        conditioner = ldm.conditioner
-    else:
-        unet = _unet_of(_diffusers(), folder, cfg)
-        conditioner = Conditioner(cfg.conditioner)
-    if conditioner.vector_dim != cfg.unet.vector_dim:
+    unet = None if "unet" in skip else _unet_of(_diffusers(), folder, cfg)
+    ldm = skeleton(cfg, skip, autoencoder=ae, unet=unet)  # the skipped U-Net and CLIP text model on meta
+    if ldm.conditioner.vector_dim != cfg.unet.vector_dim:
         raise LdmkitError(f"{folder}: the U-Net's add_embedding takes {cfg.unet.vector_dim} features, the text encoders "
-                          f"and size/crop values give {conditioner.vector_dim}; are unet/ and text_encoder_2/ from the "
-                          "same model?")
-    if skip:
-        return ldm  # on the CPU: meta tensors cannot move
-    return assemble(cfg, ae, unet, conditioner).to(device)
+                          f"and size/crop values give {ldm.conditioner.vector_dim}; are unet/ and text_encoder_2/ from "
+                          "the same model?")
+    return ldm if skip else ldm.to(device)  # meta tensors cannot move; skip is for the CPU only
 
 
 def _vae_from_file(folder: Path, cfg: AutoencoderConfig, skip_decoder: bool) -> AutoencoderKL | None:
