@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--class-prompts", choices=("squares", "vocabulary"), default="squares",
                    help="squares: the issue's `a {colour} square in the {position}` (24); vocabulary: every caption "
                         "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
+    p.add_argument("--seed", type=int, default=0, help="optim.seed of the runs (LoRA init, batches, decoder rows)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without prior preservation")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds of the judge")
     p.add_argument("--sample-steps", type=int, default=25)
@@ -115,7 +116,7 @@ def main() -> None:
                else all_captions("basic"))
     (out / "class_prompts.txt").write_text("".join(f"{c}\n" for c in classes))
     sets = [f"data.dataset={data}", "data.vocabulary=basic", "data.hflip=false", f"optim.steps={args.steps}",
-            f"optim.batch_size={args.batch}", f"optim.lr={args.lr}", "optim.warmup_steps=0",
+            f"optim.batch_size={args.batch}", f"optim.seed={args.seed}", f"optim.lr={args.lr}", "optim.warmup_steps=0",
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
             f"finetune.decoder_lr={args.decoder_lr}",
             "logging.val_every=100000", "logging.ckpt_every=100000", f"sample.prompts=[a {WORD} square in the top left]"]
