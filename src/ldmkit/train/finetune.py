@@ -303,7 +303,8 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
         mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
         ae = self.ldm.autoencoder.config
-        z0 = (posterior_z(mean, std, r, self.ldm.config.diffusion.latents) - ae.shift_factor) * ae.scaling_factor
+        eps = r.randn(*mean.shape[1:]).to(mean.device)
+        z0 = (posterior_z(mean, std, eps, self.ldm.config.diffusion.latents) - ae.shift_factor) * ae.scaling_factor
         with autocast(o.precision, self.device):
             return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
 
@@ -488,7 +489,7 @@ def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Te
         rows = torch.randint(len(images), (batch_size,), generator=g)
         rows_d = rows.to(mean.device)
         eps = torch.randn(mean[rows_d].shape, generator=g).to(mean.device)
-        z = mean[rows_d] if latents == "mean" else mean[rows_d] + std[rows_d] * eps  # (B, c, h, w)
+        z = posterior_z(mean[rows_d], std[rows_d], eps, latents)  # (B, c, h, w)
         target = images[rows].to(mean.device)  # (B, 3, H, W) in [-1, 1]
         if start is not None and bool((kept := rows_d >= keep_from).any()):
             with torch.no_grad():

@@ -318,13 +318,13 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, optim, step: int, lo: 
     so the result does not depend on how many processes / micro-batches share the batch; the step's later
     draws continue from the returned BatchRandom."""
     r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
-    return r, (posterior_z(mean, std, r, latents) - shift) * scale
+    eps = r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
+    return r, (posterior_z(mean, std, eps, latents) - shift) * scale
 
 
-def posterior_z(mean: torch.Tensor, std: torch.Tensor, r, latents: str) -> torch.Tensor:
-    """z ~ q(z|x) = mean + std·ε with ε from `r` (b, c, h, w), or the mean itself when `latents` is "mean". ε is
-    drawn either way, so the draws after it (noise, t, flips) do not depend on the choice."""
-    eps = r.randn(*mean.shape[1:]).to(mean.device)
+def posterior_z(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, latents: str) -> torch.Tensor:
+    """z ~ q(z|x) = mean + std·ε, or the mean itself when `latents` (`diffusion.latents`) is "mean". The caller
+    draws ε either way, so the draws after it (noise, t, flips, rows) do not depend on the choice."""
     return mean if latents == "mean" else mean + std * eps
 
 
