@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--class-prompts", choices=("squares", "vocabulary"), default="squares",
                    help="squares: the issue's `a {colour} square in the {position}` (24); vocabulary: every caption "
                         "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
+    p.add_argument("--targets", default=None,
+                   help="lora.targets, comma-separated layer-name suffixes (default: the config's; e.g. attn2.to_k,attn2.to_v)")
     p.add_argument("--seed", type=int, default=0, help="optim.seed of the runs (LoRA init, batches, decoder rows)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without prior preservation")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds of the judge")
@@ -120,6 +122,8 @@ def main() -> None:
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
             f"finetune.decoder_lr={args.decoder_lr}",
             "logging.val_every=100000", "logging.ckpt_every=100000", f"sample.prompts=[a {WORD} square in the top left]"]
+    if args.targets:
+        sets.append(f"lora.targets=[{args.targets}]")
     prior = [f"finetune.prior.prompts={out / 'class_prompts.txt'}", f"finetune.prior.images={args.class_images}",
              f"finetune.prior.weight={args.prior_weight}",
              f"finetune.prior.guidance={args.class_guidance}", f"finetune.prior.cache={out / 'class_images'}"]

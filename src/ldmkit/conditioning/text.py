@@ -28,6 +28,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -409,6 +410,21 @@ class MiniLMTextEncoder(CachedTextEncoder):
         return path
 
 
+def _clip_text_config(folder: Path) -> SimpleNamespace:
+    """A CLIP text model's config.json as attributes, for `CLIPTextSkeleton` and what reads its config (the
+    hidden size, the vocabulary): read as JSON, since transformers' config class costs its import."""
+    file = folder / "config.json"
+    try:
+        conf = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LdmkitError(f"cannot read {file} ({type(e).__name__}); is {folder} a CLIP text model folder?") from e
+    conf = conf.get("text_config", conf)  # a whole CLIPModel's config nests the text model's
+    missing = [k for k in ("vocab_size", "hidden_size") if k not in conf]
+    if missing:
+        raise LdmkitError(f"{file} has no {', '.join(missing)}; is {folder} a CLIP text model folder?")
+    return SimpleNamespace(**({"layer_norm_eps": 1e-5} | conf))  # transformers' default eps where unwritten
+
+
 class CLIPTextSkeleton(nn.Module):
     """A CLIP text model without its weights and without transformers' modeling code, whose import (torch's
     dynamo and distributed tensors come with it) was a second or more of a warm `ldmkit sample --backend openvino`:
@@ -444,10 +460,6 @@ class CLIPTextEncoder(CachedTextEncoder):
 
     def __init__(self, path: str, tokenizer_path: str | None = None, skip_last_layer: bool = False, weights: bool = True):
         super().__init__()
-        try:
-            from transformers import CLIPTextConfig, CLIPTokenizer
-        except ImportError as e:
-            raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
         if not Path(path).exists():
             raise LdmkitError(f"CLIP text encoder folder {path} does not exist")
         tokenizer_path = tokenizer_path or find_tokenizer_folder(Path(path))
@@ -457,12 +469,19 @@ class CLIPTextEncoder(CachedTextEncoder):
                 "(a folder with tokenizer.json or vocab.json + merges.txt)"
             )
         if weights:
-            from transformers import CLIPTextModel
-
+            try:
+                from transformers import CLIPTextModel, CLIPTokenizer
+            except ImportError as e:
+                raise LdmkitError("CLIP text encoders need transformers: pip install 'ldmkit[text]'") from e
             self.model = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        else:  # for a converted model that replaces it: nothing read but the config
-            self.model = CLIPTextSkeleton(CLIPTextConfig.from_pretrained(path, local_files_only=True)).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+            self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        else:
+            # for a converted model that replaces it: nothing read but the config, and no transformers import
+            # (`clip_tokenizer` says why)
+            from ldmkit.conditioning.clip_tokenizer import FastCLIPTokenizer
+
+            self.model = CLIPTextSkeleton(_clip_text_config(Path(path))).eval().requires_grad_(False)
+            self.tokenizer = FastCLIPTokenizer(tokenizer_path)
         self.dim = self.model.config.hidden_size
         self.skip_last_layer = skip_last_layer
         self.path, self.tokenizer_path = str(path), str(tokenizer_path)
