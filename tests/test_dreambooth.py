@@ -136,24 +136,35 @@ def test_prior_settings_that_cannot_work_are_one_line(sd_folder, prompts, tmp_pa
     assert "not embedding" in capsys.readouterr().err
 
 
-def test_the_decoder_step_rehearses_the_class_images_beside_the_instance_images(sd_folder, prompts, tmp_path,
-                                                                                 monkeypatch):
-    """finetune.decoder_steps with a prior: the decoder learns the instance images and the N class images (their
-    pixels and posteriors), so a decoder taught a new concept keeps drawing the class as the model drew it."""
+def test_the_decoder_step_rehearses_the_class_images_and_unprompted_draws_beside_the_instance_images(
+        sd_folder, prompts, tmp_path, monkeypatch):
+    """finetune.decoder_steps with a prior: the decoder learns the instance images, and rehearses (from row
+    `keep_from` on) the N class images and `prior.decoder_draws` images the starting model drew from the empty
+    prompt (both as read back from their PNGs, both cached), so a decoder taught a new concept keeps drawing the
+    class, and every other kind of image, as the model drew it."""
     from ldmkit.train import finetune
 
     seen = {}
 
     def spy(ae, images, mean, std, *a):
-        seen.update(images=images, mean=mean, std=std)
+        seen.update(images=images, mean=mean, std=std, keep_from=a[-1])
         return 0.0
 
     monkeypatch.setattr(finetune, "finetune_decoder", spy)
+    cache = tmp_path / "d" / "class_images"
     assert train(sd_folder, prompts, tmp_path / "d", "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=2",
-                 "--set", "data.length=16", steps=1) == 0
-    folder = next((tmp_path / "d" / "class_images").iterdir())
-    classes = prior.class_images(load_any(sd_folder), prior.read_prompts(str(prompts)), N, 0, 2, 5.0, 16,
-                                 tmp_path / "d" / "class_images")[0]
-    images = seen["images"]
-    assert len(images) == len(seen["mean"]) == len(seen["std"]) > N and folder.is_dir()
-    assert torch.equal(images[-N:], classes)  # the class images, as read back from their PNGs, last
+                 "--set", "finetune.prior.decoder_draws=3", "--set", "data.length=16", steps=1) == 0
+    assert len(list(cache.iterdir())) == 2  # the class images' folder and the draws'
+    model = load_any(sd_folder)
+    classes = prior.class_images(model, prior.read_prompts(str(prompts)), N, 0, 2, 5.0, 16, cache)[0]
+    draws, texts, _, calls = prior.class_images(model, [""], 3, 0, 2, 1.0, 16, cache)
+    images, k = seen["images"], seen["keep_from"]
+    assert calls == 0 and texts == ["", "", ""]  # cached by the run
+    assert len(images) == len(seen["mean"]) == len(seen["std"]) == k + N + 3 and k > 0
+    assert torch.equal(images[k:k + N], classes) and torch.equal(images[k + N:], draws)
+    assert not torch.equal(draws[0], draws[1])  # three draws, not one image thrice
+
+    seen.clear()  # 0: the class images alone; no decoder steps: no draws
+    assert train(sd_folder, prompts, tmp_path / "e", "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=2",
+                 "--set", "finetune.prior.decoder_draws=0", "--set", "data.length=16", steps=1) == 0
+    assert len(seen["images"]) == seen["keep_from"] + N
