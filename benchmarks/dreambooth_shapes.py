@@ -92,8 +92,9 @@ def main() -> None:
     p.add_argument("--class-prompts", choices=("squares", "vocabulary"), default="squares",
                    help="squares: the issue's `a {colour} square in the {position}` (24); vocabulary: every caption "
                         "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
-    p.add_argument("--decoder-draws", type=int, default=None,
-                   help="finetune.prior.decoder_draws: unprompted draws the decoder steps rehearse (default: the config's)")
+    p.add_argument("--unconditional", type=int, default=None,
+                   help="finetune.prior.unconditional: empty-prompt images rehearsed beside the class images "
+                        "(default: the config's)")
     p.add_argument("--targets", default=None,
                    help="lora.targets, comma-separated layer-name suffixes (default: the config's; e.g. attn2.to_k,attn2.to_v)")
     p.add_argument("--seed", type=int, default=0, help="optim.seed of the runs (LoRA init, batches, decoder rows)")
@@ -124,8 +125,8 @@ def main() -> None:
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
             f"finetune.decoder_lr={args.decoder_lr}",
             "logging.val_every=100000", "logging.ckpt_every=100000", f"sample.prompts=[a {WORD} square in the top left]"]
-    if args.decoder_draws is not None:
-        sets.append(f"finetune.prior.decoder_draws={args.decoder_draws}")
+    if args.unconditional is not None:
+        sets.append(f"finetune.prior.unconditional={args.unconditional}")
     if args.targets:
         sets.append(f"lora.targets=[{args.targets}]")
     prior = [f"finetune.prior.prompts={out / 'class_prompts.txt'}", f"finetune.prior.images={args.class_images}",

@@ -46,9 +46,10 @@ def calls(monkeypatch):
     return seen
 
 
-def train(sd_folder, prompts, out, *extra, steps=2, weight=1.0):
+def train(sd_folder, prompts, out, *extra, steps=2, weight=1.0, unconditional=0):
     return main(["train", "--config", "tiny", "--init-from", str(sd_folder), "--out", str(out), "--quiet",
                  "--set", f"finetune.prior.prompts={prompts}", "--set", f"finetune.prior.images={N}",
+                 "--set", f"finetune.prior.unconditional={unconditional}",
                  "--set", "finetune.prior.steps=2", "--set", f"finetune.prior.weight={weight}",
                  "--set", f"optim.steps={steps}", "--set", "logging.log_every=1", "--set", "logging.ckpt_every=2", *extra])
 
@@ -136,24 +137,26 @@ def test_prior_settings_that_cannot_work_are_one_line(sd_folder, prompts, tmp_pa
     assert "not embedding" in capsys.readouterr().err
 
 
-def test_the_decoder_step_rehearses_the_class_images_and_unprompted_draws_beside_the_instance_images(
+def test_unconditional_draws_join_the_class_images_for_the_class_rows_and_the_decoder_steps(
         sd_folder, prompts, tmp_path, monkeypatch):
-    """finetune.decoder_steps with a prior: the decoder learns the instance images, and rehearses (from row
-    `keep_from` on) the N class images and `prior.decoder_draws` images the starting model drew from the empty
-    prompt (both as read back from their PNGs, both cached), so a decoder taught a new concept keeps drawing the
-    class, and every other kind of image, as the model drew it."""
+    """`prior.unconditional` images the starting model draws from the empty prompt (cached like the class images)
+    follow the N class images: the class rows train them with the empty prompt, and finetune.decoder_steps rehearses
+    both sets (rows from `keep_from` on) beside the instance images, so a decoder taught a new concept keeps drawing
+    the class, and every other kind of image, as the model drew it."""
     from ldmkit.train import finetune
 
-    seen = {}
+    seen, rows = {}, []
 
     def spy(ae, images, mean, std, *a):
         seen.update(images=images, mean=mean, std=std, keep_from=a[-1])
         return 0.0
 
+    real_rows = prior.class_rows
     monkeypatch.setattr(finetune, "finetune_decoder", spy)
+    monkeypatch.setattr(prior, "class_rows", lambda *a: rows.append(a[4]) or real_rows(*a))
     cache = tmp_path / "d" / "class_images"
     assert train(sd_folder, prompts, tmp_path / "d", "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=2",
-                 "--set", "finetune.prior.decoder_draws=3", "--set", "data.length=16", steps=1) == 0
+                 "--set", "data.length=16", steps=1, unconditional=3) == 0
     assert len(list(cache.iterdir())) == 2  # the class images' folder and the draws'
     model = load_any(sd_folder)
     classes = prior.class_images(model, prior.read_prompts(str(prompts)), N, 0, 2, 5.0, 16, cache)[0]
@@ -163,8 +166,9 @@ def test_the_decoder_step_rehearses_the_class_images_and_unprompted_draws_beside
     assert len(images) == len(seen["mean"]) == len(seen["std"]) == k + N + 3 and k > 0
     assert torch.equal(images[k:k + N], classes) and torch.equal(images[k + N:], draws)
     assert not torch.equal(draws[0], draws[1])  # three draws, not one image thrice
+    assert rows and set(rows) == {N + 3}  # the class rows pick among the class images and the draws
 
-    seen.clear()  # 0: the class images alone; no decoder steps: no draws
+    seen.clear()  # 0: the class images alone
     assert train(sd_folder, prompts, tmp_path / "e", "--set", "finetune.train=lora", "--set", "finetune.decoder_steps=2",
-                 "--set", "finetune.prior.decoder_draws=0", "--set", "data.length=16", steps=1) == 0
+                 "--set", "data.length=16", steps=1) == 0
     assert len(seen["images"]) == seen["keep_from"] + N

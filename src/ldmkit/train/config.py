@@ -355,10 +355,10 @@ class PriorConfig(BaseModel):
                             "prior teaches what they look like; the shapes demo's triangles at 5 came out rounder than "
                             "at its usual 2)")
     seed: int = Field(0, description="class images are drawn in blocks of 8, block k (images 8k…8k+7) with seed + 8k")
-    decoder_draws: int = Field(64, ge=0, description="with finetune.decoder_steps: unconditional images (the empty "
-                               "prompt) the starting model draws once, which the decoder steps rehearse beside the "
-                               "class images (target: what the starting decoder drew), since the class prompts name "
-                               "one class and the decoder draws every image (0: the class images alone)")
+    unconditional: int = Field(64, ge=0, description="images the starting model also draws once from the empty "
+                               "prompt, rehearsed beside the class images (by the class rows, with the empty prompt, "
+                               "and by finetune.decoder_steps): the class prompts name one class, these keep the rest "
+                               "of what the model draws (0: the class images alone)")
     cache: str | None = Field(None, description="folder of generated class images, shared by runs (each set in a "
                               "subfolder keyed by the model, prompts and settings); None: OUT/class_images")
 

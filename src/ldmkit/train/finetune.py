@@ -206,10 +206,10 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
                                   "folder; set data.in_memory=true), or set finetune.decoder_steps=0")
             images, mean, std = self.data.images, self.mean, self.std
             keep_from = len(images)  # rows from here on are rehearsal: their target is what the decoder drew at start
-            if self.prior is not None:  # the decoder rehearses the class latents (and unprompted draws) too
+            if self.prior is not None:  # the decoder rehearses the class latents too, so the class keeps its looks
                 p = self.prior
-                for extra in [(p["images"], p["mean"], p["std"])] + ([p["draws"]] if p["draws"] is not None else []):
-                    images, mean, std = (torch.cat([a, b.to(a.device)]) for a, b in zip((images, mean, std), extra))
+                images, mean, std = (torch.cat([a, b.to(a.device)]) for a, b in
+                                     ((images, p["images"]), (mean, p["mean"]), (std, p["std"])))
             self.decoder_seconds = finetune_decoder(self.ldm.autoencoder, images, mean, std, ft.decoder_steps,
                                                     ft.decoder_lr, cfg.optim.batch_size, cfg.optim.seed,
                                                     self.ldm.config.diffusion.latents, keep_from)
@@ -258,31 +258,23 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
             with torch.random.fork_rng(devices=[]):  # the global RNG (LoRA's init after this) as without a prior
                 images, texts, folder, calls = prior.class_images(self.ldm, prompts, pc.images, pc.seed, pc.steps,
                                                                   pc.guidance, cfg.data.size, cache)
-            draws = None
-            if ft.decoder_steps and pc.decoder_draws:
-                # the decoder's rehearsal beyond the class: what the model draws unprompted covers every kind of image
-                # it makes (on the demo, square-only class prompts left the decoder steps free to redraw circles and
-                # triangles: the old captions' strict shape fell from 98.6 to 64.6 % with the base U-Net)
+            if pc.unconditional:
+                # the rest of what the model draws: class prompts name one class, and a LoRA's convolutions or the
+                # decoder steps change every image (docs/finetune.md: with square-only class prompts on the demo,
+                # the old captions' circles and triangles came out as diamonds)
                 with torch.random.fork_rng(devices=[]):
-                    draws, _, _, more = prior.class_images(self.ldm, [""], pc.decoder_draws, pc.seed, pc.steps, 1.0,
+                    more, blank, _, n = prior.class_images(self.ldm, [""], pc.unconditional, pc.seed, pc.steps, 1.0,
                                                            cfg.data.size, cache)
-                calls += more
+                images, texts, calls = torch.cat([images, more]), texts + blank, calls + n
         finally:
             self.ldm.train()
-
-        def posteriors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                parts = list(encode_batches(self.ldm.autoencoder, x.to(self.device), 64, False))
-            return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])  # (N, c, h, w) each
-
-        mean, std = posteriors(images)
-        res = {"images": images, "texts": texts, "mean": mean, "std": std, "draws": None,
-               "meta": {"folder": str(folder), "images": pc.images, "prompts": len(prompts), "weight": pc.weight,
-                        "decoder_draws": 0 if draws is None else len(draws), "generate_calls": calls,
-                        "seconds": round(time.time() - t0, 1)}}
-        if draws is not None:
-            res["draws"] = (draws, *posteriors(draws))
-        return res
+        with torch.no_grad():
+            parts = list(encode_batches(self.ldm.autoencoder, images.to(self.device), 64, False))
+        mean, std = torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])  # (N, c, h, w) each
+        return {"images": images, "texts": texts, "mean": mean, "std": std,
+                "meta": {"folder": str(folder), "images": pc.images, "unconditional": pc.unconditional,
+                         "prompts": len(prompts), "weight": pc.weight, "generate_calls": calls,
+                         "seconds": round(time.time() - t0, 1)}}
 
     def piece_loss_at(self, step: int):
         instance = super().piece_loss_at(step)
