@@ -10,8 +10,9 @@ at rank 8; the decoder first learns the images in 1,000 steps, as the demo's dec
 diamond): one with DreamBooth's prior preservation, one without. The class prompts: the issue's
 `a {colour} square in the {position}` (6 basic colours x 4 positions, 96 images), or with `--class-prompts
 vocabulary` every caption the base knows (the 72, 144 images), so the prior rehearses circles and triangles too.
-Class images are drawn once by the base at the judge's guidance; the decoder keeps drawing from their latents
-what it drew before (`finetune.finetune_decoder`'s rehearsal rows).
+Class images are drawn once by the base at the judge's guidance, with (squares' prompts) 64 more from the empty
+prompt (`finetune.prior.unconditional`: the rest of what the base draws); the decoder keeps drawing from their
+latents what it drew before (`finetune.finetune_decoder`'s rehearsal rows). `--targets` sets `lora.targets`.
 
 Judged at unseen sampling seeds (25 dpmpp_2m steps, guidance 2), base and both runs, by the extended judge
 (`ldmkit.evaluate.attributes`):
@@ -94,7 +95,8 @@ def main() -> None:
                         "the base knows (the 72 of `shapes`), so the prior rehearses circles and triangles too")
     p.add_argument("--unconditional", type=int, default=None,
                    help="finetune.prior.unconditional: empty-prompt images rehearsed beside the class images "
-                        "(default: the config's)")
+                        "(default: the config's 64 with the squares' prompts, 0 with the vocabulary's, which cover "
+                        "everything the base draws already)")
     p.add_argument("--targets", default=None,
                    help="lora.targets, comma-separated layer-name suffixes (default: the config's; e.g. attn2.to_k,attn2.to_v)")
     p.add_argument("--seed", type=int, default=0, help="optim.seed of the runs (LoRA init, batches, decoder rows)")
@@ -125,6 +127,8 @@ def main() -> None:
             f"lora.rank={args.rank}", f"lora.alpha={args.rank}", f"finetune.decoder_steps={args.decoder_steps}",
             f"finetune.decoder_lr={args.decoder_lr}",
             "logging.val_every=100000", "logging.ckpt_every=100000", f"sample.prompts=[a {WORD} square in the top left]"]
+    if args.unconditional is None and args.class_prompts == "vocabulary":
+        args.unconditional = 0
     if args.unconditional is not None:
         sets.append(f"finetune.prior.unconditional={args.unconditional}")
     if args.targets:
