@@ -14,6 +14,9 @@ The second term keeps the class (`a dog`, `a square`) meaning what it meant whil
   nothing. The folder is CACHE/KEY (CACHE: `prior.cache`, default OUT/class_images), KEY a digest of the model's
   weights (first stage, U-Net, text encoder), the prompts, N, the seed and the sampling settings, so another model
   or other prompts never reuse images; CACHE/KEY/key.json says what the digest covers.
+- Unconditional images: `finetune.prior.unconditional` more drawn the same way from the empty prompt (guidance 1),
+  in a cache folder of their own, follow the class images: the class rows train them with the empty prompt, and the
+  decoder steps rehearse them. The class prompts name one class; these stand for the rest of what the model draws.
 - Batches: each step trains its B instance rows and B class rows (the batch doubled: half instance, half class, as
   diffusers' train_dreambooth.py concatenates them); class row j of step k is class image perm_e[(k·B + j) mod N]
   with a fresh permutation per pass e over the class images, a function of (seed, k, j), so `--resume` stays exact.
