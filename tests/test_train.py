@@ -525,3 +525,23 @@ def test_the_decoder_steps_rehearsal_rows_keep_what_the_starting_decoder_drew():
         finetune_decoder(ae, images, mean, std, 4, 1e-2, 4, 0, "sample", keep_from)
         moved[keep_from] = float((ae.decoder.weight - before).abs().max())
     assert moved[0] == 0 and moved[3] > 0 and moved[None] > 0
+
+
+def test_the_frozen_decoder_copies_what_decodes_and_shares_the_encoder():
+    """The rehearsal target's autoencoder: its own decoder and post_quant_conv (a step on the trained one leaves its
+    output as it was), the encoder shared, not copied (decoding never runs it)."""
+    from ldmkit.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldmkit.train.finetune import _frozen_decoder
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4)).eval()
+    start = _frozen_decoder(ae)
+    z = torch.randn(2, ae.config.latent_channels, 4, 4)
+    before = ae.decode(z).detach()
+    assert start.encoder is ae.encoder and start.decoder is not ae.decoder
+    assert start.post_quant_conv is None or start.post_quant_conv is not ae.post_quant_conv
+    assert not any(p.requires_grad for p in start.decoder.parameters())
+    with torch.no_grad():
+        for p in ae.decoder.parameters():
+            p.add_(0.1)
+    assert not torch.equal(ae.decode(z), before) and torch.equal(start.decode(z), before)

@@ -490,7 +490,7 @@ def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Te
     ae.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    start = copy.deepcopy(ae).eval() if keep_from is not None and keep_from < len(images) else None
+    start = _frozen_decoder(ae) if keep_from is not None and keep_from < len(images) else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     ae.train()
@@ -511,6 +511,19 @@ def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Te
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
     ae.eval().requires_grad_(False)
     return time.time() - t0
+
+
+def _frozen_decoder(ae) -> nn.Module:
+    """The autoencoder as it decodes now, frozen: a shallow copy holding deep copies of the decoder and
+    post_quant_conv only (the encoder, which decoding never runs, stays shared rather than copied)."""
+    start = copy.copy(ae)
+    start._modules = dict(ae._modules)
+    for name in ("decoder", "post_quant_conv"):
+        start._modules[name] = copy.deepcopy(ae._modules[name])
+    for p in start.parameters():  # shared encoder included: frozen already by the decoder steps
+        p.requires_grad_(False)
+    start.decoder.eval()
+    return start
 
 
 def _plain(lora: lora_io.Lora) -> dict:
