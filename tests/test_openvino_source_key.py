@@ -261,3 +261,34 @@ def test_a_precision_has_its_own_ir_and_bf16_keeps_fp16_weights(sd_folder, tmp_p
     assert converted_since(before) == {"unet": 1, "decoder": 1, "text": 0}
     w16, w32 = (cache / f"unet{s}-src-{key[:24]}.bin" for s in ("-w16", ""))
     assert 0.45 < w16.stat().st_size / w32.stat().st_size < 0.55
+
+
+def test_compiled_blobs_are_kept_per_part_and_shape_and_the_least_recent_go_past_the_budget(sd_folder, tmp_path,
+                                                                                            monkeypatch):
+    """OpenVINO's compiled blobs live in one folder per part, precision and input shape (compiled-{hint}/…), so
+    each use is known: past `COMPILED_BUDGET` bytes the least recently used folders are removed (an SD 1.5 U-Net's
+    blob is 1.7 GB a shape). A model compiled before keeps running; blobs of the older one-folder layout go."""
+    cache = tmp_path / "cache"
+    key, _ = load_skip("openvino", sd_folder, None, cache, precision="fp32")
+    model = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
+    ref = generate(model, request()).images
+    root = cache / "compiled-f32"
+    first = {d.name for d in root.iterdir()}
+    assert len(first) == 3 and all(any(f.suffix == ".blob" for f in (root / d).iterdir()) for d in first)
+    assert {d.rsplit("-", 1)[0] for d in first} == {f"{n}-src-{key[:24]}" for n in ("unet", "decoder", "text")}
+    (root / "123.blob").write_bytes(b"old layout")
+
+    wide = GenerationRequest(prompt=["a cat"], steps=2, sampler="dpmpp_2m", guidance=2.0, seed=3, height=32, width=64)
+    generate(model, wide)
+    names = {d.name for d in root.iterdir()}
+    assert len(names) == 5 and first < names  # the U-Net and the decoder at the new shape; the text's reused
+    assert not (root / "123.blob").exists()
+
+    monkeypatch.setattr(gov, "COMPILED_BUDGET", 0)  # nothing fits: each compile leaves only its own folder
+    again = generate(model, request()).images  # compiled in this process already: no compile, nothing removed
+    assert torch.equal(again, ref) and {d.name for d in root.iterdir()} == names
+    fresh = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
+    assert torch.equal(generate(fresh, request()).images, ref)
+    left = [d.name for d in root.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f"decoder-src-{key[:24]}")  # the last part compiled
+    assert torch.equal(generate(model, wide).images, generate(fresh, wide).images)  # evicted or not, same images

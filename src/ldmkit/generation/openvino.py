@@ -8,8 +8,10 @@ size and modification time of every file it was read from, so a cache hit is kno
 and the loader builds the replaced parts without their weights (`ldmkit.sample.load_skip`, `ldmkit.load(…, skip=…)`);
 a rewritten or touched file gets a new key. A model built or changed in memory (a fine-tune, a LoRA merged
 with `--lora`) is keyed by a digest of that part's weights (`weights_digest`). Each input shape is compiled
-once per process (a static shape compiles to faster kernels than a dynamic one; OpenVINO's own `CACHE_DIR`
-keeps the compiled blobs for the next process).
+once per process (a static shape compiles to faster kernels than a dynamic one); OpenVINO's own `CACHE_DIR`
+keeps the compiled blobs for the next process, one folder per part, precision and input shape under
+compiled-{hint}/, the least recently used of them removed past `COMPILED_BUDGET` bytes (an SD 1.5 U-Net's blob is
+1.7 GB a shape, and a server asked for many sizes would otherwise fill the disk).
 
 The parts are wrapped as torch modules with the call signatures of the parts they replace, in a new
 `LatentDiffusion` container (the model given is left as it is), so `generate` and its sampler loop run
@@ -35,6 +37,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -50,6 +53,9 @@ from ldmkit.errors import LdmkitError
 CONVERSIONS: dict[str, int] = {}  # part name → conversions run in this process (tests assert the cache is used)
 PARTS = ("unet", "decoder", "text")  # what a converted model replaces, as `ldmkit.load(skip=…)` names them
 IR_FORMAT = 1  # part of `source_key`: raise it when the traced forms or the parts' code change, so no older IR is served
+# compiled blobs kept per precision under a cache folder: on this project's 2-core CPU a cached compile of SD 1.5's
+# U-Net took 1.7-2.4 s and an uncached one 2.0-2.2 s, so a blob evicted costs little when its shape comes back
+COMPILED_BUDGET = 8 << 30
 
 
 def default_cache_dir() -> Path:
@@ -170,6 +176,35 @@ def _own_signal_stack():
             libc.sigaltstack(ctypes.byref(old), None)
 
 
+def _compiled_dir(xml: Path, hint: str, shapes: tuple) -> Path:
+    """The `CACHE_DIR` of one part's IR compiled with `hint` at input `shapes`: compiled-{hint}/{IR stem}-{digest}.
+    One folder per precision: OpenVINO 2026.4 served an f32 blob to a bf16 compile of the same IR from a shared one."""
+    tag = hashlib.sha256(repr(tuple(tuple(s) for s in shapes)).encode()).hexdigest()[:12]
+    return xml.parent / f"compiled-{hint}" / f"{xml.stem}-{tag}"
+
+
+def _prune_compiled(used: Path, budget: int) -> None:
+    """Mark `used` (the folder a compile just read or wrote) as the most recent, then remove the least recently
+    used folders beside it until the blobs left fit `budget` bytes; `used` always stays. A compiled model already
+    loaded keeps running (its blob was read at compile). Another process's files vanishing under it are skipped."""
+    try:
+        os.utime(used)
+        for old in used.parent.glob("*.blob"):  # the layout before one folder per shape: never read again
+            old.unlink(missing_ok=True)
+        folders = [d for d in used.parent.iterdir() if d.is_dir()]
+        folders.sort(key=lambda d: (d != used, -d.stat().st_mtime_ns))  # `used` first, then the newest
+    except OSError:
+        return
+    total = 0
+    for d in folders:
+        try:
+            total += sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        except OSError:
+            continue
+        if total > budget and d != used:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class _Part(nn.Module):
     """A converted part: the IR on disk, compiled per input shape. Holds one empty parameter so code that
     asks a part for its device and dtype (`next(net.parameters())`) reads CPU float32."""
@@ -193,11 +228,14 @@ class _Part(nn.Module):
         return out
 
     def _compile(self, arrays, hint: str):
+        shapes = tuple(a.shape for a in arrays)
         model = self.core.read_model(str(self.xml))
         model.reshape({k: list(a.shape) for k, a in enumerate(arrays)})
+        folder = _compiled_dir(self.xml, hint, shapes)
         with _own_signal_stack():
-            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        self._compiled[tuple(a.shape for a in arrays)] = compiled
+            compiled = self.core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "CACHE_DIR": str(folder)})
+        _prune_compiled(folder, COMPILED_BUDGET)
+        self._compiled[shapes] = compiled
         return compiled
 
     @staticmethod
@@ -359,10 +397,7 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
         raise LdmkitError("--backend openvino runs on the CPU; use --device cpu")
     cache = _cache(cache_dir)
     hint = _hint(precision)
-    core = ov.Core()
-    # compiled blobs, one folder per precision hint: OpenVINO 2026.4 served an f32 blob to a bf16 compile of
-    # the same IR from one shared folder
-    core.set_property({"CACHE_DIR": str(cache / f"compiled-{hint}")})
+    core = ov.Core()  # compiled blobs: each compile names its own CACHE_DIR (`_compiled_dir`)
     cfg = model.config
     c, f = cfg.autoencoder.latent_channels, cfg.autoencoder.downsample_factor
     h = w = cfg.image_size // f
@@ -397,12 +432,10 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
         ids = torch.full((b, text.window), text.pad_id, dtype=torch.long)
         xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, "f32", source)
         text = copy.copy(text)
-        text_core = core if hint == "f32" else ov.Core()
-        text_core.set_property({"CACHE_DIR": str(cache / "compiled-f32")})
         text._modules = dict(text._modules)
         # f32 always: one pass per prompt costs little, and OpenVINO 2026.4's bf16 CLIP gave NaN at batch 1
         # (its causal mask; batch 2 was fine), measured on this backend's tests
-        text._modules["model"] = OVCLIPText("text", xml, "f32", text_core, clip)
+        text._modules["model"] = OVCLIPText("text", xml, "f32", core, clip)
         text._cache = {}
         conditioner = copy.copy(model.conditioner)
         conditioner.__dict__["_text"] = text  # kept outside the module tree (Conditioner.__init__ says why)
