@@ -519,10 +519,8 @@ def _frozen_decoder(ae) -> nn.Module:
     start = copy.copy(ae)
     start._modules = dict(ae._modules)
     for name in ("decoder", "post_quant_conv"):
-        start._modules[name] = copy.deepcopy(ae._modules[name])
-    for p in start.parameters():  # shared encoder included: frozen already by the decoder steps
-        p.requires_grad_(False)
-    start.decoder.eval()
+        if ae._modules[name] is not None:  # the copies alone: the shared encoder is the caller's to set
+            start._modules[name] = copy.deepcopy(ae._modules[name]).eval().requires_grad_(False)
     return start
 
 
