@@ -87,7 +87,7 @@ class FastCLIPTokenizer:
 
     def __call__(self, texts: list[str], add_special_tokens: bool = True, padding: bool | str = False,
                  max_length: int | None = None, truncation: bool = False, return_tensors: str | None = None,
-                 verbose: bool = True) -> "_Encoding":
+                 verbose: bool = True) -> _Encoding:
         """transformers' call for the two forms `CLIPTextEncoder` makes; any other is refused."""
         if not add_special_tokens and not padding and not truncation and return_tensors is None:
             ids = self.pieces(texts)
