@@ -72,6 +72,17 @@ def test_lora_run_is_a_normal_run_and_only_the_adapter_trained(trained, sd_folde
     assert max(max_diff(base.unet.state_dict()[k], v) for k, v in ldm.unet.state_dict().items()) <= 1e-6
 
 
+def test_the_saved_config_of_a_fine_tune_is_what_trained(trained, sd_folder):
+    """OUT/train_config.yaml holds the model's U-Net and diffusion process, not the preset's it was started with:
+    the tiny preset's U-Net and the SD folder's differ, and so do their noise schedules."""
+    from ldmkit.train.config import DiffusionTrainConfig, load_config
+
+    cfg = load_config(str(trained / "train_config.yaml"), DiffusionTrainConfig, DIFFUSION_PRESETS)
+    base, preset = load_any(sd_folder), DIFFUSION_PRESETS["tiny"]()
+    assert cfg.unet == base.config.unet != preset.unet
+    assert cfg.diffusion == base.config.diffusion != preset.diffusion
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
 def test_ldmkit_lora_in_diffusers_load_lora_weights_matches_ldmkit(trained, sd_folder, tmp_path, layout):
     lora = bigger(L.load_lora(trained / "lora.safetensors"))

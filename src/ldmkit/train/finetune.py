@@ -52,7 +52,7 @@ from ldmkit.conditioning import Conditioner
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import lora as lora_io
 from ldmkit.pipeline import LatentDiffusion
-from ldmkit.train.config import DiffusionTrainConfig
+from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.device import autocast
 from ldmkit.train import inversion, prior
 from ldmkit.train.latents import posterior_z
@@ -332,8 +332,12 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         self.ldm = load_init_model(cfg)
         self.conditioner = self.ldm.conditioner
         self.model_config = mc = self.ldm.config
-        # the model's sections replace the config's, so the routes trained are the model's own
-        cfg.unet, cfg.conditioner, cfg.concat = mc.unet, mc.conditioner, mc.concat
+        # the model's sections replace the config's, so the routes trained are the model's own, and so is the
+        # diffusion process (schedule, prediction, loss weighting, latents: `self.ldm.loss` reads the model's);
+        # OUT/train_config.yaml, written before the model was read, is written again to say what trained
+        cfg.unet, cfg.conditioner, cfg.concat, cfg.diffusion = mc.unet, mc.conditioner, mc.concat, mc.diffusion
+        if self.main:
+            save_config(cfg, self.out / "train_config.yaml")
         return {"source": str(cfg.finetune.init_from)}
 
     @property
