@@ -55,7 +55,7 @@ from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.device import autocast
 from ldmkit.train import inversion, prior
-from ldmkit.train.latents import posterior_z
+from ldmkit.train.latents import draw_z0, posterior_z
 from ldmkit.train.diffusion_task import DiffusionTask
 from ldmkit.train.distributed import full_state_dict
 
@@ -312,8 +312,7 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         r = prior.prior_random(o.seed, step, o.batch_size, lo, hi)
         mean, std = p["mean"][rows.to(p["mean"].device)], p["std"][rows.to(p["mean"].device)]  # (b, c, h, w)
         ae = self.ldm.autoencoder.config
-        eps = r.randn(*mean.shape[1:]).to(mean.device)
-        z0 = (posterior_z(mean, std, eps, self.ldm.config.diffusion.latents) - ae.shift_factor) * ae.scaling_factor
+        z0 = draw_z0(r, mean, std, ae.shift_factor, ae.scaling_factor, self.ldm.config.diffusion.latents)
         with autocast(o.precision, self.device):
             return self.ldm.loss(z0, texts=[p["texts"][i] for i in rows.tolist()], generator=r, unet=self.loss_unet())
 

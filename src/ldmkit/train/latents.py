@@ -318,8 +318,14 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, optim, step: int, lo: 
     so the result does not depend on how many processes / micro-batches share the batch; the step's later
     draws continue from the returned BatchRandom."""
     r = BatchRandom(step_generator(optim.seed, step), optim.batch_size, lo, hi)
+    return r, draw_z0(r, mean, std, shift, scale, latents)
+
+
+def draw_z0(r, mean: torch.Tensor, std: torch.Tensor, shift: float, scale: float, latents: str) -> torch.Tensor:
+    """z0 = (z − shift)·scale for the posteriors `mean`, `std` (b, c, h, w), the ε of z ~ q(z|x) drawn from the
+    BatchRandom `r` (`posterior_z`): the one place a training row's latent is made from its cached posterior."""
     eps = r.randn(*mean.shape[1:]).to(mean.device)  # (b, c, h, w)
-    return r, (posterior_z(mean, std, eps, latents) - shift) * scale
+    return (posterior_z(mean, std, eps, latents) - shift) * scale
 
 
 def posterior_z(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, latents: str) -> torch.Tensor:
