@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--targets", default=None,
                    help="lora.targets, comma-separated layer-name suffixes (default: the config's; e.g. attn2.to_k,attn2.to_v)")
     p.add_argument("--seed", type=int, default=0, help="optim.seed of the runs (LoRA init, batches, decoder rows)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more training setting for both runs, as `ldmkit train --set` takes it (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without prior preservation")
     p.add_argument("--seeds", type=int, default=4, help="sampling seeds of the judge")
     p.add_argument("--sample-steps", type=int, default=25)
@@ -133,6 +135,7 @@ def main() -> None:
         sets.append(f"finetune.prior.unconditional={args.unconditional}")
     if args.targets:
         sets.append(f"lora.targets=[{args.targets}]")
+    sets += args.overrides
     prior = [f"finetune.prior.prompts={out / 'class_prompts.txt'}", f"finetune.prior.images={args.class_images}",
              f"finetune.prior.weight={args.prior_weight}",
              f"finetune.prior.guidance={args.class_guidance}", f"finetune.prior.cache={out / 'class_images'}"]
