@@ -275,3 +275,15 @@ def test_first_stage_stays_float32_under_float16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low, low_z = ldm.decode(z), ldm.encode_mean(x)
     assert low.dtype == torch.float32 and torch.equal(low, ref_img) and torch.equal(low_z, ref_z)
+
+
+def test_with_unet_shares_every_other_part_and_leaves_the_model_its_own_unet():
+    ldm = make_ldm()
+    other_unet = torch.nn.Identity()
+    other = ldm.with_unet(other_unet)
+    assert other.unet is other_unet and ldm.unet is not other_unet
+    assert other.autoencoder is ldm.autoencoder and other.conditioner is ldm.conditioner and other.config is ldm.config
+    assert set(dict(other.named_children())) == set(dict(ldm.named_children()))
+    with pytest.raises(KeyError, match="no child 'decoder'"):  # a name the container lacks is a mistake, not a new part
+        from ldmkit.layers import with_children
+        with_children(ldm, decoder=None)

@@ -18,7 +18,6 @@ Concatenation routes (inpainting, super-resolution): `ldmkit.conditioning.concat
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Callable
 
 import torch
@@ -34,6 +33,7 @@ from ldmkit.diffusion.config import DiffusionConfig
 from ldmkit.diffusion.objective import DiffusionObjective
 from ldmkit.diffusion.schedules import make_schedule
 from ldmkit.errors import LdmkitError
+from ldmkit.layers.sharing import with_children
 from ldmkit.rng import BatchRandom
 from ldmkit.unet import UNet, UNetConfig
 
@@ -112,10 +112,7 @@ class LatentDiffusion(nn.Module):
     def with_unet(self, unet: nn.Module) -> LatentDiffusion:
         """The same model around another U-Net (an EMA copy, a DDP/FSDP wrapper of this one): a new container
         sharing every other part; this one keeps its own U-Net."""
-        other = copy.copy(self)
-        other._modules = dict(self._modules)  # a shallow copy shares the children's dict: give it its own
-        other._modules["unet"] = unet
-        return other
+        return with_children(self, unet=unet)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

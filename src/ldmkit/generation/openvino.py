@@ -49,6 +49,7 @@ from torch import nn
 from ldmkit.conditioning.cond import Cond
 from ldmkit.device import resolve_precision
 from ldmkit.errors import LdmkitError
+from ldmkit.layers.sharing import with_children
 
 CONVERSIONS: dict[str, int] = {}  # part name → conversions run in this process (tests assert the cache is used)
 PARTS = ("unet", "decoder", "text")  # what a converted model replaces, as `ldmkit.load(skip=…)` names them
@@ -418,10 +419,7 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     ae = model.autoencoder
     xml = _convert("decoder", _TracedDecoder(ae.post_quant_conv, ae.decoder), (torch.randn(b, c, h, w),),
                    [[-1, c, -1, -1]], cache, hint, source)
-    ae = copy.copy(ae)
-    ae._modules = dict(ae._modules)  # its own children: the given autoencoder keeps its decoder
-    ae._modules["decoder"] = OVDecoder("decoder", xml, hint, core)
-    ae._modules["post_quant_conv"] = None
+    ae = with_children(ae, decoder=OVDecoder("decoder", xml, hint, core), post_quant_conv=None)  # the given keeps its own
 
     out = model.with_unet(unet)
     out._modules["autoencoder"] = ae
@@ -431,11 +429,9 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
     if clip is not None and type(clip).__name__ in ("CLIPTextModel", "CLIPTextSkeleton"):
         ids = torch.full((b, text.window), text.pad_id, dtype=torch.long)
         xml = _convert("text", _TracedCLIP(clip), (ids,), [[-1, -1]], cache, "f32", source)
-        text = copy.copy(text)
-        text._modules = dict(text._modules)
         # f32 always: one pass per prompt costs little, and OpenVINO 2026.4's bf16 CLIP gave NaN at batch 1
         # (its causal mask; batch 2 was fine), measured on this backend's tests
-        text._modules["model"] = OVCLIPText("text", xml, "f32", core, clip)
+        text = with_children(text, model=OVCLIPText("text", xml, "f32", core, clip))
         text._cache = {}
         conditioner = copy.copy(model.conditioner)
         conditioner.__dict__["_text"] = text  # kept outside the module tree (Conditioner.__init__ says why)

@@ -3,6 +3,7 @@
 from ldmkit.layers.attention import Attention, SpatialSelfAttention
 from ldmkit.layers.embeddings import TimestepEmbedding, guidance_embedding, timestep_embedding
 from ldmkit.layers.resnet import Downsample, ResBlock, Upsample, group_norm
+from ldmkit.layers.sharing import with_children
 from ldmkit.layers.transformer import GEGLU, FeedForward, SpatialTransformer, TransformerBlock
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "FeedForward",
     "SpatialTransformer",
     "TransformerBlock",
+    "with_children",
 ]

@@ -51,6 +51,7 @@ from ldmkit.checkpoint import load_training_state
 from ldmkit.conditioning import Conditioner
 from ldmkit.errors import LdmkitError
 from ldmkit.interop import lora as lora_io
+from ldmkit.layers.sharing import with_children
 from ldmkit.pipeline import LatentDiffusion
 from ldmkit.train.config import DiffusionTrainConfig, save_config
 from ldmkit.device import autocast
@@ -519,12 +520,9 @@ def finetune_decoder(ae, images: torch.Tensor, mean: torch.Tensor, std: torch.Te
 def _frozen_decoder(ae) -> nn.Module:
     """The autoencoder as it decodes now, frozen: a shallow copy holding deep copies of the decoder and
     post_quant_conv only (the encoder, which decoding never runs, stays shared rather than copied)."""
-    start = copy.copy(ae)
-    start._modules = dict(ae._modules)
-    for name in ("decoder", "post_quant_conv"):
-        if ae._modules[name] is not None:  # the copies alone: the shared encoder is the caller's to set
-            start._modules[name] = copy.deepcopy(ae._modules[name]).eval().requires_grad_(False)
-    return start
+    copies = {name: None if (child := ae._modules[name]) is None else copy.deepcopy(child).eval().requires_grad_(False)
+              for name in ("decoder", "post_quant_conv")}
+    return with_children(ae, **copies)  # only the copies are frozen: the shared encoder is the caller's to set
 
 
 def _plain(lora: lora_io.Lora) -> dict:
