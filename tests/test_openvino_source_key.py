@@ -292,3 +292,36 @@ def test_compiled_blobs_are_kept_per_part_and_shape_and_the_least_recent_go_past
     left = [d.name for d in root.iterdir()]
     assert len(left) == 1 and left[0].startswith(f"decoder-src-{key[:24]}")  # the last part compiled
     assert torch.equal(generate(model, wide).images, generate(fresh, wide).images)  # evicted or not, same images
+
+
+def test_irs_past_the_budget_go_least_recent_first_with_their_blobs_but_never_under_a_live_model(sd_folder, tmp_path,
+                                                                                                monkeypatch):
+    """Each model changed in memory (a fine-tune, a merged LoRA) converts a new IR set (2.3 GB for SD 1.5): past
+    `IR_BUDGET` the least recently used IRs are removed, .xml and .bin with their compiled blobs, except those behind
+    a part of a model still alive in the process. A model whose IR went is converted again, to the same images."""
+    import gc
+
+    cache = tmp_path / "cache"
+    key, _ = load_skip("openvino", sd_folder, None, cache, precision="fp32")
+    first = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
+    ref = generate(first, request()).images
+    by_source = {x.name for x in cache.glob("*-src-*.xml")}
+    assert len(by_source) == 3 and len(list((cache / "compiled-f32").iterdir())) == 3
+
+    monkeypatch.setattr(gov, "IR_BUDGET", 0)  # nothing fits but what is in use
+    second = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32")  # keyed by its weights: a new IR set
+    generate(second, request())
+    assert {x.name for x in cache.glob("*-src-*.xml")} == by_source  # `first` is alive: its IRs stay
+    assert len(list(cache.glob("*.xml"))) == 6
+
+    del first
+    gc.collect()
+    before = dict(gov.CONVERSIONS)
+    third = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32")  # the same weights: read, not converted
+    assert converted_since(before) == {"unet": 0, "decoder": 0, "text": 0}
+    assert not list(cache.glob("*-src-*")) and len(list(cache.glob("*.xml"))) == 3  # `first`'s: .xml and .bin
+    assert all("-src-" not in d.name for d in (cache / "compiled-f32").iterdir())  # and its blobs
+    assert gov.cached_parts(cache, key, "fp32") == frozenset()  # so the next load reads every weight again
+    again = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32", key)
+    assert torch.equal(generate(again, request()).images, ref)
+    assert torch.equal(generate(third, request()).images, ref)

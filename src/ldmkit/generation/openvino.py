@@ -11,7 +11,9 @@ with `--lora`) is keyed by a digest of that part's weights (`weights_digest`). E
 once per process (a static shape compiles to faster kernels than a dynamic one); OpenVINO's own `CACHE_DIR`
 keeps the compiled blobs for the next process, one folder per part, precision and input shape under
 compiled-{hint}/, the least recently used of them removed past `COMPILED_BUDGET` bytes (an SD 1.5 U-Net's blob is
-1.7 GB a shape, and a server asked for many sizes would otherwise fill the disk).
+1.7 GB a shape, and a server asked for many sizes would otherwise fill the disk). The IRs themselves go the same
+way past `IR_BUDGET` (each fine-tune or merged LoRA of SD 1.5 adds 2.3 GB of IR, and an IR of a precision no
+longer asked for is never read again), with their compiled blobs; an IR behind a part still alive stays.
 
 The parts are wrapped as torch modules with the call signatures of the parts they replace, in a new
 `LatentDiffusion` container (the model given is left as it is), so `generate` and its sampler loop run
@@ -40,6 +42,7 @@ import os
 import shutil
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +60,9 @@ IR_FORMAT = 1  # part of `source_key`: raise it when the traced forms or the par
 # compiled blobs kept per precision under a cache folder: on this project's 2-core CPU a cached compile of SD 1.5's
 # U-Net took 1.7-2.4 s and an uncached one 2.0-2.2 s, so a blob evicted costs little when its shape comes back
 COMPILED_BUDGET = 8 << 30
+# IRs (.xml + .bin) kept under a cache folder: converting SD 1.5 again costs about a minute here, so this is larger
+IR_BUDGET = 16 << 30
+_LIVE_PARTS: weakref.WeakSet = weakref.WeakSet()  # the `_Part`s of this process: their IRs are never removed
 
 
 def default_cache_dir() -> Path:
@@ -206,6 +212,31 @@ def _prune_compiled(used: Path, budget: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _prune_irs(used: Path, budget: int) -> None:
+    """Mark the IR `used` (just converted or read) as the most recent, then remove the least recently used IRs
+    beside it, each .xml before its .bin (an IR is served only with both) and with its compiled blobs, until the
+    rest fit `budget` bytes. `used` and the IRs of parts alive in this process stay; a process that loaded one
+    weightless and finds it gone says so (`_convert`)."""
+    keep = {used} | {p.xml for p in list(_LIVE_PARTS)}
+    try:
+        os.utime(used)
+        irs = [x for x in used.parent.glob("*.xml") if not x.name.startswith(".")]  # `.…` are conversions in flight
+        irs.sort(key=lambda x: (x not in keep, -x.stat().st_mtime_ns))
+    except OSError:
+        return
+    total = 0
+    for xml in irs:
+        try:
+            total += xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+        except OSError:
+            continue
+        if total > budget and xml not in keep:
+            xml.unlink(missing_ok=True)
+            xml.with_suffix(".bin").unlink(missing_ok=True)
+            for blobs in used.parent.glob(f"compiled-*/{xml.stem}-*"):
+                shutil.rmtree(blobs, ignore_errors=True)
+
+
 class _Part(nn.Module):
     """A converted part: the IR on disk, compiled per input shape. Holds one empty parameter so code that
     asks a part for its device and dtype (`next(net.parameters())`) reads CPU float32."""
@@ -215,6 +246,7 @@ class _Part(nn.Module):
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)
         self.name, self.xml, self.hint, self.core = name, xml, hint, core
         self._compiled: dict[tuple, object] = {}
+        _LIVE_PARTS.add(self)
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         arrays = [i.detach().cpu().contiguous().numpy() for i in inputs]
@@ -347,6 +379,7 @@ def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[in
     stem = _stored(name, hint)
     xml = _source_xml(cache, name, source, hint) if source is not None else cache / f"{stem}-{weights_digest(module)[:20]}.xml"
     if xml.exists() and xml.with_suffix(".bin").exists():
+        _prune_irs(xml, IR_BUDGET)
         return xml
     if any(p.is_meta for p in module.parameters()):
         raise LdmkitError(f"the model's {name} was loaded without its weights for the OpenVINO IR {xml}, which is no "
@@ -367,6 +400,7 @@ def _convert(name: str, module: nn.Module, example: tuple, dynamic: list[list[in
     tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))  # weights first: an .xml is only there with its .bin
     tmp.replace(xml)
     CONVERSIONS[name] = CONVERSIONS.get(name, 0) + 1
+    _prune_irs(xml, IR_BUDGET)
     return xml
 
 
