@@ -228,6 +228,30 @@ def test_lora_run_resumes_with_its_adapter(sd_folder, tmp_path):
     assert all(max_diff(again[p].delta(), a.delta()) <= 1e-6 for p, a in full.items())
 
 
+def test_a_fine_tune_chooses_its_loss_and_refuses_another_diffusion_process(sd_folder, tmp_path, capsys):
+    """`finetune.weighting / min_snr_gamma / offset_noise` set the loss of a fine-tune (saved with the model, and in
+    train_config.yaml); `--set diffusion.…` with --init-from, which the model's own process would silently
+    override, is refused in one line that names the settings to use, before anything is written."""
+    from ldmkit.train.config import DiffusionTrainConfig, load_config
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--init-from", str(sd_folder), "--out", str(out), "--quiet",
+            "--set", "finetune.train=lora", "--set", "optim.steps=1"]
+    assert main([*args, "--set", "finetune.offset_noise=0.1", "--set", "finetune.weighting=min_snr",
+                 "--set", "finetune.min_snr_gamma=2"]) == 0
+    base = load_any(sd_folder).config.diffusion
+    want = base.model_copy(update={"offset_noise": 0.1, "weighting": "min_snr", "min_snr_gamma": 2.0})
+    assert want != base and load_any(out).config.diffusion == want
+    assert load_config(str(out / "train_config.yaml"), DiffusionTrainConfig, DIFFUSION_PRESETS).diffusion == want
+
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main([*args[:6], str(refused), *args[7:], "--set", "diffusion.offset_noise=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "diffusion.offset_noise: a fine-tune trains with the diffusion process" in err and "finetune.offset_noise" in err
+    assert not refused.exists()
+
+
 def test_lora_needs_a_model_and_bad_targets_are_named(sd_folder, tmp_path):
     rc = main(["train", "--config", "tiny", "--out", str(tmp_path / "a"), "--quiet", "--set", "finetune.train=lora"])
     assert rc == 2

@@ -83,6 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.autoencoder = args.autoencoder
     if args.init_from:
         cfg.finetune.init_from = args.init_from
+    if cfg.finetune.init_from and (keys := sorted({o.split("=", 1)[0].strip() for o in args.overrides or []
+                                                   if o.strip().startswith("diffusion.")})):
+        raise LdmkitError(f"{', '.join(keys)}: a fine-tune trains with the diffusion process of the model it starts "
+                          "from; set the loss's finetune.weighting, finetune.min_snr_gamma or finetune.offset_noise "
+                          "instead (the schedule and prediction type are the model's)")
     if args.data is not None:
         cfg.data.dataset = args.data
     if args.skip_bad_images:

@@ -378,6 +378,11 @@ class FinetuneConfig(BaseModel):
                                "(L2 reconstruction of the training images, encoder frozen so the latents and their "
                                "scale stay): for images the first stage never saw and cannot draw")
     decoder_lr: float = Field(1e-3, gt=0, description="the decoder's AdamW learning rate (cosine to 0)")
+    # The model's diffusion process trains (its `diffusion` section replaces the config's); these three change the
+    # loss only, so a fine-tune may choose them (kohya's --min_snr_gamma, --noise_offset). None: the model's.
+    weighting: Literal["uniform", "min_snr"] | None = Field(None, description="loss weight over t (diffusion.weighting)")
+    min_snr_gamma: float | None = Field(None, gt=0, description="γ of min-SNR weighting (Hang et al., 2023)")
+    offset_noise: float | None = Field(None, ge=0, description="offset noise (diffusion.offset_noise)")
     embedding: EmbeddingConfig = EmbeddingConfig()
     prior: PriorConfig = PriorConfig()
 

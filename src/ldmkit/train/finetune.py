@@ -65,7 +65,8 @@ LORA_FILE = "lora.safetensors"
 
 def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
     """The LatentDiffusion training starts from: MODEL's weights (EMA where it has them), its model config
-    with the training config's image size and condition-dropout rates, on the CPU in train mode."""
+    with the training config's image size, condition-dropout rates and `finetune`'s loss settings (weighting,
+    min-SNR γ, offset noise), on the CPU in train mode."""
     import ldmkit
 
     path = cfg.finetune.init_from
@@ -83,7 +84,10 @@ def load_init_model(cfg: DiffusionTrainConfig) -> LatentDiffusion:
     cond_cfg = mc.conditioner.model_copy(update={"drop_text": cfg.conditioner.drop_text,
                                                  "drop_label": cfg.conditioner.drop_label,
                                                  "drop_all": cfg.conditioner.drop_all})
-    mc = mc.model_copy(update={"image_size": cfg.data.size, "conditioner": cond_cfg})
+    ft = cfg.finetune
+    loss = {k: v for k in ("weighting", "min_snr_gamma", "offset_noise") if (v := getattr(ft, k)) is not None}
+    mc = mc.model_copy(update={"image_size": cfg.data.size, "conditioner": cond_cfg,
+                               "diffusion": mc.diffusion.model_copy(update=loss)})
     conditioner = Conditioner(cond_cfg, text_encoder=src.conditioner.text_encoder)
     ldm = LatentDiffusion.from_config(mc, conditioner=conditioner)
     ldm.load_state_dict(src.state_dict())
