@@ -308,10 +308,13 @@ def test_irs_past_the_budget_go_least_recent_first_with_their_blobs_but_never_un
     by_source = {x.name for x in cache.glob("*-src-*.xml")}
     assert len(by_source) == 3 and len(list((cache / "compiled-f32").iterdir())) == 3
 
+    dead, writing = cache / f".unet-src-{key[:24]}.{(1 << 22) + 1}.bin", cache / f".unet-x.{os.getpid()}.bin"
+    dead.write_bytes(b"a conversion killed mid-write"), writing.write_bytes(b"one in flight")  # pid > pid_max: dead
     monkeypatch.setattr(gov, "IR_BUDGET", 0)  # nothing fits but what is in use
     second = gov.openvino_model(ldmkit.load(str(sd_folder)), cache, "fp32")  # keyed by its weights: a new IR set
     generate(second, request())
     assert {x.name for x in cache.glob("*-src-*.xml")} == by_source  # `first` is alive: its IRs stay
+    assert not dead.exists() and writing.exists()
     assert len(list(cache.glob("*.xml"))) == 6
 
     del first

@@ -212,12 +212,27 @@ def _prune_compiled(used: Path, budget: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _prune_irs(used: Path, budget: int) -> None:
     """Mark the IR `used` (just converted or read) as the most recent, then remove the least recently used IRs
     beside it, each .xml before its .bin (an IR is served only with both) and with its compiled blobs, until the
     rest fit `budget` bytes. `used` and the IRs of parts alive in this process stay; a process that loaded one
-    weightless and finds it gone says so (`_convert`)."""
+    weightless and finds it gone says so (`_convert`). The half-written files of a conversion whose process
+    died go too."""
     keep = {used} | {p.xml for p in list(_LIVE_PARTS)}
+    for tmp in used.parent.glob(".*.*.*"):  # `.{stem}.{pid}.xml/.bin` a conversion writes before it renames them
+        with contextlib.suppress(ValueError, OSError):
+            if not _alive(int(tmp.name.rsplit(".", 2)[-2])):  # its process was killed mid-write: never renamed
+                tmp.unlink(missing_ok=True)
     try:
         os.utime(used)
         irs = [x for x in used.parent.glob("*.xml") if not x.name.startswith(".")]  # `.…` are conversions in flight
