@@ -190,26 +190,32 @@ def _compiled_dir(xml: Path, hint: str, shapes: tuple) -> Path:
     return xml.parent / f"compiled-{hint}" / f"{xml.stem}-{tag}"
 
 
+def _keep_recent(entries: list[Path], keep: set[Path], budget: int, size, remove) -> None:
+    """Least recently used eviction: `entries` newest first (modification time), those in `keep` ahead of all;
+    walking them, once the sizes summed (`size(entry)`, bytes) pass `budget`, each entry not kept is `remove`d.
+    An entry another process removed meanwhile (OSError on its size) is skipped."""
+    entries = sorted(entries, key=lambda e: (e not in keep, -e.stat().st_mtime_ns))
+    total = 0
+    for entry in entries:
+        try:
+            total += size(entry)
+        except OSError:
+            continue
+        if total > budget and entry not in keep:
+            remove(entry)
+
+
 def _prune_compiled(used: Path, budget: int) -> None:
     """Mark `used` (the folder a compile just read or wrote) as the most recent, then remove the least recently
     used folders beside it until the blobs left fit `budget` bytes; `used` always stays. A compiled model already
     loaded keeps running (its blob was read at compile). Another process's files vanishing under it are skipped."""
-    try:
+    with contextlib.suppress(OSError):
         os.utime(used)
         for old in used.parent.glob("*.blob"):  # the layout before one folder per shape: never read again
             old.unlink(missing_ok=True)
-        folders = [d for d in used.parent.iterdir() if d.is_dir()]
-        folders.sort(key=lambda d: (d != used, -d.stat().st_mtime_ns))  # `used` first, then the newest
-    except OSError:
-        return
-    total = 0
-    for d in folders:
-        try:
-            total += sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        except OSError:
-            continue
-        if total > budget and d != used:
-            shutil.rmtree(d, ignore_errors=True)
+        _keep_recent([d for d in used.parent.iterdir() if d.is_dir()], {used}, budget,
+                     lambda d: sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+                     lambda d: shutil.rmtree(d, ignore_errors=True))
 
 
 def _alive(pid: int) -> bool:
@@ -233,23 +239,17 @@ def _prune_irs(used: Path, budget: int) -> None:
         with contextlib.suppress(ValueError, OSError):
             if not _alive(int(tmp.name.rsplit(".", 2)[-2])):  # its process was killed mid-write: never renamed
                 tmp.unlink(missing_ok=True)
-    try:
+
+    def remove(xml: Path) -> None:
+        xml.unlink(missing_ok=True)
+        xml.with_suffix(".bin").unlink(missing_ok=True)
+        for blobs in used.parent.glob(f"compiled-*/{xml.stem}-*"):
+            shutil.rmtree(blobs, ignore_errors=True)
+
+    with contextlib.suppress(OSError):
         os.utime(used)
-        irs = [x for x in used.parent.glob("*.xml") if not x.name.startswith(".")]  # `.…` are conversions in flight
-        irs.sort(key=lambda x: (x not in keep, -x.stat().st_mtime_ns))
-    except OSError:
-        return
-    total = 0
-    for xml in irs:
-        try:
-            total += xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-        except OSError:
-            continue
-        if total > budget and xml not in keep:
-            xml.unlink(missing_ok=True)
-            xml.with_suffix(".bin").unlink(missing_ok=True)
-            for blobs in used.parent.glob(f"compiled-*/{xml.stem}-*"):
-                shutil.rmtree(blobs, ignore_errors=True)
+        _keep_recent([x for x in used.parent.glob("*.xml") if not x.name.startswith(".")],  # `.…`: in flight
+                     keep, budget, lambda x: x.stat().st_size + x.with_suffix(".bin").stat().st_size, remove)
 
 
 class _Part(nn.Module):
