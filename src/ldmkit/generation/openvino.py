@@ -470,8 +470,7 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
                    [[-1, c, -1, -1]], cache, hint, source)
     ae = with_children(ae, decoder=OVDecoder("decoder", xml, hint, core), post_quant_conv=None)  # the given keeps its own
 
-    out = model.with_unet(unet)
-    out._modules["autoencoder"] = ae
+    parts = {"unet": unet, "autoencoder": ae}
     text = model.conditioner.text_encoder
     clip = getattr(text, "model", None)
     # SDXL's pair and MiniLM stay in torch; a skeleton is a CLIPTextModel loaded without weights (its IR cached)
@@ -484,8 +483,8 @@ def openvino_model(model, cache_dir: str | Path | None = None, precision: str = 
         text._cache = {}
         conditioner = copy.copy(model.conditioner)
         conditioner.__dict__["_text"] = text  # kept outside the module tree (Conditioner.__init__ says why)
-        out._modules["conditioner"] = conditioner
-    return out.eval()
+        parts["conditioner"] = conditioner
+    return with_children(model, **parts).eval()
 
 
 BACKENDS = ("torch", "openvino")
