@@ -75,7 +75,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ldmkit.train.config import DIFFUSION_PRESETS, DiffusionTrainConfig, load_config
+    from ldmkit.train.config import DIFFUSION_PRESETS, DiffusionTrainConfig, load_config, parse_overrides
     from ldmkit.train.diffusion import train_diffusion
 
     cfg = load_config(args.config, DiffusionTrainConfig, DIFFUSION_PRESETS, args.overrides)
@@ -83,8 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.autoencoder = args.autoencoder
     if args.init_from:
         cfg.finetune.init_from = args.init_from
-    if cfg.finetune.init_from and (keys := sorted({o.split("=", 1)[0].strip() for o in args.overrides or []
-                                                   if o.strip().startswith("diffusion.")})):
+    if cfg.finetune.init_from and (chosen := parse_overrides(args.overrides).get("diffusion")) is not None:
+        keys = [f"diffusion.{k}" for k in sorted(chosen)] if isinstance(chosen, dict) else ["diffusion"]
         raise LdmkitError(f"{', '.join(keys)}: a fine-tune trains with the diffusion process of the model it starts "
                           "from; set the loss's finetune.weighting, finetune.min_snr_gamma or finetune.offset_noise "
                           "instead (the schedule and prediction type are the model's)")

@@ -240,7 +240,7 @@ AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderTrainConfig]] = {
 C = TypeVar("C", bound=BaseModel)
 
 
-def _parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` items as one nested dict; VALUE is YAML (so `[1, 2]`, `null`, `1e-4` work)."""
     nested: dict[str, Any] = {}
     for item in overrides or []:
@@ -303,7 +303,7 @@ def load_config(spec: str, cls: type[C], presets: dict[str, Callable[[], C]], ov
             raise LdmkitError(f"config {path}: unknown preset '{preset}' (known: {', '.join(presets)})")
         base = _merge(presets[preset]().model_dump(mode="json"), doc) if preset else doc
         where = f"config {path}"
-    merged = _merge(base, _parse_overrides(overrides))
+    merged = _merge(base, parse_overrides(overrides))
     try:
         return cls.model_validate(merged)
     except ValidationError as e:
