@@ -53,7 +53,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interop import lora as lora_io
 from ldmkit.layers.sharing import with_children
 from ldmkit.pipeline import LatentDiffusion
-from ldmkit.train.config import DiffusionTrainConfig, save_config
+from ldmkit.train.config import DiffusionTrainConfig
 from ldmkit.device import autocast
 from ldmkit.train import inversion, prior
 from ldmkit.train.latents import draw_z0, posterior_z
@@ -338,10 +338,8 @@ class FinetuneTask(LoraCheckpoints, DiffusionTask):
         self.model_config = mc = self.ldm.config
         # the model's sections replace the config's, so the routes trained are the model's own, and so is the
         # diffusion process (schedule, prediction, loss weighting, latents: `self.ldm.loss` reads the model's);
-        # OUT/train_config.yaml, written before the model was read, is written again to say what trained
+        # OUT/train_config.yaml, written once the task is built, records them
         cfg.unet, cfg.conditioner, cfg.concat, cfg.diffusion = mc.unet, mc.conditioner, mc.concat, mc.diffusion
-        if self.main:
-            save_config(cfg, self.out / "train_config.yaml")
         return {"source": str(cfg.finetune.init_from)}
 
     @property

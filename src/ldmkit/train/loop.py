@@ -335,12 +335,13 @@ def _fit(task_cls: type[Task], cfg, out: Path, resume: bool, progress: bool, tim
     o = cfg.optim
     if dist.main:
         start_run(out, resume)
-        save_config(cfg, out / "train_config.yaml")
     dist.barrier()
     if task_cls.fsdp_refusal and o.distributed == "fsdp" and dist.enabled:
         raise LdmkitError(task_cls.fsdp_refusal)
     torch.manual_seed(o.seed)
     task = task_cls(cfg, out, dist, device, progress)
+    if dist.main:  # once the task is built: a fine-tune replaces the config's model sections with its model's
+        save_config(cfg, out / "train_config.yaml")
     start, state = _restore(task, resume)
     opt, stepper = _prepare(task, state, resume)
     checkpoint = _checkpointer(task, opt, stepper)
